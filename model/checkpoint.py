@@ -1,0 +1,211 @@
+"""Sharded safetensors checkpoints in the layout transformers, vLLM and DeepSeek use.
+
+On disk (HF names): routed experts one tensor per expert
+(`mlp.experts.{e}.gate_proj.weight` [I, hidden], ...), MTP modules as
+`model.layers.{num_hidden_layers + k}.*` with their own copies of the embedding and head,
+FP8 weights with `weight_scale_inv`. In memory (moetune names): experts stacked as
+`mlp.experts.gate_up_proj` [E, 2I, hidden] / `down_proj` [E, hidden, I], MTP modules under
+`model.mtp.{k}`. `checkpoint_layout` maps every in-memory tensor to its disk slices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moetune.kernels import dequantize_weight
+from moetune.model.config import DeepseekV3Config, load_config
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one disk tensor lives in memory: `param[index]` (index None = whole tensor)."""
+
+    param: str
+    index: tuple | None = None
+
+
+def checkpoint_layout(model: torch.nn.Module, config: DeepseekV3Config) -> dict[str, Slot]:
+    """Map every HF tensor name of the checkpoint to its in-memory slot."""
+    layout: dict[str, Slot] = {}
+    for name, tensor in model.state_dict().items():
+        disk = to_disk_name(name, config.num_hidden_layers)
+        if name.endswith("experts.gate_up_proj"):
+            half = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                layout[f"{disk[:-len('gate_up_proj')]}{e}.gate_proj.weight"] = Slot(name, (e, slice(0, half)))
+                layout[f"{disk[:-len('gate_up_proj')]}{e}.up_proj.weight"] = Slot(name, (e, slice(half, None)))
+        elif name.endswith("experts.down_proj"):
+            for e in range(tensor.shape[0]):
+                layout[f"{disk[:-len('down_proj')]}{e}.down_proj.weight"] = Slot(name, (e,))
+        else:
+            layout[disk] = Slot(name)
+    return layout
+
+
+def to_disk_name(name: str, num_layers: int) -> str:
+    """`model.mtp.{k}.block.X` -> `model.layers.{N+k}.X`; `shared_head_norm` -> `shared_head.norm`."""
+    match = re.match(r"model\.mtp\.(\d+)\.(.*)", name)
+    if not match:
+        return name
+    rest = match.group(2).removeprefix("block.").replace("shared_head_norm", "shared_head.norm")
+    return f"model.layers.{num_layers + int(match.group(1))}.{rest}"
+
+
+def mtp_shared_copies(config: DeepseekV3Config) -> dict[str, str]:
+    """Disk names of the embedding/head copies each MTP layer carries -> the shared tensor."""
+    copies = {}
+    for k in range(config.num_nextn_predict_layers):
+        prefix = f"model.layers.{config.num_hidden_layers + k}"
+        copies[f"{prefix}.embed_tokens.weight"] = "model.embed_tokens.weight"
+        copies[f"{prefix}.shared_head.head.weight"] = "lm_head.weight"
+    return copies
+
+
+def shard_files(path: Path) -> list[str]:
+    index = path / INDEX_FILE
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single.name]
+    raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor model.safetensors found")
+
+
+def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, strict=True):
+    """Build `cls` from a checkpoint folder, reading one tensor at a time (peak memory:
+    the model plus the largest tensor). FP8 weights are dequantised to `dtype`."""
+    path = Path(path)
+    config = config or load_config(path)
+    with torch.device("meta"):
+        model = cls(config)
+    model.to_empty(device=device)
+    model.to(dtype)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    params = model.state_dict()
+    layout = checkpoint_layout(model, config)
+    copies = mtp_shared_copies(config)
+    names_of_param: dict[str, list[str]] = {}
+    for disk_name, slot in layout.items():
+        names_of_param.setdefault(slot.param, []).append(disk_name)
+    weight_map = locate_tensors(path)
+    filled: set[str] = set()
+    problems: list[str] = []
+    for file in shard_files(path):
+        with safe_open(path / file, framework="pt", device=str(device)) as shard:
+            for disk_name in shard.keys():
+                if disk_name.endswith("weight_scale_inv") or disk_name in copies:
+                    continue
+                if disk_name in layout:
+                    slot, covers = layout[disk_name], [disk_name]
+                elif disk_name in names_of_param:  # transformers' stacked-expert tensors
+                    slot, covers = Slot(disk_name), names_of_param[disk_name]
+                else:
+                    problems.append(f"unexpected tensor {disk_name!r} in {file}")
+                    continue
+                tensor = shard.get_tensor(disk_name)
+                if tensor.dtype == torch.float8_e4m3fn:
+                    scale_name = disk_name.removesuffix("weight") + "weight_scale_inv"
+                    if scale_name not in weight_map:
+                        problems.append(f"FP8 tensor {disk_name!r} has no {scale_name!r}")
+                        continue
+                    scale = read_tensor(path, weight_map[scale_name], scale_name)
+                    tensor = dequantize_weight(tensor, scale, dtype=dtype)
+                target = params[slot.param] if slot.index is None else params[slot.param][slot.index]
+                if tuple(target.shape) != tuple(tensor.shape):
+                    problems.append(f"shape mismatch for {disk_name!r}: checkpoint "
+                                    f"{tuple(tensor.shape)}, model {tuple(target.shape)}")
+                    continue
+                target.copy_(tensor)
+                filled.update(covers)
+    missing = sorted(set(layout) - filled)
+    problems += [f"missing tensor {name!r} (model shape {tuple(slot_shape(params, layout[name]))})"
+                 for name in missing]
+    if problems and strict:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"checkpoint {path} does not match the model:\n  {shown}{more}")
+    model.eval()
+    return model
+
+
+def slot_shape(params, slot: Slot) -> torch.Size:
+    tensor = params[slot.param]
+    return tensor.shape if slot.index is None else tensor[slot.index].shape
+
+
+def locate_tensors(path: Path) -> dict[str, str]:
+    """Tensor name -> shard file name."""
+    index = path / INDEX_FILE
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    with safe_open(path / "model.safetensors", framework="pt") as shard:
+        return {name: "model.safetensors" for name in shard.keys()}
+
+
+def read_tensor(path: Path, file: str, name: str) -> torch.Tensor:
+    with safe_open(path / file, framework="pt") as shard:
+        return shard.get_tensor(name)
+
+
+def disk_tensors(model: torch.nn.Module, config: DeepseekV3Config):
+    """Yield (HF name, tensor) for every tensor of the checkpoint, experts split per expert
+    and MTP layers with their embedding/head copies."""
+    params = model.state_dict()
+    for disk_name, slot in checkpoint_layout(model, config).items():
+        tensor = params[slot.param]
+        yield disk_name, (tensor if slot.index is None else tensor[slot.index])
+    for disk_name, shared in mtp_shared_copies(config).items():
+        yield disk_name, params[shared]
+
+
+def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json, safetensors shards and the index atomically: files are written to
+    a temporary folder beside `path` and moved in only when all of them are complete."""
+    config: DeepseekV3Config = model.config
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        sizes = [0]
+        for name, tensor in disk_tensors(model, config):
+            nbytes = tensor.numel() * tensor.element_size()
+            if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+                shards.append({})
+                sizes.append(0)
+            shards[-1][name] = tensor.detach().contiguous().cpu()
+            sizes[-1] += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, staging / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+        config_dict = config.to_dict()
+        config_dict["architectures"] = [type(model).__name__.replace(
+            "DeepseekV3", "DeepseekV2" if config.model_type == "deepseek_v2" else "DeepseekV3")]
+        config_dict["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        path.mkdir(exist_ok=True)
+        for stale in path.glob("model*.safetensors"):
+            if stale.name not in weight_map.values():
+                stale.unlink()
+        for file in staging.iterdir():
+            os.replace(file, path / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

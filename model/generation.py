@@ -1,0 +1,98 @@
+"""Batched sampling with the MLA latent cache: greedy, temperature, top-k, top-p, stop tokens.
+
+Prompts of different lengths are left-padded; each step feeds only the new token and the
+cache supplies the past. Returns token ids, the logprob of each generated token under the
+distribution it was sampled from, and why each sequence stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moetune.model.kv_cache import LatentCache
+
+
+@dataclass
+class GenerationOutput:
+    """Per prompt: generated token ids (stop token included), their logprobs, and
+    finish_reason "stop" (a stop token) or "length" (max_new_tokens)."""
+
+    sequences: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits [B, V] outside the top-k and outside the smallest top-p nucleus."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs > top_p  # keeps the token crossing top_p
+        logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: list[list[int]] | torch.Tensor,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_token_ids: list[int] | None = None,
+    generator: torch.Generator | None = None,
+    pad_token_id: int = 0,
+) -> GenerationOutput:
+    """Sample up to `max_new_tokens` per prompt. temperature 0 means greedy. Logprobs are
+    of the distribution actually sampled from (temperature, top-k and top-p applied)."""
+    prompts = input_ids.tolist() if torch.is_tensor(input_ids) else [list(p) for p in input_ids]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one non-empty prompt")
+    device = next(model.parameters()).device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, longest + max_new_tokens, dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        tokens[i, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        mask[i, longest - len(prompt):longest] = 1
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    cache = LatentCache(config.num_hidden_layers, batch, longest + max_new_tokens,
+                        config.kv_lora_rank, config.qk_rope_head_dim, dtype, device)
+    stop = set(stop_token_ids or [])
+    out = GenerationOutput([[] for _ in prompts], [[] for _ in prompts], ["length"] * batch)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    was_training = model.training
+    model.eval()
+    step_input = tokens
+    for _ in range(max_new_tokens):
+        visible = mask[:, : cache.length + step_input.shape[1]]
+        logits = model(step_input, attention_mask=visible, cache=cache, logits_to_keep=1)
+        logits = logits.logits[:, -1].float()
+        if temperature > 0:
+            logits = filter_logits(logits / temperature, top_k, top_p)
+            logprobs = logits.log_softmax(dim=-1)
+            next_ids = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+        else:
+            logprobs = logits.log_softmax(dim=-1)
+            next_ids = logits.argmax(dim=-1)
+        chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
+        for i in (~done).nonzero().flatten().tolist():
+            token = next_ids[i].item()
+            out.sequences[i].append(token)
+            out.logprobs[i].append(chosen[i].item())
+            if token in stop:
+                out.finish_reasons[i] = "stop"
+                done[i] = True
+        if done.all():
+            break
+        mask[:, cache.length] = 1
+        step_input = next_ids[:, None]
+    model.train(was_training)
+    return out

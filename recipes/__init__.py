@@ -1,0 +1,1 @@
+"""Recipes: the typed recipe schema, its loader and the `moetune` command line."""

@@ -1,0 +1,7 @@
+"""`python -m moetune.recipes ...` (and `accelerate launch -m moetune.recipes ...`) = `moetune ...`."""
+
+import sys
+
+from moetune.recipes.cli import main
+
+sys.exit(main())

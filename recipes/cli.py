@@ -1,0 +1,41 @@
+"""The `moetune` command line: one subcommand per concept, each defined next to its code.
+
+Each subcommand module exposes `add_subcommand(subparsers)`, which registers an
+argparse parser whose `func(args) -> int` runs it. Heavy imports happen inside `func`,
+so `moetune --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMAND_MODULES = (
+    "moetune.model.info",
+    "moetune.rewards.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moetune",
+        description="Fine-tune and RL-align DeepSeek-V3-family Mixture-of-Experts models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).add_subcommand(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

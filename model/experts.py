@@ -19,38 +19,60 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return torch._grouped_mm(a, b, offs=offsets)
 
 
+def swiglu(h: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """h [N, 2I] = [gate | up] -> row_weight * silu(gate) * up [N, I]."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up).mul_(row_weight[:, None])
+
+
 class RoutedExpertsFunction(torch.autograd.Function):
-    """y = row_weight * down(silu(gate(x)) * up(x)) per expert group, rows pre-sorted."""
+    """out[t] = sum over token t's k rows r of down_e(row_weight[r] * silu(gate_e(x_t)) * up_e(x_t)).
+
+    Rows are the (token, expert) pairs sorted by expert: row r holds token `row_token[r]`,
+    and `token_rows[t]` lists token t's k rows, so both the dispatch and the combine are
+    gathers (`index_select`), never scattered atomic adds. Saves x's rows and the gate/up
+    activations only; the SwiGLU output is recomputed in the backward, which writes every
+    gradient with one grouped GEMM each.
+    """
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, offsets, row_weight):
-        """x [N, hidden] sorted by expert; gate_up [E, 2I, hidden]; down [E, hidden, I];
-        offsets [E] int32 (cumulative row counts); row_weight [N]. -> [N, hidden]."""
-        h = grouped_mm(x, gate_up.transpose(-2, -1), offsets)
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate) * up
-        out = grouped_mm(act, down.transpose(-2, -1), offsets)
-        ctx.save_for_backward(x, gate_up, down, offsets, row_weight, h)
-        return out * row_weight[:, None].to(out.dtype)
+    def forward(ctx, x, gate_up, down, offsets, row_token, token_rows, row_weight):
+        """x [T, hidden]; gate_up [E, 2I, hidden]; down [E, hidden, I]; offsets [E] int32
+        (cumulative rows per expert); row_token [N]; token_rows [T, k]; row_weight [N].
+        -> [T, hidden]."""
+        row_weight = row_weight.to(x.dtype)
+        rows = x.index_select(0, row_token)
+        h = grouped_mm(rows, gate_up.transpose(-2, -1), offsets)
+        out_rows = grouped_mm(swiglu(h, row_weight), down.transpose(-2, -1), offsets)
+        ctx.save_for_backward(rows, gate_up, down, offsets, row_token, token_rows, row_weight, h)
+        return combine(out_rows, token_rows)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate_up, down, offsets, row_weight, h = ctx.saved_tensors
+        rows, gate_up, down, offsets, row_token, token_rows, row_weight, h = ctx.saved_tensors
+        grad_rows_out = grad_out.index_select(0, row_token)
         gate, up = h.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         silu = gate * sig
-        act = silu * up
-        grad_out = grad_out.contiguous()
-        grad_act_unweighted = grouped_mm(grad_out, down, offsets)  # [N, I]
-        grad_row_weight = (grad_act_unweighted * act).sum(-1).to(row_weight.dtype)
-        weighted = row_weight[:, None].to(grad_out.dtype)
-        grad_act = grad_act_unweighted * weighted
-        grad_down = grouped_mm((grad_out * weighted).t(), act, offsets)  # [E, hidden, I]
-        grad_gate = grad_act * up * (sig * (1 + gate * (1 - sig)))
-        grad_h = torch.cat((grad_gate, grad_act * silu), dim=-1)
-        grad_x = grouped_mm(grad_h, gate_up, offsets)
-        grad_gate_up = grouped_mm(grad_h.t(), x, offsets)  # [E, 2I, hidden]
-        return grad_x, grad_gate_up, grad_down, None, grad_row_weight
+        act = silu * up  # unweighted SwiGLU output [N, I]
+        grad_act = grouped_mm(grad_rows_out, down, offsets)  # d out / d (weighted act)
+        grad_row_weight = (grad_act * act).sum(-1)
+        grad_down = grouped_mm(grad_rows_out.t(), act.mul_(row_weight[:, None]), offsets)
+        grad_act.mul_(row_weight[:, None])
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad_act, silu, out=grad_up)
+        torch.mul(grad_act, up, out=grad_gate)
+        # d silu(g)/dg = sig * (1 + g * (1 - sig)); h is not needed after this
+        grad_gate.mul_(gate.mul_(1 - sig).add_(1).mul_(sig))
+        grad_x = combine(grouped_mm(grad_h, gate_up, offsets), token_rows)
+        grad_gate_up = grouped_mm(grad_h.t(), rows, offsets)  # [E, 2I, hidden]
+        return grad_x, grad_gate_up, grad_down, None, None, None, grad_row_weight
+
+
+def combine(rows: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
+    """Sum each token's k rows: rows [N, d], token_rows [T, k] -> [T, d]."""
+    return rows.index_select(0, token_rows.flatten()).unflatten(0, token_rows.shape).sum(1)
 
 
 class RoutedExperts(nn.Module):
@@ -65,12 +87,11 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], expert_ids [T, k], weights [T, k] -> sum_k weights * expert(x) [T, hidden]."""
-        top_k = expert_ids.shape[-1]
-        order = expert_ids.flatten().argsort(stable=True)
-        token_of_row = order // top_k
-        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)
-        offsets = counts.cumsum(0).to(torch.int32)
-        rows = RoutedExpertsFunction.apply(
-            x[token_of_row], self.gate_up_proj, self.down_proj, offsets, weights.flatten()[order]
+        flat_ids = expert_ids.flatten()
+        order = flat_ids.argsort(stable=True)  # row r <- (token, slot) pair order[r]
+        token_rows = order.argsort().view_as(expert_ids)
+        offsets = torch.bincount(flat_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        return RoutedExpertsFunction.apply(
+            x, self.gate_up_proj, self.down_proj, offsets, order // expert_ids.shape[-1],
+            token_rows, weights.flatten().index_select(0, order),
         )
-        return torch.zeros_like(x).index_add_(0, token_of_row, rows.to(x.dtype))

@@ -1,0 +1,45 @@
+"""Rewards for GRPO: a registry of reward functions, the built-ins, and the scorer.
+
+A reward function has TRL's signature, so TRL and open-r1 functions plug in unchanged:
+`fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]`, where None
+means "not applicable to this sample". The trainer calls
+`score(specs, prompts, completions, columns) -> ScoreResult` (see `scoring`).
+
+Built-ins: `math_accuracy` (math-verify under a hard time limit), `code_tests` (programs run
+in a sandbox), and the shaping rewards `format`, `tag_count`, `soft_overlong`,
+`repetition_penalty`. Others come from `@register_reward`, the `moetune.rewards` entry point
+group, or `package.module:function` / `path/to/file.py:function` references (see `registry`).
+"""
+
+from moetune.rewards.registry import (
+    ENTRY_POINT_GROUP,
+    RewardNotFound,
+    available_rewards,
+    get_reward,
+    register_reward,
+)
+from moetune.rewards.scoring import (
+    RewardError,
+    RewardSpec,
+    ScoreResult,
+    report_timeout,
+    score,
+    score_async,
+)
+
+# Importing the built-in modules registers their rewards.
+from moetune.rewards import code_tests, math_accuracy, shaping  # noqa: E402, F401  isort: skip
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "RewardError",
+    "RewardNotFound",
+    "RewardSpec",
+    "ScoreResult",
+    "available_rewards",
+    "get_reward",
+    "register_reward",
+    "report_timeout",
+    "score",
+    "score_async",
+]

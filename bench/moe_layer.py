@@ -1,0 +1,103 @@
+"""One DeepSeekMoE layer, forward + backward: moetune vs transformers' DeepseekV3MoE.
+
+transformers runs with `_experts_implementation="grouped_mm"` (its fastest path); both get
+the same weights and tokens, and the outputs are checked equal before timing.
+
+    python bench/moe_layer.py                 # CPU size: hidden 512, 32 experts, top-4, 2048 tokens
+    python bench/moe_layer.py --gpu           # H200 size: hidden 2048, 64 experts, top-6, 8192 tokens, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+from moetune.model.config import DeepseekV3Config
+from moetune.model.moe import MoE
+
+
+def layer_config(args) -> DeepseekV3Config:
+    return DeepseekV3Config(
+        hidden_size=args.hidden, moe_intermediate_size=args.intermediate,
+        n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_group=args.groups,
+        topk_group=args.topk_groups, n_shared_experts=args.shared, first_k_dense_replace=0,
+    )
+
+
+def copy_weights(ours: MoE, theirs: DeepseekV3MoE) -> None:
+    with torch.no_grad():
+        theirs.gate.weight.copy_(ours.gate.weight)
+        theirs.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
+        theirs.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
+        theirs.experts.down_proj.copy_(ours.experts.down_proj)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(theirs.shared_experts, name).weight.copy_(getattr(ours.shared_experts, name).weight)
+
+
+def time_step(layer, x, grad, repeats: int, sync) -> list[float]:
+    times = []
+    for i in range(repeats + 2):
+        x.grad = None
+        sync()
+        start = time.perf_counter()
+        layer(x).backward(grad)
+        sync()
+        if i >= 2:  # two warm-up steps
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="H200 sizes, bf16, on cuda")
+    parser.add_argument("--tokens", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--experts", type=int)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--groups", type=int, default=1)
+    parser.add_argument("--topk-groups", type=int, default=1)
+    parser.add_argument("--shared", type=int)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    sizes = (dict(tokens=8192, hidden=2048, intermediate=1408, experts=64, top_k=6, shared=2)
+             if args.gpu else dict(tokens=2048, hidden=512, intermediate=256, experts=32, top_k=4, shared=1))
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
+    sync = torch.cuda.synchronize if args.gpu else (lambda: None)
+    torch.manual_seed(0)
+    config = layer_config(args)
+    ours = MoE(config)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+    hf_config = transformers.DeepseekV3Config(**{k: v for k, v in config.to_dict().items()
+                                                  if k in transformers.DeepseekV3Config.__dataclass_fields__})
+    hf_config._experts_implementation = "grouped_mm"
+    theirs = DeepseekV3MoE(hf_config)
+    copy_weights(ours, theirs)
+    ours, theirs = ours.to(device, dtype), theirs.to(device, dtype)
+    x = torch.randn(1, args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    with torch.no_grad():
+        diff = (ours(x) - theirs(x)).abs().max().item()
+    ours_ms = time_step(ours, x, grad, args.repeats, sync)
+    theirs_ms = time_step(theirs, x, grad, args.repeats, sync)
+    t_ours, t_theirs = statistics.median(ours_ms), statistics.median(theirs_ms)
+    print(f"MoE layer fwd+bwd, {args.tokens} tokens, hidden {args.hidden}, {args.experts} experts "
+          f"top-{args.top_k}, intermediate {args.intermediate}, {args.shared} shared, {dtype}, {device}")
+    print(f"  output max abs diff: {diff:.2e}")
+    print(f"  transformers grouped_mm: {t_theirs:8.2f} ms (median of {args.repeats})")
+    print(f"  moetune:                 {t_ours:8.2f} ms")
+    print(f"  speedup: {t_theirs / t_ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Where reward functions come from.
+
+`get_reward(name, **kwargs)` finds `name`, in this order:
+
+1. functions registered with `@register_reward("name")` (the built-ins register on import);
+2. the entry point group `moetune.rewards` of installed packages, e.g. in their pyproject.toml
+   `[project.entry-points."moetune.rewards"] my_reward = "my_pkg.rewards:my_reward"`;
+3. a reference `package.module:function` or `path/to/file.py:function`;
+
+and returns the function with `kwargs` bound. A reward function has TRL's signature,
+`fn(prompts, completions, **columns) -> list[float | None]`, sync or async.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TypeVar
+
+ENTRY_POINT_GROUP = "moetune.rewards"
+
+RewardFn = TypeVar("RewardFn", bound=Callable)
+_registry: dict[str, Callable] = {}
+
+
+class RewardNotFound(LookupError):
+    """No registered function, entry point or reference matches the name."""
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make `fn` available as `name` to recipes and `get_reward`."""
+
+    def register(fn: RewardFn) -> RewardFn:
+        if _registry.get(name, fn) is not fn:
+            raise ValueError(f"reward {name!r} is already registered by "
+                             f"{_registry[name].__module__}.{_registry[name].__qualname__}")
+        _registry[name] = fn
+        return fn
+
+    return register
+
+
+def available_rewards() -> list[str]:
+    """Registered names and installed entry point names."""
+    return sorted({*_registry, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
+
+
+def get_reward(name: str, **kwargs) -> Callable:
+    """The reward function called `name`, with `kwargs` bound."""
+    fn = _find(name)
+    _check_options(name, fn, kwargs)
+    return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def _find(name: str) -> Callable:
+    if name in _registry:
+        return _registry[name]
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        return entry_point.load()
+    if ":" in name:
+        return _load_reference(name)
+    known = available_rewards()
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise RewardNotFound(
+        f"unknown reward {name!r}.{hint} Known: {', '.join(known)}. Other rewards can be named "
+        "as package.module:function or path/to/file.py:function, or installed under the "
+        f"entry point group {ENTRY_POINT_GROUP!r}."
+    )
+
+
+def _load_reference(reference: str) -> Callable:
+    """`package.module:function` or `path/to/file.py:function`."""
+    module_ref, _, attribute = reference.rpartition(":")
+    if module_ref.endswith(".py"):
+        module = _load_file(Path(module_ref))
+    else:
+        try:
+            module = importlib.import_module(module_ref)
+        except ImportError as error:
+            raise RewardNotFound(f"reward {reference!r}: cannot import {module_ref!r}: {error}")
+    fn = getattr(module, attribute, None)
+    if not callable(fn):
+        raise RewardNotFound(f"reward {reference!r}: {module_ref!r} has no function {attribute!r}")
+    return fn
+
+
+def _load_file(path: Path):
+    """Import a .py file once per path, under a name derived from that path."""
+    path = path.resolve()
+    if not path.is_file():
+        raise RewardNotFound(f"reward file {str(path)!r} does not exist")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    module_name = f"moetune_reward_file_{path.stem}_{digest}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    return sys.modules[module_name]
+
+
+def _check_options(name: str, fn: Callable, kwargs: dict) -> None:
+    """Require the options a function needs; reject, unless it takes **kwargs, ones it does not
+    take, naming the nearest."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    for parameter in parameters.values():
+        required = parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is (
+            inspect.Parameter.empty)
+        if required and parameter.name not in kwargs:
+            raise TypeError(f"reward {name!r} needs the option {parameter.name!r}")
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    options = [p for p in parameters if p not in ("prompts", "completions")]
+    for key in kwargs:
+        if key not in parameters:
+            close = difflib.get_close_matches(key, options, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"reward {name!r} has no option {key!r}{hint} "
+                            f"(it takes: {', '.join(options)})")

@@ -169,7 +169,7 @@ def disk_tensors(model: torch.nn.Module, config: DeepseekV3Config):
         tensor = params[slot.param]
         yield disk_name, (tensor if slot.index is None else tensor[slot.index])
     for disk_name, shared in mtp_shared_copies(config).items():
-        yield disk_name, params[shared]
+        yield disk_name, params[shared].clone()  # safetensors refuses shared storage
 
 
 def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**30) -> None:

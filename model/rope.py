@@ -22,7 +22,7 @@ def rope_frequencies(dim: int, theta: float, yarn: dict | None) -> tuple[torch.T
     With YaRN, low frequencies (wavelength beyond the original context) are interpolated by
     `factor`, high ones kept, with a linear ramp between the beta_fast/beta_slow bounds.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     if yarn is None:
         return inv_freq.float(), 1.0
     factor = yarn["factor"]
@@ -36,7 +36,7 @@ def rope_frequencies(dim: int, theta: float, yarn: dict | None) -> tuple[torch.T
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolated = 1 - ramp
     inv_freq = inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
     mscale, mscale_all_dim = yarn.get("mscale"), yarn.get("mscale_all_dim")

@@ -79,7 +79,9 @@ class Router(nn.Module):
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
-        if self.training:
+        # Count training forwards once: not again when activation checkpointing recomputes
+        # this forward inside the backward pass.
+        if self.training and torch._C._current_graph_task_id() == -1:
             self.load += torch.bincount(expert_ids.flatten(), minlength=self.num_experts)
         return expert_ids, weights, scores
 

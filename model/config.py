@@ -76,8 +76,6 @@ class DeepseekV3Config(HFDeepseekV3Config):
             fail("moe_layer_freq", "must be >= 1")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even (rotary pairs)")
-        if self.num_attention_heads % (self.num_key_value_heads or self.num_attention_heads):
-            fail("num_key_value_heads", "must divide num_attention_heads")
         quant = self.quantization_config
         if quant is not None:
             if quant.get("quant_method", "fp8") != "fp8":

@@ -32,19 +32,22 @@ GPU_SIZE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=10944, moe
                 first_k_dense_replace=1)
 
 
-def time_steps(model, ids, steps: int, sync) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    times = []
+def time_steps(models, ids, steps: int, sync) -> list[list[float]]:
+    """Seconds per training step for each model, alternating models every step so that
+    machine noise hits both alike; two warm-up rounds."""
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True) for m in models]
+    times = [[] for _ in models]
     for i in range(steps + 2):
-        sync()
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
+        for model, optimizer, samples in zip(models, optimizers, times):
+            sync()
+            start = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            if i >= 2:
+                samples.append(time.perf_counter() - start)
     return times
 
 
@@ -53,7 +56,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="H200 size, bf16, cuda, fused AdamW")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
     device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
     batch = args.batch or (2 if args.gpu else 4)
@@ -71,8 +74,7 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     with torch.no_grad():
         loss_ours, loss_theirs = ours(ids, labels=ids).loss.item(), theirs(input_ids=ids, labels=ids).loss.item()
-    t_ours = statistics.median(time_steps(ours, ids, args.steps, sync))
-    t_theirs = statistics.median(time_steps(theirs, ids, args.steps, sync))
+    t_ours, t_theirs = map(statistics.median, time_steps([ours, theirs], ids, args.steps, sync))
     tokens = batch * seq
     print(f"train step (fwd+bwd+AdamW), {params / 1e6:.1f}M parameters, {batch} x {seq} tokens, {dtype}, {device}")
     print(f"  first loss: moetune {loss_ours:.5f}, transformers {loss_theirs:.5f}")

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,13 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, s
     the model plus the largest tensor). FP8 weights are dequantised to `dtype`."""
     path = Path(path)
     config = config or load_config(path)
+    weight_map = locate_tensors(path)
+    first_mtp = f"model.layers.{config.num_hidden_layers}."
+    if config.num_nextn_predict_layers and not any(n.startswith(first_mtp) for n in weight_map):
+        # transformers saves DeepSeek models without their MTP modules.
+        warnings.warn(f"{path} holds no MTP weights ({first_mtp}*): loading without MTP "
+                      f"(num_nextn_predict_layers {config.num_nextn_predict_layers} -> 0)")
+        config.num_nextn_predict_layers = 0
     with torch.device("meta"):
         model = cls(config)
     model.to_empty(device=device)
@@ -101,7 +109,6 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, s
     names_of_param: dict[str, list[str]] = {}
     for disk_name, slot in layout.items():
         names_of_param.setdefault(slot.param, []).append(disk_name)
-    weight_map = locate_tensors(path)
     filled: set[str] = set()
     problems: list[str] = []
     for file in shard_files(path):

@@ -94,3 +94,21 @@ def test_v2_normalised_topk_follows_deepseek_not_transformers(tmp_path):
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.forward = normalised(layer.mlp.gate.forward)
         assert (ours - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_checkpoint_saved_by_transformers_loads_in_moetune(tmp_path):
+    """transformers saves without MTP weights: moetune loads it (MTP off, with a warning)
+    and gives the same logits."""
+    config = v3_config(num_nextn_predict_layers=0).to_dict()
+    hf_config = transformers.DeepseekV3Config(**{
+        k: v for k, v in config.items() if k in transformers.DeepseekV3Config.__dataclass_fields__})
+    hf = transformers.DeepseekV3ForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no MTP weights"):
+        ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4

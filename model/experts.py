@@ -84,9 +84,12 @@ class RoutedExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.lora = None  # an ExpertLora once adapters are attached (moetune.model.lora)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], expert_ids [T, k], weights [T, k] -> sum_k weights * expert(x) [T, hidden]."""
+        if self.lora is not None:
+            return self.lora(self, x, expert_ids, weights)
         flat_ids = expert_ids.flatten()
         order = flat_ids.argsort(stable=True)  # row r <- (token, slot) pair order[r]
         token_rows = order.argsort().view_as(expert_ids)

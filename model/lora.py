@@ -1,0 +1,217 @@
+"""Expert-aware LoRA: adapters on MLA projections, dense MLPs, shared and routed experts.
+
+A dense adapter wraps an `nn.Linear` as `LoraLinear`: y = W x + (alpha/r) B A dropout(x).
+Routed experts keep stacked adapters per projection, A [S, r, in] and B [S, out, r] for the
+S selected experts, and add (x A_e^T) B_e^T to the expert-sorted rows with two grouped
+GEMMs: no per-expert Python loop, no materialised delta-W. Unselected experts stay frozen
+and cost nothing. Router weights and correction bias are never adapted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetune.model.experts import RoutedExperts, combine, grouped_mm
+from moetune.model.layers import GatedMLP
+from moetune.model.moe import MoE
+
+ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+COMPONENTS = ("attention", "dense_mlp", "shared_experts", "routed_experts")
+
+
+@dataclass
+class LoraSpec:
+    """Which modules get adapters, and their size.
+
+    rank/alpha: default rank and scale (scaling = alpha / rank); `ranks` overrides the rank
+    per component (e.g. {"routed_experts": 8}). components: any of COMPONENTS. layers:
+    [first, last) decoder layers to adapt (None = all). experts: {layer: [expert ids]} for
+    an expert subset (layers absent from the dict get all experts), None = all experts.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    components: tuple[str, ...] = COMPONENTS
+    ranks: dict[str, int] = field(default_factory=dict)
+    layers: tuple[int, int] | None = None
+    experts: dict[int, list[int]] | None = None
+
+    def __post_init__(self):
+        unknown = set(self.components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"lora.components: unknown {sorted(unknown)}; choose from {COMPONENTS}")
+        unknown = set(self.ranks) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"lora.ranks: unknown {sorted(unknown)}; choose from {COMPONENTS}")
+
+    def rank_of(self, component: str) -> int:
+        return self.ranks.get(component, self.rank)
+
+    def scaling(self, component: str) -> float:
+        return self.alpha / self.rank_of(component)
+
+
+class LoraLinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable low-rank update (PEFT's names and init)."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device,
+                                dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device,
+                                dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight W + s B A (used by the absorbed MLA decode path)."""
+        return self.base_layer.weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """The base linear with the update folded in."""
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self.weight)
+        return self.base_layer
+
+
+class ExpertLora(nn.Module):
+    """Stacked adapters for the selected experts of one RoutedExperts module.
+
+    gate_A/up_A [S, r, hidden], gate_B/up_B [S, I, r], down_A [S, r, I], down_B [S, hidden, r].
+    """
+
+    def __init__(self, experts: RoutedExperts, expert_ids: list[int], rank: int, scaling: float,
+                 dropout: float = 0.0):
+        super().__init__()
+        hidden, inter = experts.down_proj.shape[1], experts.intermediate_size
+        if rank * experts.down_proj.element_size() % 16:
+            raise ValueError(f"routed-expert LoRA rank {rank} in {experts.down_proj.dtype}: grouped "
+                             f"GEMMs need rows of a multiple of 16 bytes; use a rank multiple of 8")
+        count = len(expert_ids)
+        like = dict(device=experts.down_proj.device, dtype=experts.down_proj.dtype)
+        self.gate_A = nn.Parameter(torch.empty(count, rank, hidden, **like))
+        self.up_A = nn.Parameter(torch.empty(count, rank, hidden, **like))
+        self.down_A = nn.Parameter(torch.empty(count, rank, inter, **like))
+        self.gate_B = nn.Parameter(torch.zeros(count, inter, rank, **like))
+        self.up_B = nn.Parameter(torch.zeros(count, inter, rank, **like))
+        self.down_B = nn.Parameter(torch.zeros(count, hidden, rank, **like))
+        for a in (self.gate_A, self.up_A, self.down_A):
+            for slot in range(count):
+                nn.init.kaiming_uniform_(a[slot], a=math.sqrt(5))
+        self.register_buffer("expert_ids", torch.tensor(sorted(expert_ids), device=like["device"]),
+                             persistent=False)
+        self.all_experts = count == experts.num_experts
+        self.scaling = scaling
+        self.dropout = dropout
+
+    def select_rows(self, counts: torch.Tensor, row_expert: torch.Tensor):
+        """Row indices of selected experts' rows (None when all experts are adapted) and
+        the cumulative row counts per selected expert."""
+        offsets = counts[self.expert_ids].cumsum(0).to(torch.int32)
+        if self.all_experts:
+            return None, offsets
+        selected = torch.zeros_like(counts, dtype=torch.bool)
+        selected[self.expert_ids] = True
+        return selected[row_expert].nonzero().flatten(), offsets
+
+    def delta(self, rows, a_list, b_list, rows_index, offsets):
+        """sum over projections of (rows A^T) B^T * scaling, laid out [N, sum(out)]."""
+        x = rows if rows_index is None else rows.index_select(0, rows_index)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout)
+        a = torch.cat(a_list, dim=1)  # [S, n_proj * r, in]
+        xa = grouped_mm(x, a.transpose(-2, -1), offsets)
+        parts = [grouped_mm(piece.contiguous(), b.transpose(-2, -1), offsets)
+                 for piece, b in zip(xa.chunk(len(b_list), dim=-1), b_list)]
+        d = torch.cat(parts, dim=-1) * self.scaling
+        if rows_index is None:
+            return d
+        return torch.zeros(rows.shape[0], d.shape[1], dtype=d.dtype, device=d.device).index_copy(
+            0, rows_index, d)
+
+    def forward(self, experts: RoutedExperts, x, expert_ids, weights) -> torch.Tensor:
+        """Routed experts with adapters: the frozen base's grouped GEMMs plus the adapters'
+        grouped GEMMs, composed with autograd (only activations and adapters get gradients).
+        x [T, hidden], expert_ids/weights [T, k] -> [T, hidden]."""
+        top_k = expert_ids.shape[-1]
+        flat_ids = expert_ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        token_rows = order.argsort().view_as(expert_ids)
+        counts = torch.bincount(flat_ids, minlength=experts.num_experts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        rows = x.index_select(0, order // top_k)
+        rows_index, lora_offsets = self.select_rows(counts, flat_ids.index_select(0, order))
+        h = grouped_mm(rows, experts.gate_up_proj.transpose(-2, -1), offsets)
+        h = h + self.delta(rows, [self.gate_A, self.up_A], [self.gate_B, self.up_B], rows_index,
+                           lora_offsets)
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate) * up * weights.flatten().index_select(0, order)[:, None].to(h.dtype)
+        out = grouped_mm(act, experts.down_proj.transpose(-2, -1), offsets)
+        out = out + self.delta(act, [self.down_A], [self.down_B], rows_index, lora_offsets)
+        return combine(out, token_rows)
+
+
+def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
+    """Freeze the model and attach adapters per `spec`. Returns the trainable parameter count."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    first, last = spec.layers or (0, len(model.model.layers) + len(model.model.mtp))
+    blocks = list(model.model.layers) + [m.block for m in model.model.mtp]
+    for index, layer in enumerate(blocks):
+        if not first <= index < last:
+            continue
+        if "attention" in spec.components:
+            wrap_linears(layer.self_attn, ATTENTION_TARGETS, spec, "attention")
+        mlp = layer.mlp
+        if isinstance(mlp, GatedMLP) and "dense_mlp" in spec.components:
+            wrap_linears(mlp, ("gate_proj", "up_proj", "down_proj"), spec, "dense_mlp")
+        if isinstance(mlp, MoE):
+            if mlp.shared_experts is not None and "shared_experts" in spec.components:
+                wrap_linears(mlp.shared_experts, ("gate_proj", "up_proj", "down_proj"), spec,
+                             "shared_experts")
+            if "routed_experts" in spec.components:
+                chosen = (spec.experts or {}).get(index, range(mlp.experts.num_experts))
+                if len(chosen):
+                    mlp.experts.lora = ExpertLora(
+                        mlp.experts, list(chosen), spec.rank_of("routed_experts"),
+                        spec.scaling("routed_experts"), spec.dropout)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def wrap_linears(parent: nn.Module, names, spec: LoraSpec, component: str) -> None:
+    for name in names:
+        base = getattr(parent, name, None)
+        if isinstance(base, nn.Linear):
+            setattr(parent, name, LoraLinear(base, spec.rank_of(component), spec.scaling(component),
+                                             spec.dropout))
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weights and remove the adapters (in place)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLinear):
+                setattr(parent, name, child.merged())
+        if isinstance(parent, RoutedExperts) and parent.lora is not None:
+            lora, inter = parent.lora, parent.intermediate_size
+            ids = lora.expert_ids
+            s = lora.scaling
+            parent.gate_up_proj[ids, :inter] += s * (lora.gate_B @ lora.gate_A)
+            parent.gate_up_proj[ids, inter:] += s * (lora.up_B @ lora.up_A)
+            parent.down_proj[ids] += s * (lora.down_B @ lora.down_A)
+            parent.lora = None
+    return model

@@ -1,0 +1,135 @@
+"""Expert-aware LoRA against a naive per-expert loop, and its invariants."""
+
+import torch
+import torch.nn.functional as F
+
+from moetune.model import DeepseekV3ForCausalLM
+from moetune.model.experts import RoutedExperts
+from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora, merge_lora
+from tiny_configs import v3_config
+
+
+def randomize(module, std=0.3):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, std)
+
+
+def reference_lora_experts(x, experts, lora, expert_ids, weights):
+    """Token by token, expert by expert, adapters as explicit x A^T B^T."""
+    out = torch.zeros_like(x)
+    inter = experts.intermediate_size
+    slot_of = {e: i for i, e in enumerate(lora.expert_ids.tolist())}
+    s = lora.scaling
+    for t in range(x.shape[0]):
+        for k in range(expert_ids.shape[1]):
+            e = expert_ids[t, k].item()
+            gate = experts.gate_up_proj[e, :inter] @ x[t]
+            up = experts.gate_up_proj[e, inter:] @ x[t]
+            if e in slot_of:
+                i = slot_of[e]
+                gate = gate + s * lora.gate_B[i] @ (lora.gate_A[i] @ x[t])
+                up = up + s * lora.up_B[i] @ (lora.up_A[i] @ x[t])
+            act = weights[t, k] * F.silu(gate) * up
+            y = experts.down_proj[e] @ act
+            if e in slot_of:
+                y = y + s * lora.down_B[slot_of[e]] @ (lora.down_A[slot_of[e]] @ act)
+            out[t] = out[t] + y
+    return out
+
+
+def check_expert_lora(selected):
+    experts = RoutedExperts(num_experts=6, hidden_size=16, intermediate_size=8)
+    randomize(experts)
+    experts.requires_grad_(False)
+    experts.lora = ExpertLora(experts, selected, rank=4, scaling=2.0)
+    randomize(experts.lora)
+    x = torch.randn(11, 16, requires_grad=True)
+    expert_ids = torch.stack([torch.randperm(6)[:3] for _ in range(11)])
+    weights = torch.rand(11, 3)
+    grad = torch.randn(11, 16)
+    params = [x] + list(experts.lora.parameters())
+    ours = experts(x, expert_ids, weights)
+    ref = reference_lora_experts(x, experts, experts.lora, expert_ids, weights)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, params, grad), torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_lora_all_experts_matches_reference():
+    check_expert_lora(selected=list(range(6)))
+
+
+def test_expert_lora_on_a_subset_matches_reference():
+    check_expert_lora(selected=[1, 4])
+
+
+def test_zero_b_leaves_logits_unchanged_and_only_adapters_train():
+    model = DeepseekV3ForCausalLM(v3_config()).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    spec = LoraSpec(rank=4, alpha=8, ranks={"routed_experts": 8}, experts={1: [0, 3, 5]})
+    trainable = apply_lora(model, spec)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    c = model.config
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora" in n or "_A" in n or "_B" in n for n in names)
+    # by hand: attention (q_a, q_b, kv_a, kv_b, o) + dense MLP + shared experts, rank 4;
+    # routed experts rank 8 on 3 experts in layer 1 and 16 in layer 2 and the MTP block.
+    h, q, kv, heads = c.hidden_size, c.q_lora_rank, c.kv_lora_rank, c.num_attention_heads
+    qk, v, rope, inter = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim, c.qk_rope_head_dim, c.moe_intermediate_size
+    attention = 4 * ((h + q) + (q + heads * qk) + (h + kv + rope) + (kv + heads * (qk - rope + v)) + (heads * v + h))
+    dense = 4 * 3 * (h + c.intermediate_size)
+    shared = 4 * 3 * (h + inter)
+    routed_per_expert = 8 * 3 * (h + inter)
+    blocks = 4  # 3 layers + 1 MTP block
+    expected = blocks * attention + dense + 3 * shared + routed_per_expert * (3 + 16 + 16)
+    assert trainable == expected == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".gate.weight" in n)
+
+
+def test_lora_training_step_moves_only_adapters():
+    model = DeepseekV3ForCausalLM(v3_config()).train()
+    apply_lora(model, LoraSpec(rank=4))
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (2, 12))
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+
+
+def test_merge_equals_base_plus_adapter():
+    model = DeepseekV3ForCausalLM(v3_config()).eval()
+    apply_lora(model, LoraSpec(rank=4, experts={1: [2, 7]}))
+    for module in model.modules():  # non-zero adapters
+        if isinstance(module, (LoraLinear, ExpertLora)):
+            with torch.no_grad():
+                for name, p in module.named_parameters():
+                    if "lora_" in name or name.endswith(("_A", "_B")):
+                        p.normal_(0, 0.05)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merge_lora(model)
+        merged = model(ids).logits
+    assert not any(isinstance(m, (LoraLinear, ExpertLora)) for m in model.modules())
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_misaligned_expert_rank_fails_clearly():
+    import pytest
+
+    model = DeepseekV3ForCausalLM(v3_config()).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="rank 4 in torch.bfloat16.*multiple of 8"):
+        apply_lora(model, LoraSpec(rank=4))

@@ -1,0 +1,1 @@
+"""Fine-tuning: adapter merge/export (SFT and expert profiling arrive with their issue)."""

@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMAND_MODULES = (
     "moetune.model.info",
+    "moetune.finetune.merge",
     "moetune.rewards.cli",
 )
 

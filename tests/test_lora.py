@@ -15,6 +15,14 @@ def randomize(module, std=0.3):
             p.normal_(0, std)
 
 
+def randomize_adapters(model, std=0.05):
+    """Give every adapter non-zero weights (B starts at zero)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, std)
+
+
 def reference_lora_experts(x, experts, lora, expert_ids, weights):
     """Token by token, expert by expert, adapters as explicit x A^T B^T."""
     out = torch.zeros_like(x)
@@ -112,12 +120,7 @@ def test_lora_training_step_moves_only_adapters():
 def test_merge_equals_base_plus_adapter():
     model = DeepseekV3ForCausalLM(v3_config()).eval()
     apply_lora(model, LoraSpec(rank=4, experts={1: [2, 7]}))
-    for module in model.modules():  # non-zero adapters
-        if isinstance(module, (LoraLinear, ExpertLora)):
-            with torch.no_grad():
-                for name, p in module.named_parameters():
-                    if "lora_" in name or name.endswith(("_A", "_B")):
-                        p.normal_(0, 0.05)
+    randomize_adapters(model)
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         adapted = model(ids).logits
@@ -133,3 +136,48 @@ def test_misaligned_expert_rank_fails_clearly():
     model = DeepseekV3ForCausalLM(v3_config()).to(torch.bfloat16)
     with pytest.raises(ValueError, match="rank 4 in torch.bfloat16.*multiple of 8"):
         apply_lora(model, LoraSpec(rank=4))
+
+
+def test_adapter_saves_in_peft_format_and_reloads_to_identical_logits(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from moetune.model.adapters import load_adapter, save_adapter
+
+    spec = LoraSpec(rank=4, ranks={"routed_experts": 8}, experts={1: [2, 7]})
+    model = DeepseekV3ForCausalLM(v3_config()).eval()
+    model.save_pretrained(tmp_path / "base")
+    apply_lora(model, spec)
+    randomize_adapters(model)
+    save_adapter(model, spec, tmp_path / "adapter", base_path=str(tmp_path / "base"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.1.mlp.experts.7.up_proj.lora_B.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.experts.3.up_proj.lora_B.weight" not in keys
+    assert "base_model.model.model.layers.3.self_attn.kv_b_proj.lora_A.weight" in keys  # MTP
+    reloaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base")
+    load_adapter(reloaded, tmp_path / "adapter")
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_merge_cli_writes_a_checkpoint_equal_to_base_plus_adapter(tmp_path):
+    from moetune.model.adapters import save_adapter
+    from moetune.recipes.cli import main
+
+    spec = LoraSpec(rank=4, ranks={"routed_experts": 8})
+    model = DeepseekV3ForCausalLM(v3_config()).eval()
+    model.save_pretrained(tmp_path / "base")
+    apply_lora(model, spec)
+    randomize_adapters(model)
+    save_adapter(model, spec, tmp_path / "adapter")
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    merged = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

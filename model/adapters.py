@@ -1,0 +1,102 @@
+"""LoRA adapters on disk in PEFT's format, with per-expert keys as vLLM loads them.
+
+A folder holds `adapter_config.json` (PEFT LoraConfig fields), `adapter_model.safetensors`
+and `moetune_adapter.json` (the LoraSpec that rebuilds the adapter layout). Keys:
+  base_model.model.model.layers.{L}.self_attn.q_a_proj.lora_A.weight   [r, in]
+  base_model.model.model.layers.{L}.mlp.experts.{E}.gate_proj.lora_B.weight   [out, r]
+MTP blocks use their checkpoint index L = num_hidden_layers + k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moetune.model.checkpoint import to_disk_name
+from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora
+
+PREFIX = "base_model.model."
+EXPERT_PROJECTIONS = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor for every adapter in the model."""
+    layers = model.config.num_hidden_layers
+    tensors = {}
+    for name, module in model.named_modules():
+        disk = to_disk_name(name, layers)
+        if isinstance(module, LoraLinear):
+            tensors[f"{PREFIX}{disk}.lora_A.weight"] = module.lora_A.weight
+            tensors[f"{PREFIX}{disk}.lora_B.weight"] = module.lora_B.weight
+        elif isinstance(module, ExpertLora):
+            experts = disk.removesuffix(".lora")
+            for slot, expert in enumerate(module.expert_ids.tolist()):
+                for short, proj in EXPERT_PROJECTIONS:
+                    for half in ("A", "B"):
+                        key = f"{PREFIX}{experts}.{expert}.{proj}.lora_{half}.weight"
+                        tensors[key] = getattr(module, f"{short}_{half}")[slot]
+    return tensors
+
+
+def peft_config(spec: LoraSpec, base_path: str | None) -> dict:
+    targets = sorted({"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+                     if "attention" in spec.components else set())
+    if set(spec.components) & {"dense_mlp", "shared_experts", "routed_experts"}:
+        targets += ["down_proj", "gate_proj", "up_proj"]
+    rank_pattern = {}
+    patterns = {"attention": r"self_attn\.\w+", "shared_experts": r"shared_experts\.\w+",
+                "routed_experts": r"experts\.\d+\.\w+", "dense_mlp": r"mlp\.(gate|up|down)_proj"}
+    for component, rank in spec.ranks.items():
+        rank_pattern[patterns[component]] = rank
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
+        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+        "target_modules": targets, "rank_pattern": rank_pattern,
+        "alpha_pattern": dict.fromkeys(rank_pattern, spec.alpha), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None,
+        "inference_mode": True, "init_lora_weights": True,
+    }
+
+
+def save_adapter(model, spec: LoraSpec, path, base_path: str | None = None) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_tensors(model).items()}
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps(peft_config(spec, base_path), indent=2))
+    (path / "moetune_adapter.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+
+
+def read_spec(path) -> LoraSpec:
+    raw = json.loads((Path(path) / "moetune_adapter.json").read_text())
+    raw["components"] = tuple(raw["components"])
+    if raw.get("layers") is not None:
+        raw["layers"] = tuple(raw["layers"])
+    if raw.get("experts") is not None:
+        raw["experts"] = {int(k): v for k, v in raw["experts"].items()}
+    return LoraSpec(**raw)
+
+
+@torch.no_grad()
+def load_adapter(model, path) -> LoraSpec:
+    """Attach the adapters saved at `path` to `model` (frozen) and load their weights.
+    Fails naming any missing, unexpected or mis-shaped adapter tensor."""
+    spec = read_spec(path)
+    apply_lora(model, spec)
+    expected = adapter_tensors(model)
+    saved = load_file(Path(path) / "adapter_model.safetensors")
+    problems = [f"missing adapter tensor {k!r}" for k in sorted(expected.keys() - saved.keys())]
+    problems += [f"unexpected adapter tensor {k!r}" for k in sorted(saved.keys() - expected.keys())]
+    for key in sorted(expected.keys() & saved.keys()):
+        if expected[key].shape != saved[key].shape:
+            problems.append(f"shape mismatch for {key!r}: adapter {tuple(saved[key].shape)}, "
+                            f"model {tuple(expected[key].shape)}")
+        else:
+            expected[key].copy_(saved[key])
+    if problems:
+        raise ValueError(f"adapter {path} does not fit the model:\n  " + "\n  ".join(problems[:20]))
+    return spec

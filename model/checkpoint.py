@@ -183,6 +183,9 @@ def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**
     """Write config.json, safetensors shards and the index atomically: files are written to
     a temporary folder beside `path` and moved in only when all of them are complete."""
     config: DeepseekV3Config = model.config
+    if any("lora" in name for name, _ in model.named_modules()):
+        raise ValueError("the model carries LoRA adapters: save them with "
+                         "moetune.model.adapters.save_adapter, or merge_lora() before save_pretrained")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -32,7 +32,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
     and `token_rows[t]` lists token t's k rows, so both the dispatch and the combine are
     gathers (`index_select`), never scattered atomic adds. Saves x's rows and the gate/up
     activations only; the SwiGLU output is recomputed in the backward, which writes every
-    gradient with one grouped GEMM each.
+    gradient with one grouped GEMM each, and skips the weight gradients of a frozen base.
     """
 
     @staticmethod
@@ -55,9 +55,11 @@ class RoutedExpertsFunction(torch.autograd.Function):
         sig = torch.sigmoid(gate)
         silu = gate * sig
         act = silu * up  # unweighted SwiGLU output [N, I]
+        needs_x, needs_gate_up, needs_down = ctx.needs_input_grad[:3]
         grad_act = grouped_mm(grad_rows_out, down, offsets)  # d out / d (weighted act)
         grad_row_weight = (grad_act * act).sum(-1)
-        grad_down = grouped_mm(grad_rows_out.t(), act.mul_(row_weight[:, None]), offsets)
+        grad_down = (grouped_mm(grad_rows_out.t(), act.mul_(row_weight[:, None]), offsets)
+                     if needs_down else None)
         grad_act.mul_(row_weight[:, None])
         grad_h = torch.empty_like(h)
         grad_gate, grad_up = grad_h.chunk(2, dim=-1)
@@ -65,8 +67,8 @@ class RoutedExpertsFunction(torch.autograd.Function):
         torch.mul(grad_act, up, out=grad_gate)
         # d silu(g)/dg = sig * (1 + g * (1 - sig)); h is not needed after this
         grad_gate.mul_(gate.mul_(1 - sig).add_(1).mul_(sig))
-        grad_x = combine(grouped_mm(grad_h, gate_up, offsets), token_rows)
-        grad_gate_up = grouped_mm(grad_h.t(), rows, offsets)  # [E, 2I, hidden]
+        grad_x = combine(grouped_mm(grad_h, gate_up, offsets), token_rows) if needs_x else None
+        grad_gate_up = grouped_mm(grad_h.t(), rows, offsets) if needs_gate_up else None
         return grad_x, grad_gate_up, grad_down, None, None, None, grad_row_weight
 
 

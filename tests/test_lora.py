@@ -181,3 +181,12 @@ def test_merge_cli_writes_a_checkpoint_equal_to_base_plus_adapter(tmp_path):
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_save_pretrained_refuses_unmerged_adapters(tmp_path):
+    import pytest
+
+    model = DeepseekV3ForCausalLM(v3_config())
+    apply_lora(model, LoraSpec(rank=4))
+    with pytest.raises(ValueError, match="carries LoRA adapters"):
+        model.save_pretrained(tmp_path)

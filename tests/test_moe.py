@@ -154,3 +154,19 @@ def test_sequence_balance_loss_matches_formula():
         p = (s / s.sum(-1, keepdim=True)).mean(0)
         expected += (f * p).sum() / 2
     torch.testing.assert_close(sequence_balance_loss(scores, ids, batch=2), expected)
+
+
+def test_frozen_experts_skip_weight_gradients_and_keep_input_gradients():
+    experts = RoutedExperts(num_experts=4, hidden_size=16, intermediate_size=8)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
+    torch.nn.init.normal_(experts.down_proj, std=0.3)
+    experts.requires_grad_(False)
+    x = torch.randn(9, 16, requires_grad=True)
+    expert_ids = torch.stack([torch.randperm(4)[:2] for _ in range(9)])
+    weights = torch.rand(9, 2)
+    grad = torch.randn(9, 16)
+    (ours,) = torch.autograd.grad(experts(x, expert_ids, weights), x, grad)
+    ref = reference_experts(x, experts.gate_up_proj, experts.down_proj, expert_ids, weights)
+    (expected,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert experts.gate_up_proj.grad is None and experts.down_proj.grad is None

@@ -15,10 +15,9 @@ import time
 
 import torch
 import transformers
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-
 from moetune.model.config import DeepseekV3Config
 from moetune.model.moe import MoE
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 
 def layer_config(args) -> DeepseekV3Config:
@@ -80,7 +79,7 @@ def gemm_floor(layer: MoE, x: torch.Tensor, repeats: int, sync) -> float:
         sh = tokens @ w_in.T
         sa = sh[:, : sh.shape[1] // 2]
         so = sa @ w_out.T
-        so @ w_out, so.T @ sa, sh @ w_in, sh.T @ tokens  # noqa: B018
+        so @ w_out, so.T @ sa, sh @ w_in, sh.T @ tokens
         tokens @ layer.gate.weight.detach().T
 
     times = []

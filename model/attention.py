@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from moetune.model.config import DeepseekV3Config
 from moetune.model.kv_cache import LatentCache
 from moetune.model.layers import RMSNorm
 from moetune.model.rope import apply_rope, softmax_scale
+from torch import nn
 
 
 class MultiheadLatentAttention(nn.Module):

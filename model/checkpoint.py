@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from moetune.kernels import dequantize_weight
 from moetune.model.config import DeepseekV3Config, load_config
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 

@@ -99,13 +99,12 @@ def human(n: float) -> str:
 
 
 def format_report(report: ParameterReport, path: str) -> str:
-    lines = [f"{path}",
-             f"  total parameters (without MTP): {report.total_params:>18,} ({human(report.total_params)})",
-             f"  activated per token:            {report.active_params:>18,} ({human(report.active_params)})",
-             f"  MTP parameters:                 {report.mtp_params:>18,} ({human(report.mtp_params)})",
-             f"  total with MTP:                 {report.total_params + report.mtp_params:>18,} "
-             f"({human(report.total_params + report.mtp_params)})",
-             "  by component (without MTP):"]
+    with_mtp = report.total_params + report.mtp_params
+    counts = [("total parameters (without MTP)", report.total_params),
+              ("activated per token", report.active_params),
+              ("MTP parameters", report.mtp_params), ("total with MTP", with_mtp)]
+    lines = [path] + [f"  {label + ':':<32}{n:>18,} ({human(n)})" for label, n in counts]
+    lines.append("  by component (without MTP):")
     for name, n in report.components.items():
         share = 100 * n / max(report.total_params, 1)
         lines.append(f"    {name:<16} {n:>18,} ({human(n):>8}, {share:5.1f}%)")

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from moetune.model.experts import RoutedExperts, combine, grouped_mm
 from moetune.model.layers import GatedMLP
 from moetune.model.moe import MoE
+from torch import nn
 
 ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 COMPONENTS = ("attention", "dense_mlp", "shared_experts", "routed_experts")

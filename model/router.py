@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from moetune.model.config import DeepseekV3Config
+from torch import nn
 
 
 class Router(nn.Module):

@@ -11,16 +11,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers import PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
-
 from moetune.model.attention import MultiheadLatentAttention
 from moetune.model.config import DeepseekV3Config
 from moetune.model.kv_cache import LatentCache
 from moetune.model.layers import GatedMLP, RMSNorm
 from moetune.model.moe import MoE
 from moetune.model.rope import RotaryEmbedding
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
 
 
 class DecoderLayer(nn.Module):

@@ -11,6 +11,8 @@ in a sandbox), and the shaping rewards `format`, `tag_count`, `soft_overlong`,
 group, or `package.module:function` / `path/to/file.py:function` references (see `registry`).
 """
 
+# Importing the built-in modules registers their rewards.
+from moetune.rewards import code_tests, math_accuracy, shaping  # noqa: F401
 from moetune.rewards.registry import (
     ENTRY_POINT_GROUP,
     RewardNotFound,
@@ -26,9 +28,6 @@ from moetune.rewards.scoring import (
     score,
     score_async,
 )
-
-# Importing the built-in modules registers their rewards.
-from moetune.rewards import code_tests, math_accuracy, shaping  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -12,7 +12,8 @@ The program is the last fenced ```python block of the completion, else the whole
   when `check(f)` returns. It runs in a judge process apart from the program (see
   `sandbox_judge`), so the program cannot fake a pass.
 
-`binary=True` gives 1.0 only when every case passes, else 0.0. A sample whose `tests` is None
+`binary=True` gives 1.0 only when every case passes, else 0.0. The first call checks that the
+sandbox can run programs at all (SandboxError otherwise, rather than scoring everything 0). A sample whose `tests` is None
 scores None. Options: `time_s` and `memory_mb` per program run, `concurrency` of the sandbox
 pool (default: the number of cores).
 """
@@ -48,13 +49,16 @@ def code_tests(
     memory_mb: int = 1024,
     concurrency: int | None = None,
 ) -> list[float | None]:
+    """The fraction of each sample's cases its program passes; see the module docstring."""
     cases = []  # (sample index, job, expected stdout; None for an assert-style test)
     for index, (completion, spec) in enumerate(zip(completions, tests)):
         if spec is not None:
             code = extract_code(completion)
             cases += [(index, job, expected) for job, expected in build_cases(code, spec)]
     limits = SandboxLimits(time_s=time_s, memory_mb=memory_mb)
-    runs = default_sandbox(concurrency).run_all([job for _, job, _ in cases], limits)
+    sandbox = default_sandbox(concurrency)
+    sandbox.isolation()  # once per sandbox: fails loudly if programs cannot run here at all
+    runs = sandbox.run_all([job for _, job, _ in cases], limits)
     passed: dict[int, list[bool]] = defaultdict(list)
     timed_out = set()
     for (index, _, expected), run in zip(cases, runs):

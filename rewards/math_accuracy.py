@@ -8,8 +8,8 @@ math-verify (as `\\boxed{...}`, so LaTeX, plain numbers with thousands separator
 percentages, sets, intervals and matrices all parse) and compared with `verify(gold,
 predicted)`, gold first: math-verify's comparison is not symmetric.
 
-Parsing and verifying run in `time_limit.WorkerPool` processes under a hard wall-clock limit
-(`timeout_s`), so a pathological answer (`9^{9^{9^{9}}}`) scores 0.0 in time, from any thread
+Parsing and verifying run in `time_limit.WorkerPool` processes (`workers` of them, default:
+the number of cores) under a hard wall-clock limit (`timeout_s`), so a pathological answer (`9^{9^{9^{9}}}`) scores 0.0 in time, from any thread
 or process.
 """
 
@@ -42,18 +42,21 @@ def math_accuracy(
     solution: list[str | None] | None = None,
     *,
     timeout_s: float = 5.0,
+    workers: int | None = None,
 ) -> list[float | None]:
-    """1.0 per completion whose answer matches the gold; None where the gold is None."""
+    """1.0 per completion whose answer matches the gold; None where the gold is None.
+    `workers`: verification processes (default: the number of cores)."""
     golds = answer if answer is not None else solution
     if golds is None:
         raise ValueError("math_accuracy needs the gold answer in a column `answer` or `solution`")
     rewards: list[float | None] = [None if gold is None else 0.0 for gold in golds]
     pending = []
     for index, (gold, completion) in enumerate(zip(golds, completions)):
+        gold_answer = None if gold is None else extract_answer(str(gold), fallback="whole")
         predicted = extract_answer(completion, fallback="last_number")
-        if gold is not None and predicted is not None:
-            pending.append((index, (extract_answer(str(gold), fallback="whole"), predicted)))
-    outcomes = _pool().map(verify_answer, [pair for _, pair in pending], timeout_s)
+        if gold_answer is not None and predicted is not None:
+            pending.append((index, (gold_answer, predicted)))
+    outcomes = _pool(workers).map(verify_answer, [pair for _, pair in pending], timeout_s)
     for (index, pair), outcome in zip(pending, outcomes):
         if isinstance(outcome, TimeLimitExceeded):
             report_timeout()
@@ -106,14 +109,14 @@ def verify_answer(gold: str, predicted: str) -> float:
     return float(verify(gold_parsed, predicted_parsed, timeout_seconds=None))
 
 
-_pools: dict[int, WorkerPool] = {}
+_pools: dict[tuple[int, int | None], WorkerPool] = {}
 _pools_lock = threading.Lock()
 
 
-def _pool() -> WorkerPool:
+def _pool(workers: int | None) -> WorkerPool:
     """This process's verification workers (a forked child gets its own)."""
+    key = (os.getpid(), workers)
     with _pools_lock:
-        if os.getpid() not in _pools:
-            _pools[os.getpid()] = WorkerPool(preload=("math_verify",),
-                                             memory_mb=WORKER_MEMORY_MB)
-        return _pools[os.getpid()]
+        if key not in _pools:
+            _pools[key] = WorkerPool(workers, preload=("math_verify",), memory_mb=WORKER_MEMORY_MB)
+        return _pools[key]

@@ -5,41 +5,45 @@
     run.status, run.exit_code, run.stdout  # ("ok", 0, "cba\\n")
     sandbox.run_all([CheckJob(code, test, "add"), ...])  # parallel, results in order
 
-Every run is a fresh `sandbox_supervisor` process (`python -I -S`; programs see the standard
-library only), in its own session, fed the job on stdin; its docstring describes the
-isolation. `Sandbox.isolation()` says which isolation this machine gives: network
-"namespace" (a new, empty network namespace) or "blocked" (socket creation refused by an
-audit hook), and whether pid/mount namespaces and a separate uid were available. As root,
-each concurrent slot runs programs as its own uid (`uid_base + slot`), so RLIMIT_NPROC caps a
-fork bomb per slot without touching the other slots.
+Each slot keeps a warm launcher process (`python -I -S`, in its own session; programs see
+the standard library only) that forks a fresh `sandbox_supervisor` for every job; see that
+module's docstring for the isolation. `Sandbox.isolation()` says what this machine gives:
+network "namespace" (a new, empty network namespace) or "blocked" (socket creation refused
+by an audit hook), whether pid/mount namespaces were available, and the sandbox uid. As root,
+each slot runs programs as its own uid (`uid_base + slot`), so RLIMIT_NPROC caps a fork bomb
+per slot without touching the other slots. A Sandbox must not be shared across a fork;
+`default_sandbox()` gives each process its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import marshal
 import os
 import queue
+import select
+import signal
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from moetune.rewards.sandbox_protocol import encode_frame
+from moetune.rewards.sandbox_protocol import encode_frame, read_frame
 
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
-_BOOTSTRAP = (
+_LAUNCHER = (
     f"import sys; sys.path.insert(0, {str(_HERE)!r}); import sandbox_supervisor; "
-    "sandbox_supervisor.main()"
+    "sandbox_supervisor.serve()"
 )
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"}
-# Time the supervisor gets beyond the program's limit before the trainer kills it outright.
+# Time a run gets beyond the program's limit before the trainer kills its launcher outright.
 _SUPERVISOR_GRACE_S = 10.0
 
 
@@ -109,6 +113,7 @@ class Sandbox:
         for slot in range(self.concurrency):
             self._slots.put(slot)
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sandbox")
+        self._launchers: list[_Launcher | None] = [None] * self.concurrency
         self._isolation: dict | None = None
 
     def run(self, job: ScriptJob | CheckJob, limits: SandboxLimits = SandboxLimits()) -> RunResult:
@@ -126,19 +131,38 @@ class Sandbox:
     def isolation(self) -> dict:
         """What this machine gave a trivial program (probed once); SandboxError if it fails."""
         if self._isolation is None:
-            probe = self.run(ScriptJob("import json"), SandboxLimits(time_s=10))
+            # colorsys: a module nothing preloads, so the program must read it from disk
+            probe = self.run(ScriptJob("import colorsys"), SandboxLimits(time_s=10))
             if probe.status != "ok" or probe.exit_code != 0:
-                raise SandboxError(f"the sandbox cannot run programs here: {probe.detail}"
-                                   f"{probe.stderr}")
+                raise SandboxError(
+                    f"the sandbox cannot run `import colorsys` here (status {probe.status}, exit "
+                    f"{probe.exit_code}, isolation {probe.isolation}): {probe.detail}"
+                    f"{probe.stderr} -- without a mount namespace the sandbox uid must be able "
+                    "to read the Python installation")
             self._isolation = probe.isolation
             logger.info("sandbox isolation: %s", self._isolation)
         return self._isolation
+
+    def close(self) -> None:
+        """Stop the slots' launchers (they also stop by themselves when this process ends)."""
+        for launcher in self._launchers:
+            if launcher:
+                launcher.close()
+        self._executor.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _run(self, job: ScriptJob | CheckJob, limits: SandboxLimits, slot: int) -> RunResult:
         header = {
             "limits": dataclasses.asdict(limits),
             "uid": self.uid_base + slot if os.geteuid() == 0 else None,
             "network": self.network,
+            # Once the probe saw namespaces, a run without them would be a silent downgrade.
+            "namespaces_required": bool(self._isolation and self._isolation["namespaces"]),
         }
         if isinstance(job, CheckJob):
             prefix = job.prefix if not job.prefix or job.prefix.endswith("\n") else job.prefix + "\n"
@@ -148,27 +172,56 @@ class Sandbox:
         else:
             header |= {"mode": "script", "code": job.code, "stdin": job.stdin}
             frames = encode_frame(marshal.dumps(header))
+        if self._launchers[slot] is None:
+            self._launchers[slot] = _Launcher()
+        launcher = self._launchers[slot]
         try:
-            done = subprocess.run(
-                [sys.executable, "-I", "-S", "-c", _BOOTSTRAP],
-                input=frames,
-                capture_output=True,
-                env=_ENV,
-                start_new_session=True,
-                timeout=limits.time_s + _SUPERVISOR_GRACE_S,
-            )
-        except subprocess.TimeoutExpired:
+            payload = launcher.run(frames, limits.time_s + _SUPERVISOR_GRACE_S)
+        finally:
+            if launcher.process.returncode is not None:  # killed or dead: start afresh next time
+                self._launchers[slot] = None
+        if payload is None:
             return RunResult("timeout", detail="the sandbox supervisor did not finish in time")
-        payload = done.stdout.partition(b"\n")[2]
-        if done.returncode != 0 or not payload:
-            raise SandboxError(
-                f"sandbox supervisor failed (exit {done.returncode}): "
-                f"{done.stderr.decode(errors='replace')[-2000:]}"
-            )
         result = marshal.loads(payload)
         for stream in ("stdout", "stderr"):
-            result[stream] = result[stream].decode("utf-8", "replace")
+            result[stream] = result.get(stream, b"").decode("utf-8", "replace")
         return RunResult(**result)
+
+
+class _Launcher:
+    """A warm `sandbox_supervisor.serve()` process (one per slot): it forks a fresh supervisor
+    for each job, so runs skip the interpreter's start-up."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _LAUNCHER],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_ENV, start_new_session=True,
+        )
+
+    def run(self, frames: bytes, timeout_s: float) -> bytes | None:
+        """The result frame of the job in `frames`, or None after `timeout_s` (the launcher is
+        then killed); SandboxError if the launcher died."""
+        results = self.process.stdout.fileno()
+        with contextlib.suppress(BrokenPipeError):  # a dead launcher shows as end of file
+            self.process.stdin.write(frames)
+            self.process.stdin.flush()
+        if not select.select([results], [], [], timeout_s)[0]:
+            self.close(kill=True)
+            return None
+        payload = read_frame(results)
+        if payload is None:
+            self.close(kill=True)
+            raise SandboxError(f"the sandbox launcher died (exit {self.process.returncode})")
+        return payload
+
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            with contextlib.suppress(ProcessLookupError):  # our unreaped child: pid still ours
+                os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()
+        self.process.wait()
+        self.process.stdout.close()
 
 
 _default_sandboxes: dict[tuple[int, int | None], Sandbox] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import traceback
 import types
 
 import sandbox_protocol as protocol
@@ -68,7 +69,7 @@ def serve_calls(module: types.ModuleType, requests_fd: int, replies_fd: int) -> 
             args = protocol.decode_value(request["args"])
             kwargs = {key: protocol.decode_value(value) for key, value in request["kwargs"].items()}
             reply = json.dumps({"value": protocol.encode_value(function(*args, **kwargs))})
-        except Exception as error:  # the program's own failure becomes the judge's exception
+        except Exception as error:  # noqa: BLE001 -- the program's failure goes to the judge
             reply = json.dumps({"raised": type(error).__name__, "message": str(error)[:500]})
         protocol.write_frame(replies_fd, reply.encode())
 
@@ -80,12 +81,10 @@ def run_check(
     candidate = RemoteFunction(entry_point, requests_fd, replies_fd)
     namespace: dict = {"__name__": "__main__"}
     try:
-        exec(compile(prefix, "<prefix>", "exec"), namespace)
+        exec(compile(prefix, "<prefix>", "exec"), namespace)  # noqa: S102 -- the dataset's
         namespace[entry_point] = candidate
-        exec(compile(test, "<test>", "exec"), namespace)
+        exec(compile(test, "<test>", "exec"), namespace)  # noqa: S102 -- the dataset's
         namespace["check"](candidate)
-    except BaseException:
-        import traceback  # only on failure: it costs a run several milliseconds
-
+    except BaseException:  # noqa: BLE001 -- any way the test stops short is a failure
         return False, traceback.format_exc(limit=-2)
     return True, ""

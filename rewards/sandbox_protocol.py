@@ -10,8 +10,7 @@ object that overrides `__eq__` (the classic "always equal" reward hack) cannot b
 decoding builds nothing but these builtins.
 
 Like `sandbox_supervisor` and `sandbox_judge`, this module runs inside the sandbox's own
-interpreter (`python -I -S`), so it imports the standard library only, and only `os`: every
-import adds to each run's start-up time.
+interpreter (`python -I -S`), so it imports the standard library only.
 """
 
 from __future__ import annotations
@@ -24,6 +23,21 @@ _MAX_HEADER_BYTES = 12
 
 def read_frame(fd: int) -> bytes | None:
     """Read one frame from `fd`; None at end of file. Raises ValueError on a malformed frame."""
+    size = read_frame_size(fd)
+    if size is None:
+        return None
+    chunks, remaining = [], size
+    while remaining:
+        chunk = os.read(fd, min(remaining, 1 << 20))
+        if not chunk:
+            raise ValueError("truncated frame")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame_size(fd: int) -> int | None:
+    """Read a frame's header: the size of the payload that follows; None at end of file."""
     header = b""
     while not header.endswith(b"\n"):
         byte = os.read(fd, 1)
@@ -37,14 +51,7 @@ def read_frame(fd: int) -> bytes | None:
     size = int(header)
     if not 0 <= size <= MAX_FRAME_BYTES:
         raise ValueError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME_BYTES}")
-    chunks, remaining = [], size
-    while remaining:
-        chunk = os.read(fd, min(remaining, 1 << 20))
-        if not chunk:
-            raise ValueError("truncated frame")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+    return size
 
 
 def write_frame(fd: int, payload: bytes) -> None:

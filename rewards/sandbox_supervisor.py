@@ -1,17 +1,18 @@
-"""One sandboxed run of one untrusted program, started by `moetune.rewards.sandbox`.
+"""Sandboxed runs of untrusted programs, started by `moetune.rewards.sandbox`.
 
 This runs in its own interpreter (`python -I -S`, this folder on sys.path) and imports the
-standard library and its sibling modules only, few of them, since imports are most of a run's
-start-up time. The trainer writes the job as a marshal frame on stdin (for an assert-style
-test a second frame with the test follows) and reads one marshal frame of results from
-stdout. Three processes:
+standard library and its sibling modules only (`sandbox_kernel` for namespaces and mounts,
+`sandbox_judge` for assert-style tests, `sandbox_protocol` for frames). Four kinds of process:
 
-- supervisor (this process, the trainer's uid): enters new namespaces where the kernel
-  permits, enforces the wall clock and the output caps, kills everything at the end.
+- launcher (`serve`, one per sandbox slot, the trainer's uid): reads job frames (marshal) from
+  the trainer and forks a supervisor per job, so a run skips the interpreter's start-up.
+- supervisor (`run_job`): reads an assert-style job's test frame into a memfd, enters new
+  namespaces where the kernel permits, enforces the wall clock and the output caps, kills and
+  reaps everything at the end, and writes the result frame to the trainer.
 - init (its child, pid 1 of the new pid namespace): builds the filesystem view, drops to the
   sandbox uid, starts the program, then waits for it or, for an assert-style test, reads the
-  test frame (only now, so the program's memory never held it) and judges the program
-  through `sandbox_judge`. It reports to the supervisor on a pipe the program does not hold.
+  test (only now, so the program's memory never held it) and judges the program through
+  `sandbox_judge`. It reports to the supervisor on a pipe the program does not hold.
 - program (init's child): sets its rlimits and no_new_privs, then runs the code as __main__.
 
 With namespaces (root with CAP_SYS_ADMIN): new pid, mount, network, IPC and UTS namespaces;
@@ -20,37 +21,32 @@ every mount read-only; a fresh /proc; private tmpfs on /tmp (the working directo
 (such as a 0700 /root) is covered by an empty tmpfs with only the interpreter's branch bound
 back. When init exits, the kernel kills every process left in the namespace.
 Without namespaces: a fresh working directory under a private parent, socket creation (and
-ctypes and exec) blocked by an audit hook, cleanup by process group and by sandbox uid.
+ctypes and exec) blocked by an audit hook, cleanup by process group, by sandbox uid and by
+reaping orphans as subreaper. Then /tmp stays writable for the program.
 As root the program always runs as the sandbox uid, so RLIMIT_NPROC holds.
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import marshal
 import os
 import resource
 import select
-import stat
+import shutil
+import signal
 import sys
+import tempfile
 import time
+import traceback
 import types
+from typing import NoReturn
 
+import sandbox_judge
+import sandbox_kernel as kernel
 import sandbox_protocol as protocol
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-SIGINT, SIG_IGN = 2, 1
-SIGKILL = 9  # as in `signal`, whose import (it loads enum) would slow every start
-
-WORKDIR = "/tmp/work"
 STDERR_CAP = 64 << 10
 REPORT_CAP = 1 << 20
 STARTED = b"+"  # init's mark on the report pipe: setup is done, the program starts now
@@ -58,40 +54,36 @@ STARTED = b"+"  # init's mark on the report pipe: setup is done, the program sta
 BLOCKED_EVENTS = ("socket.", "ctypes.", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
                   "subprocess.")
 BLOCKED_MODULES = ("_posixsubprocess",)  # starts programs without raising an audit event
-_MOUNT_OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-_libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-_libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
-_libc.signal.restype = ctypes.c_void_p
-
-
-def _libc_call(name: str, *args) -> None:
-    if getattr(_libc, name)(*args) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{name}{args}: {os.strerror(errno)}")
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           options: str | None = None) -> None:
-    encoded = [None if s is None else s.encode() for s in (source, target, fstype, options)]
-    _libc_call("mount", *encoded[:3], flags, encoded[3])
 
 
 # ----------------------------------------------------------------------------- supervisor
 
 
-def main() -> None:
-    job = marshal.loads(protocol.read_frame(0))
+def serve() -> None:
+    """The launcher: run jobs from stdin one after another, each under a fresh supervisor
+    process forked from this warm interpreter, which writes the job's result to stdout."""
+    while (frame := protocol.read_frame(0)) is not None:
+        supervisor = os.fork()
+        if supervisor == 0:
+            try:
+                result = run_job(marshal.loads(frame))
+            except BaseException:  # noqa: BLE001 -- a supervisor failure is the job's result
+                result = {"status": "error", "detail": traceback.format_exc()}
+            try:
+                protocol.write_frame(1, marshal.dumps(result))
+            finally:
+                os._exit(0)
+        os.waitpid(supervisor, 0)
+
+
+def run_job(job: dict) -> dict:
+    """Supervise one run; an assert-style job's test frame is read from stdin first."""
     limits = job["limits"]
-    isolation = _enter_namespaces(job["network"])
+    test_fd = _read_frame_into_memfd(0) if job["mode"] == "check" else None
+    isolation = kernel.enter_namespaces(job["network"], job["namespaces_required"])
     isolation["user"] = job["uid"]
     scratch = None
     if not isolation["namespaces"]:
-        import tempfile
-
         scratch = tempfile.mkdtemp(prefix="moetune-sandbox-")
     stdin_fd = os.memfd_create("stdin")
     os.write(stdin_fd, job.get("stdin", "").encode())
@@ -100,24 +92,24 @@ def main() -> None:
     err_r, err_w = os.pipe()
     report_r, report_w = os.pipe()
     started = time.monotonic()
+    kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)  # orphans come to us to be reaped
     supervisor_fd = os.pidfd_open(os.getpid())
     init_pid = os.fork()
     if init_pid == 0:
         for fd in (out_r, err_r, report_r):
             os.close(fd)
-        _init(job, isolation, supervisor_fd, (out_w, err_w, report_w, stdin_fd), scratch)
-    for fd in (out_w, err_w, report_w, supervisor_fd, stdin_fd):
-        os.close(fd)
+        _init(job, isolation, supervisor_fd, (out_w, err_w, report_w, stdin_fd, test_fd), scratch)
+    for fd in (out_w, err_w, report_w, supervisor_fd, stdin_fd, test_fd):
+        if fd is not None:
+            os.close(fd)
     caps = {out_r: limits["max_output_bytes"], err_r: STDERR_CAP, report_r: REPORT_CAP}
-    status, data = _supervise(init_pid, caps, started + limits["time_s"],
-                              lambda: _kill_everything(init_pid, isolation, job["uid"]))
-    os.waitpid(init_pid, 0)
+    kill = functools.partial(_kill_everything, init_pid, isolation, job["uid"])
+    status, data = _supervise(init_pid, caps, started + limits["time_s"], kill)
+    _reap_everything(init_pid, isolation, kill)
     if scratch:
-        import shutil
-
         shutil.rmtree(scratch, ignore_errors=True)
     report = _read_report(bytes(data[report_r]), status)
-    result = {
+    return {
         "status": "error" if "error" in report else status,
         "exit_code": report.get("exit_code"),
         "passed": report.get("passed"),
@@ -127,7 +119,23 @@ def main() -> None:
         "elapsed_s": time.monotonic() - started,
         "isolation": isolation,
     }
-    protocol.write_frame(1, marshal.dumps(result))
+
+
+def _read_frame_into_memfd(fd: int) -> int:
+    """Move one frame from `fd` into a memfd, wiping our copy: the processes forked from us
+    later (the program among them) must not find it in their memory."""
+    buffer = bytearray(protocol.read_frame_size(fd) or 0)
+    with memoryview(buffer) as view:
+        done = 0
+        while done < len(buffer):
+            read = os.readv(fd, [view[done:]])
+            if read == 0:
+                raise EOFError("truncated test frame")
+            done += read
+    memfd = os.memfd_create("test")
+    os.write(memfd, buffer)
+    buffer[:] = bytes(len(buffer))
+    return memfd
 
 
 def _read_report(raw: bytes, status: str) -> dict:
@@ -143,17 +151,6 @@ def _read_report(raw: bytes, status: str) -> dict:
     if started:
         return {"detail": "the program killed the sandbox's init process"}
     return {"error": "the sandbox init process died during setup"}
-
-
-def _enter_namespaces(network: str) -> dict:
-    """Unshare every namespace we use, or none; say which isolation the run gets."""
-    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    if network == "auto":
-        flags |= CLONE_NEWNET
-    if _libc.unshare(flags) != 0:
-        return {"namespaces": False, "network": "blocked", "filesystem": "shared"}
-    network_isolation = "namespace" if network == "auto" else "blocked"
-    return {"namespaces": True, "network": network_isolation, "filesystem": "private"}
 
 
 def _supervise(init_pid: int, caps: dict[int, int], deadline: float, kill) -> tuple[str, dict]:
@@ -189,14 +186,37 @@ def _supervise(init_pid: int, caps: dict[int, int], deadline: float, kill) -> tu
 
 
 def _kill_everything(init_pid: int, isolation: dict, uid: int | None) -> None:
-    """Kill init (in a pid namespace the kernel then kills the rest), its group and its uid."""
+    """Kill init (in a pid namespace the kernel then kills the rest), its group and its uid.
+    Call it only while init is unreaped, so that its pid and group still name it."""
     for kill, target in ((os.kill, init_pid), (os.killpg, init_pid)):
         try:
-            kill(target, SIGKILL)
+            kill(target, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
     if not isolation["namespaces"] and uid is not None:
         _kill_uid(uid)
+
+
+def _reap_everything(init_pid: int, isolation: dict, kill) -> None:
+    """Kill and wait for every process below us, so none outlives the run or counts against
+    the next run's RLIMIT_NPROC."""
+    kill()
+    os.waitpid(init_pid, 0)
+    if isolation["namespaces"]:
+        return  # the kernel killed the rest of the pid namespace before init could be reaped
+    while True:  # orphans come to us as their subreaper
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] != 0:
+                continue
+        except ChildProcessError:
+            return
+        with open(f"/proc/self/task/{os.getpid()}/children") as children:
+            for child in children.read().split():
+                try:
+                    os.kill(int(child), signal.SIGKILL)  # unreaped children keep their pids: safe
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.002)
 
 
 def _kill_uid(uid: int) -> None:
@@ -207,7 +227,7 @@ def _kill_uid(uid: int) -> None:
             os.setgid(uid)
             os.setuid(uid)
             for _ in range(100):  # repeat: a fork bomb may add processes during a sweep
-                os.kill(-1, SIGKILL)
+                os.kill(-1, signal.SIGKILL)
         finally:
             os._exit(0)
     os.waitpid(helper, 0)
@@ -217,23 +237,23 @@ def _kill_uid(uid: int) -> None:
 
 
 def _init(job: dict, isolation: dict, supervisor_fd: int, fds: tuple, scratch: str | None):
-    out_w, err_w, report_w, stdin_fd = fds
-    os.dup2(out_w, 1)
-    os.dup2(err_w, 2)
-    os.close(out_w)
-    os.close(err_w)
+    out_w, err_w, report_w, stdin_fd, test_fd = fds
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    for source, target in ((devnull, 0), (out_w, 1), (err_w, 2)):  # off the launcher's pipes
+        os.dup2(source, target)
+        os.close(source)
     started = False
     try:
-        _libc_call("prctl", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
+        kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
         if select.select([supervisor_fd], [], [], 0)[0]:  # the supervisor died before prctl
             os._exit(1)
         os.close(supervisor_fd)
-        _libc.signal(SIGINT, SIG_IGN)  # as pid 1, only signals we handle reach us; none then
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as pid 1, only handled signals reach us
+        os.setpgid(0, 0)  # init and the program: a process group of their own
         if isolation["namespaces"]:
-            _private_filesystem(job["limits"]["disk_mb"])
-            workdir = WORKDIR
+            kernel.private_filesystem(job["limits"]["disk_mb"])
+            workdir = kernel.WORKDIR
         else:
-            os.setpgid(0, 0)
             workdir = os.path.join(scratch, "work")
         os.mkdir(workdir, 0o700)
         if job["uid"] is not None:
@@ -243,58 +263,16 @@ def _init(job: dict, isolation: dict, supervisor_fd: int, fds: tuple, scratch: s
         os.write(report_w, STARTED)
         started = True
         if job["mode"] == "check":
-            report = _judge(job, isolation)
+            report = _judge(job, isolation, test_fd)
         else:
             report = _run_script(job, isolation, stdin_fd)
-    except BaseException:
-        import traceback
-
+    except BaseException:  # noqa: BLE001 -- reported; the supervisor decides what it means
         # Before the program starts a failure is the sandbox's; after, the program's doing.
         report = {"detail" if started else "error": traceback.format_exc(limit=-3)}
-    protocol.write_frame(report_w, marshal.dumps(report))
-    os._exit(0)
-
-
-def _private_filesystem(disk_mb: int) -> None:
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    for prefix in {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix)}:
-        _make_reachable(prefix)
-    for mount_point, flags in _mounts():
-        try:
-            _mount(None, mount_point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
-        except OSError:
-            pass  # e.g. a mount shadowed by another; file permissions still apply
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    for path in ("/tmp", "/dev/shm"):
-        _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={disk_mb}m")
-
-
-def _mounts() -> list[tuple[str, int]]:
-    """(mount point, nosuid/nodev/noexec flags to keep) for every mount we can see."""
-    mounts = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            options = fields[5].split(",")
-            flags = sum(flag for name, flag in _MOUNT_OPTION_FLAGS.items() if name in options)
-            mounts.append((fields[4].encode().decode("unicode_escape"), flags))
-    return mounts
-
-
-def _make_reachable(path: str) -> None:
-    """Cover each ancestor of `path` that others cannot traverse (such as a 0700 /root) with an
-    empty tmpfs, and bind just the branch towards `path` back into it."""
-    parts = path.strip("/").split("/")
-    for depth in range(1, len(parts)):
-        ancestor = "/" + "/".join(parts[:depth])
-        if os.stat(ancestor).st_mode & stat.S_IXOTH:
-            continue
-        branch = "/" + "/".join(parts[: depth + 1])
-        branch_fd = os.open(branch, os.O_PATH | os.O_DIRECTORY)
-        _mount("tmpfs", ancestor, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=16k")
-        os.mkdir(branch)
-        _mount(f"/proc/self/fd/{branch_fd}", branch, None, MS_BIND | MS_REC)
-        os.close(branch_fd)
+    try:
+        protocol.write_frame(report_w, marshal.dumps(report))
+    finally:
+        os._exit(0)  # a forked child never returns into the supervisor's code
 
 
 def _drop_privileges(uid: int | None) -> None:
@@ -312,19 +290,17 @@ def _run_script(job: dict, isolation: dict, stdin_fd: int) -> dict:
     return {"exit_code": os.waitstatus_to_exitcode(wait_status)}
 
 
-def _judge(job: dict, isolation: dict) -> dict:
-    import sandbox_judge  # check mode only: it brings json, which script runs need not load
-
+def _judge(job: dict, isolation: dict, test_fd: int) -> dict:
     requests_r, requests_w = os.pipe()
     replies_r, replies_w = os.pipe()
     program = os.fork()
     if program == 0:
-        _program(job, isolation, os.open(os.devnull, os.O_RDONLY), keep=(requests_r, replies_w),
+        _program(job, isolation, 0, keep=(requests_r, replies_w),  # stdin: init's /dev/null
                  serve=lambda module: sandbox_judge.serve_calls(module, requests_r, replies_w))
     os.close(requests_r)
     os.close(replies_w)
-    test = marshal.loads(protocol.read_frame(0))
-    os.close(0)
+    test = marshal.loads(os.pread(test_fd, os.fstat(test_fd).st_size, 0))  # only now
+    os.close(test_fd)
     passed, detail = sandbox_judge.run_check(
         test["prefix"], test["test"], test["entry_point"], requests_w, replies_r
     )
@@ -343,8 +319,8 @@ def _program(job: dict, isolation: dict, stdin_fd: int, keep: tuple, serve) -> N
         if serve:
             serve(module)
         exit_code = 0
-    except BaseException:
-        _print_exception()
+    except BaseException:  # noqa: BLE001 -- whatever the program raised, it exits with 1
+        traceback.print_exc()
     finally:
         _exit(exit_code)
 
@@ -368,7 +344,7 @@ def _confine(limits: dict, isolation: dict, stdin_fd: int, keep: tuple) -> None:
         (resource.RLIMIT_CORE, 0, 0),
     ):
         resource.setrlimit(kind, (soft, hard))
-    _libc_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    kernel.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
     if isolation["network"] == "blocked":
         sys.addaudithook(_refuse_blocked_events)
 
@@ -383,28 +359,22 @@ def _execute_or_exit(source: str) -> types.ModuleType:
     module = types.ModuleType("__main__")
     sys.modules["__main__"] = module
     try:
-        exec(compile(source, "<program>", "exec"), module.__dict__)
+        exec(compile(source, "<program>", "exec"), module.__dict__)  # noqa: S102 -- sandboxed
     except SystemExit as stop:
         if stop.code is None or isinstance(stop.code, int):
             _exit((stop.code or 0) & 0xFF)
         print(stop.code, file=sys.stderr)
         _exit(1)
-    except BaseException:
-        _print_exception()
+    except BaseException:  # noqa: BLE001 -- whatever the program raised, it exits with 1
+        traceback.print_exc()
         _exit(1)
     return module
 
 
-def _print_exception() -> None:
-    import traceback  # only on failure: it costs a run several milliseconds
-
-    traceback.print_exc()
-
-
-def _exit(code: int) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
+def _exit(code: int) -> NoReturn:
+    """Flush what the program printed, whatever it did to sys.stdout, and end the process."""
+    try:
+        for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        except Exception:
-            pass
-    os._exit(code)
+    finally:
+        os._exit(code)

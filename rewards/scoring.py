@@ -141,10 +141,10 @@ async def _run(spec: RewardSpec, fn: Callable, prompts, completions, columns,
             raise RewardError(str(failure)) from None
         logger.warning("%s; scoring the batch 0.0", failure)
         return [0.0] * n, n, counter[0]
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 -- any failure: find the samples to blame
         logger.debug("reward %r failed on the batch (%r); retrying sample by sample",
                      spec.name, error)
-    values, errors = [], 0
+    values, errors, counter[0] = [], 0, 0  # timeouts count again, sample by sample
     for i in range(n):
         one = {name: column[i:i + 1] for name, column in columns.items()}
         try:

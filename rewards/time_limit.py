@@ -9,7 +9,8 @@ workers are plain subprocesses, not multiprocessing children).
 
     pool = WorkerPool(size=2, preload=("math_verify",))
     pool.map(some_module.function, [(arg1, arg2), ...], timeout_s=5.0)
-    # -> one result per call, or a CallFailed (TimeLimitExceeded, WorkerCrashed) in its place
+    # -> one result per call, or a CallFailed in its place: TimeLimitExceeded, WorkerCrashed,
+    #    or CallFailed itself when the function raised
 
 Functions are sent by reference (pickle), so they must be importable module-level functions.
 A worker also caps each call's CPU time with RLIMIT_CPU, so a runaway call ends even if the
@@ -41,7 +42,7 @@ _STARTUP_TIMEOUT_S = 300.0  # a cold import of sympy on a busy machine can take 
 
 
 class CallFailed(Exception):
-    """A call did not return a result."""
+    """A call did not return a result; raised as is when the function itself raised."""
 
 
 class TimeLimitExceeded(CallFailed):
@@ -60,9 +61,13 @@ class _Worker:
 
     def call(self, fn: Callable, args: tuple, timeout_s: float):
         if not self.ready:
-            if self._receive(_STARTUP_TIMEOUT_S) != _READY:
-                raise WorkerCrashed("the worker failed to start")
-            self.ready = True
+            try:
+                self.ready = self._receive(_STARTUP_TIMEOUT_S) == _READY
+            except CallFailed:
+                pass
+            if not self.ready:  # not the call's fault: every call would fail the same way
+                raise RuntimeError(f"a time-limit worker failed to start: {self.process.args} "
+                                   "(its error is on stderr)")
         cpu_budget_s = math.ceil(timeout_s) + 1
         try:
             write_frame(self.process.stdin.fileno(), pickle.dumps((fn, args, cpu_budget_s)))
@@ -70,7 +75,7 @@ class _Worker:
             raise WorkerCrashed("the worker exited") from None
         ok, value = pickle.loads(self._receive(timeout_s))
         if not ok:
-            raise WorkerCrashed(value)
+            raise CallFailed(value)
         return value
 
     def _receive(self, timeout_s: float) -> bytes:
@@ -105,11 +110,11 @@ class WorkerPool:
         atexit.register(self.close)
 
     def call(self, fn: Callable, *args, timeout_s: float):
-        """fn(*args) in a worker; raises TimeLimitExceeded or WorkerCrashed."""
+        """fn(*args) in a worker; raises a CallFailed (TimeLimitExceeded, WorkerCrashed)."""
         worker = self._acquire()
         try:
             return worker.call(fn, args, timeout_s)
-        except CallFailed:
+        except (TimeLimitExceeded, WorkerCrashed):
             worker.kill()
             with self._lock:
                 self._all.remove(worker)
@@ -166,7 +171,7 @@ def serve_worker(memory_mb: int, preload: Sequence[str]) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (used_s + cpu_budget_s, resource.RLIM_INFINITY))
         try:
             reply = (True, fn(*args))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- reported to the caller as CallFailed
             reply = (False, f"{type(error).__name__}: {error}")
         write_frame(replies, pickle.dumps(reply))
 

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 from moetune.kernels import dequantize_weight, quantize_weight
 from moetune.model import DeepseekV3ForCausalLM, load_config
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_configs import v2_lite_config, v3_config
 
 
@@ -131,7 +130,7 @@ def test_save_is_atomic_and_leaves_no_partial_files(tmp_path, monkeypatch):
     model = make_model()
     model.save_pretrained(target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    import moetune.model.checkpoint as checkpoint
+    from moetune.model import checkpoint
 
     def crash(*args, **kwargs):
         raise OSError("disk full")

@@ -1,7 +1,6 @@
 """The absorbed-latent decode path and cached generation against the training path."""
 
 import torch
-
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.generation import filter_logits
 from moetune.model.kv_cache import LatentCache
@@ -74,7 +73,7 @@ def test_stop_tokens_end_each_sequence_independently():
 
 def test_top_k_and_top_p_filtering():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    kept = lambda out: torch.isfinite(out[0]).nonzero().flatten().tolist()  # noqa: E731
+    kept = lambda out: torch.isfinite(out[0]).nonzero().flatten().tolist()
     assert kept(filter_logits(logits, top_k=2, top_p=1.0)) == [0, 1]
     assert kept(filter_logits(logits, top_k=0, top_p=0.45)) == [0]
     assert kept(filter_logits(logits, top_k=0, top_p=0.6)) == [0, 1]

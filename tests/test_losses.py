@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-
 from moetune.model import DeepseekV3ForCausalLM
 from tiny_configs import v3_config
 

@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.experts import RoutedExperts
 from moetune.model.router import Router, sequence_balance_loss

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 from moetune.rewards.math_accuracy import extract_answer, math_accuracy
 
 GSM8K_GOLD = (

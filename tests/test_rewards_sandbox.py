@@ -3,15 +3,17 @@ second, and leaves this process and the machine as they were. Real subprocesses 
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
+from moetune.rewards import sandbox as sandbox_module
 from moetune.rewards.code_tests import code_tests
-from moetune.rewards.sandbox import CheckJob, Sandbox, SandboxLimits, ScriptJob
+from moetune.rewards.sandbox import CheckJob, Sandbox, SandboxError, SandboxLimits, ScriptJob
 from moetune.rewards.sandbox_protocol import decode_value, encode_value
 
 TIME_S = 2.0
@@ -45,6 +47,20 @@ def uid_processes(uid: int) -> int:
 
 
 @pytest.fixture
+def sandbox_factory():
+    """Sandbox(**kwargs) that is closed after the test."""
+    made = []
+
+    def make(**kwargs) -> Sandbox:
+        made.append(Sandbox(**kwargs))
+        return made[-1]
+
+    yield make
+    for sandbox in made:
+        sandbox.close()
+
+
+@pytest.fixture
 def canary():
     """A world-writable directory outside the sandbox's /tmp, holding a world-writable file."""
     directory = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="moetune-canary-"))
@@ -57,17 +73,15 @@ def canary():
     directory.rmdir()
 
 
-def test_isolation_report():
-    isolation = Sandbox(concurrency=1).isolation()
-    assert isolation["network"] in ("namespace", "blocked")
-    if os.geteuid() == 0:
-        assert isolation["user"] == 61000
-    # What this project's machines give; see the report in sandbox.py's docstring.
-    assert isolation == {"namespaces": True, "network": "namespace", "filesystem": "private",
-                         "user": 61000}
+def test_isolation_report(sandbox_factory):
+    # What this project's machines (root, CAP_SYS_ADMIN) give; elsewhere the report differs:
+    # network "blocked" by the audit hook, no namespaces, or no uid of its own.
+    assert sandbox_factory(concurrency=1).isolation() == {
+        "namespaces": True, "network": "namespace", "filesystem": "private", "user": 61000,
+    }
 
 
-def test_working_directory_is_fresh_and_limits_are_set():
+def test_working_directory_is_fresh_and_limits_are_set(sandbox_factory):
     code = """
 import os, resource
 print(sorted(os.listdir(".")), os.getcwd())
@@ -77,7 +91,7 @@ print([resource.getrlimit(r)[0] for r in (resource.RLIMIT_NPROC, resource.RLIMIT
 print(os.getuid() != 0, sorted(os.environ))
 """
     limits = SandboxLimits(time_s=TIME_S, max_processes=7, max_open_files=33, max_file_bytes=4096)
-    sandbox = Sandbox(concurrency=1)
+    sandbox = sandbox_factory(concurrency=1)
     for _ in range(2):  # the second run must not see the first one's file
         run = sandbox.run(ScriptJob(code), limits)
         assert run.status == "ok" and run.exit_code == 0, run.stderr
@@ -88,13 +102,28 @@ print(os.getuid() != 0, sorted(os.environ))
         ]
 
 
+def test_a_run_never_silently_loses_its_namespaces():
+    """Without CAP_SYS_ADMIN (a default container's root) unshare fails: a first run falls back
+    and says so; a sandbox that found namespaces before refuses to run without them."""
+    rewards = Path(sandbox_module.__file__).parent
+    probe = (f"import sys; sys.path.insert(0, {str(rewards)!r}); import sandbox_kernel as k; "
+             "print(k.enter_namespaces('auto', required=False)); "
+             "k.enter_namespaces('auto', required=True)")
+    done = subprocess.run(["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--",
+                           sys.executable, "-I", "-S", "-c", probe],
+                          capture_output=True, text=True, check=False)
+    assert done.stdout.strip() == str({"namespaces": False, "network": "blocked",
+                                       "filesystem": "shared"})
+    assert "PermissionError: [Errno 1] unshare: Operation not permitted" in done.stderr
+
+
 def test_infinite_loop():
     reward, elapsed = score_program("while True:\n    pass\n")
     assert reward == 0.0 and elapsed < TIME_S + 1
 
 
-def test_fork_bomb_is_capped_by_the_sandbox_uid():
-    sandbox = Sandbox(concurrency=1, uid_base=62000)
+def test_fork_bomb_is_capped_by_the_sandbox_uid(sandbox_factory):
+    sandbox = sandbox_factory(concurrency=1, uid_base=62000)
     limits = SandboxLimits(time_s=TIME_S, max_processes=8)
     peak, done = [0], threading.Event()
 
@@ -103,15 +132,17 @@ def test_fork_bomb_is_capped_by_the_sandbox_uid():
             peak[0] = max(peak[0], uid_processes(62000))
             time.sleep(0.02)
 
-    watcher = threading.Thread(target=watch)
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     start = time.monotonic()
-    run = sandbox.run(ScriptJob(FORK_BOMB), limits)
-    elapsed = time.monotonic() - start
-    done.set()
-    watcher.join()
-    assert run.status == "timeout" and elapsed < TIME_S + 1
-    assert 2 <= peak[0] <= limits.max_processes  # the bomb ran, and root's exemption did not apply
+    try:
+        run = sandbox.run(ScriptJob(FORK_BOMB), limits)
+        elapsed = time.monotonic() - start
+    finally:
+        done.set()
+        watcher.join()
+    assert run.status == "timeout" and elapsed < TIME_S + 1, (run, elapsed)
+    assert 2 <= peak[0] <= limits.max_processes, peak  # the bomb ran; root's exemption did not
     assert uid_processes(62000) == 0  # nothing survives the run
     assert score_program(FORK_BOMB)[0] == 0.0
 
@@ -125,11 +156,11 @@ def test_memory_bomb(code):
     assert reward == 0.0 and elapsed < TIME_S + 1
 
 
-def test_gigabytes_of_output():
+def test_gigabytes_of_output(sandbox_factory):
     code = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(4096):\n    sys.stdout.write(chunk)\n"
     reward, elapsed = score_program(code, expected="x")
     assert reward == 0.0 and elapsed < TIME_S + 1
-    run = Sandbox(concurrency=1).run(ScriptJob(code), SandboxLimits(time_s=TIME_S))
+    run = sandbox_factory(concurrency=1).run(ScriptJob(code), SandboxLimits(time_s=TIME_S))
     assert run.status == "output_limit" and len(run.stdout) == SandboxLimits().max_output_bytes
 
 
@@ -170,7 +201,7 @@ print("pwned" if not os.path.exists({str(canary / "canary.txt")!r}) else "blocke
     assert (canary / "canary.txt").read_text() == "still here"
 
 
-def test_reading_the_parent_environment(monkeypatch):
+def test_reading_the_parent_environment(monkeypatch, sandbox_factory):
     secret = f"secret-{os.getpid()}-{time.time_ns()}"
     monkeypatch.setenv("MOETUNE_TEST_SECRET", secret)
     code = f"""
@@ -187,7 +218,7 @@ print(found[0].split("=")[-1] if found and isinstance(found[0], str)
 """
     reward, elapsed = score_program(code, expected=secret)
     assert reward == 0.0 and elapsed < TIME_S + 1
-    run = Sandbox(concurrency=1).run(ScriptJob(code), SandboxLimits(time_s=TIME_S))
+    run = sandbox_factory(concurrency=1).run(ScriptJob(code), SandboxLimits(time_s=TIME_S))
     assert run.stdout == "nothing\n"
 
 
@@ -225,9 +256,9 @@ def test_opening_a_socket(listener):
     assert_no_connection(listener)
 
 
-def test_opening_a_socket_without_a_network_namespace(listener):
+def test_opening_a_socket_without_a_network_namespace(listener, sandbox_factory):
     """The fallback: socket creation refused by an audit hook in the program's process."""
-    sandbox = Sandbox(concurrency=1, network="block")
+    sandbox = sandbox_factory(concurrency=1, network="block")
     assert sandbox.isolation()["network"] == "blocked"
     run = sandbox.run(ScriptJob(connect_program(listener.getsockname()[1])),
                       SandboxLimits(time_s=TIME_S))
@@ -289,7 +320,7 @@ def test_a_program_cannot_fake_a_pass(name):
     assert time.monotonic() - start < TIME_S + 1
 
 
-def test_the_program_never_holds_the_test():
+def test_the_program_never_holds_the_test(sandbox_factory):
     """The judge reads the test only after the program's process exists, so searching its own
     memory finds the program's marker but not the test's."""
     snoop = """
@@ -300,18 +331,28 @@ def add():
     return [any(needle in text for text in dicts) for needle in (OWN, "SECRET_" + "EXPECTATION")]
 """
     test = "def check(candidate):\n    SECRET_EXPECTATION = 0\n    assert candidate() == [True, False]\n"
-    run = Sandbox(concurrency=1).run(CheckJob(snoop, test, "add"), SandboxLimits(time_s=TIME_S))
+    run = sandbox_factory(concurrency=1).run(CheckJob(snoop, test, "add"),
+                                             SandboxLimits(time_s=TIME_S))
     assert run.passed is True, run.detail
 
 
-def test_pool_runs_in_parallel_up_to_its_concurrency():
-    sandbox = Sandbox(concurrency=2)
+def test_pool_runs_in_parallel_up_to_its_concurrency(sandbox_factory):
+    sandbox = sandbox_factory(concurrency=2)
     start = time.monotonic()
     runs = sandbox.run_all([ScriptJob("import time\ntime.sleep(0.5)\nprint('done')")] * 4)
     elapsed = time.monotonic() - start
     assert [run.stdout for run in runs] == ["done\n"] * 4
     assert 1.0 <= elapsed < 2.0
     assert {run.isolation["user"] for run in runs} == {61000, 61001}  # one uid per slot
+
+
+def test_a_dead_launcher_is_reported_and_replaced(sandbox_factory):
+    sandbox = sandbox_factory(concurrency=1)
+    assert sandbox.run(ScriptJob("print(1)")).stdout == "1\n"
+    os.kill(sandbox._launchers[0].process.pid, 9)  # white-box: the slot's launcher dies
+    with pytest.raises(SandboxError, match="launcher died"):
+        sandbox.run(ScriptJob("print(2)"))
+    assert sandbox.run(ScriptJob("print(3)")).stdout == "3\n"
 
 
 def test_value_codec():

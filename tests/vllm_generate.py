@@ -14,6 +14,7 @@ which makes vLLM use its native torch implementations.
 
 import json
 import sys
+from pathlib import Path
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
 
     model_dir, prompts_file, max_tokens, out_file = sys.argv[1:5]
     dtype = sys.argv[5] if len(sys.argv) > 5 else "bfloat16"
-    prompts = json.loads(open(prompts_file).read())
+    prompts = json.loads(Path(prompts_file).read_text())
     llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype=dtype, max_model_len=256,
               enforce_eager=True, seed=0, compilation_config={"custom_ops": ["none"]})
     params = SamplingParams(temperature=0.0, max_tokens=int(max_tokens), logprobs=0,
@@ -34,8 +35,7 @@ def main() -> None:
         logprobs = [step[token].logprob
                     for step, token in zip(completion.logprobs, completion.token_ids)]
         result.append({"token_ids": list(completion.token_ids), "logprobs": logprobs})
-    with open(out_file, "w") as f:
-        json.dump(result, f)
+    Path(out_file).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

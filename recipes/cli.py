@@ -14,6 +14,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "moetune.model.info",
     "moetune.finetune.merge",
+    "moetune.finetune.expert_profile",
     "moetune.rewards.cli",
 )
 

@@ -71,9 +71,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=CPU_SIZE["n_routed_experts"],
+                        help="routed experts per MoE layer")
+    parser.add_argument("--top-k", type=int, default=CPU_SIZE["num_experts_per_tok"])
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = DeepseekV3Config(**CPU_SIZE, num_nextn_predict_layers=0)
+    size = CPU_SIZE | {"n_routed_experts": args.experts, "num_experts_per_tok": args.top_k}
+    config = DeepseekV3Config(**size, num_nextn_predict_layers=0)
     base = DeepseekV3ForCausalLM(config).train()
     with tempfile.TemporaryDirectory() as folder:
         base.save_pretrained(folder)
@@ -87,7 +91,8 @@ def main() -> None:
     peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
     t_base, t_ours, t_peft = map(statistics.median, step_times([base, ours, peft_model], ids, args.steps))
-    print(f"LoRA step (fwd+bwd+AdamW), rank {RANK}, {args.batch} x {args.seq} tokens, float32, cpu")
+    print(f"LoRA step (fwd+bwd+AdamW), rank {RANK}, {args.experts} experts top-{args.top_k}, "
+          f"{args.batch} x {args.seq} tokens, float32, cpu")
     print(f"  trainable parameters: moetune {ours_trainable:,}, PEFT {peft_trainable:,}")
     print(f"  frozen base (fwd+bwd to the inputs): {t_base * 1e3:8.1f} ms")
     print(f"  moetune expert LoRA:                 {t_ours * 1e3:8.1f} ms  ({t_ours / t_base:.2f}x base)")

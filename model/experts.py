@@ -25,51 +25,111 @@ def swiglu(h: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up).mul_(row_weight[:, None])
 
 
+def select_rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return t if index is None else t.index_select(0, index)
+
+
+def add_rows(target: torch.Tensor, index: torch.Tensor | None, delta: torch.Tensor) -> None:
+    """target[index] += delta in place (index None: all rows)."""
+    if index is None:
+        target.add_(delta)
+    else:
+        target.index_add_(0, index, delta)
+
+
 class RoutedExpertsFunction(torch.autograd.Function):
-    """out[t] = sum over token t's k rows r of down_e(row_weight[r] * silu(gate_e(x_t)) * up_e(x_t)).
+    """out[t] = sum over token t's k rows r of down_e(row_weight[r] * silu(gate_e(x_t)) * up_e(x_t)),
+    optionally with LoRA on the selected experts: W_e x + s B_e (A_e x) per projection.
 
     Rows are the (token, expert) pairs sorted by expert: row r holds token `row_token[r]`,
     and `token_rows[t]` lists token t's k rows, so both the dispatch and the combine are
-    gathers (`index_select`), never scattered atomic adds. Saves x's rows and the gate/up
-    activations only; the SwiGLU output is recomputed in the backward, which writes every
-    gradient with one grouped GEMM each, and skips the weight gradients of a frozen base.
+    gathers (`index_select`), never scattered atomic adds. Saves x's rows, the gate/up
+    activations and the adapters' rank-r activations; the SwiGLU output is recomputed in the
+    backward, which writes every gradient with one grouped GEMM each and skips the weight
+    gradients of a frozen base. Adapters are stacked per selected expert: gate/up A
+    [S, r, hidden], B [S, I, r]; down A [S, r, I], B [S, hidden, r]; `lora_rows` are the
+    rows of selected experts (None: all experts), `lora_offsets` their cumulative counts.
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, offsets, row_token, token_rows, row_weight):
+    def forward(ctx, x, gate_up, down, offsets, row_token, token_rows, row_weight,
+                gate_A=None, up_A=None, down_A=None, gate_B=None, up_B=None, down_B=None,
+                lora_rows=None, lora_offsets=None, scaling=1.0):
         """x [T, hidden]; gate_up [E, 2I, hidden]; down [E, hidden, I]; offsets [E] int32
         (cumulative rows per expert); row_token [N]; token_rows [T, k]; row_weight [N].
         -> [T, hidden]."""
+        lora = gate_A is not None
         row_weight = row_weight.to(x.dtype)
         rows = x.index_select(0, row_token)
         h = grouped_mm(rows, gate_up.transpose(-2, -1), offsets)
-        out_rows = grouped_mm(swiglu(h, row_weight), down.transpose(-2, -1), offsets)
-        ctx.save_for_backward(rows, gate_up, down, offsets, row_token, token_rows, row_weight, h)
+        u_in = u_out = None
+        if lora:
+            rank = gate_A.shape[1]
+            u_in = grouped_mm(select_rows(rows, lora_rows),
+                              torch.cat((gate_A, up_A), 1).transpose(-2, -1), lora_offsets)
+            delta = torch.cat((grouped_mm(u_in[:, :rank], gate_B.transpose(-2, -1), lora_offsets),
+                               grouped_mm(u_in[:, rank:], up_B.transpose(-2, -1), lora_offsets)), 1)
+            add_rows(h, lora_rows, delta.mul_(scaling))
+        act = swiglu(h, row_weight)
+        out_rows = grouped_mm(act, down.transpose(-2, -1), offsets)
+        if lora:
+            u_out = grouped_mm(select_rows(act, lora_rows), down_A.transpose(-2, -1), lora_offsets)
+            delta = grouped_mm(u_out, down_B.transpose(-2, -1), lora_offsets)
+            add_rows(out_rows, lora_rows, delta.mul_(scaling))
+        ctx.save_for_backward(rows, gate_up, down, offsets, row_token, token_rows, row_weight, h,
+                              gate_A, up_A, down_A, gate_B, up_B, down_B, lora_rows, lora_offsets,
+                              u_in, u_out)
+        ctx.scaling = scaling
         return combine(out_rows, token_rows)
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, gate_up, down, offsets, row_token, token_rows, row_weight, h = ctx.saved_tensors
+        (rows, gate_up, down, offsets, row_token, token_rows, row_weight, h, gate_A, up_A,
+         down_A, gate_B, up_B, down_B, lora_rows, lora_offsets, u_in, u_out) = ctx.saved_tensors
+        lora, s = gate_A is not None, ctx.scaling
+        needs_x, needs_gate_up, needs_down = ctx.needs_input_grad[:3]
         grad_rows_out = grad_out.index_select(0, row_token)
         gate, up = h.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         silu = gate * sig
         act = silu * up  # unweighted SwiGLU output [N, I]
-        needs_x, needs_gate_up, needs_down = ctx.needs_input_grad[:3]
+        weight = row_weight[:, None]
+        act_weighted = act * weight if (lora or needs_down) else None
         grad_act = grouped_mm(grad_rows_out, down, offsets)  # d out / d (weighted act)
+        lora_grads = [None] * 6
+        if lora:
+            grad_sel = select_rows(grad_rows_out, lora_rows)
+            grad_u_out = grouped_mm(grad_sel, down_B, lora_offsets).mul_(s)
+            lora_grads[5] = grouped_mm(grad_sel.t(), u_out, lora_offsets).mul_(s)  # down_B
+            lora_grads[2] = grouped_mm(grad_u_out.t(), select_rows(act_weighted, lora_rows),
+                                       lora_offsets)  # down_A
+            add_rows(grad_act, lora_rows, grouped_mm(grad_u_out, down_A, lora_offsets))
         grad_row_weight = (grad_act * act).sum(-1)
-        grad_down = (grouped_mm(grad_rows_out.t(), act.mul_(row_weight[:, None]), offsets)
-                     if needs_down else None)
-        grad_act.mul_(row_weight[:, None])
+        grad_down = grouped_mm(grad_rows_out.t(), act_weighted, offsets) if needs_down else None
+        grad_act.mul_(weight)
         grad_h = torch.empty_like(h)
         grad_gate, grad_up = grad_h.chunk(2, dim=-1)
         torch.mul(grad_act, silu, out=grad_up)
         torch.mul(grad_act, up, out=grad_gate)
         # d silu(g)/dg = sig * (1 + g * (1 - sig)); h is not needed after this
         grad_gate.mul_(gate.mul_(1 - sig).add_(1).mul_(sig))
-        grad_x = combine(grouped_mm(grad_h, gate_up, offsets), token_rows) if needs_x else None
+        grad_rows = grouped_mm(grad_h, gate_up, offsets) if (needs_x or lora) else None
+        if lora:
+            rank, inter = gate_A.shape[1], gate_B.shape[1]
+            grad_h_sel = select_rows(grad_h, lora_rows)
+            g_gate, g_up = grad_h_sel[:, :inter], grad_h_sel[:, inter:]
+            lora_grads[3] = grouped_mm(g_gate.t(), u_in[:, :rank], lora_offsets).mul_(s)  # gate_B
+            lora_grads[4] = grouped_mm(g_up.t(), u_in[:, rank:], lora_offsets).mul_(s)  # up_B
+            grad_u_in = torch.cat((grouped_mm(g_gate, gate_B, lora_offsets),
+                                   grouped_mm(g_up, up_B, lora_offsets)), 1).mul_(s)
+            grad_a = grouped_mm(grad_u_in.t(), select_rows(rows, lora_rows), lora_offsets)
+            lora_grads[0], lora_grads[1] = grad_a[:, :rank], grad_a[:, rank:]  # gate_A, up_A
+            add_rows(grad_rows, lora_rows,
+                     grouped_mm(grad_u_in, torch.cat((gate_A, up_A), 1), lora_offsets))
+        grad_x = combine(grad_rows, token_rows) if needs_x else None
         grad_gate_up = grouped_mm(grad_h.t(), rows, offsets) if needs_gate_up else None
-        return grad_x, grad_gate_up, grad_down, None, None, None, grad_row_weight
+        return (grad_x, grad_gate_up, grad_down, None, None, None, grad_row_weight,
+                *lora_grads, None, None, None)
 
 
 def combine(rows: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
@@ -90,13 +150,15 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], expert_ids [T, k], weights [T, k] -> sum_k weights * expert(x) [T, hidden]."""
-        if self.lora is not None:
-            return self.lora(self, x, expert_ids, weights)
         flat_ids = expert_ids.flatten()
         order = flat_ids.argsort(stable=True)  # row r <- (token, slot) pair order[r]
         token_rows = order.argsort().view_as(expert_ids)
-        offsets = torch.bincount(flat_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        adapters = ()
+        if self.lora is not None:
+            adapters = self.lora.arguments(counts, flat_ids.index_select(0, order))
         return RoutedExpertsFunction.apply(
             x, self.gate_up_proj, self.down_proj, offsets, order // expert_ids.shape[-1],
-            token_rows, weights.flatten().index_select(0, order),
+            token_rows, weights.flatten().index_select(0, order), *adapters,
         )

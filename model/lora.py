@@ -2,8 +2,9 @@
 
 A dense adapter wraps an `nn.Linear` as `LoraLinear`: y = W x + (alpha/r) B A dropout(x).
 Routed experts keep stacked adapters per projection, A [S, r, in] and B [S, out, r] for the
-S selected experts, and add (x A_e^T) B_e^T to the expert-sorted rows with two grouped
-GEMMs: no per-expert Python loop, no materialised delta-W. Unselected experts stay frozen
+S selected experts; `RoutedExpertsFunction` adds (x A_e^T) B_e^T to the expert-sorted rows
+with grouped GEMMs inside its fused forward and backward: no per-expert Python loop, no
+materialised delta-W, no gradient for the frozen expert weights. Unselected experts stay frozen
 and cost nothing. Router weights and correction bias are never adapted.
 """
 
@@ -13,8 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from moetune.model.experts import RoutedExperts, combine, grouped_mm
+from moetune.model.experts import RoutedExperts
 from moetune.model.layers import GatedMLP
 from moetune.model.moe import MoE
 from torch import nn
@@ -27,7 +27,8 @@ COMPONENTS = ("attention", "dense_mlp", "shared_experts", "routed_experts")
 class LoraSpec:
     """Which modules get adapters, and their size.
 
-    rank/alpha: default rank and scale (scaling = alpha / rank); `ranks` overrides the rank
+    rank/alpha: default rank and scale (scaling = alpha / rank); dropout applies to the
+    inputs of dense adapters (routed-expert adapters take none); `ranks` overrides the rank
     per component (e.g. {"routed_experts": 8}). components: any of COMPONENTS. layers:
     [first, last) decoder layers to adapt (None = all). experts: {layer: [expert ids]} for
     an expert subset (layers absent from the dict get all experts), None = all experts.
@@ -92,8 +93,7 @@ class ExpertLora(nn.Module):
     gate_A/up_A [S, r, hidden], gate_B/up_B [S, I, r], down_A [S, r, I], down_B [S, hidden, r].
     """
 
-    def __init__(self, experts: RoutedExperts, expert_ids: list[int], rank: int, scaling: float,
-                 dropout: float = 0.0):
+    def __init__(self, experts: RoutedExperts, expert_ids: list[int], rank: int, scaling: float):
         super().__init__()
         hidden, inter = experts.down_proj.shape[1], experts.intermediate_size
         if rank * experts.down_proj.element_size() % 16:
@@ -114,53 +114,19 @@ class ExpertLora(nn.Module):
                              persistent=False)
         self.all_experts = count == experts.num_experts
         self.scaling = scaling
-        self.dropout = dropout
 
-    def select_rows(self, counts: torch.Tensor, row_expert: torch.Tensor):
-        """Row indices of selected experts' rows (None when all experts are adapted) and
+    def arguments(self, counts: torch.Tensor, row_expert: torch.Tensor) -> tuple:
+        """The adapter arguments of RoutedExpertsFunction for this routing: the stacked
+        A/B tensors, the rows of selected experts (None when all experts are adapted) and
         the cumulative row counts per selected expert."""
         offsets = counts[self.expert_ids].cumsum(0).to(torch.int32)
-        if self.all_experts:
-            return None, offsets
-        selected = torch.zeros_like(counts, dtype=torch.bool)
-        selected[self.expert_ids] = True
-        return selected[row_expert].nonzero().flatten(), offsets
-
-    def delta(self, rows, a_list, b_list, rows_index, offsets):
-        """sum over projections of (rows A^T) B^T * scaling, laid out [N, sum(out)]."""
-        x = rows if rows_index is None else rows.index_select(0, rows_index)
-        if self.dropout and self.training:
-            x = F.dropout(x, self.dropout)
-        a = torch.cat(a_list, dim=1)  # [S, n_proj * r, in]
-        xa = grouped_mm(x, a.transpose(-2, -1), offsets)
-        parts = [grouped_mm(piece.contiguous(), b.transpose(-2, -1), offsets)
-                 for piece, b in zip(xa.chunk(len(b_list), dim=-1), b_list)]
-        d = torch.cat(parts, dim=-1) * self.scaling
-        if rows_index is None:
-            return d
-        return torch.zeros(rows.shape[0], d.shape[1], dtype=d.dtype, device=d.device).index_copy(
-            0, rows_index, d)
-
-    def forward(self, experts: RoutedExperts, x, expert_ids, weights) -> torch.Tensor:
-        """Routed experts with adapters: the frozen base's grouped GEMMs plus the adapters'
-        grouped GEMMs, composed with autograd (only activations and adapters get gradients).
-        x [T, hidden], expert_ids/weights [T, k] -> [T, hidden]."""
-        top_k = expert_ids.shape[-1]
-        flat_ids = expert_ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        token_rows = order.argsort().view_as(expert_ids)
-        counts = torch.bincount(flat_ids, minlength=experts.num_experts)
-        offsets = counts.cumsum(0).to(torch.int32)
-        rows = x.index_select(0, order // top_k)
-        rows_index, lora_offsets = self.select_rows(counts, flat_ids.index_select(0, order))
-        h = grouped_mm(rows, experts.gate_up_proj.transpose(-2, -1), offsets)
-        h = h + self.delta(rows, [self.gate_A, self.up_A], [self.gate_B, self.up_B], rows_index,
-                           lora_offsets)
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate) * up * weights.flatten().index_select(0, order)[:, None].to(h.dtype)
-        out = grouped_mm(act, experts.down_proj.transpose(-2, -1), offsets)
-        out = out + self.delta(act, [self.down_A], [self.down_B], rows_index, lora_offsets)
-        return combine(out, token_rows)
+        rows = None
+        if not self.all_experts:
+            selected = torch.zeros_like(counts, dtype=torch.bool)
+            selected[self.expert_ids] = True
+            rows = selected[row_expert].nonzero().flatten()
+        return (self.gate_A, self.up_A, self.down_A, self.gate_B, self.up_B, self.down_B,
+                rows, offsets, self.scaling)
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
@@ -186,7 +152,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
                 if len(chosen):
                     mlp.experts.lora = ExpertLora(
                         mlp.experts, list(chosen), spec.rank_of("routed_experts"),
-                        spec.scaling("routed_experts"), spec.dropout)
+                        spec.scaling("routed_experts"))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

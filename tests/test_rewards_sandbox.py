@@ -142,7 +142,9 @@ def test_fork_bomb_is_capped_by_the_sandbox_uid(sandbox_factory):
         done.set()
         watcher.join()
     assert run.status == "timeout" and elapsed < TIME_S + 1, (run, elapsed)
-    assert 2 <= peak[0] <= limits.max_processes, peak  # the bomb ran; root's exemption did not
+    # The bomb ran, and root's RLIMIT_NPROC exemption did not: an uncapped bomb reaches
+    # hundreds. /proc sampling can catch up to two exiting, not yet reaped tasks on top.
+    assert 2 <= peak[0] <= limits.max_processes + 2, peak
     assert uid_processes(62000) == 0  # nothing survives the run
     assert score_program(FORK_BOMB)[0] == 0.0
 

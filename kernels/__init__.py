@@ -1,5 +1,15 @@
-"""FP8 block-scaled kernels: quantisation, dequantisation and GEMMs (torch + optional triton)."""
+"""FP8 block-scaled kernels: quantisation, dequantisation and (grouped) GEMMs.
 
-from moetune.kernels.blockwise import dequantize_weight, quantize_weight
+Imports with torch alone; Triton kernels load when their backend is used.
+"""
 
-__all__ = ["dequantize_weight", "quantize_weight"]
+from moetune.kernels.gemm import fp8_gemm, fp8_grouped_gemm
+from moetune.kernels.quantize import (
+    dequantize_act,
+    dequantize_weight,
+    quantize_act,
+    quantize_weight,
+)
+
+__all__ = ["dequantize_act", "dequantize_weight", "fp8_gemm", "fp8_grouped_gemm",
+           "quantize_act", "quantize_weight"]

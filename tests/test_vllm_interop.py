@@ -22,6 +22,7 @@ def vllm_greedy(model_dir: Path, max_tokens: int, dtype: str, tmp_path: Path):
     prompts_file, out_file = tmp_path / "prompts.json", tmp_path / f"out_{dtype}.json"
     prompts_file.write_text(json.dumps(PROMPTS))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.pop("TRITON_INTERPRET", None)  # set by conftest for moetune's own kernels
     script = Path(__file__).with_name("vllm_generate.py")
     run = subprocess.run([sys.executable, str(script), str(model_dir), str(prompts_file),
                           str(max_tokens), str(out_file), dtype],

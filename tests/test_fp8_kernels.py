@@ -1,0 +1,134 @@
+"""FP8 block-scaled kernels against plain reference code, Triton ones under the interpreter."""
+
+import pytest
+import torch
+from moetune.kernels import (
+    dequantize_act,
+    dequantize_weight,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    quantize_act,
+    quantize_weight,
+    triton_fp8,  # interpreted on CPU: see conftest.py
+)
+
+E4M3_REL = 2.0**-4  # half a step of e4m3's 3 mantissa bits
+E4M3_SUBNORMAL_STEP = 2.0**-9  # in units of the scale
+
+
+def assert_within_e4m3(x, x_back, scale_per_element):
+    bound = x.abs() * E4M3_REL + scale_per_element * E4M3_SUBNORMAL_STEP
+    assert ((x - x_back).abs() <= bound + 1e-12).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 128), (5, 7, 384), (1, 1024)])
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_quantize_act_round_trip(shape, scale_fmt):
+    x = torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10
+    x_q, scale = quantize_act(x, scale_fmt=scale_fmt)
+    assert x_q.dtype == torch.float8_e4m3fn and scale.shape == shape[:-1] + (shape[-1] // 128,)
+    amax = x.unflatten(-1, (-1, 128)).abs().amax(-1)
+    if scale_fmt == "ue8m0":
+        assert torch.equal(scale, torch.exp2(torch.log2(scale).round()))  # powers of two
+        assert (scale >= amax / 448).all() and (scale < 2 * amax / 448).all()
+    else:
+        torch.testing.assert_close(scale, amax / 448)
+    per_element = scale.repeat_interleave(128, dim=-1)
+    assert_within_e4m3(x, dequantize_act(x_q, scale), per_element)
+
+
+def test_zero_tiles_give_no_nan_and_bad_k_fails():
+    x_q, scale = quantize_act(torch.zeros(2, 256))
+    assert torch.isfinite(scale).all() and dequantize_act(x_q, scale).abs().max() == 0
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quantize_act(torch.randn(2, 200))
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300), (2, 130, 129)])
+def test_weight_round_trip_with_partial_edge_blocks(shape):
+    w = torch.randn(shape)
+    w_q, scale_inv = quantize_weight(w)
+    assert scale_inv.shape == (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
+    per_element = scale_inv.repeat_interleave(128, -2).repeat_interleave(128, -1)[
+        ..., : shape[-2], : shape[-1]]
+    assert_within_e4m3(w, dequantize_weight(w_q, scale_inv, dtype=torch.float32), per_element)
+
+
+def blockwise_loop(a, a_s, b, b_s):
+    """sum over K blocks of (a_blk @ b_blk.T) * a_scale * b_scale: the recipe, written out."""
+    out = torch.zeros(a.shape[0], b.shape[0])
+    b_rows = b_s.repeat_interleave(128, 0)[: b.shape[0]]
+    for kb in range(a.shape[1] // 128):
+        k = slice(kb * 128, (kb + 1) * 128)
+        out += (a[:, k].float() @ b[:, k].float().T) * a_s[:, kb:kb + 1] * b_rows[:, kb][None]
+    return out
+
+
+def random_operands(m, n, k, experts=None):
+    a, a_s = quantize_act(torch.randn(m, k))
+    w = torch.randn((experts, n, k) if experts else (n, k))
+    b, b_s = quantize_weight(w)
+    return a, a_s, b, b_s
+
+
+@pytest.mark.parametrize("m, n, k", [(37, 200, 256), (64, 128, 384), (1, 300, 128)])
+def test_fp8_gemm_reference_equals_the_blockwise_recipe(m, n, k):
+    a, a_s, b, b_s = random_operands(m, n, k)
+    out = fp8_gemm(a, a_s, b, b_s, out_dtype=torch.float32, backend="torch")
+    torch.testing.assert_close(out, blockwise_loop(a, a_s, b, b_s), rtol=1e-5, atol=1e-4)
+
+
+def test_fp8_gemm_rejects_bad_shapes():
+    a, a_s, b, b_s = random_operands(4, 128, 256)
+    with pytest.raises(ValueError, match="K a multiple of 128"):
+        fp8_gemm(a[:, :200], a_s, b[:, :200], b_s)
+    with pytest.raises(ValueError, match="b_scale"):
+        fp8_gemm(a, a_s, b, b_s[:, :1])
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_triton_quantize_act_matches_reference(scale_fmt):
+    x = torch.randn(6, 256) * 3
+    q, s = triton_fp8.quantize_act(x, scale_fmt=scale_fmt)
+    ref_q, ref_s = quantize_act(x, scale_fmt=scale_fmt)
+    torch.testing.assert_close(s, ref_s)
+    # Triton's interpreter casts float32 -> float8 without rounding up into the next binade:
+    # where torch rounds to a power of two (e.g. -125.4 -> -128) it gives half that (-64).
+    # Every other value must be bit-identical.
+    ours, theirs = q.float(), ref_q.float()
+    differ = ours != theirs
+    assert differ.float().mean() < 0.05
+    assert torch.equal(ours[differ] * 2, theirs[differ])
+    assert torch.equal(torch.exp2(torch.log2(theirs[differ].abs()).round()), theirs[differ].abs())
+
+
+@pytest.mark.parametrize("m, n, k", [(37, 200, 256), (64, 128, 128)])
+def test_triton_fp8_gemm_matches_reference(m, n, k):
+    a, a_s, b, b_s = random_operands(m, n, k)
+    out = fp8_gemm(a, a_s, b, b_s, out_dtype=torch.float32, backend="triton")
+    torch.testing.assert_close(out, fp8_gemm(a, a_s, b, b_s, torch.float32, backend="torch"),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_triton_fp8_grouped_gemm_matches_reference():
+    counts = torch.tensor([70, 0, 5, 33])  # an empty expert and tiles split across experts
+    offsets = counts.cumsum(0).to(torch.int32)
+    a, a_s, b, b_s = random_operands(int(counts.sum()), 192, 256, experts=4)
+    out = fp8_grouped_gemm(a, a_s, b, b_s, offsets, torch.float32, backend="triton")
+    ref = fp8_grouped_gemm(a, a_s, b, b_s, offsets, torch.float32, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    start = 0  # and each group against its own expert's plain GEMM
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.testing.assert_close(ref[start:end], blockwise_loop(a[start:end], a_s[start:end],
+                                                                      b[e], b_s[e]),
+                                       rtol=1e-5, atol=1e-4)
+        start = end
+
+
+def test_auto_backend_on_cpu_is_the_torch_reference():
+    from moetune.kernels.gemm import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="fp8 backend"):
+        resolve_backend("cutlass", torch.device("cpu"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from moetune.kernels import fp8_gemm, fp8_grouped_gemm, quantize_act, quantize_weight
 from moetune.kernels.gemm import scaled_mm_available
 
@@ -22,14 +21,14 @@ GPU_SHAPES = [(4096, 7168, 16384), (4096, 24576, 1536), (4096, 7168, 2048), (128
 CPU_SHAPES = [(256, 512, 1024), (64, 1024, 512)]
 
 
-def timed(fn, repeats: int, sync) -> float:
-    """Median seconds of fn() over repeats, after a warm-up call."""
-    fn()
+def timed(fn, repeats: int, sync, *args, **kwargs) -> float:
+    """Median seconds of fn(*args, **kwargs) over repeats, after a warm-up call."""
+    fn(*args, **kwargs)
     times = []
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        fn()
+        fn(*args, **kwargs)
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
@@ -48,17 +47,20 @@ def check(out, reference, label):
 
 
 def dense_rows(shapes, device, dtype, sync, repeats):
-    backends = ["torch"] if device == "cpu" else (["triton"] + (["scaled_mm"] if scaled_mm_available(torch.device(device)) else []))
+    backends = ["torch"]
+    if device != "cpu":
+        backends = ["triton"] + (["scaled_mm"] if scaled_mm_available(torch.device(device)) else [])
     for m, n, k in shapes:
         x, w, (a, a_s), (b, b_s) = operands(m, n, k, device)
         flops = 2 * m * n * k
         reference = fp8_gemm(a, a_s, b, b_s, torch.float32, backend="torch")
         xb, wb = x.to(dtype), w.to(dtype)
-        row = [f"{m}x{n}x{k}", f"{dtype_name(dtype)} matmul {flops / timed(lambda: xb @ wb.T, repeats, sync) / 1e12:8.3f}"]
+        matmul = timed(torch.matmul, repeats, sync, xb, wb.T)
+        row = [f"{m}x{n}x{k}", f"{dtype_name(dtype)} matmul {flops / matmul / 1e12:8.3f}"]
         for backend in backends:
             out = fp8_gemm(a, a_s, b, b_s, torch.bfloat16, backend=backend)
             check(out, reference, backend)
-            seconds = timed(lambda: fp8_gemm(a, a_s, b, b_s, torch.bfloat16, backend=backend), repeats, sync)
+            seconds = timed(fp8_gemm, repeats, sync, a, a_s, b, b_s, torch.bfloat16, backend=backend)
             row.append(f"fp8 {backend} {flops / seconds / 1e12:8.3f}")
         print("  " + " | ".join(row) + " TFLOPS")
 
@@ -68,11 +70,12 @@ def grouped_row(device, dtype, sync, repeats, experts, rows, hidden, inter):
     offsets = torch.arange(1, experts + 1, device=device, dtype=torch.int32) * (rows // experts)
     flops = 2 * rows * 2 * inter * hidden
     xb, wb = x.to(dtype), w.to(dtype).transpose(-2, -1)
-    bf16 = timed(lambda: torch._grouped_mm(xb, wb, offs=offsets), repeats, sync)
+    bf16 = timed(torch._grouped_mm, repeats, sync, xb, wb, offs=offsets)
     backend = "torch" if device == "cpu" else "triton"
     reference = fp8_grouped_gemm(a, a_s, b, b_s, offsets, torch.float32, backend="torch")
     check(fp8_grouped_gemm(a, a_s, b, b_s, offsets, torch.bfloat16, backend=backend), reference, "grouped")
-    ours = timed(lambda: fp8_grouped_gemm(a, a_s, b, b_s, offsets, torch.bfloat16, backend=backend), repeats, sync)
+    ours = timed(fp8_grouped_gemm, repeats, sync, a, a_s, b, b_s, offsets, torch.bfloat16,
+                 backend=backend)
     print(f"  grouped {experts} experts, {rows} rows, {hidden} -> 2x{inter}: {dtype_name(dtype)} _grouped_mm "
           f"{flops / bf16 / 1e12:.3f} | fp8 {backend} {flops / ours / 1e12:.3f} TFLOPS "
           f"(fp8 / {dtype_name(dtype)} = {bf16 / ours:.2f}x)")

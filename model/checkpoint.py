@@ -83,9 +83,10 @@ def shard_files(path: Path) -> list[str]:
     raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor model.safetensors found")
 
 
-def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, strict=True):
+def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None):
     """Build `cls` from a checkpoint folder, reading one tensor at a time (peak memory:
-    the model plus the largest tensor). FP8 weights are dequantised to `dtype`."""
+    the model plus the largest tensor). FP8 weights are dequantised to `dtype`. Every
+    model tensor must come from the checkpoint and every checkpoint tensor must fit one."""
     path = Path(path)
     config = config or load_config(path)
     weight_map = locate_tensors(path)
@@ -140,7 +141,7 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, s
     missing = sorted(set(layout) - filled)
     problems += [f"missing tensor {name!r} (model shape {tuple(slot_shape(params, layout[name]))})"
                  for name in missing]
-    if problems and strict:
+    if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"checkpoint {path} does not match the model:\n  {shown}{more}")

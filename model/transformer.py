@@ -168,8 +168,15 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         return self.lm_head
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                cache: LatentCache | None = None, logits_to_keep: int = 0, **_):
-        """input_ids [B, S]; labels [B, S] (unshifted, -100 ignored) -> CausalLMOutput."""
+                cache: LatentCache | None = None, logits_to_keep: int = 0, **hf_kwargs):
+        """input_ids [B, S]; labels [B, S] (unshifted, -100 ignored) -> CausalLMOutput.
+
+        Flags that HF trainers pass (use_cache, return_dict, num_items_in_batch, ...) are
+        accepted and ignored; inputs that would change the result are refused."""
+        unsupported = [k for k in ("inputs_embeds", "past_key_values") if hf_kwargs.get(k) is not None]
+        if unsupported:
+            raise ValueError(f"DeepseekV3ForCausalLM.forward does not take {unsupported}; pass "
+                             "input_ids (and a LatentCache as `cache` for decoding)")
         hidden, cos, sin, mask = self.model(input_ids, attention_mask, position_ids, cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         out = CausalLMOutput(logits=logits, hidden_states=hidden)

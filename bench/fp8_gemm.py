@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
+
 from moetune.kernels import fp8_gemm, fp8_grouped_gemm, quantize_act, quantize_weight
 from moetune.kernels.gemm import scaled_mm_available
 

@@ -22,9 +22,10 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+from train_step import CPU_SIZE
+
 from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM
 from moetune.model.lora import LoraSpec, apply_lora
-from train_step import CPU_SIZE
 
 RANK = 16
 ATTENTION = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]

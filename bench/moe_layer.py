@@ -15,9 +15,10 @@ import time
 
 import torch
 import transformers
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
 from moetune.model.config import DeepseekV3Config
 from moetune.model.moe import MoE
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 
 def layer_config(args) -> DeepseekV3Config:

@@ -17,6 +17,7 @@ import time
 
 import torch
 import transformers
+
 from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM
 
 CPU_SIZE = dict(num_key_value_heads=4, vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,

@@ -8,6 +8,7 @@ DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 def merge(base: str, adapter: str, out: str, dtype: str = "bfloat16") -> None:
     """Load base in `dtype`, attach and merge the adapter in float32, save in `dtype`."""
     import torch
+
     from moetune.model import DeepseekV3ForCausalLM
     from moetune.model.adapters import load_adapter
     from moetune.model.lora import merge_lora

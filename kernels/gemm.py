@@ -13,6 +13,7 @@ mode (Hopper, torch >= 2.9). "auto" takes scaled_mm, then triton, on CUDA, torch
 from __future__ import annotations
 
 import torch
+
 from moetune.kernels.quantize import dequantize_act, dequantize_weight
 
 BACKENDS = ("auto", "torch", "triton", "scaled_mm")

@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
 from moetune.model.checkpoint import to_disk_name
 from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora
-from safetensors.torch import load_file, save_file
 
 PREFIX = "base_model.model."
 EXPERT_PROJECTIONS = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from moetune.model.config import DeepseekV3Config
+from moetune.model.fp8 import dense_weight
 from moetune.model.kv_cache import LatentCache
 from moetune.model.layers import RMSNorm
 from moetune.model.rope import apply_rope, softmax_scale
-from torch import nn
 
 
 class MultiheadLatentAttention(nn.Module):
@@ -99,7 +101,7 @@ class MultiheadLatentAttention(nn.Module):
 
     def attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         """Decode path over cached latents [B, T, r] and rope keys [B, T, rope]. -> [B, S, H, v]."""
-        w_kv_b = self.kv_b_proj.weight.unflatten(0, (self.num_heads, -1))
+        w_kv_b = dense_weight(self.kv_b_proj, latent.dtype).unflatten(0, (self.num_heads, -1))
         w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope|v, r]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
         scores = torch.einsum("bshc,btc->bsht", q_latent, latent)

@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from moetune.kernels import dequantize_weight
-from moetune.model.config import DeepseekV3Config, load_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moetune.kernels import dequantize_weight, quantize_weight
+from moetune.model.config import DeepseekV3Config, load_config
+from moetune.model.fp8 import to_frozen_fp8
+
 INDEX_FILE = "model.safetensors.index.json"
+FP8_EXPERT_TENSOR = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj)(_scale_inv)?$")
+FP8_MODES = (None, "frozen")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ def checkpoint_layout(model: torch.nn.Module, config: DeepseekV3Config) -> dict[
         elif name.endswith("experts.down_proj"):
             for e in range(tensor.shape[0]):
                 layout[f"{disk[:-len('down_proj')]}{e}.down_proj.weight"] = Slot(name, (e,))
+        elif match := FP8_EXPERT_TENSOR.search(disk):  # FP8RoutedExperts: one tensor per projection
+            prefix, proj, scale = disk[:match.start()], match.group(1), match.group(2) or ""
+            for e in range(tensor.shape[0]):
+                layout[f"{prefix}.experts.{e}.{proj}.weight{scale}"] = Slot(name, (e,))
         else:
             layout[disk] = Slot(name)
     return layout
@@ -83,12 +91,20 @@ def shard_files(path: Path) -> list[str]:
     raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor model.safetensors found")
 
 
-def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None):
+def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, fp8=None):
     """Build `cls` from a checkpoint folder, reading one tensor at a time (peak memory:
-    the model plus the largest tensor). FP8 weights are dequantised to `dtype`. Every
-    model tensor must come from the checkpoint and every checkpoint tensor must fit one."""
+    the model plus the largest tensor). Every model tensor must come from the checkpoint and
+    every checkpoint tensor must fit one.
+
+    fp8=None: FP8 weights are dequantised to `dtype`. fp8="frozen": the decoder's linears
+    and routed experts hold FP8 weights as stored (a bf16 checkpoint is quantised on load)."""
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 must be one of {FP8_MODES}, not {fp8!r}"
+                         + (" (FP8 training layers are not built yet)" if fp8 == "train" else ""))
     path = Path(path)
     config = config or load_config(path)
+    if fp8 is None:
+        config.quantization_config = None  # the weights are held dense
     weight_map = locate_tensors(path)
     first_mtp = f"model.layers.{config.num_hidden_layers}."
     if config.num_nextn_predict_layers and not any(n.startswith(first_mtp) for n in weight_map):
@@ -97,9 +113,10 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None):
                       f"(num_nextn_predict_layers {config.num_nextn_predict_layers} -> 0)")
         config.num_nextn_predict_layers = 0
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config).to(dtype)
+        if fp8 == "frozen":
+            to_frozen_fp8(model)
     model.to_empty(device=device)
-    model.to(dtype)
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
@@ -114,8 +131,8 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None):
     for file in shard_files(path):
         with safe_open(path / file, framework="pt", device=str(device)) as shard:
             for disk_name in shard.keys():
-                if disk_name.endswith("weight_scale_inv") or disk_name in copies:
-                    continue
+                if disk_name in copies or (disk_name.endswith("_scale_inv") and disk_name not in layout):
+                    continue  # shared copies; scales of weights that are dequantised on load
                 if disk_name in layout:
                     slot, covers = layout[disk_name], [disk_name]
                 elif disk_name in names_of_param:  # transformers' stacked-expert tensors
@@ -124,14 +141,18 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None):
                     problems.append(f"unexpected tensor {disk_name!r} in {file}")
                     continue
                 tensor = shard.get_tensor(disk_name)
-                if tensor.dtype == torch.float8_e4m3fn:
-                    scale_name = disk_name.removesuffix("weight") + "weight_scale_inv"
+                target = slot_tensor(params, slot)
+                scale_name = disk_name + "_scale_inv"
+                if target.dtype == torch.float8_e4m3fn and tensor.dtype != torch.float8_e4m3fn:
+                    tensor, scale = quantize_weight(tensor)  # bf16 checkpoint, FP8 model
+                    slot_tensor(params, layout[scale_name]).copy_(scale)
+                    filled.add(scale_name)
+                elif target.dtype != torch.float8_e4m3fn and tensor.dtype == torch.float8_e4m3fn:
                     if scale_name not in weight_map:
                         problems.append(f"FP8 tensor {disk_name!r} has no {scale_name!r}")
                         continue
                     scale = read_tensor(path, weight_map[scale_name], scale_name)
                     tensor = dequantize_weight(tensor, scale, dtype=dtype)
-                target = params[slot.param] if slot.index is None else params[slot.param][slot.index]
                 if tuple(target.shape) != tuple(tensor.shape):
                     problems.append(f"shape mismatch for {disk_name!r}: checkpoint "
                                     f"{tuple(tensor.shape)}, model {tuple(target.shape)}")
@@ -149,9 +170,13 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None):
     return model
 
 
-def slot_shape(params, slot: Slot) -> torch.Size:
+def slot_tensor(params, slot: Slot) -> torch.Tensor:
     tensor = params[slot.param]
-    return tensor.shape if slot.index is None else tensor[slot.index].shape
+    return tensor if slot.index is None else tensor[slot.index]
+
+
+def slot_shape(params, slot: Slot) -> torch.Size:
+    return slot_tensor(params, slot).shape
 
 
 def locate_tensors(path: Path) -> dict[str, str]:

@@ -150,6 +150,11 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], expert_ids [T, k], weights [T, k] -> sum_k weights * expert(x) [T, hidden]."""
+        return self.route(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+
+    def route(self, x, expert_ids, weights, gate_up, down) -> torch.Tensor:
+        """Sort the (token, expert) pairs by expert and run the grouped-expert function with
+        these stacked weights (and the adapters in `self.lora`, if any)."""
         flat_ids = expert_ids.flatten()
         order = flat_ids.argsort(stable=True)  # row r <- (token, slot) pair order[r]
         token_rows = order.argsort().view_as(expert_ids)
@@ -159,6 +164,6 @@ class RoutedExperts(nn.Module):
         if self.lora is not None:
             adapters = self.lora.arguments(counts, flat_ids.index_select(0, order))
         return RoutedExpertsFunction.apply(
-            x, self.gate_up_proj, self.down_proj, offsets, order // expert_ids.shape[-1],
-            token_rows, weights.flatten().index_select(0, order), *adapters,
+            x, gate_up, down, offsets, order // expert_ids.shape[-1], token_rows,
+            weights.flatten().index_select(0, order), *adapters,
         )

@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
 from moetune.model.experts import RoutedExperts
+from moetune.model.fp8 import FP8RoutedExperts, compute_dtype, dense_weight
 from moetune.model.layers import GatedMLP
 from moetune.model.moe import MoE
-from torch import nn
 
 ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 COMPONENTS = ("attention", "dense_mlp", "shared_experts", "routed_experts")
@@ -63,28 +65,30 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0):
         super().__init__()
         self.base_layer = base
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device,
-                                dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device,
-                                dtype=base.weight.dtype)
+        like = dict(device=base.weight.device, dtype=compute_dtype(base))
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **like)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **like)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
-    @property
-    def weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """The effective weight W + s B A (used by the absorbed MLA decode path)."""
-        return self.base_layer.weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+        base = dense_weight(self.base_layer, self.lora_B.weight.dtype)
+        return base + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def merged(self) -> nn.Linear:
-        """The base linear with the update folded in."""
+        """The base linear with the update folded in (an FP8 base is dequantised first)."""
         with torch.no_grad():
-            self.base_layer.weight.copy_(self.weight)
-        return self.base_layer
+            weight = self.dense_weight()
+        merged = nn.Linear(self.base_layer.in_features, self.base_layer.out_features, bias=False,
+                           device=weight.device, dtype=weight.dtype)
+        merged.weight.data.copy_(weight)
+        return merged
 
 
 class ExpertLora(nn.Module):
@@ -96,11 +100,12 @@ class ExpertLora(nn.Module):
     def __init__(self, experts: RoutedExperts, expert_ids: list[int], rank: int, scaling: float):
         super().__init__()
         hidden, inter = experts.down_proj.shape[1], experts.intermediate_size
-        if rank * experts.down_proj.element_size() % 16:
-            raise ValueError(f"routed-expert LoRA rank {rank} in {experts.down_proj.dtype}: grouped "
+        dtype = compute_dtype(experts)
+        if rank * dtype.itemsize % 16:
+            raise ValueError(f"routed-expert LoRA rank {rank} in {dtype}: grouped "
                              f"GEMMs need rows of a multiple of 16 bytes; use a rank multiple of 8")
         count = len(expert_ids)
-        like = dict(device=experts.down_proj.device, dtype=experts.down_proj.dtype)
+        like = dict(device=experts.down_proj.device, dtype=dtype)
         self.gate_A = nn.Parameter(torch.empty(count, rank, hidden, **like))
         self.up_A = nn.Parameter(torch.empty(count, rank, hidden, **like))
         self.down_A = nn.Parameter(torch.empty(count, rank, inter, **like))
@@ -143,7 +148,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
         mlp = layer.mlp
         if isinstance(mlp, GatedMLP) and "dense_mlp" in spec.components:
             wrap_linears(mlp, ("gate_proj", "up_proj", "down_proj"), spec, "dense_mlp")
-        if isinstance(mlp, MoE):
+        if isinstance(mlp, MoE):  # routed experts: RoutedExperts or FP8RoutedExperts
             if mlp.shared_experts is not None and "shared_experts" in spec.components:
                 wrap_linears(mlp.shared_experts, ("gate_proj", "up_proj", "down_proj"), spec,
                              "shared_experts")
@@ -171,6 +176,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, LoraLinear):
                 setattr(parent, name, child.merged())
+        if isinstance(parent, FP8RoutedExperts) and parent.lora is not None:
+            raise ValueError("merge into FP8 experts is not supported: load the base in bf16 to merge")
         if isinstance(parent, RoutedExperts) and parent.lora is not None:
             lora, inter = parent.lora, parent.intermediate_size
             ids = lora.expert_ids

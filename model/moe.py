@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from moetune.model.config import DeepseekV3Config
 from moetune.model.experts import RoutedExperts
 from moetune.model.layers import GatedMLP
 from moetune.model.router import Router, sequence_balance_loss
-from torch import nn
 
 
 class MoE(nn.Module):

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from moetune.model.config import DeepseekV3Config
 from torch import nn
+
+from moetune.model.config import DeepseekV3Config
 
 
 class Router(nn.Module):

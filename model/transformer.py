@@ -11,15 +11,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
 from moetune.model.attention import MultiheadLatentAttention
 from moetune.model.config import DeepseekV3Config
 from moetune.model.kv_cache import LatentCache
 from moetune.model.layers import GatedMLP, RMSNorm
 from moetune.model.moe import MoE
 from moetune.model.rope import RotaryEmbedding
-from torch import nn
-from transformers import PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
 
 
 class DecoderLayer(nn.Module):
@@ -218,10 +219,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
 
     # Checkpoints and generation live in their own modules ------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", **kwargs):
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu",
+                        fp8: str | None = None, config=None):
+        """Load a checkpoint folder. fp8="frozen" keeps (or makes) the decoder's linears and
+        routed experts FP8, for a frozen base under LoRA; see moetune.model.checkpoint."""
         from moetune.model.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
+        return load_pretrained(cls, path, dtype=dtype, device=device, config=config, fp8=fp8)
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, **_):
         from moetune.model.checkpoint import save_pretrained

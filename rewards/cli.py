@@ -34,8 +34,9 @@ def add_subcommand(subparsers) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from moetune.rewards.scoring import RewardError, RewardSpec, score
     from tqdm import tqdm
+
+    from moetune.rewards.scoring import RewardError, RewardSpec, score
 
     names = [name.strip() for name in args.reward.split(",") if name.strip()]
     weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(names)

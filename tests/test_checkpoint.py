@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-from moetune.kernels import dequantize_weight, quantize_weight
-from moetune.model import DeepseekV3ForCausalLM, load_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_configs import v2_lite_config, v3_config
+
+from moetune.kernels import dequantize_weight, quantize_weight
+from moetune.model import DeepseekV3ForCausalLM, load_config
 
 
 def make_model(config=None, dtype=torch.bfloat16):

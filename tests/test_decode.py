@@ -1,10 +1,11 @@
 """The absorbed-latent decode path and cached generation against the training path."""
 
 import torch
+from tiny_configs import v2_lite_config, v3_config, yarn_config
+
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.generation import filter_logits
 from moetune.model.kv_cache import LatentCache
-from tiny_configs import v2_lite_config, v3_config, yarn_config
 
 
 def new_cache(model, batch, max_len):

@@ -3,6 +3,8 @@
 import json
 
 import torch
+from tiny_configs import v3_config
+
 from moetune.finetune.expert_profile import (
     ExpertProfile,
     load_selection,
@@ -12,7 +14,6 @@ from moetune.finetune.expert_profile import (
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.lora import LoraSpec, apply_lora
 from moetune.recipes.cli import main
-from tiny_configs import v3_config
 
 
 def test_profile_counts_match_the_routing_it_observes():

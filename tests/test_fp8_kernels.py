@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from moetune.kernels import (
     dequantize_act,
     dequantize_weight,

@@ -6,6 +6,7 @@ import sys
 from importlib.resources import files
 
 import pytest
+
 from moetune.model import DeepseekV3Config
 from moetune.model.info import build_on_meta, count_parameters
 from moetune.recipes.cli import main
@@ -23,8 +24,9 @@ def test_deepseek_v3_counts_671b_total_37b_active_685b_with_mtp():
 
 
 def test_info_counts_match_the_built_model_exactly():
-    from moetune.model import DeepseekV3ForCausalLM
     from tiny_configs import v3_config
+
+    from moetune.model import DeepseekV3ForCausalLM
 
     config = v3_config()
     model = DeepseekV3ForCausalLM(config)

@@ -2,10 +2,11 @@
 
 import torch
 import torch.nn.functional as F
+from tiny_configs import v3_config
+
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.experts import RoutedExperts
 from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora, merge_lora
-from tiny_configs import v3_config
 
 
 def randomize(module, std=0.3):
@@ -140,8 +141,9 @@ def test_misaligned_expert_rank_fails_clearly():
 def test_adapter_saves_in_peft_format_and_reloads_to_identical_logits(tmp_path):
     import json
 
-    from moetune.model.adapters import load_adapter, save_adapter
     from safetensors import safe_open
+
+    from moetune.model.adapters import load_adapter, save_adapter
 
     spec = LoraSpec(rank=4, ranks={"routed_experts": 8}, experts={1: [2, 7]})
     model = DeepseekV3ForCausalLM(v3_config()).eval()

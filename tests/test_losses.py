@@ -2,8 +2,9 @@
 
 import torch
 import torch.nn.functional as F
-from moetune.model import DeepseekV3ForCausalLM
 from tiny_configs import v3_config
+
+from moetune.model import DeepseekV3ForCausalLM
 
 
 def test_lm_loss_is_shifted_cross_entropy_ignoring_minus_100():

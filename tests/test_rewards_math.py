@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from moetune.rewards.math_accuracy import extract_answer, math_accuracy
 
 GSM8K_GOLD = (

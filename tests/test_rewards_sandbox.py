@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from moetune.rewards import sandbox as sandbox_module
 from moetune.rewards.code_tests import code_tests
 from moetune.rewards.sandbox import CheckJob, Sandbox, SandboxError, SandboxLimits, ScriptJob

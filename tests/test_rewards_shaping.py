@@ -1,6 +1,7 @@
 """format, tag_count, soft_overlong and repetition_penalty on hand-computed cases."""
 
 import pytest
+
 from moetune.rewards.shaping import (
     repetition_penalty,
     soft_overlong,

@@ -5,6 +5,7 @@ import os
 import time
 
 import pytest
+
 from moetune.rewards.time_limit import CallFailed, TimeLimitExceeded, WorkerCrashed, WorkerPool
 
 

@@ -7,8 +7,9 @@ checkpoint layout is exercised too. Routers get a non-zero e_score_correction_bi
 import pytest
 import torch
 import transformers
-from moetune.model import DeepseekV3ForCausalLM
 from tiny_configs import deep_dense_config, v2_lite_config, v3_config, yarn_config
+
+from moetune.model import DeepseekV3ForCausalLM
 
 
 def randomize_bias(model):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from moetune.model import DeepseekV3ForCausalLM
 from tiny_configs import v3_config
+
+from moetune.model import DeepseekV3ForCausalLM
 
 pytest.importorskip("vllm", reason="vLLM is part of the cpu extra that `make test` installs")
 

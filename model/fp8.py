@@ -1,0 +1,160 @@
+"""Frozen FP8 weights, held as DeepSeek ships them: float8_e4m3fn + 128x128 `weight_scale_inv`.
+
+`FrozenFP8Linear` replaces an `nn.Linear` (the base under LoRA): the forward quantises
+activations per 1x128 tile and runs the block-scaled FP8 GEMM; the backward returns the
+input gradient through the dequantised weight and no weight gradient. `FP8RoutedExperts`
+holds the routed experts' projections the same way, one [E, out, in] tensor per projection,
+and dequantises one layer at a time for the grouped-expert function. `to_frozen_fp8` converts
+a model in place; `from_pretrained(path, fp8="frozen")` builds it straight from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetune.kernels import dequantize_weight, fp8_gemm, quantize_act, quantize_weight
+from moetune.model.experts import RoutedExperts
+
+QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                       "weight_block_size": [128, 128]}
+
+
+def pad_k(t: torch.Tensor) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple of 128 (float8 padded through a uint8 view)."""
+    extra = -t.shape[-1] % 128
+    if not extra:
+        return t
+    if t.dtype == torch.float8_e4m3fn:
+        return F.pad(t.view(torch.uint8), (0, extra)).view(torch.float8_e4m3fn)
+    return F.pad(t, (0, extra))
+
+
+class KeepsFP8Buffers:
+    """Mixin: `model.to(dtype)` casts every floating buffer; cast the FP8 ones back (exact:
+    bfloat16 and float32 represent every float8_e4m3fn value) and keep scales in float32."""
+
+    def _apply(self, fn, recurse=True):
+        fp8 = [n for n, b in self.named_buffers(recurse=False) if b.dtype == torch.float8_e4m3fn]
+        super()._apply(fn, recurse)
+        for name, buffer in list(self.named_buffers(recurse=False)):
+            if name in fp8:
+                setattr(self, name, buffer.to(torch.float8_e4m3fn))
+            elif name.endswith("scale_inv"):
+                setattr(self, name, buffer.float())
+        return self
+
+
+def to_frozen_fp8(model: nn.Module) -> nn.Module:
+    """Replace every bias-free linear inside the decoder blocks (attention, dense MLPs, shared
+    experts) with FrozenFP8Linear, and routed experts with FP8RoutedExperts. Embeddings, the
+    head, norms and the router stay in high precision, as in DeepSeek-V3's recipe."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, RoutedExperts):
+                setattr(parent, name, FP8RoutedExperts(child))
+            elif isinstance(child, nn.Linear) and child.bias is None and name != "lm_head" \
+                    and name != "eh_proj":
+                setattr(parent, name, FrozenFP8Linear.from_linear(child))
+    model.config.quantization_config = dict(QUANTIZATION_CONFIG)
+    return model
+
+
+class FrozenFP8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scale_inv):
+        """x [..., in] -> x W^T [..., out] in x's dtype, via the FP8 GEMM."""
+        x_q, x_scale = quantize_act(pad_k(x.reshape(-1, x.shape[-1])))
+        out = fp8_gemm(x_q, x_scale, pad_k(weight), scale_inv, out_dtype=x.dtype)
+        ctx.save_for_backward(weight, scale_inv)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale_inv = ctx.saved_tensors
+        return grad_out @ dequantize_weight(weight, scale_inv, dtype=grad_out.dtype), None, None
+
+
+class FrozenFP8Linear(KeepsFP8Buffers, nn.Module):
+    """A bias-free linear layer with a frozen FP8 weight [out, in] and its block scales."""
+
+    def __init__(self, in_features: int, out_features: int, device=None,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", torch.empty(out_features, in_features,
+                                                   dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight_scale_inv", torch.empty(
+            math.ceil(out_features / 128), math.ceil(in_features / 128), device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> FrozenFP8Linear:
+        if linear.bias is not None:
+            raise ValueError("FrozenFP8Linear holds bias-free layers only")
+        module = cls(linear.in_features, linear.out_features, device=linear.weight.device,
+                     compute_dtype=linear.weight.dtype)
+        if linear.weight.device.type != "meta":
+            module.weight, module.weight_scale_inv = quantize_weight(linear.weight.detach())
+        return module
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale_inv, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenFP8LinearFunction.apply(x, self.weight, self.weight_scale_inv)
+
+
+class FP8RoutedExperts(KeepsFP8Buffers, nn.Module):
+    """Routed experts with frozen FP8 projections gate/up [E, I, hidden], down [E, hidden, I]
+    (each with `<name>_scale_inv` [E, blocks, blocks])."""
+
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, experts: RoutedExperts):
+        super().__init__()
+        self.num_experts, self.intermediate_size = experts.num_experts, experts.intermediate_size
+        self.compute_dtype = experts.down_proj.dtype
+        inter = experts.intermediate_size
+        device = experts.down_proj.device
+        weights = {"gate_proj": experts.gate_up_proj[:, :inter], "up_proj": experts.gate_up_proj[:, inter:],
+                   "down_proj": experts.down_proj}
+        for name, w in weights.items():
+            rows, cols = w.shape[1:]
+            self.register_buffer(name, torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=device))
+            self.register_buffer(f"{name}_scale_inv", torch.empty(
+                self.num_experts, math.ceil(rows / 128), math.ceil(cols / 128), device=device))
+            if device.type != "meta":
+                q, s = quantize_weight(w.detach())
+                getattr(self, name).copy_(q)
+                getattr(self, f"{name}_scale_inv").copy_(s)
+        self.lora = None
+
+    def dequantized(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_weight(getattr(self, name), getattr(self, f"{name}_scale_inv"), dtype=dtype)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """As RoutedExperts.forward; the weights are dequantised for this layer only."""
+        gate_up = torch.cat((self.dequantized("gate_proj", x.dtype), self.dequantized("up_proj", x.dtype)), 1)
+        down = self.dequantized("down_proj", x.dtype)
+        return RoutedExperts.route(self, x, expert_ids, weights, gate_up, down)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a (possibly FP8-stored) linear or experts module computes in."""
+    return getattr(module, "compute_dtype", None) or next(
+        t.dtype for t in module.parameters())
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A linear layer's weight as a dense tensor, whatever holds it (plain, FP8 or LoRA)."""
+    if hasattr(linear, "dense_weight"):
+        weight = linear.dense_weight()
+    elif isinstance(linear, FrozenFP8Linear):
+        weight = linear.dequantized_weight(linear.compute_dtype)
+    else:
+        weight = linear.weight
+    return weight if dtype is None else weight.to(dtype)

@@ -1,0 +1,122 @@
+"""Frozen FP8 bases: DeepSeek-style FP8 checkpoints held as stored, under LoRA."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tiny_configs import v3_config
+
+from moetune.kernels import dequantize_act, quantize_act, quantize_weight
+from moetune.model import DeepseekV3ForCausalLM
+from moetune.model.fp8 import FP8RoutedExperts, FrozenFP8Linear
+from moetune.model.lora import LoraSpec, apply_lora
+
+
+def tensor_bytes(model) -> int:
+    return sum(t.numel() * t.element_size()
+               for t in list(model.parameters()) + list(model.buffers()))
+
+
+@pytest.fixture
+def fp8_checkpoint(tmp_path):
+    """A tiny checkpoint quantised as DeepSeek ships V3: 2-D projection weights in
+    float8_e4m3fn with 128x128 `weight_scale_inv`, and a quantization_config."""
+    model = DeepseekV3ForCausalLM(v3_config(initializer_range=0.1))
+    model.save_pretrained(tmp_path)
+    file = next(tmp_path.glob("model-*.safetensors"))
+    tensors = load_file(file)
+    for name in [n for n in tensors if "_proj" in n and n.endswith(".weight") and "eh_proj" not in n]:
+        tensors[name], tensors[name + "_scale_inv"] = quantize_weight(tensors[name])
+    save_file(tensors, file, metadata={"format": "pt"})
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(tensors, file.name)}))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_frozen_fp8_holds_weights_as_stored_and_matches_the_dequantized_model(fp8_checkpoint):
+    frozen = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint, fp8="frozen")
+    dense = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint)
+    attention = frozen.model.layers[0].self_attn
+    assert isinstance(attention.kv_b_proj, FrozenFP8Linear)
+    assert isinstance(frozen.model.layers[1].mlp.experts, FP8RoutedExperts)
+    with safe_open(next(fp8_checkpoint.glob("model-*.safetensors")), "pt") as f:
+        stored = f.get_tensor("model.layers.0.self_attn.kv_b_proj.weight")
+        assert torch.equal(attention.kv_b_proj.weight.view(torch.uint8), stored.view(torch.uint8))
+        stored = f.get_tensor("model.layers.1.mlp.experts.5.down_proj.weight_scale_inv")
+        assert torch.equal(frozen.model.layers[1].mlp.experts.down_proj_scale_inv[5], stored)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ours, plain = frozen(ids).logits, dense(ids).logits
+        # The only difference: the FP8 GEMMs see activations quantised per 1x128 tile. The
+        # dense model with that quantisation applied to the same linears' inputs must agree
+        # to float32 accumulation noise.
+        hooks = [module.register_forward_pre_hook(fake_quantize_input)
+                 for name, module in dense.named_modules()
+                 if isinstance(dict(frozen.named_modules()).get(name), FrozenFP8Linear)]
+        reference = dense(ids).logits
+        for hook in hooks:
+            hook.remove()
+    assert (ours - reference).abs().max().item() <= 1e-4
+    # against unquantised activations: e4m3 noise (~2.5% per GEMM input) through 3 random layers
+    relative = ((ours - plain).norm() / plain.norm()).item()
+    assert relative < 0.3, relative
+
+
+def fake_quantize_input(module, args):
+    """Round a linear's input through 1x128 FP8 tiles (zero-padded like the FP8 GEMM)."""
+    (x,) = args
+    width = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (0, -width % 128))
+    return (dequantize_act(*quantize_act(padded))[..., :width].to(x.dtype),)
+
+
+def test_frozen_fp8_memory_is_at_most_055x_of_bf16(fp8_checkpoint):
+    frozen = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint, dtype=torch.bfloat16, fp8="frozen")
+    bf16 = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint, dtype=torch.bfloat16)
+    ratio = tensor_bytes(frozen) / tensor_bytes(bf16)
+    print(f"fp8 frozen / bf16 tensor bytes: {ratio:.3f}")
+    assert ratio <= 0.55
+    frozen.to(torch.bfloat16)  # a dtype move keeps the FP8 weights FP8
+    assert frozen.model.layers[0].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
+
+
+def test_bf16_checkpoint_quantized_on_load_saves_a_deepseek_fp8_checkpoint(tmp_path):
+    DeepseekV3ForCausalLM(v3_config()).save_pretrained(tmp_path / "bf16")
+    frozen = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16", fp8="frozen")
+    frozen.save_pretrained(tmp_path / "fp8")
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    weight_map = json.loads((tmp_path / "fp8" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv" in weight_map
+    assert "model.layers.0.self_attn.q_a_proj.weight_scale_inv" in weight_map
+    reloaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8")  # dequantised
+    assert reloaded.config.quantization_config is None
+    expected = frozen.model.layers[0].self_attn.q_a_proj.dequantized_weight(torch.float32)
+    assert torch.equal(reloaded.model.layers[0].self_attn.q_a_proj.weight, expected)
+
+
+def test_lora_trains_on_a_frozen_fp8_base(fp8_checkpoint):
+    model = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint, fp8="frozen").train()
+    apply_lora(model, LoraSpec(rank=8))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (2, 12))
+    losses = []
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert all(b.grad is None for b in model.buffers())
+
+
+def test_fp8_train_mode_is_refused_until_built(fp8_checkpoint):
+    with pytest.raises(ValueError, match="not built yet"):
+        DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint, fp8="train")

@@ -25,11 +25,11 @@ from safetensors.torch import save_file
 
 from moetune.kernels import dequantize_weight, quantize_weight
 from moetune.model.config import DeepseekV3Config, load_config
-from moetune.model.fp8 import to_frozen_fp8
+from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
 
 INDEX_FILE = "model.safetensors.index.json"
 FP8_EXPERT_TENSOR = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj)(_scale_inv)?$")
-FP8_MODES = (None, "frozen")
+FP8_MODES = (None, "frozen", "train")
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,13 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
     every checkpoint tensor must fit one.
 
     fp8=None: FP8 weights are dequantised to `dtype`. fp8="frozen": the decoder's linears
-    and routed experts hold FP8 weights as stored (a bf16 checkpoint is quantised on load)."""
+    and routed experts hold FP8 weights as stored (a bf16 checkpoint is quantised on load).
+    fp8="train": dense master weights, trained through FP8 GEMMs (FP8Linear)."""
     if fp8 not in FP8_MODES:
-        raise ValueError(f"fp8 must be one of {FP8_MODES}, not {fp8!r}"
-                         + (" (FP8 training layers are not built yet)" if fp8 == "train" else ""))
+        raise ValueError(f"fp8 must be one of {FP8_MODES}, not {fp8!r}")
     path = Path(path)
     config = config or load_config(path)
-    if fp8 is None:
+    if fp8 != "frozen":
         config.quantization_config = None  # the weights are held dense
     weight_map = locate_tensors(path)
     first_mtp = f"model.layers.{config.num_hidden_layers}."
@@ -116,6 +116,8 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
         model = cls(config).to(dtype)
         if fp8 == "frozen":
             to_frozen_fp8(model)
+        elif fp8 == "train":
+            to_fp8_training(model)
     model.to_empty(device=device)
     for module in model.modules():
         if hasattr(module, "reset_buffers"):

@@ -2,10 +2,14 @@
 
 `FrozenFP8Linear` replaces an `nn.Linear` (the base under LoRA): the forward quantises
 activations per 1x128 tile and runs the block-scaled FP8 GEMM; the backward returns the
-input gradient through the dequantised weight and no weight gradient. `FP8RoutedExperts`
+input gradient through the dequantised weight and no weight gradient. `FP8Linear` trains
+in FP8 as DeepSeek-V3 did: high-precision master weights, quantised per step (128x128) for
+the forward and the input-gradient GEMMs, output gradients quantised per 1x128 tile, and
+the weight gradient in the master dtype (or FP8, as an option). `FP8RoutedExperts`
 holds the routed experts' projections the same way, one [E, out, in] tensor per projection,
-and dequantises one layer at a time for the grouped-expert function. `to_frozen_fp8` converts
-a model in place; `from_pretrained(path, fp8="frozen")` builds it straight from the checkpoint.
+and dequantises one layer at a time for the grouped-expert function. `to_frozen_fp8` and
+`to_fp8_training` convert a model in place; `from_pretrained(path, fp8="frozen" | "train")`
+builds either straight from a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetune.kernels import dequantize_weight, fp8_gemm, quantize_act, quantize_weight
+from moetune.kernels import (
+    dequantize_act,
+    dequantize_weight,
+    fp8_gemm,
+    quantize_act,
+    quantize_weight,
+)
 from moetune.model.experts import RoutedExperts
 
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -48,18 +58,34 @@ class KeepsFP8Buffers:
         return self
 
 
+def block_linears(model: nn.Module):
+    """(parent, name, linear) for every bias-free linear inside the decoder blocks (attention,
+    dense MLPs, shared experts). Embeddings, the head, norms, the router and MTP's eh_proj
+    are left out: they stay in high precision, as in DeepSeek-V3's recipe."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.Linear and child.bias is None
+                    and name not in ("lm_head", "eh_proj")):
+                yield parent, name, child
+
+
 def to_frozen_fp8(model: nn.Module) -> nn.Module:
-    """Replace every bias-free linear inside the decoder blocks (attention, dense MLPs, shared
-    experts) with FrozenFP8Linear, and routed experts with FP8RoutedExperts. Embeddings, the
-    head, norms and the router stay in high precision, as in DeepSeek-V3's recipe."""
+    """Hold the decoder blocks' linears and routed experts as frozen FP8 (in place)."""
+    for parent, name, linear in block_linears(model):
+        setattr(parent, name, FrozenFP8Linear.from_linear(linear))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, RoutedExperts):
                 setattr(parent, name, FP8RoutedExperts(child))
-            elif isinstance(child, nn.Linear) and child.bias is None and name != "lm_head" \
-                    and name != "eh_proj":
-                setattr(parent, name, FrozenFP8Linear.from_linear(child))
     model.config.quantization_config = dict(QUANTIZATION_CONFIG)
+    return model
+
+
+def to_fp8_training(model: nn.Module, fp8_wgrad: bool = False) -> nn.Module:
+    """Train the decoder blocks' linears through FP8 GEMMs (in place; master weights stay).
+    Routed experts keep their high-precision grouped GEMMs."""
+    for parent, name, linear in block_linears(model):
+        setattr(parent, name, FP8Linear.from_linear(linear, fp8_wgrad))
     return model
 
 
@@ -106,6 +132,56 @@ class FrozenFP8Linear(KeepsFP8Buffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return FrozenFP8LinearFunction.apply(x, self.weight, self.weight_scale_inv)
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, fp8_wgrad: bool):
+        """x [..., in], master weight [out, in] -> [..., out] in x's dtype."""
+        x_q, x_scale = quantize_act(pad_k(x.reshape(-1, x.shape[-1])))
+        w_q, w_scale = quantize_weight(weight.detach())
+        out = fp8_gemm(x_q, x_scale, pad_k(w_q), w_scale, out_dtype=x.dtype)
+        ctx.save_for_backward(x_q, x_scale, w_q, w_scale)  # activations kept in FP8
+        ctx.in_features, ctx.weight_dtype, ctx.fp8_wgrad = x.shape[-1], weight.dtype, fp8_wgrad
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_q, x_scale, w_q, w_scale = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        g_q, g_scale = quantize_act(pad_k(grad))
+        # dgrad: 128x128 blocks of W^T are W's blocks transposed, so no re-quantisation
+        grad_x = fp8_gemm(g_q, g_scale, pad_k(w_q.t().contiguous()), w_scale.t().contiguous(),
+                          out_dtype=grad_out.dtype).view(*grad_out.shape[:-1], ctx.in_features)
+        if not ctx.needs_input_grad[1]:  # a frozen master (e.g. under LoRA)
+            return grad_x, None, None
+        x = dequantize_act(x_q, x_scale)[:, : ctx.in_features]
+        if ctx.fp8_wgrad:
+            gt_q, gt_scale = quantize_act(pad_k(grad.t().float()))
+            xt_q, xt_scale = quantize_weight(x.t())
+            grad_w = fp8_gemm(gt_q, gt_scale, pad_k(xt_q), xt_scale, out_dtype=torch.float32)
+        else:
+            grad_w = grad.t().float() @ x
+        return grad_x, grad_w.to(ctx.weight_dtype), None
+
+
+class FP8Linear(nn.Linear):
+    """A bias-free linear layer trained through FP8 GEMMs on its high-precision master weight."""
+
+    def __init__(self, in_features: int, out_features: int, fp8_wgrad: bool = False, **like):
+        super().__init__(in_features, out_features, bias=False, **like)
+        self.fp8_wgrad = fp8_wgrad
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fp8_wgrad: bool = False) -> FP8Linear:
+        if linear.bias is not None:
+            raise ValueError("FP8Linear holds bias-free layers only")
+        module = cls(linear.in_features, linear.out_features, fp8_wgrad, device="meta")
+        module.weight = linear.weight  # the same master parameter
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FP8LinearFunction.apply(x, self.weight, self.fp8_wgrad)
 
 
 class FP8RoutedExperts(KeepsFP8Buffers, nn.Module):

@@ -222,7 +222,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu",
                         fp8: str | None = None, config=None):
         """Load a checkpoint folder. fp8="frozen" keeps (or makes) the decoder's linears and
-        routed experts FP8, for a frozen base under LoRA; see moetune.model.checkpoint."""
+        routed experts FP8, for a frozen base under LoRA; fp8="train" trains the decoder's
+        linears through FP8 GEMMs; see moetune.model.checkpoint."""
         from moetune.model.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, config=config, fp8=fp8)

@@ -1,0 +1,82 @@
+"""`builtin:arithmetic`: generated arithmetic problems with difficulty knobs and a held-out split.
+
+Each problem is {"prompt": "Compute: 12+7*3\nAnswer:", "answer": "33", "completion": " 33"}:
+`answer` is the gold the rewards compare against, `completion` what SFT trains on. A
+problem's split is fixed by a hash of its expression, so the train and test splits never
+share a problem whatever the seed or the number drawn.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+
+OPERATIONS = "+-*"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ArithmeticSpec:
+    """digits: max digits per operand; terms: operands per problem; operations: a subset of
+    "+-*" (usual precedence); test_fraction: share of all problems held out for `test`."""
+
+    digits: int = 2
+    terms: int = 2
+    operations: str = "+-"
+    test_fraction: float = 0.1
+
+    def __post_init__(self):
+        if self.digits < 1 or self.terms < 2:
+            raise ValueError(f"arithmetic: digits >= 1 and terms >= 2 (got {self.digits}, {self.terms})")
+        if not self.operations or set(self.operations) - set(OPERATIONS):
+            raise ValueError(f"arithmetic.operations: {self.operations!r} must use only {OPERATIONS!r}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"arithmetic.test_fraction: {self.test_fraction} must be in (0, 1)")
+
+
+def split_of(expression: str, test_fraction: float) -> str:
+    return "test" if zlib.crc32(expression.encode()) % 10_000 < test_fraction * 10_000 else "train"
+
+
+def evaluate(operands: list[int], ops: list[str]) -> int:
+    """Value of operands[0] ops[0] operands[1] ... with * before + and -."""
+    total, product = 0, operands[0]
+    sign = 1
+    for op, value in zip(ops, operands[1:]):
+        if op == "*":
+            product *= value
+        else:
+            total += sign * product
+            sign, product = (1 if op == "+" else -1), value
+    return total + sign * product
+
+
+def problem(operands: list[int], ops: list[str]) -> tuple[str, dict[str, str]]:
+    expression = str(operands[0]) + "".join(f"{o}{x}" for o, x in zip(ops, operands[1:]))
+    answer = str(evaluate(operands, ops))
+    return expression, {"prompt": f"Compute: {expression}\nAnswer:", "answer": answer,
+                        "completion": f" {answer}"}
+
+
+def arithmetic_problems(count: int, spec: ArithmeticSpec = ArithmeticSpec(), split: str = "train",
+                        seed: int = 0) -> list[dict[str, str]]:
+    """`count` distinct problems of `split`, the same for the same arguments."""
+    if split not in SPLITS:
+        raise ValueError(f"arithmetic split must be one of {SPLITS}, not {split!r}")
+    rng = random.Random(f"{seed}:{split}")
+    seen: set[str] = set()
+    problems = []
+    attempts = 0
+    while len(problems) < count:
+        attempts += 1
+        if attempts > 100 * count + 1000:
+            raise ValueError(f"arithmetic: cannot draw {count} distinct {split} problems with {spec}")
+        operands = [rng.randint(0, 10**spec.digits - 1) for _ in range(spec.terms)]
+        ops = [rng.choice(spec.operations) for _ in range(spec.terms - 1)]
+        expression, item = problem(operands, ops)
+        if expression in seen or split_of(expression, spec.test_fraction) != split:
+            continue
+        seen.add(expression)
+        problems.append(item)
+    return problems

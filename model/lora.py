@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moetune.model.experts import RoutedExperts
-from moetune.model.fp8 import FP8RoutedExperts, compute_dtype, dense_weight
+from moetune.model.fp8 import FP8RoutedExperts, FrozenFP8Linear, compute_dtype, dense_weight
 from moetune.model.layers import GatedMLP
 from moetune.model.moe import MoE
 
@@ -104,6 +104,10 @@ class ExpertLora(nn.Module):
         if rank * dtype.itemsize % 16:
             raise ValueError(f"routed-expert LoRA rank {rank} in {dtype}: grouped "
                              f"GEMMs need rows of a multiple of 16 bytes; use a rank multiple of 8")
+        if len(set(expert_ids)) != len(expert_ids) or not all(
+                0 <= e < experts.num_experts for e in expert_ids):
+            raise ValueError(f"lora.experts: {sorted(expert_ids)} must be distinct expert ids in "
+                             f"[0, {experts.num_experts})")
         count = len(expert_ids)
         like = dict(device=experts.down_proj.device, dtype=dtype)
         self.gate_A = nn.Parameter(torch.empty(count, rank, hidden, **like))
@@ -164,7 +168,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
 def wrap_linears(parent: nn.Module, names, spec: LoraSpec, component: str) -> None:
     for name in names:
         base = getattr(parent, name, None)
-        if isinstance(base, nn.Linear):
+        if isinstance(base, (nn.Linear, FrozenFP8Linear)):
             setattr(parent, name, LoraLinear(base, spec.rank_of(component), spec.scaling(component),
                                              spec.dropout))
 

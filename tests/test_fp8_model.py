@@ -104,6 +104,8 @@ def test_bf16_checkpoint_quantized_on_load_saves_a_deepseek_fp8_checkpoint(tmp_p
 def test_lora_trains_on_a_frozen_fp8_base(fp8_checkpoint):
     model = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint, fp8="frozen").train()
     apply_lora(model, LoraSpec(rank=8))
+    kv_b = model.model.layers[0].self_attn.kv_b_proj
+    assert isinstance(kv_b.base_layer, FrozenFP8Linear) and kv_b.lora_A.weight.requires_grad
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 128, (2, 12))
     losses = []

@@ -190,3 +190,11 @@ def test_save_pretrained_refuses_unmerged_adapters(tmp_path):
     apply_lora(model, LoraSpec(rank=4))
     with pytest.raises(ValueError, match="carries LoRA adapters"):
         model.save_pretrained(tmp_path)
+
+
+def test_expert_subset_ids_are_checked():
+    import pytest
+
+    model = DeepseekV3ForCausalLM(v3_config())
+    with pytest.raises(ValueError, match="distinct expert ids in \\[0, 16\\)"):
+        apply_lora(model, LoraSpec(rank=8, experts={1: [3, 16]}))

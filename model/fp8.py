@@ -1,4 +1,5 @@
-"""Frozen FP8 weights, held as DeepSeek ships them: float8_e4m3fn + 128x128 `weight_scale_inv`.
+"""FP8 layers: frozen FP8 bases held as DeepSeek ships them (float8_e4m3fn + 128x128
+`weight_scale_inv`), and linears that train through FP8 GEMMs.
 
 `FrozenFP8Linear` replaces an `nn.Linear` (the base under LoRA): the forward quantises
 activations per 1x128 tile and runs the block-scaled FP8 GEMM; the backward returns the

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from moetune.model.attention import MultiheadLatentAttention
@@ -160,6 +160,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         super().__init__(config)
         self.model = DeepseekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # HF trainers (TRL) read and write token ids here, as on any causal LM.
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.post_init()
 
     def get_input_embeddings(self):

@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "moetune.finetune.merge",
     "moetune.finetune.expert_profile",
     "moetune.rewards.cli",
+    "moetune.rl.evaluation",
 )
 
 

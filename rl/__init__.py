@@ -1,0 +1,1 @@
+"""RL and evaluation: problem sources, pass@k, `moetune eval` (GRPO arrives with its issue)."""

@@ -1,0 +1,148 @@
+"""`moetune eval`: sample k completions per problem, score them with the training rewards,
+report pass@1 / pass@k (unbiased estimator), mean reward and mean length.
+
+    moetune eval --model DIR [--adapter DIR] --data SOURCE --reward math_accuracy --n 8
+
+A sample passes when its weighted reward reaches --pass-threshold (1.0: fully correct).
+Writes `eval.json` (summary) and `samples.jsonl` (one row per problem) to --output.
+Completions come from a sampler `(prompts, n) -> [[completion] * n per prompt]`; the native
+one runs moetune's own `generate` (vLLM rollout workers plug in the same way).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from moetune.rewards import RewardSpec, score
+from moetune.rl.pass_at_k import pass_at_k
+from moetune.rl.problems import load_problems
+
+Sampler = Callable[[list[str], int], list[list[str]]]
+
+
+@dataclass
+class EvalReport:
+    k: int
+    problems: int
+    pass_at_1: float
+    pass_at_k: float
+    mean_reward: float
+    mean_length: float  # characters per completion
+    rows: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"pass@1": self.pass_at_1, "pass@k": self.pass_at_k, "k": self.k,
+                "mean_reward": self.mean_reward, "mean_length": self.mean_length,
+                "problems": self.problems}
+
+
+def evaluate(problems: list[dict], sampler: Sampler, rewards: list[RewardSpec], n: int,
+             pass_threshold: float = 1.0, batch_size: int = 16) -> EvalReport:
+    """Score n samples of every problem; pass@k uses k = n."""
+    rows = []
+    for start in tqdm(range(0, len(problems), batch_size), desc="eval", unit="batch"):
+        batch = problems[start:start + batch_size]
+        samples = sampler([p["prompt"] for p in batch], n)
+        prompts = [p["prompt"] for p, group in zip(batch, samples) for _ in group]
+        completions = [c for group in samples for c in group]
+        columns = {key: [p.get(key) for p, group in zip(batch, samples) for _ in group]
+                   for key in sorted({k for p in batch for k in p} - {"prompt"})}
+        result = score(rewards, prompts, completions, columns)
+        for i, (problem, group) in enumerate(zip(batch, samples)):
+            totals = result.totals[i * n:(i + 1) * n]
+            correct = sum(t >= pass_threshold for t in totals)
+            rows.append({"prompt": problem["prompt"], "completions": group, "rewards": totals,
+                         "correct": correct, "pass@1": pass_at_k(n, correct, 1),
+                         f"pass@{n}": pass_at_k(n, correct, n)})
+    count = max(len(rows), 1)
+    lengths = [len(c) for r in rows for c in r["completions"]]
+    return EvalReport(
+        k=n, problems=len(rows),
+        pass_at_1=sum(r["pass@1"] for r in rows) / count,
+        pass_at_k=sum(r[f"pass@{n}"] for r in rows) / count,
+        mean_reward=sum(sum(r["rewards"]) for r in rows) / max(len(lengths), 1),
+        mean_length=sum(lengths) / max(len(lengths), 1), rows=rows)
+
+
+def native_sampler(model_dir: str, adapter: str | None, temperature: float, top_p: float,
+                   max_new_tokens: int, seed: int) -> Sampler:
+    """Sample with moetune's own generate; the tokenizer is the model folder's tokenizer.json."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from moetune.model import DeepseekV3ForCausalLM
+
+    tokenizer_file = Path(model_dir) / "tokenizer.json"
+    if not tokenizer_file.exists():
+        raise FileNotFoundError(f"--model {model_dir}: no tokenizer.json to encode prompts with")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    model = DeepseekV3ForCausalLM.from_pretrained(model_dir)
+    if adapter:
+        from moetune.model.adapters import load_adapter
+
+        load_adapter(model, adapter)
+    eos = model.config.eos_token_id
+    stop = eos if isinstance(eos, list) else [eos]
+    generator = torch.Generator().manual_seed(seed)
+
+    def sample(prompts: list[str], n: int) -> list[list[str]]:
+        ids = [tokenizer.encode(p).ids for p in prompts for _ in range(n)]
+        out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, stop_token_ids=stop, generator=generator)
+        texts = [tokenizer.decode([t for t in seq if t not in stop]) for seq in out.sequences]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    return sample
+
+
+def write_report(report: EvalReport, output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "eval.json").write_text(json.dumps(report.summary(), indent=2))
+    with open(output / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in report.rows)
+
+
+def format_summary(report: EvalReport) -> str:
+    s = report.summary()
+    width = max(len(key) for key in s)
+    return "\n".join(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float)
+                     else f"  {key:<{width}}  {value}" for key, value in s.items())
+
+
+def run(args) -> int:
+    problems = load_problems(args.data, args.limit, args.seed)
+    sampler = native_sampler(args.model, args.adapter, args.temperature, args.top_p,
+                             args.max_new_tokens, args.seed)
+    rewards = [RewardSpec(name) for name in args.reward.split(",")]
+    report = evaluate(problems, sampler, rewards, args.n, args.pass_threshold)
+    write_report(report, Path(args.output))
+    print(format_summary(report))
+    print(f"wrote {Path(args.output) / 'eval.json'} and samples.jsonl")
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="pass@k and mean reward of a model on held-out problems",
+        description=__doc__.split("\n\n")[0] + " Completions come from moetune's native "
+                    "generate.")
+    parser.add_argument("--model", required=True, help="checkpoint folder (with tokenizer.json)")
+    parser.add_argument("--adapter", help="LoRA adapter folder to apply")
+    parser.add_argument("--data", required=True,
+                        help="builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file")
+    parser.add_argument("--reward", required=True, help="reward name(s), comma separated")
+    parser.add_argument("--n", type=int, default=4, help="samples per problem = k (default 4)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--limit", type=int, help="evaluate the first N problems")
+    parser.add_argument("--pass-threshold", type=float, default=1.0,
+                        help="weighted reward at which a sample counts as passing (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="eval_out", help="folder for eval.json and samples.jsonl")
+    parser.set_defaults(func=run)

@@ -1,0 +1,61 @@
+"""pass@k, and `moetune eval` end to end with the native sampler."""
+
+import json
+
+import pytest
+import torch
+from tiny_configs import v3_config
+
+from moetune.model import DeepseekV3ForCausalLM
+from moetune.model.char_tokenizer import char_tokenizer
+from moetune.recipes.cli import main
+from moetune.rewards import RewardSpec
+from moetune.rl.evaluation import evaluate
+from moetune.rl.pass_at_k import pass_at_k
+from moetune.rl.problems import load_problems
+
+
+def test_pass_at_k_hand_computed():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(4, 0, 4) == 0.0
+    assert pass_at_k(4, 2, 3) == 1.0  # fewer than k failures
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_humaneval_canonical_solutions_score_pass_at_1_of_one():
+    """The canonical solutions go through the same sampler -> rewards -> pass@k path."""
+    problems = load_problems("builtin:humaneval")
+    assert len(problems) == 164
+    canonical = {p["prompt"]: p["canonical_solution"] for p in problems}
+    report = evaluate(problems, lambda prompts, n: [[canonical[p]] * n for p in prompts],
+                      [RewardSpec("code_tests")], n=1, batch_size=64)
+    assert report.pass_at_1 == 1.0 and report.problems == 164
+
+
+def test_wrong_answers_lower_pass_at_k_as_the_estimator_says():
+    problems = [{"prompt": f"Compute: {i}+0\nAnswer:", "answer": str(i)} for i in range(4)]
+
+    def sampler(prompts, n):  # 2 of 4 samples right for every problem
+        return [[f" {p.split()[1].split('+')[0]}"] * 2 + [" 999"] * 2 for p in prompts]
+
+    report = evaluate(problems, sampler, [RewardSpec("math_accuracy")], n=4)
+    assert report.pass_at_1 == pytest.approx(0.5)
+    assert report.pass_at_k == 1.0 and report.mean_reward == pytest.approx(0.5)
+
+
+def test_eval_cli_with_the_native_sampler(tmp_path):
+    model = DeepseekV3ForCausalLM(v3_config(num_nextn_predict_layers=0, vocab_size=128, eos_token_id=1))
+    model.save_pretrained(tmp_path / "model")
+    char_tokenizer().save(str(tmp_path / "model" / "tokenizer.json"))
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", "builtin:arithmetic",
+                 "--reward", "math_accuracy", "--n", "2", "--limit", "3", "--max-new-tokens", "4",
+                 "--output", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert summary["problems"] == 3 and summary["k"] == 2
+    assert 0 <= summary["pass@1"] <= summary["pass@k"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["completions"]) == 2 for r in rows)
+    assert torch.tensor([len(c) for r in rows for c in r["completions"]]).le(4).all()

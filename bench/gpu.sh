@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, for a session lent the device (one H200; torch, triton,
+# transformers, peft and accelerate preinstalled; no vllm/trl/deepspeed):
+#   run(command="bash bench/gpu.sh", timeout_s=540)
+# Installs moetune without dependencies, runs the kernel and model tests that touch CUDA
+# paths, then the GPU benchmarks; logs go to $OUT (or ./gpu_out) for bench/RESULTS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_out}"
+mkdir -p "$out"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} > "$out/environment.txt" 2>&1
+python -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1
+step() {  # name, seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  echo "### $*" > "$out/$name.txt"
+  timeout "$limit" "$@" >> "$out/$name.txt" 2>&1
+  echo "exit $?" >> "$out/$name.txt"
+}
+step fp8_gemm 120 python bench/fp8_gemm.py
+step moe_layer 120 python bench/moe_layer.py --gpu
+step train_step 180 python bench/train_step.py --gpu
+tail -n 8 "$out"/*.txt

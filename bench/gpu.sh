@@ -2,8 +2,8 @@
 # The GPU checks in one run, for a session lent the device (one H200; torch, triton,
 # transformers, peft and accelerate preinstalled; no vllm/trl/deepspeed):
 #   run(command="bash bench/gpu.sh", timeout_s=540)
-# Installs moetune without dependencies, runs the kernel and model tests that touch CUDA
-# paths, then the GPU benchmarks; logs go to $OUT (or ./gpu_out) for bench/RESULTS.md.
+# Installs moetune without dependencies, then runs the GPU benchmarks, each of which checks
+# its results against a reference before timing; logs go to $OUT (or ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"

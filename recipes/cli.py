@@ -32,12 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. A RecipeError (a bad recipe or override) prints one line naming
+    what is wrong and where, and exits with code 2, without a traceback."""
+    from moetune.recipes.loader import RecipeError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as error:
+        print(f"moetune {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 report pass@1 / pass@k (unbiased estimator), mean reward and mean length.
 
     moetune eval --model DIR [--adapter DIR] --data SOURCE --reward math_accuracy --n 8
+    moetune eval RECIPE.yaml [key.sub=value ...]        # recipe: eval (moetune.recipes.schema)
 
 A sample passes when its weighted reward reaches --pass-threshold (1.0: fully correct).
 Writes `eval.json` (summary) and `samples.jsonl` (one row per problem) to --output.
@@ -70,7 +71,7 @@ def evaluate(problems: list[dict], sampler: Sampler, rewards: list[RewardSpec], 
 
 
 def native_sampler(model_dir: str, adapter: str | None, temperature: float, top_p: float,
-                   max_new_tokens: int, seed: int) -> Sampler:
+                   max_new_tokens: int, seed: int, dtype: str = "float32") -> Sampler:
     """Sample with moetune's own generate; the tokenizer is the model folder's tokenizer.json."""
     import torch
     from tokenizers import Tokenizer
@@ -81,7 +82,7 @@ def native_sampler(model_dir: str, adapter: str | None, temperature: float, top_
     if not tokenizer_file.exists():
         raise FileNotFoundError(f"--model {model_dir}: no tokenizer.json to encode prompts with")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    model = DeepseekV3ForCausalLM.from_pretrained(model_dir)
+    model = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     if adapter:
         from moetune.model.adapters import load_adapter
 
@@ -115,14 +116,36 @@ def format_summary(report: EvalReport) -> str:
 
 
 def run(args) -> int:
-    problems = load_problems(args.data, args.limit, args.seed)
-    sampler = native_sampler(args.model, args.adapter, args.temperature, args.top_p,
-                             args.max_new_tokens, args.seed)
-    rewards = [RewardSpec(name) for name in args.reward.split(",")]
-    report = evaluate(problems, sampler, rewards, args.n, args.pass_threshold)
-    write_report(report, Path(args.output))
+    from moetune.recipes.schema import DataSection, EvalRecipe, EvalSection, ModelSection
+
+    if args.recipe:
+        from moetune.recipes.loader import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides, EvalRecipe)
+    else:
+        missing = [flag for flag in ("model", "data", "reward") if getattr(args, flag) is None]
+        if missing:
+            raise SystemExit(f"moetune eval: give a recipe, or --{', --'.join(missing)}")
+        recipe = EvalRecipe(
+            recipe="eval", model=ModelSection(args.model, args.adapter),
+            data=DataSection(args.data, args.limit, args.seed),
+            rewards=[RewardSpec(name) for name in args.reward.split(",")],
+            eval=EvalSection(args.n, args.temperature, args.top_p, args.max_new_tokens,
+                             args.pass_threshold, args.output))
+    return run_recipe(recipe)
+
+
+def run_recipe(recipe) -> int:
+    """Run an EvalRecipe: sample, score, report, write eval.json and samples.jsonl."""
+    problems = load_problems(recipe.data.source, recipe.data.limit, recipe.data.seed)
+    settings = recipe.eval
+    sampler = native_sampler(recipe.model.path, recipe.model.adapter, settings.temperature,
+                             settings.top_p, settings.max_new_tokens, recipe.data.seed,
+                             recipe.model.dtype)
+    report = evaluate(problems, sampler, recipe.rewards, settings.n, settings.pass_threshold)
+    write_report(report, Path(settings.output_dir))
     print(format_summary(report))
-    print(f"wrote {Path(args.output) / 'eval.json'} and samples.jsonl")
+    print(f"wrote {Path(settings.output_dir) / 'eval.json'} and samples.jsonl")
     return 0
 
 
@@ -131,11 +154,13 @@ def add_subcommand(subparsers) -> None:
         "eval", help="pass@k and mean reward of a model on held-out problems",
         description=__doc__.split("\n\n")[0] + " Completions come from moetune's native "
                     "generate.")
-    parser.add_argument("--model", required=True, help="checkpoint folder (with tokenizer.json)")
+    parser.add_argument("recipe", nargs="?", help="an eval recipe (YAML); or use the flags below")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value")
+    parser.add_argument("--model", help="checkpoint folder (with tokenizer.json)")
     parser.add_argument("--adapter", help="LoRA adapter folder to apply")
-    parser.add_argument("--data", required=True,
+    parser.add_argument("--data",
                         help="builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file")
-    parser.add_argument("--reward", required=True, help="reward name(s), comma separated")
+    parser.add_argument("--reward", help="reward name(s), comma separated")
     parser.add_argument("--n", type=int, default=4, help="samples per problem = k (default 4)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -1,0 +1,82 @@
+"""Recipe loading: typed sections, overrides, and errors that name the key path."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_configs import v3_config
+
+from moetune.model import DeepseekV3ForCausalLM
+from moetune.model.char_tokenizer import char_tokenizer
+from moetune.recipes.cli import main
+from moetune.recipes.loader import RecipeError, load_recipe
+from moetune.recipes.schema import EvalRecipe
+
+RECIPE = """\
+recipe: eval
+model:
+  path: {model}
+data:
+  source: builtin:arithmetic
+  limit: 3
+rewards:
+  - name: math_accuracy
+  - name: format
+    weight: 0.5
+    on_error: zero
+eval:
+  n: 2
+  max_new_tokens: 4
+  output_dir: {out}
+"""
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_eval_recipe_runs_with_overrides(tmp_path):
+    model = DeepseekV3ForCausalLM(v3_config(num_nextn_predict_layers=0, eos_token_id=1))
+    model.save_pretrained(tmp_path / "model")
+    char_tokenizer().save(str(tmp_path / "model" / "tokenizer.json"))
+    recipe = write(tmp_path, RECIPE.format(model=tmp_path / "model", out=tmp_path / "out"))
+    assert main(["eval", str(recipe), "eval.n=3", "data.limit=2"]) == 0
+    summary = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert summary["k"] == 3 and summary["problems"] == 2
+
+
+def test_sections_are_typed_and_nested_entries_built(tmp_path):
+    recipe = load_recipe(write(tmp_path, RECIPE.format(model="m", out="o")),
+                         ["eval.temperature=0"], EvalRecipe)
+    assert recipe.eval.temperature == 0.0 and isinstance(recipe.eval.temperature, float)
+    assert recipe.rewards[1].name == "format" and recipe.rewards[1].weight == 0.5
+    assert recipe.rewards[1].on_error == "zero" and recipe.model.dtype == "float32"
+
+
+@pytest.mark.parametrize("edit, overrides, message", [
+    (("  n: 2", "  temprature: 2"), [], "unknown key 'eval.temprature'; did you mean 'eval.temperature'?"),
+    (("  n: 2", "  n: two"), [], "eval.n: expected int, got str 'two'"),
+    (("    weight: 0.5", "    wieght: 0.5"), [], "unknown key 'rewards[1].wieght'; did you mean 'rewards[1].weight'?"),
+    (("recipe: eval", "recipe: sft"), [], "recipe: expected one of ['eval'], got 'sft'"),
+    (("data:\n  source: builtin:arithmetic\n  limit: 3\n", ""), [], "missing required key 'data'"),
+    (("", ""), ["eval.max_new_tokens=lots"], "eval.max_new_tokens: expected int, got str 'lots'"),
+    (("", ""), ["modle.path=x"], "unknown key 'modle'; did you mean 'model'?"),
+])
+def test_recipe_errors_name_the_key(tmp_path, edit, overrides, message):
+    text = RECIPE.format(model="m", out="o")
+    if edit[0]:
+        text = text.replace(*edit)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, text), overrides, EvalRecipe)
+    assert message in str(error.value)
+
+
+def test_cli_prints_recipe_errors_without_traceback_and_exits_2(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    run = subprocess.run([sys.executable, "-m", "moetune.recipes", "eval", str(missing)],
+                         check=False, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert f"recipe {missing}: no such file" in run.stderr and "Traceback" not in run.stderr

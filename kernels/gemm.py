@@ -80,7 +80,7 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "a
 
 def fp8_grouped_gemm_reference(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16):
     w = dequantize_weight(b, b_scale, dtype=torch.float32)
-    return torch._grouped_mm(dequantize_act(a, a_scale), w.transpose(-2, -1).contiguous(),
+    return torch._grouped_mm(dequantize_act(a, a_scale), w.transpose(-2, -1),
                              offs=offsets).to(out_dtype)
 
 

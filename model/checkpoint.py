@@ -81,16 +81,6 @@ def mtp_shared_copies(config: DeepseekV3Config) -> dict[str, str]:
     return copies
 
 
-def shard_files(path: Path) -> list[str]:
-    index = path / INDEX_FILE
-    if index.exists():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single.name]
-    raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor model.safetensors found")
-
-
 def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, fp8=None):
     """Build `cls` from a checkpoint folder, reading one tensor at a time (peak memory:
     the model plus the largest tensor). Every model tensor must come from the checkpoint and
@@ -130,7 +120,7 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
         names_of_param.setdefault(slot.param, []).append(disk_name)
     filled: set[str] = set()
     problems: list[str] = []
-    for file in shard_files(path):
+    for file in sorted(set(weight_map.values())):
         with safe_open(path / file, framework="pt", device=str(device)) as shard:
             for disk_name in shard.keys():
                 if disk_name in copies or (disk_name.endswith("_scale_inv") and disk_name not in layout):
@@ -153,7 +143,9 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
                     if scale_name not in weight_map:
                         problems.append(f"FP8 tensor {disk_name!r} has no {scale_name!r}")
                         continue
-                    scale = read_tensor(path, weight_map[scale_name], scale_name)
+                    scale_file = weight_map[scale_name]
+                    scale = (shard.get_tensor(scale_name) if scale_file == file
+                             else read_tensor(path, scale_file, scale_name))
                     tensor = dequantize_weight(tensor, scale, dtype=dtype)
                 if tuple(target.shape) != tuple(tensor.shape):
                     problems.append(f"shape mismatch for {disk_name!r}: checkpoint "
@@ -182,12 +174,15 @@ def slot_shape(params, slot: Slot) -> torch.Size:
 
 
 def locate_tensors(path: Path) -> dict[str, str]:
-    """Tensor name -> shard file name."""
+    """Tensor name -> shard file name, from the index or the single model.safetensors."""
     index = path / INDEX_FILE
     if index.exists():
         return json.loads(index.read_text())["weight_map"]
-    with safe_open(path / "model.safetensors", framework="pt") as shard:
-        return {name: "model.safetensors" for name in shard.keys()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor model.safetensors found")
+    with safe_open(single, framework="pt") as shard:
+        return dict.fromkeys(shard.keys(), single.name)
 
 
 def read_tensor(path: Path, file: str, name: str) -> torch.Tensor:

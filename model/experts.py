@@ -150,20 +150,22 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], expert_ids [T, k], weights [T, k] -> sum_k weights * expert(x) [T, hidden]."""
-        return self.route(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+        return route(self, x, expert_ids, weights, self.gate_up_proj, self.down_proj)
 
-    def route(self, x, expert_ids, weights, gate_up, down) -> torch.Tensor:
-        """Sort the (token, expert) pairs by expert and run the grouped-expert function with
-        these stacked weights (and the adapters in `self.lora`, if any)."""
-        flat_ids = expert_ids.flatten()
-        order = flat_ids.argsort(stable=True)  # row r <- (token, slot) pair order[r]
-        token_rows = order.argsort().view_as(expert_ids)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts)
-        offsets = counts.cumsum(0).to(torch.int32)
-        adapters = ()
-        if self.lora is not None:
-            adapters = self.lora.arguments(counts, flat_ids.index_select(0, order))
-        return RoutedExpertsFunction.apply(
-            x, gate_up, down, offsets, order // expert_ids.shape[-1], token_rows,
-            weights.flatten().index_select(0, order), *adapters,
-        )
+
+def route(experts: nn.Module, x, expert_ids, weights, gate_up, down) -> torch.Tensor:
+    """Sort the (token, expert) pairs by expert and run the grouped-expert function with
+    these stacked weights (and the adapters in `experts.lora`, if any). Shared by
+    RoutedExperts and FP8RoutedExperts, which differ only in how they hold the weights."""
+    flat_ids = expert_ids.flatten()
+    order = flat_ids.argsort(stable=True)  # row r <- (token, slot) pair order[r]
+    token_rows = order.argsort().view_as(expert_ids)
+    counts = torch.bincount(flat_ids, minlength=experts.num_experts)
+    offsets = counts.cumsum(0).to(torch.int32)
+    adapters = ()
+    if experts.lora is not None:
+        adapters = experts.lora.arguments(counts, flat_ids.index_select(0, order))
+    return RoutedExpertsFunction.apply(
+        x, gate_up, down, offsets, order // expert_ids.shape[-1], token_rows,
+        weights.flatten().index_select(0, order), *adapters,
+    )

@@ -28,7 +28,7 @@ from moetune.kernels import (
     quantize_act,
     quantize_weight,
 )
-from moetune.model.experts import RoutedExperts
+from moetune.model.experts import RoutedExperts, route
 
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                        "weight_block_size": [128, 128]}
@@ -217,7 +217,7 @@ class FP8RoutedExperts(KeepsFP8Buffers, nn.Module):
         """As RoutedExperts.forward; the weights are dequantised for this layer only."""
         gate_up = torch.cat((self.dequantized("gate_proj", x.dtype), self.dequantized("up_proj", x.dtype)), 1)
         down = self.dequantized("down_proj", x.dtype)
-        return RoutedExperts.route(self, x, expert_ids, weights, gate_up, down)
+        return route(self, x, expert_ids, weights, gate_up, down)
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:

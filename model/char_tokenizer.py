@@ -25,3 +25,24 @@ def char_tokenizer() -> Tokenizer:
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant: ' }}{% generation %}{{ message['content'] + '<|end|>' }}"
+    "{% endgeneration %}{{ '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+
+def char_tokenizer_fast():
+    """The character tokenizer as transformers' PreTrainedTokenizerFast, with bos/eos/pad set
+    and a plain-text chat template (`User: ...` / `Assistant: ...<|end|>`), for TRL and vLLM."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=char_tokenizer(), bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[1],
+        pad_token=SPECIAL_TOKENS[2], unk_token=SPECIAL_TOKENS[2], chat_template=CHAT_TEMPLATE,
+        model_max_length=256)

@@ -116,8 +116,12 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        """input_ids [B, S] -> (final normed hidden [B, S, hidden], last block output, cos,
-        sin, mask). attention_mask [B, T] marks real tokens (T = cache length + S)."""
+        """input_ids [B, S] -> (final normed hidden [B, S, hidden], cos, sin, mask,
+        documents). attention_mask [B, T] marks real tokens (T = cache length + S).
+
+        Packed rows (no attention_mask, position_ids restarting at 0 where a sequence
+        starts, as TRL's padding-free collator makes them) attend within their own
+        sequence only; `documents` [B, S] then numbers those sequences, else it is None."""
         x = self.embed_tokens(input_ids)
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -127,7 +131,11 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
                 position_ids = position_ids.expand(x.shape[0], -1)
         cos, sin = self.rotary(position_ids)
-        mask = build_attention_mask(attention_mask, x.shape[1], past, x.device, cache is not None)
+        documents = packed_documents(position_ids) if attention_mask is None and cache is None else None
+        if documents is not None:
+            mask = build_document_mask(documents)
+        else:
+            mask = build_attention_mask(attention_mask, x.shape[1], past, x.device, cache is not None)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, mask)
@@ -135,7 +143,22 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        return self.norm(x), cos, sin, mask
+        return self.norm(x), cos, sin, mask, documents
+
+
+def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, S] sequence number of each token when a row packs several sequences, else None."""
+    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
+        return None
+    return (position_ids == 0).long().cumsum(-1)
+
+
+def build_document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, S, S] mask: causal, and within the same packed sequence."""
+    positions = torch.arange(documents.shape[1], device=documents.device)
+    causal = positions[None, :] <= positions[:, None]
+    same = documents[:, :, None] == documents[:, None, :]
+    return (causal & same)[:, None]
 
 
 def build_attention_mask(attention_mask, query_len, past, device, force=False):
@@ -180,15 +203,15 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         if unsupported:
             raise ValueError(f"DeepseekV3ForCausalLM.forward does not take {unsupported}; pass "
                              "input_ids (and a LatentCache as `cache` for decoding)")
-        hidden, cos, sin, mask = self.model(input_ids, attention_mask, position_ids, cache)
+        hidden, cos, sin, mask, documents = self.model(input_ids, attention_mask, position_ids, cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         out = CausalLMOutput(logits=logits, hidden_states=hidden)
         if labels is None:
             return out
-        out.lm_loss = next_token_loss(logits, labels, shift=1)
+        out.lm_loss = next_token_loss(logits, labels, shift=1, documents=documents)
         out.loss = out.lm_loss
         if len(self.model.mtp) and self.config.mtp_loss_weight:
-            out.mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, mask)
+            out.mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, mask, documents)
             out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
         balance = [m.mlp.balance_loss for m in self.model.layers
                    if isinstance(m.mlp, MoE) and m.mlp.balance_loss is not None]
@@ -197,13 +220,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
             out.loss = out.loss + self.config.aux_loss_alpha * out.aux_loss
         return out
 
-    def mtp_loss(self, hidden, input_ids, labels, cos, sin, mask) -> torch.Tensor:
+    def mtp_loss(self, hidden, input_ids, labels, cos, sin, mask, documents=None) -> torch.Tensor:
         """Mean over depths k of the loss of predicting token i+k+1 at position i."""
         losses = []
         for k, module in enumerate(self.model.mtp, start=1):
             next_ids = torch.roll(input_ids, shifts=-k, dims=1)  # t_{i+k}; tail is masked below
             hidden, normed = module(hidden, self.model.embed_tokens(next_ids), cos, sin, mask)
-            losses.append(next_token_loss(self.lm_head(normed), labels, shift=k + 1))
+            losses.append(next_token_loss(self.lm_head(normed), labels, k + 1, documents))
         return torch.stack(losses).mean()
 
     # Expert load balancing -------------------------------------------------------------
@@ -241,8 +264,12 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         return generate(self, input_ids, **kwargs)
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
-    """Mean cross-entropy of logits[:, i] against labels[:, i + shift] over non -100 labels."""
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int,
+                    documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of logits[:, i] against labels[:, i + shift] over non -100 labels
+    (and, for packed rows, over targets in the same sequence as position i)."""
     logits = logits[:, : logits.shape[1] - shift]
     targets = labels[:, shift:]
+    if documents is not None:
+        targets = targets.masked_fill(documents[:, shift:] != documents[:, :-shift], -100)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

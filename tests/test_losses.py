@@ -62,3 +62,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.equal(model.expert_load(), plain_load)  # recomputation is not counted twice
     for name, grad in plain.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
+def test_packed_row_equals_its_sequences_run_apart():
+    """TRL's padding-free packing: one row, position_ids restarting at 0, labels -100 at
+    each start. Logits and LM + MTP losses equal those of the sequences run one by one."""
+    model = DeepseekV3ForCausalLM(v3_config(mtp_loss_weight=0.5)).eval()
+    first, second = torch.randint(0, 128, (1, 7)), torch.randint(0, 128, (1, 5))
+    packed = torch.cat((first, second), dim=1)
+    positions = torch.cat((torch.arange(7), torch.arange(5)))[None]
+    labels = packed.clone()
+    labels[0, [0, 7]] = -100
+    out = model(packed, position_ids=positions, labels=labels)
+    apart = [model(ids, labels=ids) for ids in (first, second)]
+    torch.testing.assert_close(out.logits, torch.cat([a.logits for a in apart], dim=1),
+                               rtol=1e-5, atol=1e-5)
+    # The packed loss is a token-weighted mean: 6 + 4 LM targets, 5 + 3 MTP targets.
+    lm = (6 * apart[0].lm_loss + 4 * apart[1].lm_loss) / 10
+    mtp = (5 * apart[0].mtp_loss + 3 * apart[1].mtp_loss) / 8
+    torch.testing.assert_close(out.lm_loss, lm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.mtp_loss, mtp, rtol=1e-5, atol=1e-5)

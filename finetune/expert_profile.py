@@ -159,9 +159,10 @@ def add_subcommand(subparsers) -> None:
     profile.set_defaults(func=run)
 
 
-def load_selection(path: str) -> dict[int, list[int]]:
-    """The `selected` experts of a profile JSON, keyed by layer index (for LoraSpec.experts)."""
-    selected = json.loads(Path(path).read_text()).get("selected")
-    if not selected:
-        raise ValueError(f"{path}: no `selected` experts (write it with `moetune experts profile`)")
-    return {int(layer): ids for layer, ids in selected.items()}
+def read_profile(path: str) -> ExpertProfile:
+    """The profile a `moetune experts profile` JSON holds (layer keys back to ints)."""
+    raw = json.loads(Path(path).read_text())
+    if "token_ratio" not in raw or "gate_score" not in raw:
+        raise ValueError(f"{path}: not an expert profile (write it with `moetune experts profile`)")
+    return ExpertProfile({int(k): v for k, v in raw["token_ratio"].items()},
+                         {int(k): v for k, v in raw["gate_score"].items()}, raw["tokens"])

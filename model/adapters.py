@@ -81,12 +81,18 @@ def read_spec(path) -> LoraSpec:
     return LoraSpec(**raw)
 
 
-@torch.no_grad()
 def load_adapter(model, path) -> LoraSpec:
-    """Attach the adapters saved at `path` to `model` (frozen) and load their weights.
-    Fails naming any missing, unexpected or mis-shaped adapter tensor."""
+    """Attach the adapters saved at `path` to `model` (frozen) and load their weights."""
     spec = read_spec(path)
     apply_lora(model, spec)
+    load_adapter_weights(model, path)
+    return spec
+
+
+@torch.no_grad()
+def load_adapter_weights(model, path) -> None:
+    """Copy the adapter weights saved at `path` into the model's existing adapters. Fails
+    naming any missing, unexpected or mis-shaped adapter tensor."""
     expected = adapter_tensors(model)
     saved = load_file(Path(path) / "adapter_model.safetensors")
     problems = [f"missing adapter tensor {k!r}" for k in sorted(expected.keys() - saved.keys())]
@@ -99,4 +105,3 @@ def load_adapter(model, path) -> LoraSpec:
             expected[key].copy_(saved[key])
     if problems:
         raise ValueError(f"adapter {path} does not fit the model:\n  " + "\n  ".join(problems[:20]))
-    return spec

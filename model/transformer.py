@@ -237,10 +237,25 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         """Tokens routed to each expert since the last bias update: [num_moe_layers, E]."""
         return torch.stack([router.load for router in self.routers()])
 
+    @torch.no_grad()
+    def sync_expert_load(self) -> None:
+        """Sum the routers' token counts over all data-parallel ranks (no-op alone), so that
+        every rank logs the same load and moves its bias the same way."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        load = self.expert_load()
+        torch.distributed.all_reduce(load)
+        for router, counts in zip(self.routers(), load):
+            router.load.copy_(counts)
+
     def update_expert_bias(self, gamma: float) -> None:
         """b_i += gamma * sign(mean_load - load_i) in every MoE layer; resets the counts."""
         for router in self.routers():
             router.update_bias(gamma)
+
+    def reset_expert_load(self) -> None:
+        for router in self.routers():
+            router.reset_buffers()
 
     # Checkpoints and generation live in their own modules ------------------------------
     @classmethod

@@ -1,6 +1,10 @@
 """Typed recipe schemas, one dataclass per section. A recipe's `recipe:` key picks the schema.
 
-Built so far: `recipe: eval`. SFT and GRPO recipes arrive with their trainers.
+    recipe: sft    SFTRecipe   model, lora, data, moe, training
+    recipe: eval   EvalRecipe  model, data, rewards, eval
+
+Training keys use transformers' TrainingArguments names where they overlap. This module is
+plain data (no torch), so the loader checks a recipe before anything heavy is imported.
 """
 
 from __future__ import annotations
@@ -13,14 +17,122 @@ from moetune.rewards import RewardSpec
 
 @dataclass
 class ModelSection:
-    path: str  # checkpoint folder (with tokenizer.json for generation)
-    adapter: str | None = None  # LoRA adapter folder
+    """Where the weights come from: a checkpoint folder (`path`), or fresh weights from a
+    config (`config`: a config.json path or a shipped name such as `tiny_arith`).
+    tokenizer: a folder or tokenizer.json; `char` is the shipped character tokenizer;
+    default: the checkpoint folder's."""
+
+    path: str | None = None
+    config: str | None = None
+    tokenizer: str | None = None
+    adapter: str | None = None  # a LoRA adapter folder to apply (frozen) before training/eval
     dtype: Literal["float32", "bfloat16"] = "float32"
+    fp8: Literal["frozen", "train"] | None = None  # FP8 frozen base (LoRA) or FP8 training
+    mtp_loss_weight: float | None = None  # None: the config's value
+    aux_loss_alpha: float | None = None  # sequence-wise balance loss weight; None: the config's
+    seed: int = 0  # initialisation seed when built from a config
+
+
+@dataclass
+class ExpertSelection:
+    """ESFT-style subset: per layer, the fewest experts covering `top_p` of the profile's
+    token ratio (`select: token`) or mean gate score (`select: gate`)."""
+
+    profile: str  # JSON written by `moetune experts profile`
+    select: Literal["token", "gate"] = "gate"
+    top_p: float = 0.2
+
+
+@dataclass
+class LoraSection:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    components: list[Literal["attention", "dense_mlp", "shared_experts", "routed_experts"]] = \
+        field(default_factory=lambda: ["attention", "dense_mlp", "shared_experts", "routed_experts"])
+    ranks: dict[str, int] = field(default_factory=dict)  # per component, e.g. routed_experts: 8
+    layers: list[int] | None = None  # [first, last) decoder layers; None = all
+    experts: Literal["all"] | ExpertSelection = "all"
+
+
+@dataclass
+class ArithmeticSection:
+    """Knobs of `builtin:arithmetic` (moetune.finetune.arithmetic.ArithmeticSpec)."""
+
+    digits: int = 2
+    terms: int = 2
+    operations: str = "+-"
+    test_fraction: float = 0.1
+    count: int = 2000  # training problems drawn
+
+
+@dataclass
+class SFTDataSection:
+    """source: builtin:arithmetic, a .jsonl/.json/.parquet/.csv file, or a `save_to_disk`
+    folder. Rows hold `prompt` + `completion`, `messages` (chat), or `text`."""
+
+    source: str
+    eval_source: str | None = None  # held-out rows; else `eval_fraction` of `source`
+    eval_fraction: float = 0.0
+    limit: int | None = None  # first N training rows
+    max_length: int = 256
+    packing: bool = False
+    completion_only_loss: bool = True  # loss on completions / assistant turns only
+    arithmetic: ArithmeticSection = field(default_factory=ArithmeticSection)
+
+
+@dataclass
+class MoESection:
+    """Auxiliary-loss-free balancing: after each optimizer step every router's bias moves by
+    bias_update_gamma * sign(mean load - load). 0 disables; LoRA keeps the bias frozen."""
+
+    bias_update_gamma: float = 0.001
+
+
+@dataclass
+class TrainingSection:
+    """transformers.TrainingArguments fields (same names and meaning)."""
+
+    output_dir: str = "runs/sft"
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    eval_steps: int | None = None  # evaluate every N steps when there is an eval split
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    resume_from_checkpoint: bool | str = False  # true: the latest checkpoint in output_dir
+    dataloader_num_workers: int = 0
+    disable_tqdm: bool = False
+
+
+@dataclass
+class SFTRecipe:
+    recipe: Literal["sft"]
+    model: ModelSection
+    data: SFTDataSection
+    lora: LoraSection | None = None
+    moe: MoESection = field(default_factory=MoESection)
+    training: TrainingSection = field(default_factory=TrainingSection)
 
 
 @dataclass
 class DataSection:
-    source: str  # builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file
+    """Evaluation problems: builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file."""
+
+    source: str
     limit: int | None = None  # first N problems
     seed: int = 0
 
@@ -44,4 +156,4 @@ class EvalRecipe:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
-SCHEMAS = {"eval": EvalRecipe}
+SCHEMAS = {"sft": SFTRecipe, "eval": EvalRecipe}

@@ -127,7 +127,7 @@ def run(args) -> int:
         if missing:
             raise SystemExit(f"moetune eval: give a recipe, or --{', --'.join(missing)}")
         recipe = EvalRecipe(
-            recipe="eval", model=ModelSection(args.model, args.adapter),
+            recipe="eval", model=ModelSection(path=args.model, adapter=args.adapter),
             data=DataSection(args.data, args.limit, args.seed),
             rewards=[RewardSpec(name) for name in args.reward.split(",")],
             eval=EvalSection(args.n, args.temperature, args.top_p, args.max_new_tokens,

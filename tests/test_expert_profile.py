@@ -7,7 +7,7 @@ from tiny_configs import v3_config
 
 from moetune.finetune.expert_profile import (
     ExpertProfile,
-    load_selection,
+    read_profile,
     profile_experts,
     select_experts,
 )
@@ -56,7 +56,8 @@ def test_profile_cli_writes_selection(tmp_path):
     assert result["tokens"] == 60 and set(result["selected"]) == {"1", "2"}
     assert all(0 < len(ids) < 16 for ids in result["selected"].values())
     # the selection drives expert-subset LoRA: only selected experts get adapters
-    selection = load_selection(str(tmp_path / "experts.json"))
+    selection = select_experts(read_profile(str(tmp_path / "experts.json")), result["criterion"], 0.3)
+    assert {str(k): v for k, v in selection.items()} == result["selected"]
     apply_lora(model, LoraSpec(rank=8, components=("routed_experts",), experts=selection))
     for layer in (1, 2):
         lora = model.model.layers[layer].mlp.experts.lora

@@ -1,0 +1,126 @@
+"""A recipe's `model` and `lora` sections -> a model, its tokenizer and its LoRA spec.
+
+Shared by SFT, GRPO and `--dry-run`: the same section always builds the same model.
+A model comes from a checkpoint folder (`model.path`) or, with fresh weights, from a config
+(`model.config`: a config.json path or a name shipped in moetune/recipes/configs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
+from moetune.model.lora import LoraSpec, apply_lora
+from moetune.recipes.loader import RecipeError
+from moetune.recipes.schema import LoraSection, ModelSection
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+
+
+def resolve_config(section: ModelSection) -> DeepseekV3Config:
+    """The model's config, with the section's loss weights applied."""
+    if (section.path is None) == (section.config is None):
+        raise RecipeError("model: give exactly one of model.path (a checkpoint folder) and "
+                          "model.config (a config.json or a shipped config name)")
+    source = section.path or shipped_config(section.config)
+    if not Path(source).exists():
+        key = "model.path" if section.path else "model.config"
+        raise RecipeError(f"{key}: {source}: no such file or folder")
+    try:
+        config = load_config(source)
+    except (FileNotFoundError, ValueError) as error:
+        raise RecipeError(f"model: {error}") from None
+    if section.mtp_loss_weight is not None:
+        config.mtp_loss_weight = section.mtp_loss_weight
+    if section.aux_loss_alpha is not None:
+        config.aux_loss_alpha = section.aux_loss_alpha
+    return config
+
+
+def shipped_config(name: str) -> str:
+    """A config path as given, or a shipped config by name (`tiny_arith` or `tiny_arith.json`)."""
+    if Path(name).exists():
+        return name
+    shipped = SHIPPED_CONFIGS / (name if name.endswith(".json") else f"{name}.json")
+    if shipped.exists():
+        return str(shipped)
+    names = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+    raise RecipeError(f"model.config: {name!r} is neither a file nor a shipped config ({', '.join(names)})")
+
+
+def load_model(section: ModelSection, device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
+    """Load the checkpoint, or initialise fresh weights from the config (seeded)."""
+    config = resolve_config(section)
+    dtype = getattr(torch, section.dtype)
+    if section.path:
+        return DeepseekV3ForCausalLM.from_pretrained(section.path, dtype=dtype, device=device,
+                                                     fp8=section.fp8, config=config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(section.seed)
+        model = DeepseekV3ForCausalLM(config).to(device=device, dtype=dtype)
+    if section.fp8:
+        from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
+
+        (to_frozen_fp8 if section.fp8 == "frozen" else to_fp8_training)(model)
+    return model
+
+
+def load_tokenizer(section: ModelSection):
+    """A transformers PreTrainedTokenizerFast: `char`, a folder / tokenizer.json, or the
+    checkpoint folder's own."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from moetune.model.char_tokenizer import char_tokenizer_fast
+
+    source = section.tokenizer or section.path
+    if source is None:
+        raise RecipeError("model.tokenizer: a model built from a config needs a tokenizer "
+                          "(`char`, a folder, or a tokenizer.json)")
+    if source == "char":
+        return char_tokenizer_fast()
+    path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        key = "model.tokenizer" if section.tokenizer else "model.path"
+        raise RecipeError(f"{key}: {source}: no tokenizer.json or tokenizer_config.json there")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def lora_spec(section: LoraSection, num_blocks: int) -> LoraSpec:
+    """The LoraSpec of a recipe's `lora` section; an expert selection reads its profile."""
+    experts = None
+    if section.experts != "all":
+        from moetune.finetune.expert_profile import read_profile, select_experts
+
+        selection = section.experts
+        if not Path(selection.profile).exists():
+            raise RecipeError(f"lora.experts.profile: {selection.profile}: no such file "
+                              "(write it with `moetune experts profile`)")
+        try:
+            profile = read_profile(selection.profile)
+            experts = select_experts(profile, selection.select, selection.top_p)
+        except ValueError as error:
+            raise RecipeError(f"lora.experts: {error}") from None
+    layers = tuple(section.layers) if section.layers is not None else None
+    if layers is not None and (len(layers) != 2 or not 0 <= layers[0] < layers[1] <= num_blocks):
+        raise RecipeError(f"lora.layers: {list(layers)} must be [first, last) with "
+                          f"0 <= first < last <= {num_blocks}")
+    try:
+        return LoraSpec(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
+                        components=tuple(section.components), ranks=dict(section.ranks),
+                        layers=layers, experts=experts)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+
+
+def attach_lora(model: DeepseekV3ForCausalLM, section: LoraSection | None) -> LoraSpec | None:
+    """Freeze the model and add adapters per the section; None leaves it fully trainable."""
+    if section is None:
+        return None
+    spec = lora_spec(section, len(model.model.layers) + len(model.model.mtp))
+    apply_lora(model, spec)
+    return spec
+

@@ -1,0 +1,198 @@
+"""Supervised fine-tuning on TRL's SFTTrainer, with moetune's MoE loss and bookkeeping.
+
+TRL's SFTTrainer brings data formats and chat templates, completion-only loss, packing,
+eval splits, gradient accumulation, LR schedules, checkpoints and resume, TensorBoard and
+the progress bar. `MoESFTTrainer` changes what TRL cannot know about a DeepSeek MoE:
+  - the loss is the model's own: LM + mtp_loss_weight * MTP + aux_loss_alpha * balance
+    (TRL 1.16's default loss calls the backbone through a fused LM head, which skips
+    MTP); each part is logged;
+  - after every optimizer step the routers' expert load is summed over ranks, logged
+    (coefficient of variation per layer), and moves the aux-free bias (moe.bias_update_gamma);
+  - LoRA runs save and resume PEFT-format adapters (moetune.model.adapters), full runs
+    moetune's checkpoint format.
+Each logged step also lands in `metrics.jsonl`; `expert_load.png` is drawn at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from moetune.finetune.expert_load import ExpertLoadHistory
+from moetune.finetune.metrics_file import MetricsFile
+from moetune.finetune.model_loading import attach_lora, load_model, load_tokenizer
+from moetune.finetune.sft_data import load_sft_datasets
+from moetune.model.adapters import load_adapter_weights, save_adapter
+from moetune.model.lora import LoraSpec
+from moetune.model.moe import MoE
+from moetune.recipes.schema import SFTRecipe
+
+log = logging.getLogger(__name__)
+
+
+class MoESFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the model's (LM + MTP + aux) and whose checkpoints hold
+    LoRA adapters in PEFT format when `lora_spec` is given."""
+
+    def __init__(self, *args, lora_spec: LoraSpec | None = None, base_path: str | None = None,
+                 **kwargs):
+        self.lora_spec = lora_spec
+        self.base_path = base_path
+        self.tokens_seen = 0  # this rank's training tokens
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                    position_ids=inputs.get("position_ids"), labels=labels)
+        loss = out.loss
+        mode = "train" if model.training else "eval"
+        if num_items_in_batch is not None:
+            # A token-weighted mean over the whole accumulated (and, like TRL, all-rank) batch.
+            targets = (labels[:, 1:] != -100).sum()
+            loss = loss * targets / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes
+        for name in ("lm_loss", "mtp_loss", "aux_loss"):
+            part = getattr(out, name)
+            if part is not None:
+                self._metrics[mode][name].append(part.detach().item())
+        if mode == "train":
+            mask = inputs.get("attention_mask")
+            self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        return (loss, out) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if self.lora_spec is not None:
+            save_adapter(model, self.lora_spec, output_dir, self.base_path)
+        else:
+            model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        if self.lora_spec is not None:
+            load_adapter_weights(model, resume_from_checkpoint)
+            return
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype,
+                                            config=model.config)
+        model.load_state_dict(saved.state_dict())
+
+
+class MoEBookkeeping(TrainerCallback):
+    """After each optimizer step: sum the expert load over ranks, log its CV, move the
+    router bias (full fine-tuning, gamma > 0), write metrics.jsonl rows, and plot the load
+    at the end of training."""
+
+    def __init__(self, trainer: MoESFTTrainer, gamma: float, metrics: MetricsFile):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        self.trainer = trainer
+        self.gamma = 0.0 if trainer.lora_spec is not None else gamma
+        self.history = ExpertLoadHistory([i for i, layer in enumerate(model.model.layers)
+                                          if isinstance(layer.mlp, MoE)])
+        self.metrics = metrics
+        self.clock = (time.perf_counter(), 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        if not self.history.layer_ids:
+            return
+        model.sync_expert_load()
+        for name, value in self.history.record(state.global_step, model.expert_load()).items():
+            self.trainer._metrics["train"][name].append(value)
+        if self.gamma:
+            model.update_expert_bias(self.gamma)
+        else:
+            model.reset_expert_load()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, tokens = time.perf_counter(), self.trainer.tokens_seen
+        record = {"step": state.global_step}
+        if "loss" in logs:
+            started, before = self.clock
+            # This rank's count times the ranks: data-parallel ranks see equal batches.
+            processed = (tokens - before) * args.world_size
+            record |= {"loss": logs["loss"], "lr": logs.get("learning_rate"),
+                       "tokens_per_second": processed / max(now - started, 1e-9)}
+            self.clock = (now, tokens)
+        record |= {k: v for k, v in logs.items()
+                   if k not in ("loss", "learning_rate") and isinstance(v, (int, float))}
+        self.metrics.write(record)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            path = self.history.plot(Path(args.output_dir) / "expert_load.png")
+            if path:
+                log.info("expert load plot: %s", path)
+
+
+def sft_config(recipe: SFTRecipe, chat: bool) -> SFTConfig:
+    """TrainingArguments from `training`, SFT data options from `data`. chat: the rows are
+    `messages`, whose loss is then limited to assistant turns (the chat template's
+    {% generation %} blocks) rather than to completions."""
+    training, data = recipe.training, recipe.data
+    has_eval = bool(data.eval_source or data.eval_fraction)
+    fields = dict(vars(training))
+    fields.pop("resume_from_checkpoint")
+    return SFTConfig(
+        **fields,
+        eval_strategy="steps" if has_eval and training.eval_steps else "no",
+        logging_first_step=True, max_length=data.max_length, packing=data.packing,
+        completion_only_loss=data.completion_only_loss,
+        assistant_only_loss=data.completion_only_loss and chat,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def resume_checkpoint(recipe: SFTRecipe) -> str | None:
+    """The checkpoint folder to resume from: a path, or the latest one in output_dir."""
+    value = recipe.training.resume_from_checkpoint
+    if not value:
+        return None
+    if isinstance(value, str):
+        return value
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output = Path(recipe.training.output_dir)
+    return get_last_checkpoint(str(output)) if output.exists() else None
+
+
+def run_sft(recipe: SFTRecipe) -> dict:
+    """Train per the recipe; returns {"output_dir", "final_loss", "steps"}."""
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe.model)
+    spec = attach_lora(model, recipe.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+          + (" - LoRA adapters only" if spec else ""))
+    train, evaluation = load_sft_datasets(recipe.data, recipe.training.seed)
+    resume = resume_checkpoint(recipe)
+    trainer = MoESFTTrainer(
+        model=model, args=sft_config(recipe, "messages" in train.column_names), train_dataset=train, eval_dataset=evaluation,
+        processing_class=tokenizer, lora_spec=spec, base_path=recipe.model.path)
+    resume_step = trainer_state_step(resume) if resume else None
+    metrics = MetricsFile(Path(recipe.training.output_dir) / "metrics.jsonl", resume_step)
+    trainer.add_callback(MoEBookkeeping(trainer, recipe.moe.bias_update_gamma, metrics))
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(recipe.training.output_dir)
+    return {"output_dir": recipe.training.output_dir, "final_loss": result.training_loss,
+            "steps": result.global_step}
+
+
+def trainer_state_step(checkpoint: str) -> int:
+    import json
+
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]

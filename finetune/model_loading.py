@@ -20,14 +20,18 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 
 def resolve_config(section: ModelSection) -> DeepseekV3Config:
-    """The model's config, with the section's loss weights applied."""
-    if (section.path is None) == (section.config is None):
-        raise RecipeError("model: give exactly one of model.path (a checkpoint folder) and "
-                          "model.config (a config.json or a shipped config name)")
-    source = section.path or shipped_config(section.config)
-    if not Path(source).exists():
-        key = "model.path" if section.path else "model.config"
-        raise RecipeError(f"{key}: {source}: no such file or folder")
+    """The model's config (the checkpoint's, else `model.config`), with the section's loss
+    weights applied. `model.config` beside `model.path` names the architecture for
+    `--dry-run` before the checkpoint is on disk."""
+    if section.path and Path(section.path).exists():
+        source = section.path
+    elif section.config:
+        source = shipped_config(section.config)
+    elif section.path:
+        raise RecipeError(f"model.path: {section.path}: no such folder")
+    else:
+        raise RecipeError("model: give model.path (a checkpoint folder) or model.config "
+                          "(a config.json or a shipped config name)")
     try:
         config = load_config(source)
     except (FileNotFoundError, ValueError) as error:
@@ -55,6 +59,8 @@ def load_model(section: ModelSection, device: str | torch.device = "cpu") -> Dee
     config = resolve_config(section)
     dtype = getattr(torch, section.dtype)
     if section.path:
+        if not Path(section.path).exists():
+            raise RecipeError(f"model.path: {section.path}: no such folder")
         return DeepseekV3ForCausalLM.from_pretrained(section.path, dtype=dtype, device=device,
                                                      fp8=section.fp8, config=config)
     with torch.random.fork_rng(devices=[]):

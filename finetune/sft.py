@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -174,10 +175,12 @@ def run_sft(recipe: SFTRecipe) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
     spec = attach_lora(model, recipe.lora)
+    main_process = PartialState().is_main_process
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-          + (" - LoRA adapters only" if spec else ""))
+    if main_process:
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+              + (" - LoRA adapters only" if spec else ""))
     train, evaluation = load_sft_datasets(recipe.data, recipe.training.seed)
     resume = resume_checkpoint(recipe)
     trainer = MoESFTTrainer(
@@ -188,6 +191,10 @@ def run_sft(recipe: SFTRecipe) -> dict:
     trainer.add_callback(MoEBookkeeping(trainer, recipe.moe.bias_update_gamma, metrics))
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(recipe.training.output_dir)
+    if main_process:
+            print(f"finished {result.global_step} steps, mean training loss "
+              f"{result.training_loss:.4f}; {'adapter' if spec else 'model'}, metrics.jsonl and "
+              f"expert_load.png in {recipe.training.output_dir}")
     return {"output_dir": recipe.training.output_dir, "final_loss": result.training_loss,
             "steps": result.global_step}
 

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 SUBCOMMAND_MODULES = (
+    "moetune.recipes.run",
     "moetune.model.info",
     "moetune.finetune.merge",
     "moetune.finetune.expert_profile",

@@ -22,7 +22,9 @@ class RecipeError(ValueError):
     """A recipe problem the user must fix; the CLI prints it and exits with code 2."""
 
 
-def load_recipe(path: str | Path, overrides: list[str], schema: type):
+def load_recipe(path: str | Path, overrides: list[str], schema: type | None = None):
+    """The recipe at `path` with `overrides` applied, as the dataclass `schema`, or, when
+    schema is None, as the schema its `recipe:` key names (moetune.recipes.schema.SCHEMAS)."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe {path}: no such file")
@@ -34,6 +36,13 @@ def load_recipe(path: str | Path, overrides: list[str], schema: type):
         raise RecipeError(f"recipe {path}: the top level must be a mapping of sections")
     for override in overrides:
         apply_override(raw, override)
+    if schema is None:
+        from moetune.recipes.schema import SCHEMAS
+
+        kind = raw.get("recipe")
+        if kind not in SCHEMAS:
+            raise RecipeError(f"recipe: expected one of {sorted(SCHEMAS)}, got {kind!r}")
+        schema = SCHEMAS[kind]
     return build(schema, raw, "")
 
 

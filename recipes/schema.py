@@ -18,7 +18,8 @@ from moetune.rewards import RewardSpec
 @dataclass
 class ModelSection:
     """Where the weights come from: a checkpoint folder (`path`), or fresh weights from a
-    config (`config`: a config.json path or a shipped name such as `tiny_arith`).
+    config (`config`: a config.json path or a shipped name such as `tiny_arith`). Given both,
+    `path` supplies the weights and `config` lets `--dry-run` plan before they are on disk.
     tokenizer: a folder or tokenizer.json; `char` is the shipped character tokenizer;
     default: the checkpoint folder's."""
 
@@ -119,6 +120,16 @@ class TrainingSection:
 
 
 @dataclass
+class PlanSection:
+    """What `--dry-run` assumes when it estimates memory per device. (A launch takes its
+    device count and ZeRO stage from the accelerate config.)"""
+
+    devices: int = 1
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    device_memory_gb: float = 80.0
+
+
+@dataclass
 class SFTRecipe:
     recipe: Literal["sft"]
     model: ModelSection
@@ -126,6 +137,7 @@ class SFTRecipe:
     lora: LoraSection | None = None
     moe: MoESection = field(default_factory=MoESection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    plan: PlanSection = field(default_factory=PlanSection)
 
 
 @dataclass

@@ -137,6 +137,10 @@ def run(args) -> int:
 
 def run_recipe(recipe) -> int:
     """Run an EvalRecipe: sample, score, report, write eval.json and samples.jsonl."""
+    if not recipe.model.path:
+        from moetune.recipes.loader import RecipeError
+
+        raise RecipeError("model.path: an eval needs a checkpoint folder")
     problems = load_problems(recipe.data.source, recipe.data.limit, recipe.data.seed)
     settings = recipe.eval
     sampler = native_sampler(recipe.model.path, recipe.model.adapter, settings.temperature,

@@ -1,0 +1,126 @@
+"""`moetune run RECIPE [key.sub=value ...] [--dry-run]` and `moetune recipes`.
+
+A recipe is a YAML path or the name of a shipped one (`sft/arith_tiny.yaml`, or without
+the suffix). The whole recipe is checked before any work: keys, types, and every file it
+names. `--dry-run` builds the model on the meta device and prints its parameters, the
+trainable ones, and the estimated memory per device, then exits.
+
+    moetune run sft/arith_tiny.yaml training.max_steps=50
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m moetune.recipes run sft/arith_tiny.yaml
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from moetune.recipes.loader import RecipeError, load_recipe
+
+SHIPPED = Path(__file__).resolve().parent
+RECIPE_FOLDERS = ("sft", "grpo", "eval")
+RUNNERS = {"sft": "moetune.finetune.sft:run_sft", "eval": "moetune.rl.evaluation:run_recipe"}
+
+
+def resolve(name: str) -> Path:
+    """A recipe path as given, else a shipped recipe by name."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (SHIPPED / name, SHIPPED / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise RecipeError(f"recipe {name}: no such file, and not a shipped recipe "
+                      "(`moetune recipes` lists them)")
+
+
+def shipped_recipes() -> list[tuple[str, str]]:
+    """(name, first comment line) of every shipped recipe."""
+    found = []
+    for folder in RECIPE_FOLDERS:
+        for path in sorted((SHIPPED / folder).glob("*.yaml")):
+            first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+            found.append((f"{folder}/{path.name}", first.lstrip("# ").strip()))
+    return found
+
+
+def check_files(recipe, dry_run: bool) -> None:
+    """Every file or folder the recipe names must exist (the checkpoint may be absent in a
+    dry run that has model.config)."""
+    model, data, lora = recipe.model, recipe.data, getattr(recipe, "lora", None)
+    named = [("model.tokenizer", model.tokenizer if model.tokenizer != "char" else None),
+             ("model.adapter", model.adapter), ("data.source", data.source),
+             ("data.eval_source", getattr(data, "eval_source", None))]
+    if not (dry_run and model.config):
+        named.append(("model.path", model.path))
+    if lora is not None and lora.experts != "all":
+        named.append(("lora.experts.profile", lora.experts.profile))
+    for key, value in named:
+        if value and not value.startswith("builtin:") and not Path(value).exists():
+            raise RecipeError(f"{key}: {value}: no such file or folder")
+
+
+def dry_run(recipe) -> int:
+    """Build on the meta device; print parameters, trainable parameters, memory per device."""
+    import torch
+
+    from moetune.finetune.memory_plan import plan_memory
+    from moetune.finetune.model_loading import attach_lora, resolve_config
+    from moetune.model import DeepseekV3ForCausalLM
+
+    config = resolve_config(recipe.model)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config).to(getattr(torch, recipe.model.dtype))
+        if recipe.model.fp8:
+            from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
+
+            (to_frozen_fp8 if recipe.model.fp8 == "frozen" else to_fp8_training)(model)
+        attach_lora(model, getattr(recipe, "lora", None))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    training, plan = recipe.training, recipe.plan
+    memory = plan_memory(model, devices=plan.devices, zero_stage=plan.zero_stage,
+                         micro_batch_size=training.per_device_train_batch_size,
+                         seq_len=recipe.data.max_length,
+                         gradient_checkpointing=training.gradient_checkpointing)
+    print(f"recipe: {recipe.recipe}  model: {recipe.model.path or recipe.model.config}")
+    print(f"parameters: {total:,}  trainable: {trainable:,} ({100 * trainable / total:.3f}%)")
+    print(f"memory per device ({plan.devices} devices, ZeRO-{plan.zero_stage}, micro-batch "
+          f"{training.per_device_train_batch_size} x {recipe.data.max_length} tokens):")
+    print(memory.table())
+    device_bytes = int(plan.device_memory_gb * 1e9)
+    verdict = "fits" if memory.total <= device_bytes else "does NOT fit"
+    print(f"{verdict} in {plan.device_memory_gb:g} GB per device; devices needed at ZeRO-"
+          f"{plan.zero_stage}: {memory.devices_needed(device_bytes)}")
+    return 0
+
+
+def run(args) -> int:
+    recipe = load_recipe(resolve(args.recipe), args.overrides)
+    check_files(recipe, args.dry_run)
+    if args.dry_run:
+        if recipe.recipe == "eval":
+            raise RecipeError("--dry-run plans training recipes (sft, grpo), not eval")
+        return dry_run(recipe)
+    module, function = RUNNERS[recipe.recipe].split(":")
+    result = getattr(importlib.import_module(module), function)(recipe)
+    return result if isinstance(result, int) else 0
+
+
+def list_recipes(args) -> int:
+    recipes = shipped_recipes()
+    width = max(len(name) for name, _ in recipes)
+    for name, description in recipes:
+        print(f"  {name:<{width}}  {description}")
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run a recipe (sft, grpo, eval)", description=__doc__.split("\n\n")[1])
+    parser.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value (values parsed as YAML)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build on the meta device, print parameters and memory, exit")
+    parser.set_defaults(func=run)
+    listing = subparsers.add_parser("recipes", help="list the shipped recipes")
+    listing.set_defaults(func=list_recipes)

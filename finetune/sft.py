@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -175,17 +174,17 @@ def run_sft(recipe: SFTRecipe) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
     spec = attach_lora(model, recipe.lora)
-    main_process = PartialState().is_main_process
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    if main_process:
-        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-              + (" - LoRA adapters only" if spec else ""))
     train, evaluation = load_sft_datasets(recipe.data, recipe.training.seed)
     resume = resume_checkpoint(recipe)
     trainer = MoESFTTrainer(
         model=model, args=sft_config(recipe, "messages" in train.column_names), train_dataset=train, eval_dataset=evaluation,
         processing_class=tokenizer, lora_spec=spec, base_path=recipe.model.path)
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+              + (" - LoRA adapters only" if spec else ""))
     resume_step = trainer_state_step(resume) if resume else None
     metrics = MetricsFile(Path(recipe.training.output_dir) / "metrics.jsonl", resume_step)
     trainer.add_callback(MoEBookkeeping(trainer, recipe.moe.bias_update_gamma, metrics))

@@ -120,6 +120,11 @@ def convert(hint, value, path: str):
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML (YAML 1.1) reads 3e-3, without a dot, as a string
+        except ValueError:
+            pass
     if hint is int and isinstance(value, str) and value.lstrip("-").isdigit():
         return int(value)  # mapping keys in YAML overrides arrive as strings
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

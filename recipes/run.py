@@ -44,13 +44,15 @@ def shipped_recipes() -> list[tuple[str, str]]:
 
 
 def check_files(recipe, dry_run: bool) -> None:
-    """Every file or folder the recipe names must exist (the checkpoint may be absent in a
-    dry run that has model.config)."""
+    """Every file or folder the run will read must exist. A dry run reads only the model's
+    config (model.config, else the checkpoint's) and an expert profile."""
     model, data, lora = recipe.model, recipe.data, getattr(recipe, "lora", None)
-    named = [("model.tokenizer", model.tokenizer if model.tokenizer != "char" else None),
-             ("model.adapter", model.adapter), ("data.source", data.source),
-             ("data.eval_source", getattr(data, "eval_source", None))]
-    if not (dry_run and model.config):
+    named = []
+    if not dry_run:
+        named += [("model.path", model.path), ("model.adapter", model.adapter),
+                  ("model.tokenizer", model.tokenizer if model.tokenizer != "char" else None),
+                  ("data.source", data.source), ("data.eval_source", getattr(data, "eval_source", None))]
+    elif not model.config:
         named.append(("model.path", model.path))
     if lora is not None and lora.experts != "all":
         named.append(("lora.experts.profile", lora.experts.profile))
@@ -75,7 +77,8 @@ def dry_run(recipe) -> int:
 
             (to_frozen_fp8 if recipe.model.fp8 == "frozen" else to_fp8_training)(model)
         attach_lora(model, getattr(recipe, "lora", None))
-    total = sum(p.numel() for p in model.parameters())
+    fp8_weights = sum(b.numel() for b in model.buffers() if b.dtype == torch.float8_e4m3fn)
+    total = sum(p.numel() for p in model.parameters()) + fp8_weights
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     training, plan = recipe.training, recipe.plan
     memory = plan_memory(model, devices=plan.devices, zero_stage=plan.zero_stage,
@@ -89,8 +92,12 @@ def dry_run(recipe) -> int:
     print(memory.table())
     device_bytes = int(plan.device_memory_gb * 1e9)
     verdict = "fits" if memory.total <= device_bytes else "does NOT fit"
-    print(f"{verdict} in {plan.device_memory_gb:g} GB per device; devices needed at ZeRO-"
-          f"{plan.zero_stage}: {memory.devices_needed(device_bytes)}")
+    try:
+        needed = str(memory.devices_needed(device_bytes))
+    except ValueError as error:
+        needed = f"none ({error})"
+    print(f"{verdict} in {plan.device_memory_gb:g} GB per device; devices needed at "
+          f"ZeRO-{plan.zero_stage}: {needed}")
     return 0
 
 

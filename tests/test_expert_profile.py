@@ -7,8 +7,8 @@ from tiny_configs import v3_config
 
 from moetune.finetune.expert_profile import (
     ExpertProfile,
-    read_profile,
     profile_experts,
+    read_profile,
     select_experts,
 )
 from moetune.model import DeepseekV3ForCausalLM

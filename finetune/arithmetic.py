@@ -1,8 +1,11 @@
 """`builtin:arithmetic`: generated arithmetic problems with difficulty knobs and a held-out split.
 
 Each problem is {"prompt": "Compute: 12+7*3\nAnswer:", "answer": "33", "completion": " 33"}:
-`answer` is the gold the rewards compare against, `completion` what SFT trains on. A
-problem's split is fixed by a hash of its expression, so the train and test splits never
+`answer` is the gold the rewards compare against, `completion` what SFT trains on. With
+style "think" the completion works the problem step by step in DeepSeek-R1's layout:
+  prompt "Compute: 12+7*3-5\n", completion "<think>7*3=21 12+21=33 33-5=28</think><answer>28</answer>"
+(products first, then left to right), which the `format` and `math_accuracy` rewards read.
+A problem's split is fixed by a hash of its expression, so the train and test splits never
 share a problem whatever the seed or the number drawn.
 """
 
@@ -14,17 +17,20 @@ from dataclasses import dataclass
 
 OPERATIONS = "+-*"
 SPLITS = ("train", "test")
+STYLES = ("plain", "think")
 
 
 @dataclass(frozen=True)
 class ArithmeticSpec:
     """digits: max digits per operand; terms: operands per problem; operations: a subset of
-    "+-*" (usual precedence); test_fraction: share of all problems held out for `test`."""
+    "+-*" (usual precedence); test_fraction: share of all problems held out for `test`;
+    style: "plain" (the answer) or "think" (worked steps, then the answer, in tags)."""
 
     digits: int = 2
     terms: int = 2
     operations: str = "+-"
     test_fraction: float = 0.1
+    style: str = "plain"
 
     def __post_init__(self):
         if self.digits < 1 or self.terms < 2:
@@ -33,28 +39,43 @@ class ArithmeticSpec:
             raise ValueError(f"arithmetic.operations: {self.operations!r} must use only {OPERATIONS!r}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"arithmetic.test_fraction: {self.test_fraction} must be in (0, 1)")
+        if self.style not in STYLES:
+            raise ValueError(f"arithmetic.style: {self.style!r} must be one of {STYLES}")
 
 
 def split_of(expression: str, test_fraction: float) -> str:
     return "test" if zlib.crc32(expression.encode()) % 10_000 < test_fraction * 10_000 else "train"
 
 
-def evaluate(operands: list[int], ops: list[str]) -> int:
-    """Value of operands[0] ops[0] operands[1] ... with * before + and -."""
-    total, product = 0, operands[0]
-    sign = 1
+def worked_steps(operands: list[int], ops: list[str]) -> list[tuple[str, int]]:
+    """The steps that evaluate operands[0] ops[0] operands[1] ...: every product first, then
+    sums and differences left to right. [(step text, value), ...]; the last value is the answer."""
+    steps = []
+    values, pending = [operands[0]], []
     for op, value in zip(ops, operands[1:]):
         if op == "*":
-            product *= value
+            product = values[-1] * value
+            steps.append((f"{values[-1]}*{value}={product}", product))
+            values[-1] = product
         else:
-            total += sign * product
-            sign, product = (1 if op == "+" else -1), value
-    return total + sign * product
+            pending.append(op)
+            values.append(value)
+    total = values[0]
+    for op, value in zip(pending, values[1:]):
+        result = total + value if op == "+" else total - value
+        steps.append((f"{total}{op}{value}={result}", result))
+        total = result
+    return steps or [(str(total), total)]
 
 
-def problem(operands: list[int], ops: list[str]) -> tuple[str, dict[str, str]]:
+def problem(operands: list[int], ops: list[str], style: str = "plain") -> tuple[str, dict[str, str]]:
     expression = str(operands[0]) + "".join(f"{o}{x}" for o, x in zip(ops, operands[1:]))
-    answer = str(evaluate(operands, ops))
+    steps = worked_steps(operands, ops)
+    answer = str(steps[-1][1])
+    if style == "think":
+        work = " ".join(text for text, _ in steps)
+        return expression, {"prompt": f"Compute: {expression}\n", "answer": answer,
+                            "completion": f"<think>{work}</think><answer>{answer}</answer>"}
     return expression, {"prompt": f"Compute: {expression}\nAnswer:", "answer": answer,
                         "completion": f" {answer}"}
 
@@ -74,7 +95,7 @@ def arithmetic_problems(count: int, spec: ArithmeticSpec = ArithmeticSpec(), spl
             raise ValueError(f"arithmetic: cannot draw {count} distinct {split} problems with {spec}")
         operands = [rng.randint(0, 10**spec.digits - 1) for _ in range(spec.terms)]
         ops = [rng.choice(spec.operations) for _ in range(spec.terms - 1)]
-        expression, item = problem(operands, ops)
+        expression, item = problem(operands, ops, spec.style)
         if expression in seen or split_of(expression, spec.test_fraction) != split:
             continue
         seen.add(expression)

@@ -42,7 +42,8 @@ def read_source(source: str, section: SFTDataSection, key: str, split: str = "tr
 
         knobs = section.arithmetic
         try:
-            spec = ArithmeticSpec(knobs.digits, knobs.terms, knobs.operations, knobs.test_fraction)
+            spec = ArithmeticSpec(knobs.digits, knobs.terms, knobs.operations, knobs.test_fraction,
+                                  knobs.style)
             count = knobs.count if split == "train" else max(knobs.count // 10, 1)
             rows = arithmetic_problems(count, spec, split=split)
         except ValueError as error:

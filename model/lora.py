@@ -11,6 +11,7 @@ and cost nothing. Router weights and correction bias are never adapted.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -171,6 +172,21 @@ def wrap_linears(parent: nn.Module, names, spec: LoraSpec, component: str) -> No
         if isinstance(base, (nn.Linear, FrozenFP8Linear)):
             setattr(parent, name, LoraLinear(base, spec.rank_of(component), spec.scaling(component),
                                              spec.dropout))
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block the model computes as its frozen base (every adapter's scaling is
+    0): the KL reference of LoRA RL without a second copy of the model."""
+    adapters = [m for m in model.modules() if isinstance(m, (LoraLinear, ExpertLora))]
+    scalings = [m.scaling for m in adapters]
+    for module in adapters:
+        module.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for module, scaling in zip(adapters, scalings):
+            module.scaling = scaling
 
 
 @torch.no_grad()

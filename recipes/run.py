@@ -18,7 +18,8 @@ from moetune.recipes.loader import RecipeError, load_recipe
 
 SHIPPED = Path(__file__).resolve().parent
 RECIPE_FOLDERS = ("sft", "grpo", "eval")
-RUNNERS = {"sft": "moetune.finetune.sft:run_sft", "eval": "moetune.rl.evaluation:run_recipe"}
+RUNNERS = {"sft": "moetune.finetune.sft:run_sft", "grpo": "moetune.rl.grpo:run_grpo",
+           "eval": "moetune.rl.evaluation:run_recipe"}
 
 
 def resolve(name: str) -> Path:
@@ -81,14 +82,21 @@ def dry_run(recipe) -> int:
     total = sum(p.numel() for p in model.parameters()) + fp8_weights
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     training, plan = recipe.training, recipe.plan
+    if recipe.recipe == "sft":
+        batch, seq_len, checkpointing = (training.per_device_train_batch_size,
+                                         recipe.data.max_length, training.gradient_checkpointing)
+        rollout_tokens = 0
+    else:  # grpo: micro-batches of sampled sequences; the engines cache every sample
+        batch, seq_len, checkpointing = training.micro_batch_size, recipe.rollout.max_model_len, False
+        rollout_tokens = (training.prompts_per_step * recipe.algorithm.group_size
+                          * recipe.rollout.max_model_len)
     memory = plan_memory(model, devices=plan.devices, zero_stage=plan.zero_stage,
-                         micro_batch_size=training.per_device_train_batch_size,
-                         seq_len=recipe.data.max_length,
-                         gradient_checkpointing=training.gradient_checkpointing)
+                         micro_batch_size=batch, seq_len=seq_len,
+                         gradient_checkpointing=checkpointing, rollout_tokens=rollout_tokens)
     print(f"recipe: {recipe.recipe}  model: {recipe.model.path or recipe.model.config}")
     print(f"parameters: {total:,}  trainable: {trainable:,} ({100 * trainable / total:.3f}%)")
     print(f"memory per device ({plan.devices} devices, ZeRO-{plan.zero_stage}, micro-batch "
-          f"{training.per_device_train_batch_size} x {recipe.data.max_length} tokens):")
+          f"{batch} x {seq_len} tokens):")
     print(memory.table())
     device_bytes = int(plan.device_memory_gb * 1e9)
     verdict = "fits" if memory.total <= device_bytes else "does NOT fit"

@@ -1,6 +1,8 @@
 """Typed recipe schemas, one dataclass per section. A recipe's `recipe:` key picks the schema.
 
-    recipe: sft    SFTRecipe   model, lora, data, moe, training
+    recipe: sft    SFTRecipe   model, lora, data, moe, training, plan
+    recipe: grpo   GRPORecipe  model, lora, data, rollout, rewards, algorithm, moe, training,
+                               eval, plan
     recipe: eval   EvalRecipe  model, data, rewards, eval
 
 Training keys use transformers' TrainingArguments names where they overlap. This module is
@@ -64,7 +66,8 @@ class ArithmeticSection:
     terms: int = 2
     operations: str = "+-"
     test_fraction: float = 0.1
-    count: int = 2000  # training problems drawn
+    style: Literal["plain", "think"] = "plain"  # think: worked steps in <think>, then <answer>
+    count: int = 2000  # training problems drawn (SFT)
 
 
 @dataclass
@@ -141,6 +144,95 @@ class SFTRecipe:
 
 
 @dataclass
+class PromptSection:
+    """GRPO prompts: builtin:arithmetic (train split) or a .jsonl/.json/.parquet file whose
+    rows hold `prompt` and the columns the rewards read (e.g. `answer`)."""
+
+    source: str
+    limit: int | None = None
+    arithmetic: ArithmeticSection = field(default_factory=ArithmeticSection)
+
+
+@dataclass
+class RolloutSection:
+    """Sampling engines: vLLM workers (each its own process) or moetune's native generate."""
+
+    backend: Literal["vllm", "native"] = "vllm"
+    workers: int = 1
+    tensor_parallel_size: int = 1
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    max_model_len: int = 256
+    timeout_s: float = 300.0  # a worker silent this long is restarted
+
+
+@dataclass
+class AlgorithmSection:
+    """moetune.rl.algorithms: advantages, policy loss, KL, truncated importance sampling."""
+
+    group_size: int = 8  # samples per prompt
+    advantage: Literal["grpo", "dr_grpo", "leave_one_out"] = "grpo"
+    loss: Literal["grpo", "dapo", "dr_grpo", "gspo"] = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = 0.28  # clip-higher; None = epsilon_low
+    beta: float = 0.0  # k3 KL weight against the reference (0 skips it)
+    tis_cap: float | None = 2.0  # truncated importance sampling cap C; None disables
+    mu: int = 1  # optimisation passes over each batch
+    dynamic_sampling: bool = True  # drop groups whose rewards all agree, refill
+    max_refills: int = 2  # extra generation rounds per step to refill dropped groups
+    overlong: Literal["none", "mask", "soft"] = "none"  # truncated completions
+    overlong_buffer: int = 16  # soft: penalty ramps over the last N tokens
+    update_router: bool = False  # train router weights and move the aux-free bias
+
+
+@dataclass
+class GRPOTrainingSection:
+    output_dir: str = "runs/grpo"
+    max_steps: int = 100
+    prompts_per_step: int = 16
+    micro_batch_size: int = 64  # sequences per forward/backward
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    logging_steps: int = 1
+    save_steps: int = 50
+    max_nonfinite_in_row: int = 3  # stop after this many skipped (NaN/inf) updates in a row
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    resume_from_checkpoint: bool | str = False
+    disable_tqdm: bool = False
+
+
+@dataclass
+class PeriodicEvalSection:
+    """Greedy accuracy on held-out problems every `every` steps (0: never)."""
+
+    every: int = 0
+    source: str = "builtin:arithmetic"
+    limit: int = 100
+    pass_threshold: float = 1.0
+
+
+@dataclass
+class GRPORecipe:
+    recipe: Literal["grpo"]
+    model: ModelSection
+    data: PromptSection
+    rewards: list[RewardSpec]
+    lora: LoraSection | None = None
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    moe: MoESection = field(default_factory=MoESection)
+    training: GRPOTrainingSection = field(default_factory=GRPOTrainingSection)
+    eval: PeriodicEvalSection = field(default_factory=PeriodicEvalSection)
+    plan: PlanSection = field(default_factory=PlanSection)
+
+
+@dataclass
 class DataSection:
     """Evaluation problems: builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file."""
 
@@ -168,4 +260,4 @@ class EvalRecipe:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
-SCHEMAS = {"sft": SFTRecipe, "eval": EvalRecipe}
+SCHEMAS = {"sft": SFTRecipe, "grpo": GRPORecipe, "eval": EvalRecipe}

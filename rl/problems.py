@@ -15,11 +15,15 @@ import json
 from pathlib import Path
 
 
-def load_problems(source: str, limit: int | None = None, seed: int = 0) -> list[dict]:
+def load_problems(source: str, limit: int | None = None, seed: int = 0, split: str = "test",
+                  arithmetic=None) -> list[dict]:
+    """Problems of `source`; for builtin:arithmetic, `limit` (default 100) problems of
+    `split` drawn with `seed` and the ArithmeticSpec `arithmetic` (default knobs if None)."""
     if source == "builtin:arithmetic":
         from moetune.finetune.arithmetic import ArithmeticSpec, arithmetic_problems
 
-        problems = arithmetic_problems(limit or 100, ArithmeticSpec(), split="test", seed=seed)
+        problems = arithmetic_problems(limit or 100, arithmetic or ArithmeticSpec(), split=split,
+                                       seed=seed)
     elif source == "builtin:humaneval":
         problems = humaneval_problems()
     elif source.startswith("builtin:"):

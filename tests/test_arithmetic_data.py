@@ -4,14 +4,16 @@ import re
 
 import pytest
 
-from moetune.finetune.arithmetic import ArithmeticSpec, arithmetic_problems, evaluate
+from moetune.finetune.arithmetic import ArithmeticSpec, arithmetic_problems, worked_steps
+from moetune.rewards import RewardSpec, score
 from moetune.model.char_tokenizer import char_tokenizer
 
 
 def test_answers_follow_operator_precedence():
-    assert evaluate([2, 3, 4], ["+", "*"]) == 14
-    assert evaluate([2, 3, 4, 5], ["*", "-", "*"]) == -14
-    assert evaluate([10, 3, 2], ["-", "-"]) == 5
+    assert worked_steps([2, 3, 4], ["+", "*"])[-1][1] == 14
+    assert worked_steps([2, 3, 4, 5], ["*", "-", "*"]) == [("2*3=6", 6), ("4*5=20", 20),
+                                                           ("6-20=-14", -14)]
+    assert worked_steps([10, 3, 2], ["-", "-"]) == [("10-3=7", 7), ("7-2=5", 5)]
     for item in arithmetic_problems(200, ArithmeticSpec(digits=2, terms=4, operations="+-*")):
         expression = re.match(r"Compute: (.*)\nAnswer:", item["prompt"]).group(1)
         assert int(item["answer"]) == eval(expression, {"__builtins__": {}})
@@ -51,3 +53,16 @@ def test_char_tokenizer_round_trips_every_problem():
         text = item["prompt"] + item["completion"]
         ids = tokenizer.encode(text).ids
         assert len(ids) == len(text) and tokenizer.decode(ids) == text
+
+
+def test_think_style_works_the_steps_and_passes_the_rewards():
+    spec = ArithmeticSpec(digits=2, terms=3, operations="+-*", style="think")
+    items = arithmetic_problems(50, spec)
+    for item in items:
+        expression = re.match(r"Compute: (.*)\n$", item["prompt"]).group(1)
+        assert int(item["answer"]) == eval(expression, {"__builtins__": {}})
+        assert item["completion"].endswith(f"</think><answer>{item['answer']}</answer>")
+    result = score([RewardSpec("math_accuracy"), RewardSpec("format")],
+                   [i["prompt"] for i in items], [i["completion"] for i in items],
+                   {"answer": [i["answer"] for i in items]})
+    assert result.totals == [2.0] * 50

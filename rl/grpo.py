@@ -1,0 +1,458 @@
+"""GRPO: rollout workers sample groups, rule-based rewards score them, the policy learns.
+
+One step (`GRPOTrainer.step`):
+  1. `collect`: draw prompts, sample `group_size` completions each from the RolloutPool,
+     score them with the recipe's rewards; with dynamic sampling, drop groups whose rewards
+     all agree and refill with new prompts (at most `max_refills` more rounds).
+  2. `update`: group advantages, then `mu` passes of the policy loss (rl.algorithms) over
+     micro-batches, with the sampler's logprobs for truncated importance sampling and a k3
+     KL to the reference (LoRA: the adapter-disabled base; full: a frozen copy). A NaN/inf
+     loss or gradient skips the update; `max_nonfinite_in_row` of them stop the run.
+  3. MoE care: the router is frozen unless `algorithm.update_router` (then the aux-free bias
+     moves too); the expert load of the update's forwards is logged per layer (CV).
+  4. `pool.sync` pushes the changed (LoRA-merged) tensors to the workers.
+`mismatch_kl` compares the trainer's logprobs of the sampled tokens with the sampler's.
+Checkpoints (`checkpoint-N/`) hold the weights (or adapter), the optimizer, the prompt
+order and the RNG states: a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from moetune.finetune.expert_load import ExpertLoadHistory
+from moetune.finetune.metrics_file import MetricsFile
+from moetune.finetune.model_loading import attach_lora, load_model, load_tokenizer
+from moetune.model.adapters import load_adapter_weights, save_adapter
+from moetune.model.lora import adapters_disabled
+from moetune.model.moe import MoE
+from moetune.recipes.schema import GRPORecipe
+from moetune.rewards import score
+from moetune.rl import algorithms
+from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
+from moetune.rl.problems import load_problems
+from moetune.rl.rollout import Rollout, RolloutPool, SamplingSpec, sync_weights
+
+log = logging.getLogger(__name__)
+
+
+class PromptStream:
+    """Problems in a seeded order, reshuffled each epoch; `state` restores the position."""
+
+    def __init__(self, problems: list[dict], seed: int):
+        self.problems, self.seed = problems, seed
+        self.epoch, self.cursor = 0, 0
+
+    def order(self) -> list[int]:
+        return random.Random(f"{self.seed}:{self.epoch}").sample(range(len(self.problems)),
+                                                                  len(self.problems))
+
+    def take(self, count: int) -> list[dict]:
+        taken = []
+        while len(taken) < count:
+            if self.cursor == len(self.problems):
+                self.epoch, self.cursor = self.epoch + 1, 0
+            order = self.order()
+            end = min(len(self.problems), self.cursor + count - len(taken))
+            taken += [self.problems[i] for i in order[self.cursor:end]]
+            self.cursor = end
+        return taken
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+
+@dataclass
+class Groups:
+    """What one step learns from: G groups of n rollouts and their rewards."""
+
+    problems: list[dict]
+    rollouts: list[list[Rollout]]  # [G][n]
+    rewards: torch.Tensor  # [G, n] weighted total per sample (after overlong shaping)
+    per_function: dict[str, list[float]]  # reward name -> values of the kept samples
+    generated_groups: int
+    zero_std_groups: int
+    rounds: int
+
+
+class GRPOTrainer:
+    def __init__(self, recipe: GRPORecipe, model, tokenizer, lora_spec, pool: RolloutPool):
+        self.recipe, self.model, self.tokenizer, self.lora_spec, self.pool = \
+            recipe, model, tokenizer, lora_spec, pool
+        algorithm, training = recipe.algorithm, recipe.training
+        if not algorithm.update_router:
+            for router in model.routers():
+                router.weight.requires_grad_(False)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=training.learning_rate,
+                                           weight_decay=training.weight_decay)
+        warmup = max(training.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.reference = None
+        if algorithm.beta > 0 and lora_spec is None:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        eos = model.config.eos_token_id
+        self.stop_ids = eos if isinstance(eos, list) else [eos]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        data = recipe.data
+        self.stream = PromptStream(load_problems(data.source, data.limit, training.seed, "train",
+                                                 arithmetic_spec(data.arithmetic)), training.seed)
+        self.eval_problems = None
+        if recipe.eval.every:
+            self.eval_problems = load_problems(recipe.eval.source, recipe.eval.limit, 0, "test",
+                                               arithmetic_spec(data.arithmetic))
+        self.history = ExpertLoadHistory([i for i, layer in enumerate(model.model.layers)
+                                          if isinstance(layer.mlp, MoE)])
+        self.nonfinite_in_row = 0
+        self.skipped_updates = 0
+
+    # 1. Rollouts and rewards ------------------------------------------------------------
+    def sampling(self, step: int, round_: int, greedy: bool = False) -> SamplingSpec:
+        rollout = self.recipe.rollout
+        seed = ((self.recipe.training.seed * 100_003 + step) * 17 + round_) * 1_000_003
+        return SamplingSpec(temperature=0.0 if greedy else rollout.temperature,
+                            top_p=rollout.top_p, top_k=rollout.top_k,
+                            max_new_tokens=rollout.max_new_tokens,
+                            stop_token_ids=self.stop_ids, seed=seed % 2**31)
+
+    def encode(self, problems: list[dict]) -> list[list[int]]:
+        return [self.tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems]
+
+    def rewards_of(self, problems: list[dict], rollouts: list[list[Rollout]]):
+        """(totals [G, n], {name: [G*n values]}) for the flattened groups."""
+        n = len(rollouts[0])
+        flat = [r for group in rollouts for r in group]
+        columns = {key: [p.get(key) for p in problems for _ in range(n)]
+                   for key in sorted({k for p in problems for k in p} - {"prompt", "completion"})}
+        columns["completion_ids"] = [r.completion_ids for r in flat]
+        result = score(self.recipe.rewards, [p["prompt"] for p in problems for _ in range(n)],
+                       [r.text for r in flat], columns)
+        totals = torch.tensor(result.totals, dtype=torch.float32)
+        algorithm = self.recipe.algorithm
+        if algorithm.overlong == "soft":
+            lengths = torch.tensor([len(r.completion_ids) for r in flat])
+            totals += algorithms.soft_overlong_penalty(
+                lengths, self.recipe.rollout.max_new_tokens, algorithm.overlong_buffer)
+        values = {name: [0.0 if v is None else float(v) for v in vals]
+                  for name, vals in result.values.items()}
+        return totals.view(len(problems), n), values
+
+    def collect(self, step: int) -> Groups:
+        algorithm = self.recipe.algorithm
+        wanted, n = self.recipe.training.prompts_per_step, algorithm.group_size
+        kept_problems, kept_rollouts, kept_rewards = [], [], []
+        per_function: dict[str, list[float]] = {}
+        generated = zero_std = rounds = 0
+        while len(kept_problems) < wanted and rounds <= algorithm.max_refills:
+            problems = self.stream.take(wanted - len(kept_problems))
+            rollouts = self.pool.generate(self.encode(problems), n, self.sampling(step, rounds))
+            totals, values = self.rewards_of(problems, rollouts)
+            rounds += 1
+            generated += len(problems)
+            flat = algorithms.zero_std_groups(totals.flatten(), n)
+            zero_std += int(flat.sum())
+            for g, problem in enumerate(problems):
+                if algorithm.dynamic_sampling and flat[g]:
+                    continue
+                kept_problems.append(problem)
+                kept_rollouts.append(rollouts[g])
+                kept_rewards.append(totals[g])
+                for name, vals in values.items():
+                    per_function.setdefault(name, []).extend(vals[g * n:(g + 1) * n])
+            if not algorithm.dynamic_sampling:
+                break
+        rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, n)
+        return Groups(kept_problems, kept_rollouts, rewards, per_function, generated, zero_std, rounds)
+
+    # 2. Policy update -------------------------------------------------------------------
+    def update(self, groups: Groups) -> dict[str, float]:
+        algorithm, rollout = self.recipe.algorithm, self.recipe.rollout
+        flat = [r for group in groups.rollouts for r in group]
+        batch = build_batch(flat, self.pad_id)
+        if algorithm.overlong == "mask":
+            truncated = algorithms.overlong_mask([r.finish_reason for r in flat])
+            batch.completion_mask[truncated] = 0
+        advantages = algorithms.group_advantages(groups.rewards.flatten(), algorithm.group_size,
+                                                 algorithm.advantage)
+        with torch.no_grad():
+            old = self.logprobs(self.model, batch, eval_mode=True)
+            reference = None
+            if algorithm.beta > 0:
+                with adapters_disabled(self.model) if self.lora_spec else nullcontext():
+                    reference = self.logprobs(self.reference or self.model, batch, eval_mode=True)
+        mismatch = algorithms.mismatch_kl(old, batch.sampler_logprobs, batch.completion_mask)
+        size, rows = self.recipe.training.micro_batch_size, len(flat)
+        total_tokens = max(batch.completion_tokens, 1)
+        stats, entropies, losses = [], [], []
+        self.model.train()
+        for iteration in range(algorithm.mu):
+            for start in range(0, rows, size):
+                part = slice(start, start + size)
+                micro = batch.rows(part)
+                logprobs, entropy = token_logprobs(self.model, micro, rollout.temperature,
+                                                   with_entropy=iteration == 0)
+                loss, stat = algorithms.policy_loss(
+                    algorithm.loss, logprobs, old[part], advantages[part], micro.completion_mask,
+                    epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
+                    ref_logprobs=None if reference is None else reference[part], beta=algorithm.beta,
+                    sampler_logprobs=micro.sampler_logprobs if algorithm.tis_cap else None,
+                    tis_cap=algorithm.tis_cap, max_completion_length=rollout.max_new_tokens)
+                share = (micro.completion_tokens / total_tokens if algorithm.loss == "dapo"
+                         else micro.input_ids.shape[0] / rows)
+                (loss * share).backward()
+                losses.append(loss.detach() * share)
+                stats.append(stat)
+                if entropy is not None:
+                    entropies.append(entropy)
+            grad_norm = self.optimizer_step()
+        metrics = {"loss": float(sum(losses) / algorithm.mu), "grad_norm": grad_norm,
+                   "mismatch_kl": mismatch,
+                   "entropy": sum(entropies) / max(len(entropies), 1),
+                   "policy_clip_fraction": mean([s.clip_fraction for s in stats])}
+        kl = [s.kl for s in stats if s.kl is not None]
+        if kl:
+            metrics["kl"] = mean(kl)
+        tis = [s.tis_weight_mean for s in stats if s.tis_weight_mean is not None]
+        if tis:
+            metrics["tis_weight_mean"] = mean(tis)
+        return metrics
+
+    def logprobs(self, model, batch: PolicyBatch, eval_mode: bool) -> torch.Tensor:
+        was_training = model.training
+        model.train(not eval_mode)
+        size, parts = self.recipe.training.micro_batch_size, []
+        for start in range(0, batch.input_ids.shape[0], size):
+            parts.append(token_logprobs(model, batch.rows(slice(start, start + size)),
+                                       self.recipe.rollout.temperature)[0].cpu())
+        model.train(was_training)
+        return torch.cat(parts)
+
+    def optimizer_step(self) -> float:
+        """Clip and step; a NaN/inf gradient skips the step (counted, and fatal after
+        `max_nonfinite_in_row` in a row). Returns the gradient norm (nan when skipped)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.training.max_grad_norm)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_row += 1
+            self.skipped_updates += 1
+            limit = self.recipe.training.max_nonfinite_in_row
+            log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.nonfinite_in_row)
+            if self.nonfinite_in_row >= limit:
+                raise RuntimeError(f"GRPO stopped: {self.nonfinite_in_row} updates in a row had a "
+                                   f"NaN/inf loss or gradient (training.max_nonfinite_in_row={limit})")
+            return float("nan")
+        self.nonfinite_in_row = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # 3-4. One step ----------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        started = time.perf_counter()
+        groups = self.collect(step)
+        rollout_seconds = time.perf_counter() - started
+        metrics = self.rollout_metrics(groups, rollout_seconds)
+        if not groups.problems:
+            log.warning("step %d: every group's rewards agreed; nothing to learn from", step)
+            metrics["skipped_all_filtered"] = 1.0
+            return metrics
+        trained = time.perf_counter()
+        metrics |= self.update(groups)
+        train_tokens = sum(len(r.prompt_ids) + len(r.completion_ids)
+                           for group in groups.rollouts for r in group)
+        metrics["train_tokens_per_second"] = train_tokens * self.recipe.algorithm.mu / max(
+            time.perf_counter() - trained, 1e-9)
+        metrics |= self.balance(step)
+        metrics["sync_seconds"] = self.pool.sync(sync_weights(self.model, self.pool.weights))
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        metrics["skipped_updates"] = float(self.skipped_updates)
+        return metrics
+
+    def rollout_metrics(self, groups: Groups, seconds: float) -> dict[str, float]:
+        flat = [r for group in groups.rollouts for r in group]
+        lengths = [len(r.completion_ids) for r in flat] or [0]
+        rewards = groups.rewards.flatten()
+        metrics = {
+            "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "zero_std_fraction": groups.zero_std_groups / max(groups.generated_groups, 1),
+            "groups_used": float(len(groups.problems)), "refill_rounds": float(groups.rounds - 1),
+            "completion_length_mean": sum(lengths) / len(lengths),
+            "completion_length_max": float(max(lengths)),
+            "clipped_fraction": sum(r.finish_reason == "length" for r in flat) / max(len(flat), 1),
+            "rollout_tokens_per_second": sum(lengths) / max(seconds, 1e-9),
+        }
+        metrics |= {f"reward/{name}": mean(values) for name, values in groups.per_function.items()}
+        return metrics
+
+    def balance(self, step: int) -> dict[str, float]:
+        """Log the update's expert load; move the aux-free bias only if the router trains."""
+        if not self.history.layer_ids:
+            return {}
+        metrics = self.history.record(step, self.model.expert_load())
+        gamma = self.recipe.moe.bias_update_gamma
+        if self.recipe.algorithm.update_router and gamma and self.lora_spec is None:
+            self.model.update_expert_bias(gamma)
+        else:
+            self.model.reset_expert_load()
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy on the held-out problems, through the rollout engines."""
+        problems = self.eval_problems
+        groups = self.pool.generate(self.encode(problems), 1, self.sampling(0, 0, greedy=True))
+        totals, _ = self.rewards_of(problems, groups)
+        threshold = self.recipe.eval.pass_threshold
+        return {"eval/accuracy": float((totals.flatten() >= threshold).float().mean())}
+
+    # Checkpoints ------------------------------------------------------------------------
+    def save(self, folder: Path, step: int) -> None:
+        """Weights (or adapter) + tokenizer + optimizer + position + RNG, written to a
+        temporary folder and renamed into place."""
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.save_weights(partial)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                   partial / "trainer.pt")
+        state = {"step": step, "stream": self.stream.state(), "nonfinite_in_row": self.nonfinite_in_row,
+                 "skipped_updates": self.skipped_updates}
+        (partial / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+
+    def save_weights(self, folder: Path) -> None:
+        if self.lora_spec is not None:
+            save_adapter(self.model, self.lora_spec, folder, self.recipe.model.path)
+        else:
+            self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(str(folder))
+
+    def load(self, folder: Path) -> int:
+        """Restore a checkpoint; returns its step."""
+        if self.lora_spec is not None:
+            load_adapter_weights(self.model, folder)
+        else:
+            saved = type(self.model).from_pretrained(folder, dtype=self.model.dtype,
+                                                     config=self.model.config)
+            self.model.load_state_dict(saved.state_dict())
+        trainer = torch.load(folder / "trainer.pt", weights_only=False)
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        torch.set_rng_state(trainer["torch_rng"])
+        random.setstate(trainer["python_rng"])
+        state = json.loads((folder / "trainer_state.json").read_text())
+        self.stream.epoch, self.stream.cursor = state["stream"]["epoch"], state["stream"]["cursor"]
+        self.nonfinite_in_row, self.skipped_updates = state["nonfinite_in_row"], state["skipped_updates"]
+        return state["step"]
+
+
+def arithmetic_spec(section):
+    from moetune.finetune.arithmetic import ArithmeticSpec
+
+    return ArithmeticSpec(section.digits, section.terms, section.operations, section.test_fraction,
+                          section.style)
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted(output_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path) -> Path:
+    """The folder the rollout engines start from: the checkpoint itself when it holds a
+    tokenizer.json, else the policy's current weights written to output/rollout_model."""
+    if recipe.model.path and (Path(recipe.model.path) / "tokenizer.json").exists() \
+            and recipe.model.fp8 is None:
+        return Path(recipe.model.path)
+    folder = output / "rollout_model"
+    with torch.no_grad():
+        merged = copy.deepcopy(model)
+        if recipe.lora is not None:
+            from moetune.model.lora import merge_lora
+
+            merge_lora(merged)
+        merged.save_pretrained(folder)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def run_grpo(recipe: GRPORecipe) -> dict:
+    """Train per the recipe; returns {"output_dir", "steps", "final_reward"}."""
+    torch.manual_seed(recipe.training.seed)
+    random.seed(recipe.training.seed)
+    output = Path(recipe.training.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe.model)
+    spec = attach_lora(model, recipe.lora)
+    rollout = recipe.rollout
+    source = rollout_source(recipe, model, tokenizer, output)
+    pool = RolloutPool(source, backend=rollout.backend, workers=rollout.workers,
+                       tensor_parallel_size=rollout.tensor_parallel_size, dtype=rollout.dtype,
+                       max_model_len=rollout.max_model_len, timeout_s=rollout.timeout_s,
+                       seed=recipe.training.seed)
+    with pool:
+        trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool)
+        resume = recipe.training.resume_from_checkpoint
+        checkpoint = Path(resume) if isinstance(resume, str) else (
+            latest_checkpoint(output) if resume else None)
+        first = 1
+        if checkpoint is not None:
+            first = trainer.load(checkpoint) + 1
+            pool.sync(sync_weights(model, None))
+        metrics_file = MetricsFile(output / "metrics.jsonl", first - 1 if checkpoint else None)
+        writer = tensorboard_writer(recipe, output)
+        trainable = sum(p.numel() for p in trainer.parameters)
+        print(f"GRPO: {trainable:,} trainable parameters, {recipe.rollout.backend} rollouts x "
+              f"{rollout.workers}, {recipe.training.max_steps} steps from step {first}")
+        metrics: dict[str, float] = {}
+        bar = tqdm(range(first, recipe.training.max_steps + 1), desc="grpo", unit="step",
+                   disable=recipe.training.disable_tqdm)
+        for step in bar:
+            metrics = trainer.step(step)
+            if trainer.eval_problems and step % recipe.eval.every == 0:
+                metrics |= trainer.evaluate()
+            if step % recipe.training.logging_steps == 0 or step == recipe.training.max_steps:
+                metrics_file.write({"step": step, **metrics})
+                if writer:
+                    for name, value in metrics.items():
+                        writer.add_scalar(name, value, step)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+            if step % recipe.training.save_steps == 0:
+                trainer.save(output / f"checkpoint-{step}", step)
+        if writer:
+            writer.close()
+        trainer.save_weights(output)
+        trainer.history.plot(output / "expert_load.png")
+    print(f"finished step {recipe.training.max_steps}: reward {metrics.get('reward_mean', 0):.3f}; "
+          f"{'adapter' if spec else 'model'}, metrics.jsonl and expert_load.png in {output}")
+    return {"output_dir": str(output), "steps": recipe.training.max_steps,
+            "final_reward": metrics.get("reward_mean")}
+
+
+def tensorboard_writer(recipe: GRPORecipe, output: Path):
+    if "tensorboard" not in recipe.training.report_to:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(output / "runs"))

@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMAND_MODULES = (
     "moetune.recipes.run",
+    "moetune.recipes.demo",
     "moetune.model.info",
     "moetune.finetune.merge",
     "moetune.finetune.expert_profile",
@@ -34,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand. A RecipeError (a bad recipe or override) prints one line naming
-    what is wrong and where, and exits with code 2, without a traceback."""
+    what is wrong and where and exits with code 2; a RewardError (a reward function failed)
+    prints its message, which names the function, and exits with code 1."""
     from moetune.recipes.loader import RecipeError
+    from moetune.rewards import RewardError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(f"moetune {args.command}: {error}", file=sys.stderr)
         return 2
+    except RewardError as error:
+        print(f"moetune {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

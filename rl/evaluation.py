@@ -70,6 +70,16 @@ def evaluate(problems: list[dict], sampler: Sampler, rewards: list[RewardSpec], 
         mean_length=sum(lengths) / max(len(lengths), 1), rows=rows)
 
 
+def pool_sampler(pool, sampling) -> Sampler:
+    """Sample through a RolloutPool's engines (vLLM or native) with a SamplingSpec."""
+
+    def sample(prompts: list[str], n: int) -> list[list[str]]:
+        ids = [pool.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+        return [[r.text for r in group] for group in pool.generate(ids, n, sampling)]
+
+    return sample
+
+
 def native_sampler(model_dir: str, adapter: str | None, temperature: float, top_p: float,
                    max_new_tokens: int, seed: int, dtype: str = "float32") -> Sampler:
     """Sample with moetune's own generate; the tokenizer is the model folder's tokenizer.json."""

@@ -5,8 +5,8 @@ import re
 import pytest
 
 from moetune.finetune.arithmetic import ArithmeticSpec, arithmetic_problems, worked_steps
-from moetune.rewards import RewardSpec, score
 from moetune.model.char_tokenizer import char_tokenizer
+from moetune.rewards import RewardSpec, score
 
 
 def test_answers_follow_operator_precedence():

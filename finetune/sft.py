@@ -26,11 +26,12 @@ from trl import SFTConfig, SFTTrainer
 from moetune.finetune.expert_load import ExpertLoadHistory
 from moetune.finetune.metrics_file import MetricsFile
 from moetune.finetune.model_loading import attach_lora, load_model, load_tokenizer
+from moetune.finetune.prompt_template import few_shot_examples, save_template, sft_row
 from moetune.finetune.sft_data import load_sft_datasets
 from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.lora import LoraSpec
 from moetune.model.moe import MoE
-from moetune.recipes.schema import SFTRecipe
+from moetune.recipes.schema import SFTRecipe, TemplateSection
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ def run_sft(recipe: SFTRecipe) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     train, evaluation = load_sft_datasets(recipe.data, recipe.training.seed)
+    train, evaluation = (apply_template(d, recipe) for d in (train, evaluation))
     resume = resume_checkpoint(recipe)
     trainer = MoESFTTrainer(
         model=model, args=sft_config(recipe, "messages" in train.column_names), train_dataset=train, eval_dataset=evaluation,
@@ -191,11 +193,26 @@ def run_sft(recipe: SFTRecipe) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(recipe.training.output_dir)
     if main_process:
+        save_template(recipe.training.output_dir, recipe.template)
+    if main_process:
             print(f"finished {result.global_step} steps, mean training loss "
               f"{result.training_loss:.4f}; {'adapter' if spec else 'model'}, metrics.jsonl and "
               f"expert_load.png in {recipe.training.output_dir}")
     return {"output_dir": recipe.training.output_dir, "final_loss": result.training_loss,
             "steps": result.global_step}
+
+
+def apply_template(dataset, recipe: SFTRecipe):
+    """Prompt + completion rows shown through the recipe's template (chat turns, system
+    prompt, few-shot examples); other row formats and the default template pass unchanged."""
+    if dataset is None or "prompt" not in dataset.column_names or recipe.template == TemplateSection():
+        return dataset
+    import datasets
+
+    from moetune.finetune.sft_data import arithmetic_spec
+
+    shots = few_shot_examples(recipe.template, recipe.data.source, arithmetic_spec(recipe.data.arithmetic))
+    return datasets.Dataset.from_list([sft_row(row, recipe.template, shots) for row in dataset])
 
 
 def trainer_state_step(checkpoint: str) -> int:

@@ -38,14 +38,12 @@ def read_source(source: str, section: SFTDataSection, key: str, split: str = "tr
     import datasets
 
     if source == "builtin:arithmetic":
-        from moetune.finetune.arithmetic import ArithmeticSpec, arithmetic_problems
+        from moetune.finetune.arithmetic import arithmetic_problems
 
-        knobs = section.arithmetic
         try:
-            spec = ArithmeticSpec(knobs.digits, knobs.terms, knobs.operations, knobs.test_fraction,
-                                  knobs.style)
-            count = knobs.count if split == "train" else max(knobs.count // 10, 1)
-            rows = arithmetic_problems(count, spec, split=split)
+            spec = arithmetic_spec(section.arithmetic)
+            count = section.arithmetic.count
+            rows = arithmetic_problems(count if split == "train" else max(count // 10, 1), spec, split)
         except ValueError as error:
             raise RecipeError(f"data.arithmetic: {error}") from None
         dataset = datasets.Dataset.from_list(rows)
@@ -66,6 +64,14 @@ def read_source(source: str, section: SFTDataSection, key: str, split: str = "tr
             raise RecipeError(f"{key}: {source}: expected .jsonl, .json, .parquet, .csv or a "
                               "save_to_disk folder")
     return keep_format_columns(dataset, key)
+
+
+def arithmetic_spec(section):
+    """The ArithmeticSpec of a recipe's `data.arithmetic` knobs."""
+    from moetune.finetune.arithmetic import ArithmeticSpec
+
+    return ArithmeticSpec(section.digits, section.terms, section.operations, section.test_fraction,
+                          section.style)
 
 
 def keep_format_columns(dataset, key: str):

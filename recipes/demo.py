@@ -21,9 +21,12 @@ from moetune.recipes.run import resolve
 def held_out_accuracy(model_dir: Path, recipe, limit: int) -> float:
     """Greedy accuracy (math_accuracy == 1) on the first `limit` test-split problems, sampled
     by the GRPO recipe's rollout engines."""
+    from moetune.finetune.model_loading import load_tokenizer
+    from moetune.finetune.prompt_template import few_shot_examples, render
+    from moetune.finetune.sft_data import arithmetic_spec
+    from moetune.recipes.schema import ModelSection
     from moetune.rewards import RewardSpec
     from moetune.rl.evaluation import evaluate, pool_sampler
-    from moetune.rl.grpo import arithmetic_spec
     from moetune.rl.problems import load_problems
     from moetune.rl.rollout import RolloutPool, SamplingSpec
 
@@ -34,8 +37,11 @@ def held_out_accuracy(model_dir: Path, recipe, limit: int) -> float:
         eos = json.loads((model_dir / "config.json").read_text())["eos_token_id"]
         sampling = SamplingSpec(temperature=0.0, max_new_tokens=rollout.max_new_tokens,
                                 stop_token_ids=eos if isinstance(eos, list) else [eos])
+        tokenizer = load_tokenizer(ModelSection(path=str(model_dir)))
+        shots = few_shot_examples(recipe.template, recipe.data.source, arithmetic_spec(recipe.data.arithmetic))
         report = evaluate(problems, pool_sampler(pool, sampling), [RewardSpec("math_accuracy")], n=1,
-                          batch_size=len(problems))
+                          batch_size=len(problems),
+                          show=lambda prompt: render(prompt, recipe.template, tokenizer, shots))
     return report.pass_at_1
 
 

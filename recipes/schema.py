@@ -1,9 +1,9 @@
 """Typed recipe schemas, one dataclass per section. A recipe's `recipe:` key picks the schema.
 
-    recipe: sft    SFTRecipe   model, lora, data, moe, training, plan
-    recipe: grpo   GRPORecipe  model, lora, data, rollout, rewards, algorithm, moe, training,
-                               eval, plan
-    recipe: eval   EvalRecipe  model, data, rewards, eval
+    recipe: sft    SFTRecipe   model, data, template, lora, moe, training, plan
+    recipe: grpo   GRPORecipe  model, data, rewards, template, lora, rollout, algorithm, moe,
+                               training, eval, plan
+    recipe: eval   EvalRecipe  model, data, rewards, template, eval
 
 Training keys use transformers' TrainingArguments names where they overlap. This module is
 plain data (no torch), so the loader checks a recipe before anything heavy is imported.
@@ -86,6 +86,17 @@ class SFTDataSection:
 
 
 @dataclass
+class TemplateSection:
+    """How prompts are shown to the model, identical in SFT, GRPO and eval
+    (moetune.finetune.prompt_template)."""
+
+    chat: bool = False  # the tokenizer's chat template around the prompt (a user turn)
+    system_prompt: str | None = None
+    few_shot: int = 0  # solved examples before the prompt
+    few_shot_source: str | None = None  # rows with prompt + completion (default: train split)
+
+
+@dataclass
 class MoESection:
     """Auxiliary-loss-free balancing: after each optimizer step every router's bias moves by
     bias_update_gamma * sign(mean load - load). 0 disables; LoRA keeps the bias frozen."""
@@ -137,6 +148,7 @@ class SFTRecipe:
     recipe: Literal["sft"]
     model: ModelSection
     data: SFTDataSection
+    template: TemplateSection = field(default_factory=TemplateSection)
     lora: LoraSection | None = None
     moe: MoESection = field(default_factory=MoESection)
     training: TrainingSection = field(default_factory=TrainingSection)
@@ -223,6 +235,7 @@ class GRPORecipe:
     model: ModelSection
     data: PromptSection
     rewards: list[RewardSpec]
+    template: TemplateSection = field(default_factory=TemplateSection)
     lora: LoraSection | None = None
     rollout: RolloutSection = field(default_factory=RolloutSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
@@ -257,6 +270,7 @@ class EvalRecipe:
     model: ModelSection
     data: DataSection
     rewards: list[RewardSpec]
+    template: TemplateSection = field(default_factory=TemplateSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from moetune.finetune.prompt_template import warn_on_mismatch
 from moetune.rewards import RewardSpec, score
 from moetune.rl.pass_at_k import pass_at_k
 from moetune.rl.problems import load_problems
@@ -43,12 +44,14 @@ class EvalReport:
 
 
 def evaluate(problems: list[dict], sampler: Sampler, rewards: list[RewardSpec], n: int,
-             pass_threshold: float = 1.0, batch_size: int = 16) -> EvalReport:
-    """Score n samples of every problem; pass@k uses k = n."""
+             pass_threshold: float = 1.0, batch_size: int = 16,
+             show: Callable[[str], str] = str) -> EvalReport:
+    """Score n samples of every problem; pass@k uses k = n. `show` turns a problem's prompt
+    into the text the model sees (the recipe's template); rewards get the plain prompt."""
     rows = []
     for start in tqdm(range(0, len(problems), batch_size), desc="eval", unit="batch"):
         batch = problems[start:start + batch_size]
-        samples = sampler([p["prompt"] for p in batch], n)
+        samples = sampler([show(p["prompt"]) for p in batch], n)
         prompts = [p["prompt"] for p, group in zip(batch, samples) for _ in group]
         completions = [c for group in samples for c in group]
         columns = {key: [p.get(key) for p, group in zip(batch, samples) for _ in group]
@@ -111,6 +114,19 @@ def native_sampler(model_dir: str, adapter: str | None, temperature: float, top_
     return sample
 
 
+def template_renderer(template, model_dir: str, source: str) -> Callable[[str], str]:
+    """prompt -> the text the model sees under `template` (the checkpoint's tokenizer)."""
+    from moetune.finetune.prompt_template import few_shot_examples, render
+
+    tokenizer = None
+    if template.chat:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    shots = few_shot_examples(template, source)
+    return lambda prompt: render(prompt, template, tokenizer, shots)
+
+
 def write_report(report: EvalReport, output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / "eval.json").write_text(json.dumps(report.summary(), indent=2))
@@ -153,10 +169,15 @@ def run_recipe(recipe) -> int:
         raise RecipeError("model.path: an eval needs a checkpoint folder")
     problems = load_problems(recipe.data.source, recipe.data.limit, recipe.data.seed)
     settings = recipe.eval
+    for folder in (recipe.model.adapter, recipe.model.path):
+        if folder and warn_on_mismatch(folder, recipe.template):
+            print(f"warning: {folder} was trained with another prompt template (see the log)")
+            break
     sampler = native_sampler(recipe.model.path, recipe.model.adapter, settings.temperature,
                              settings.top_p, settings.max_new_tokens, recipe.data.seed,
                              recipe.model.dtype)
-    report = evaluate(problems, sampler, recipe.rewards, settings.n, settings.pass_threshold)
+    report = evaluate(problems, sampler, recipe.rewards, settings.n, settings.pass_threshold,
+                      show=template_renderer(recipe.template, recipe.model.path, recipe.data.source))
     write_report(report, Path(settings.output_dir))
     print(format_summary(report))
     print(f"wrote {Path(settings.output_dir) / 'eval.json'} and samples.jsonl")

@@ -35,6 +35,13 @@ from tqdm import tqdm
 from moetune.finetune.expert_load import ExpertLoadHistory
 from moetune.finetune.metrics_file import MetricsFile
 from moetune.finetune.model_loading import attach_lora, load_model, load_tokenizer
+from moetune.finetune.prompt_template import (
+    few_shot_examples,
+    render,
+    save_template,
+    warn_on_mismatch,
+)
+from moetune.finetune.sft_data import arithmetic_spec
 from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.lora import adapters_disabled
 from moetune.model.moe import MoE
@@ -110,6 +117,7 @@ class GRPOTrainer:
         data = recipe.data
         self.stream = PromptStream(load_problems(data.source, data.limit, training.seed, "train",
                                                  arithmetic_spec(data.arithmetic)), training.seed)
+        self.shots = few_shot_examples(recipe.template, data.source, arithmetic_spec(data.arithmetic))
         self.eval_problems = None
         if recipe.eval.every:
             self.eval_problems = load_problems(recipe.eval.source, recipe.eval.limit, 0, "test",
@@ -129,7 +137,9 @@ class GRPOTrainer:
                             stop_token_ids=self.stop_ids, seed=seed % 2**31)
 
     def encode(self, problems: list[dict]) -> list[list[int]]:
-        return [self.tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems]
+        """Token ids of each problem's prompt shown through the recipe's template."""
+        texts = [render(p["prompt"], self.recipe.template, self.tokenizer, self.shots) for p in problems]
+        return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
     def rewards_of(self, problems: list[dict], rollouts: list[list[Rollout]]):
         """(totals [G, n], {name: [G*n values]}) for the flattened groups."""
@@ -341,6 +351,7 @@ class GRPOTrainer:
         else:
             self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(str(folder))
+        save_template(folder, self.recipe.template)
 
     def load(self, folder: Path) -> int:
         """Restore a checkpoint; returns its step."""
@@ -359,13 +370,6 @@ class GRPOTrainer:
         self.stream.epoch, self.stream.cursor = state["stream"]["epoch"], state["stream"]["cursor"]
         self.nonfinite_in_row, self.skipped_updates = state["nonfinite_in_row"], state["skipped_updates"]
         return state["step"]
-
-
-def arithmetic_spec(section):
-    from moetune.finetune.arithmetic import ArithmeticSpec
-
-    return ArithmeticSpec(section.digits, section.terms, section.operations, section.test_fraction,
-                          section.style)
 
 
 def mean(values) -> float:
@@ -405,6 +409,8 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
     spec = attach_lora(model, recipe.lora)
+    if recipe.model.path:
+        warn_on_mismatch(recipe.model.path, recipe.template)
     rollout = recipe.rollout
     source = rollout_source(recipe, model, tokenizer, output)
     pool = RolloutPool(source, backend=rollout.backend, workers=rollout.workers,

@@ -54,7 +54,8 @@ EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 @dataclass
 class SamplingSpec:
     """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
-    Sample i of prompt p (its index in the `generate` call) is drawn with seed + p * n + i."""
+    Prompt p (its index in the `generate` call) is sampled with seed + p * n (vLLM: sample i
+    with seed + p * n + i), so samples do not depend on how prompts are split across workers."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -134,16 +135,15 @@ class WorkerProcess:
         """SIGKILL the worker's process group (its own tensor-parallel workers included)."""
         if self.process is None:
             return
-        if self.process.is_alive():
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:  # it had not made its group yet
-                self.process.kill()
+        try:  # before join(): the unreaped pid cannot name anyone else's group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # no group: gone, or it had not made it yet
+            self.process.kill()
         self.process.join()
         self.conn.close()
         self.process = None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to exit; kill it if it has not within `timeout` seconds."""
         if self.process is not None and self.process.is_alive():
             try:
@@ -200,10 +200,19 @@ class RolloutPool:
                                         visible_devices(i, tensor_parallel_size)))
             for i in range(workers)]
         self._finalizer = weakref.finalize(self, stop_workers, self._workers)
-        for worker in self._workers:
-            worker.start(restore=None)
-        for worker in self._workers:
-            self._wait_ready(worker)
+        try:
+            for worker in self._workers:
+                worker.start(restore=None)
+            for worker in self._workers:
+                self._wait_ready(worker)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int | None]:
+        """Each worker's process id (also its process group id); None while it is down."""
+        return [w.process.pid if w.process else None for w in self._workers]
 
     # Requests --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingSpec) -> list[list[Rollout]]:
@@ -228,12 +237,14 @@ class RolloutPool:
         """The engines' logprob (temperature 1) of each given completion token."""
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"score: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
-        self._check_lengths([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], 0)
+        self._check_lengths(prompt_ids, 0)
+        self._check_lengths([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], 1)
         return self._scatter(len(prompt_ids), lambda idx: (
             "score", [prompt_ids[i] for i in idx], [completion_ids[i] for i in idx]))
 
     def sync(self, weights: dict[str, torch.Tensor]) -> float:
-        """Push HF-named tensors (e.g. from `sync_weights`) to every worker; returns seconds."""
+        """Push HF-named tensors (e.g. from `sync_weights`) to every worker, keeping CPU copies
+        in `weights`; returns seconds. They travel as one safetensors file in /dev/shm."""
         start = time.perf_counter()
         tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
         self.weights.update(tensors)  # first: a worker restarted during the sync gets them too
@@ -271,30 +282,42 @@ class RolloutPool:
         return [item for w in range(len(chunks)) for item in answers[w]]
 
     def _run(self, requests: dict[int, tuple]) -> dict[int, object]:
-        """Send each worker its request, then collect the answers; a worker that dies or is
-        silent past timeout_s is restarted and asked again, up to max_retries times."""
-        failures = dict.fromkeys(requests, 0)
-        deadlines = {}
+        """Send each worker its request, then collect every answer (so none is left in a
+        pipe), raising the first error after that."""
+        for w in requests:
+            if self._workers[w].process is None:  # killed when an earlier request gave up on it
+                self._restart(w)
         for w, request in requests.items():
             self._workers[w].send(*request)
-            deadlines[w] = time.monotonic() + self.timeout_s
-        answers = {}
+        deadline = time.monotonic() + self.timeout_s
+        answers, errors = {}, []
         for w, request in requests.items():
-            while w not in answers:
-                try:
-                    answers[w] = self._workers[w].receive(max(0.0, deadlines[w] - time.monotonic()))
-                except WorkerFailure as failure:
-                    failures[w] += 1
-                    if failures[w] > self.max_retries:
-                        raise RuntimeError(
-                            f"rollout worker {w} ({self.backend}) {failure} during {request[0]!r} "
-                            f"{failures[w]} times; giving up") from failure
-                    logger.warning("rollout worker %d %s during %r: restarting it (retry %d of %d)",
-                                   w, failure, request[0], failures[w], self.max_retries)
-                    self._restart(w)
-                    self._workers[w].send(*request)
-                    deadlines[w] = time.monotonic() + self.timeout_s
+            try:
+                answers[w] = self._answer(w, request, deadline)
+            except RuntimeError as error:
+                errors.append(error)
+        if errors:
+            raise errors[0]
         return answers
+
+    def _answer(self, w: int, request: tuple, deadline: float):
+        """Worker w's answer to `request` (already sent). A worker that dies or is silent past
+        the deadline is restarted and asked again, up to max_retries times."""
+        failures = 0
+        while True:
+            try:
+                return self._workers[w].receive(max(0.0, deadline - time.monotonic()))
+            except WorkerFailure as failure:
+                failures += 1
+                if failures > self.max_retries:
+                    self._workers[w].kill()
+                    raise RuntimeError(f"rollout worker {w} ({self.backend}) {failure} during "
+                                       f"{request[0]!r}, {failures} times: giving up") from failure
+                logger.warning("rollout worker %d %s during %r: restarting it (retry %d of %d)",
+                               w, failure, request[0], failures, self.max_retries)
+                self._restart(w)
+                self._workers[w].send(*request)
+                deadline = time.monotonic() + self.timeout_s
 
     def _restart(self, w: int) -> None:
         start = time.perf_counter()
@@ -353,8 +376,9 @@ def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
                 or ADAPTER_TENSOR.search(slot.param)):
             continue
         owner = modules[slot.param.rpartition(".")[0]]
-        if name.endswith(".base_layer.weight"):  # a LoraLinear's base
-            yield name.replace(".base_layer", ""), modules[slot.param.removesuffix(".base_layer.weight")].dense_weight()
+        if name.endswith(".base_layer.weight"):  # a LoraLinear's base: W + s B A
+            lora_linear = modules[slot.param.removesuffix(".base_layer.weight")]
+            yield name.replace(".base_layer", ""), lora_linear.dense_weight()
         elif isinstance(owner, FrozenFP8Linear):
             yield name, dense_weight(owner)
         elif match := EXPERT_WEIGHT.search(name):
@@ -370,9 +394,10 @@ def expert_weight(experts, weight: torch.Tensor, expert: int, proj: str) -> torc
         scale = getattr(experts, f"{proj}_proj_scale_inv")[expert]
         weight = dequantize_weight(weight, scale, dtype=experts.compute_dtype)
     lora = experts.lora
-    if lora is None or expert not in lora.expert_ids:
+    selected = [] if lora is None else lora.expert_ids.tolist()
+    if expert not in selected:
         return weight
-    slot = lora.expert_ids.tolist().index(expert)
+    slot = selected.index(expert)
     return weight + lora.scaling * (getattr(lora, f"{proj}_B")[slot] @ getattr(lora, f"{proj}_A")[slot])
 
 

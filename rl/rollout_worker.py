@@ -102,16 +102,14 @@ class VllmEngine:
         self.model_dir = Path(spec.model_dir)
         self.files = locate_tensors(self.model_dir)  # HF name -> shard file
         self.synced: dict[str, torch.Tensor] = {}  # every tensor received so far
-        # The first request with logprobs compiles vLLM's rank counting (seconds): pay it here,
-        # not inside the first generate's timeout.
-        self.score([[0, 0]], [[0]])
+        self.score([[0, 0]], [[0]])  # warm-up (compiles a sampler op): not in a request's time
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec,
                  seeds: list[int]) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        copies = n if sampling.temperature == 0 else 1  # vLLM takes greedy requests with n = 1 only
+        copies = n if sampling.temperature < 1e-5 else 1  # vLLM's greedy requests take n = 1 only
         params = [SamplingParams(
             n=n // copies, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
@@ -147,7 +145,7 @@ class VllmEngine:
 
     def layer_tensors(self, layers: set[str]) -> list[tuple[str, torch.Tensor]]:
         """Every tensor of these layers: the synced value, else the checkpoint's."""
-        names = [n for n in {**self.files, **self.synced} if layer_of(n) in layers]
+        names = [n for n in dict.fromkeys([*self.files, *self.synced]) if layer_of(n) in layers]
         tensors = [(n, self.synced[n]) for n in names if n in self.synced]
         from_disk = defaultdict(list)
         for name in names:
@@ -191,6 +189,7 @@ class NativeEngine:
         self.model = DeepseekV3ForCausalLM.from_pretrained(
             spec.model_dir, dtype=getattr(torch, spec.dtype), device=self.device)
         self.slots = checkpoint_layout(self.model, self.model.config)
+        self.model.generate([[0]], max_new_tokens=2)  # warm-up: not in a request's time
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec,
                  seeds: list[int]) -> list[list[Sample]]:

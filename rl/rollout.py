@@ -154,9 +154,11 @@ class WorkerProcess:
         self.kill()
 
 
-def stop_workers(workers: list[WorkerProcess]) -> None:
+def release(workers: list[WorkerProcess], folder: Path) -> None:
+    """Kill the workers and remove the pool's transfer folder (a pool dropped unclosed)."""
     for worker in workers:
         worker.kill()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class RolloutPool:
@@ -199,7 +201,7 @@ class RolloutPool:
                                         tensor_parallel_size, gpu_memory_utilization, seed,
                                         visible_devices(i, tensor_parallel_size)))
             for i in range(workers)]
-        self._finalizer = weakref.finalize(self, stop_workers, self._workers)
+        self._finalizer = weakref.finalize(self, release, self._workers, self._dir)
         try:
             for worker in self._workers:
                 worker.start(restore=None)

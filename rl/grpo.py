@@ -156,7 +156,7 @@ class GRPOTrainer:
             lengths = torch.tensor([len(r.completion_ids) for r in flat])
             totals += algorithms.soft_overlong_penalty(
                 lengths, self.recipe.rollout.max_new_tokens, algorithm.overlong_buffer)
-        values = {name: [0.0 if v is None else float(v) for v in vals]
+        values = {metric_name(name): [0.0 if v is None else float(v) for v in vals]
                   for name, vals in result.values.items()}
         return totals.view(len(problems), n), values
 
@@ -370,6 +370,11 @@ class GRPOTrainer:
         self.stream.epoch, self.stream.cursor = state["stream"]["epoch"], state["stream"]["cursor"]
         self.nonfinite_in_row, self.skipped_updates = state["nonfinite_in_row"], state["skipped_updates"]
         return state["step"]
+
+
+def metric_name(reward: str) -> str:
+    """A reward's name in metrics: `pkg.module:fn` and `path/file.py:fn` shorten to `fn`."""
+    return reward.rsplit(":", 1)[-1]
 
 
 def mean(values) -> float:

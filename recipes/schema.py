@@ -67,6 +67,7 @@ class ArithmeticSection:
     operations: str = "+-"
     test_fraction: float = 0.1
     style: Literal["plain", "think"] = "plain"  # think: worked steps in <think>, then <answer>
+    sign_slip: float = 0.0  # share of negative train answers written without their sign
     count: int = 2000  # training problems drawn (SFT)
 
 

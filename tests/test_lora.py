@@ -183,6 +183,41 @@ def test_merge_cli_writes_a_checkpoint_equal_to_base_plus_adapter(tmp_path):
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_merge_cli_fp8_writes_a_deepseek_fp8_checkpoint(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from moetune.model.adapters import save_adapter
+    from moetune.recipes.cli import main
+
+    spec = LoraSpec(rank=4, ranks={"routed_experts": 8})
+    model = DeepseekV3ForCausalLM(v3_config(hidden_size=128, moe_intermediate_size=128)).eval()
+    model.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.json").write_text("{}")
+    apply_lora(model, spec)
+    randomize_adapters(model)
+    save_adapter(model, spec, tmp_path / "adapter")
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged"), "--dtype", "float32", "--fp8"]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    with safe_open(tmp_path / "merged" / "model-00001-of-00001.safetensors", "pt") as f:
+        name = "model.layers.1.mlp.experts.3.gate_proj.weight"
+        assert f.get_tensor(name).dtype == torch.float8_e4m3fn and f"{name}_scale_inv" in f.keys()
+    # The file holds exactly the FP8 quantisation of base + adapter: loading it (dequantised)
+    # computes what the merged model does with FP8 weights in memory.
+    from moetune.model.fp8 import to_frozen_fp8
+
+    merge_lora(model)
+    to_frozen_fp8(model)
+    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "merged", fp8="frozen")
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_save_pretrained_refuses_unmerged_adapters(tmp_path):
     import pytest
 

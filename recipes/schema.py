@@ -257,6 +257,7 @@ class DataSection:
 
 @dataclass
 class EvalSection:
+    backend: Literal["native", "vllm"] = "native"  # vllm: a RolloutPool engine (adapter merged)
     n: int = 4  # samples per problem = k of pass@k
     temperature: float = 1.0
     top_p: float = 1.0

@@ -1,13 +1,13 @@
 """`moetune eval`: sample k completions per problem, score them with the training rewards,
 report pass@1 / pass@k (unbiased estimator), mean reward and mean length.
 
-    moetune eval --model DIR [--adapter DIR] --data SOURCE --reward math_accuracy --n 8
+    moetune eval --model DIR [--adapter DIR] --data SOURCE --reward math_accuracy --n 8 [--backend vllm]
     moetune eval RECIPE.yaml [key.sub=value ...]        # recipe: eval (moetune.recipes.schema)
 
 A sample passes when its weighted reward reaches --pass-threshold (1.0: fully correct).
 Writes `eval.json` (summary) and `samples.jsonl` (one row per problem) to --output.
-Completions come from a sampler `(prompts, n) -> [[completion] * n per prompt]`; the native
-one runs moetune's own `generate` (vLLM rollout workers plug in the same way).
+Completions come from a sampler `(prompts, n) -> [[completion] * n per prompt]`: moetune's own
+`generate` (native) or a vLLM RolloutPool engine, the one GRPO samples with.
 """
 
 from __future__ import annotations
@@ -114,6 +114,34 @@ def native_sampler(model_dir: str, adapter: str | None, temperature: float, top_
     return sample
 
 
+def evaluate_with_pool(recipe, problems: list[dict], show: Callable[[str], str]) -> EvalReport:
+    """Sample with a vLLM RolloutPool engine; an adapter is merged into a temporary
+    checkpoint first (vLLM on CPU cannot apply LoRA)."""
+    import tempfile
+
+    from moetune.finetune.merge import merge
+    from moetune.model import load_config
+    from moetune.rl.rollout import RolloutPool, SamplingSpec
+
+    settings = recipe.eval
+    config = load_config(recipe.model.path)
+    eos = config.eos_token_id
+    sampling = SamplingSpec(temperature=settings.temperature, top_p=settings.top_p,
+                            max_new_tokens=settings.max_new_tokens,
+                            stop_token_ids=eos if isinstance(eos, list) else [eos],
+                            seed=recipe.data.seed)
+    with tempfile.TemporaryDirectory(prefix="moetune-eval-") as merged:
+        model_dir = recipe.model.path
+        if recipe.model.adapter:
+            merge(recipe.model.path, recipe.model.adapter, merged, recipe.model.dtype)
+            model_dir = merged
+        with RolloutPool(model_dir, backend="vllm", dtype=recipe.model.dtype,
+                         max_model_len=min(config.max_position_embeddings, 4096),
+                         seed=recipe.data.seed) as pool:
+            return evaluate(problems, pool_sampler(pool, sampling), recipe.rewards, settings.n,
+                            settings.pass_threshold, batch_size=64, show=show)
+
+
 def template_renderer(template, model_dir: str, source: str) -> Callable[[str], str]:
     """prompt -> the text the model sees under `template` (the checkpoint's tokenizer)."""
     from moetune.finetune.prompt_template import few_shot_examples, render
@@ -156,8 +184,8 @@ def run(args) -> int:
             recipe="eval", model=ModelSection(path=args.model, adapter=args.adapter),
             data=DataSection(args.data, args.limit, args.seed),
             rewards=[RewardSpec(name) for name in args.reward.split(",")],
-            eval=EvalSection(args.n, args.temperature, args.top_p, args.max_new_tokens,
-                             args.pass_threshold, args.output))
+            eval=EvalSection(args.backend, args.n, args.temperature, args.top_p,
+                             args.max_new_tokens, args.pass_threshold, args.output))
     return run_recipe(recipe)
 
 
@@ -173,11 +201,15 @@ def run_recipe(recipe) -> int:
         if folder and warn_on_mismatch(folder, recipe.template):
             print(f"warning: {folder} was trained with another prompt template (see the log)")
             break
-    sampler = native_sampler(recipe.model.path, recipe.model.adapter, settings.temperature,
-                             settings.top_p, settings.max_new_tokens, recipe.data.seed,
-                             recipe.model.dtype)
-    report = evaluate(problems, sampler, recipe.rewards, settings.n, settings.pass_threshold,
-                      show=template_renderer(recipe.template, recipe.model.path, recipe.data.source))
+    show = template_renderer(recipe.template, recipe.model.path, recipe.data.source)
+    if settings.backend == "vllm":
+        report = evaluate_with_pool(recipe, problems, show)
+    else:
+        sampler = native_sampler(recipe.model.path, recipe.model.adapter, settings.temperature,
+                                 settings.top_p, settings.max_new_tokens, recipe.data.seed,
+                                 recipe.model.dtype)
+        report = evaluate(problems, sampler, recipe.rewards, settings.n, settings.pass_threshold,
+                          show=show)
     write_report(report, Path(settings.output_dir))
     print(format_summary(report))
     print(f"wrote {Path(settings.output_dir) / 'eval.json'} and samples.jsonl")
@@ -188,7 +220,7 @@ def add_subcommand(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="pass@k and mean reward of a model on held-out problems",
         description=__doc__.split("\n\n")[0] + " Completions come from moetune's native "
-                    "generate.")
+                    "generate or a vLLM engine (--backend).")
     parser.add_argument("recipe", nargs="?", help="an eval recipe (YAML); or use the flags below")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value")
     parser.add_argument("--model", help="checkpoint folder (with tokenizer.json)")
@@ -196,6 +228,8 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--data",
                         help="builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file")
     parser.add_argument("--reward", help="reward name(s), comma separated")
+    parser.add_argument("--backend", choices=("native", "vllm"), default="native",
+                        help="sampler: moetune's generate, or a vLLM engine (default native)")
     parser.add_argument("--n", type=int, default=4, help="samples per problem = k (default 4)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 8, 8, 48, 5e-5
-ARITHMETIC = {"digits": 1, "terms": 3, "style": "think"}
+ARITHMETIC = {"digits": 1, "terms": 3, "operations": "+-", "style": "think"}
 SFT = ["sft/arith_tiny.yaml", "data.arithmetic.digits=1", "data.arithmetic.terms=3",
+       'data.arithmetic.operations="+-"',
        "data.arithmetic.count=3000", "data.arithmetic.style=think", "data.max_length=96",
        "training.max_steps=150", "training.learning_rate=1e-3", "training.disable_tqdm=true",
        "training.report_to=[]", "training.save_steps=25", "training.resume_from_checkpoint=true"]

@@ -7,11 +7,13 @@ A model comes from a checkpoint folder (`model.path`) or, with fresh weights, fr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
+from moetune.model.expert_parallel import expert_parallel_groups, full_experts, shard_experts
 from moetune.model.lora import LoraSpec, apply_lora
 from moetune.recipes.loader import RecipeError
 from moetune.recipes.schema import LoraSection, ModelSection
@@ -61,8 +63,9 @@ def load_model(section: ModelSection, device: str | torch.device = "cpu") -> Dee
     if section.path:
         if not Path(section.path).exists():
             raise RecipeError(f"model.path: {section.path}: no such folder")
-        return DeepseekV3ForCausalLM.from_pretrained(section.path, dtype=dtype, device=device,
-                                                     fp8=section.fp8, config=config)
+        model = DeepseekV3ForCausalLM.from_pretrained(section.path, dtype=dtype, device=device,
+                                                      fp8=section.fp8, config=config)
+        return apply_expert_parallel(model, section.expert_parallel)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(section.seed)
         model = DeepseekV3ForCausalLM(config).to(device=device, dtype=dtype)
@@ -70,7 +73,24 @@ def load_model(section: ModelSection, device: str | torch.device = "cpu") -> Dee
         from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
 
         (to_frozen_fp8 if section.fp8 == "frozen" else to_fp8_training)(model)
-    return model
+    return apply_expert_parallel(model, section.expert_parallel)
+
+
+def apply_expert_parallel(model: DeepseekV3ForCausalLM, size: int) -> DeepseekV3ForCausalLM:
+    """`model.expert_parallel` N > 1: shard the routed experts over groups of N ranks. Under
+    torchrun / accelerate launch the process group is started here if it is not yet."""
+    if size == 1:
+        return model
+    if size < 1:
+        raise RecipeError(f"model.expert_parallel: {size} must be >= 1")
+    if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()  # init_process_group as the trainer would (nccl on GPUs, else gloo)
+    try:
+        return shard_experts(model, expert_parallel_groups(size))
+    except (RuntimeError, ValueError) as error:
+        raise RecipeError(f"model.expert_parallel: {error}") from None
 
 
 def load_tokenizer(section: ModelSection):
@@ -127,6 +147,7 @@ def attach_lora(model: DeepseekV3ForCausalLM, section: LoraSection | None) -> Lo
     if section is None:
         return None
     spec = lora_spec(section, len(model.model.layers) + len(model.model.mtp))
-    apply_lora(model, spec)
+    with full_experts(model):  # expert parallel: adapters made for all experts, then sliced
+        apply_lora(model, spec)
     return spec
 

@@ -29,8 +29,10 @@ from moetune.finetune.model_loading import attach_lora, load_model, load_tokeniz
 from moetune.finetune.prompt_template import few_shot_examples, save_template, sft_row
 from moetune.finetune.sft_data import load_sft_datasets
 from moetune.model.adapters import load_adapter_weights, save_adapter
+from moetune.model.expert_parallel import clip_grad_norm_, expert_parallel_size, full_experts
 from moetune.model.lora import LoraSpec
 from moetune.model.moe import MoE
+from moetune.recipes.loader import RecipeError
 from moetune.recipes.schema import SFTRecipe, TemplateSection
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,10 @@ class MoESFTTrainer(SFTTrainer):
         self.base_path = base_path
         self.tokens_seen = 0  # this rank's training tokens
         super().__init__(*args, **kwargs)
+        if expert_parallel_size(self.model) > 1 and (self.is_deepspeed_enabled
+                                                     or self.is_fsdp_enabled):
+            raise RecipeError("model.expert_parallel: sharded experts train under DDP "
+                              "(recipes/accelerate/ddp.yaml or torchrun), not DeepSpeed or FSDP")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -68,6 +74,34 @@ class MoESFTTrainer(SFTTrainer):
             self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         return (loss, out) if return_outputs else loss
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Expert parallel: every rank gathers the experts, the main process writes them.
+        with full_experts(self.accelerator.unwrap_model(self.model)):
+            super().save_model(output_dir, _internal_call)
+
+    def _clip_grad_norm(self, model):
+        if expert_parallel_size(model) == 1:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return clip_grad_norm_(model, self.args.max_grad_norm)  # each expert counted once
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if expert_parallel_size(self.model) > 1:  # each rank's Adam state for its own experts
+            torch.save(self.optimizer.state_dict(), self.rank_optimizer_file(output_dir))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint and expert_parallel_size(self.model) > 1:
+            file = self.rank_optimizer_file(checkpoint)
+            if not file.exists():
+                raise FileNotFoundError(f"{file}: an expert-parallel run resumes on as many ranks "
+                                        "as saved the checkpoint, with the same model.expert_parallel")
+            self.optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+
+    def rank_optimizer_file(self, folder: str) -> Path:
+        return Path(folder) / f"optimizer.rank{self.args.process_index}-of-{self.args.world_size}.pt"
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
@@ -82,12 +116,13 @@ class MoESFTTrainer(SFTTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)
-        if self.lora_spec is not None:
-            load_adapter_weights(model, resume_from_checkpoint)
-            return
-        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype,
-                                            config=model.config)
-        model.load_state_dict(saved.state_dict())
+        with full_experts(model):  # expert parallel: load all experts, keep this rank's
+            if self.lora_spec is not None:
+                load_adapter_weights(model, resume_from_checkpoint)
+                return
+            saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype,
+                                                config=model.config)
+            model.load_state_dict(saved.state_dict())
 
 
 class MoEBookkeeping(TrainerCallback):

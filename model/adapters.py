@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moetune.model.checkpoint import to_disk_name
+from moetune.model.expert_parallel import require_full_experts
 from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora
 
 PREFIX = "base_model.model."
@@ -25,6 +26,7 @@ EXPERT_PROJECTIONS = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_p
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     """PEFT key -> tensor for every adapter in the model."""
+    require_full_experts(model, "saving or loading adapters")
     layers = model.config.num_hidden_layers
     tensors = {}
     for name, module in model.named_modules():

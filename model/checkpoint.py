@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from moetune.kernels import dequantize_weight, quantize_weight
 from moetune.model.config import DeepseekV3Config, load_config
+from moetune.model.expert_parallel import require_full_experts
 from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -205,6 +206,7 @@ def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**
     """Write config.json, safetensors shards and the index atomically: files are written to
     a temporary folder beside `path` and moved in only when all of them are complete."""
     config: DeepseekV3Config = model.config
+    require_full_experts(model, "save_pretrained")
     if any("lora" in name for name, _ in model.named_modules()):
         raise ValueError("the model carries LoRA adapters: save them with "
                          "moetune.model.adapters.save_adapter, or merge_lora() before save_pretrained")

@@ -7,21 +7,26 @@ distribution it was sampled from, and why each sequence stopped.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from moetune.model.kv_cache import LatentCache
+from moetune.model.routing_replay import recording_routes
 
 
 @dataclass
 class GenerationOutput:
     """Per prompt: generated token ids (stop token included), their logprobs, and
-    finish_reason "stop" (a stop token) or "length" (max_new_tokens)."""
+    finish_reason "stop" (a stop token) or "length" (max_new_tokens). With record_routes,
+    routed_experts[i] [num_moe_layers, prompt + generated tokens, top_k] int16 holds the
+    experts each token was routed to (-1 for the last generated token, never fed back)."""
 
     sequences: list[list[int]] = field(default_factory=list)
     logprobs: list[list[float]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
+    routed_experts: list[torch.Tensor] | None = None
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -48,6 +53,7 @@ def generate(
     stop_token_ids: list[int] | None = None,
     generator: torch.Generator | None = None,
     pad_token_id: int = 0,
+    record_routes: bool = False,
 ) -> GenerationOutput:
     """Sample up to `max_new_tokens` per prompt. temperature 0 means greedy. Logprobs are
     of the distribution actually sampled from (temperature, top-k and top-p applied)."""
@@ -71,28 +77,50 @@ def generate(
     was_training = model.training
     model.eval()
     step_input = tokens
-    for _ in range(max_new_tokens):
-        visible = mask[:, : cache.length + step_input.shape[1]]
-        logits = model(step_input, attention_mask=visible, cache=cache, logits_to_keep=1)
-        logits = logits.logits[:, -1].float()
-        if temperature > 0:
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            logprobs = logits.log_softmax(dim=-1)
-            next_ids = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
-        else:
-            logprobs = logits.log_softmax(dim=-1)
-            next_ids = logits.argmax(dim=-1)
-        chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
-        for i in (~done).nonzero().flatten().tolist():
-            token = next_ids[i].item()
-            out.sequences[i].append(token)
-            out.logprobs[i].append(chosen[i].item())
-            if token in stop:
-                out.finish_reasons[i] = "stop"
-                done[i] = True
-        if done.all():
-            break
-        mask[:, cache.length] = 1
-        step_input = next_ids[:, None]
+    with recording_routes(model) if record_routes else nullcontext() as recorded:
+        for _ in range(max_new_tokens):
+            visible = mask[:, : cache.length + step_input.shape[1]]
+            logits = model(step_input, attention_mask=visible, cache=cache, logits_to_keep=1)
+            logits = logits.logits[:, -1].float()
+            if temperature > 0:
+                logits = filter_logits(logits / temperature, top_k, top_p)
+                logprobs = logits.log_softmax(dim=-1)
+                next_ids = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+            else:
+                logprobs = logits.log_softmax(dim=-1)
+                next_ids = logits.argmax(dim=-1)
+            chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
+            for i in (~done).nonzero().flatten().tolist():
+                token = next_ids[i].item()
+                out.sequences[i].append(token)
+                out.logprobs[i].append(chosen[i].item())
+                if token in stop:
+                    out.finish_reasons[i] = "stop"
+                    done[i] = True
+            if done.all():
+                break
+            mask[:, cache.length] = 1
+            step_input = next_ids[:, None]
     model.train(was_training)
+    if record_routes:
+        out.routed_experts = sequence_routes(recorded, [len(p) for p in prompts], longest,
+                                             [len(s) for s in out.sequences])
     return out
+
+
+def sequence_routes(recorded: list[list[torch.Tensor]], prompt_lengths: list[int], longest: int,
+                    generated: list[int]) -> list[torch.Tensor]:
+    """Per-layer lists of forward chunks ([B * tokens, k]: the left-padded prefill, then one
+    token per row per step) -> per sequence [num_moe_layers, prompt + generated, k]."""
+    batch = len(prompt_lengths)
+    layers = torch.stack([torch.cat([c.view(batch, -1, c.shape[-1]) for c in chunks], 1)
+                          for chunks in recorded]).to(torch.int16)  # [L, B, fed, k]
+    routes = []
+    for i, (prompt, completion) in enumerate(zip(prompt_lengths, generated)):
+        start = longest - prompt
+        route = torch.full((layers.shape[0], prompt + completion, layers.shape[-1]), -1,
+                           dtype=torch.int16)
+        fed = layers[:, i, start:start + prompt + completion]
+        route[:, :fed.shape[1]] = fed
+        routes.append(route)
+    return routes

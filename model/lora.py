@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moetune.model.expert_parallel import require_full_experts
 from moetune.model.experts import RoutedExperts
 from moetune.model.fp8 import FP8RoutedExperts, FrozenFP8Linear, compute_dtype, dense_weight
 from moetune.model.layers import GatedMLP
@@ -118,7 +119,7 @@ class ExpertLora(nn.Module):
         self.up_B = nn.Parameter(torch.zeros(count, inter, rank, **like))
         self.down_B = nn.Parameter(torch.zeros(count, hidden, rank, **like))
         for a in (self.gate_A, self.up_A, self.down_A):
-            for slot in range(count):
+            for slot in range(count if a.device.type != "meta" else 0):  # meta: shapes only
                 nn.init.kaiming_uniform_(a[slot], a=math.sqrt(5))
         self.register_buffer("expert_ids", torch.tensor(sorted(expert_ids), device=like["device"]),
                              persistent=False)
@@ -141,6 +142,8 @@ class ExpertLora(nn.Module):
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
     """Freeze the model and attach adapters per `spec`. Returns the trainable parameter count."""
+    if "routed_experts" in spec.components:
+        require_full_experts(model, "apply_lora on routed experts")
     for p in model.parameters():
         p.requires_grad_(False)
     first, last = spec.layers or (0, len(model.model.layers) + len(model.model.mtp))

@@ -24,6 +24,8 @@ class MoE(nn.Module):
         )
         self.compute_balance_loss = config.aux_loss_alpha > 0
         self.balance_loss: torch.Tensor | None = None
+        # An ExpertShard once the routed experts are sharded over ranks (model.expert_parallel)
+        self.expert_parallel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden] -> [B, S, hidden]. Leaves `balance_loss` set in training when
@@ -32,7 +34,10 @@ class MoE(nn.Module):
         expert_ids, weights, scores = self.gate(flat)
         if self.training and self.compute_balance_loss:
             self.balance_loss = sequence_balance_loss(scores, expert_ids, x.shape[0])
-        out = self.experts(flat, expert_ids, weights)
+        if self.expert_parallel is not None:
+            out = self.expert_parallel.dispatch(self.experts, flat, expert_ids, weights)
+        else:
+            out = self.experts(flat, expert_ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view_as(x)

@@ -37,6 +37,10 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
         # Tokens routed to each expert since the last bias update (training forwards only).
         self.register_buffer("load", torch.zeros(self.num_experts), persistent=False)
+        # Routing replay (moetune.model.routing_replay): expert ids [T, k] to use instead of
+        # this router's own choice (rows of -1: choose), and a list collecting each choice.
+        self.replay: torch.Tensor | None = None
+        self.recorded: list[torch.Tensor] | None = None
 
     def reset_buffers(self) -> None:
         self.load.zero_()
@@ -75,6 +79,10 @@ class Router(nn.Module):
         scores = self.scores(x)
         with torch.no_grad():
             expert_ids = self.select(scores)
+            if self.replay is not None:
+                expert_ids = self.replayed(expert_ids)
+        if self.recorded is not None:
+            self.recorded.append(expert_ids)
         weights = scores.gather(1, expert_ids)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -84,6 +92,14 @@ class Router(nn.Module):
         if self.training and torch._C._current_graph_task_id() == -1:
             self.load += torch.bincount(expert_ids.flatten(), minlength=self.num_experts)
         return expert_ids, weights, scores
+
+    def replayed(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The replayed expert ids where given (>= 0), this router's choice elsewhere."""
+        if self.replay.shape != chosen.shape:
+            raise ValueError(f"routing replay: routes of shape {tuple(self.replay.shape)} for "
+                             f"{tuple(chosen.shape)} routed tokens [tokens, top_k]")
+        replay = self.replay.to(chosen.device, chosen.dtype)
+        return torch.where(replay >= 0, replay, chosen)
 
     @torch.no_grad()
     def update_bias(self, gamma: float) -> None:

@@ -13,12 +13,14 @@ import sys
 
 SUBCOMMAND_MODULES = (
     "moetune.recipes.run",
+    "moetune.recipes.plan",
     "moetune.recipes.demo",
     "moetune.model.info",
     "moetune.finetune.merge",
     "moetune.finetune.expert_profile",
     "moetune.rewards.cli",
     "moetune.rl.evaluation",
+    "moetune.rl.rollout_server",
 )
 
 

@@ -2,8 +2,8 @@
 
 A recipe is a YAML path or the name of a shipped one (`sft/arith_tiny.yaml`, or without
 the suffix). The whole recipe is checked before any work: keys, types, and every file it
-names. `--dry-run` builds the model on the meta device and prints its parameters, the
-trainable ones, and the estimated memory per device, then exits.
+names. `--dry-run` builds the model on the meta device and prints what `moetune plan`
+does (parameters, the trainable ones, memory per device, devices needed), then exits.
 
     moetune run sft/arith_tiny.yaml training.max_steps=50
     accelerate launch --config_file recipes/accelerate/ddp.yaml -m moetune.recipes run sft/arith_tiny.yaml
@@ -62,50 +62,11 @@ def check_files(recipe, dry_run: bool) -> None:
             raise RecipeError(f"{key}: {value}: no such file or folder")
 
 
-def dry_run(recipe) -> int:
-    """Build on the meta device; print parameters, trainable parameters, memory per device."""
-    import torch
+def dry_run(recipe, name: str) -> int:
+    """Print `moetune plan`'s report: parameters, memory per device, devices needed."""
+    from moetune.recipes.plan import format_plan, plan_recipe
 
-    from moetune.finetune.memory_plan import plan_memory
-    from moetune.finetune.model_loading import attach_lora, resolve_config
-    from moetune.model import DeepseekV3ForCausalLM
-
-    config = resolve_config(recipe.model)
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config).to(getattr(torch, recipe.model.dtype))
-        if recipe.model.fp8:
-            from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
-
-            (to_frozen_fp8 if recipe.model.fp8 == "frozen" else to_fp8_training)(model)
-        attach_lora(model, getattr(recipe, "lora", None))
-    fp8_weights = sum(b.numel() for b in model.buffers() if b.dtype == torch.float8_e4m3fn)
-    total = sum(p.numel() for p in model.parameters()) + fp8_weights
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    training, plan = recipe.training, recipe.plan
-    if recipe.recipe == "sft":
-        batch, seq_len, checkpointing = (training.per_device_train_batch_size,
-                                         recipe.data.max_length, training.gradient_checkpointing)
-        rollout_tokens = 0
-    else:  # grpo: micro-batches of sampled sequences; the engines cache every sample
-        batch, seq_len, checkpointing = training.micro_batch_size, recipe.rollout.max_model_len, False
-        rollout_tokens = (training.prompts_per_step * recipe.algorithm.group_size
-                          * recipe.rollout.max_model_len)
-    memory = plan_memory(model, devices=plan.devices, zero_stage=plan.zero_stage,
-                         micro_batch_size=batch, seq_len=seq_len,
-                         gradient_checkpointing=checkpointing, rollout_tokens=rollout_tokens)
-    print(f"recipe: {recipe.recipe}  model: {recipe.model.path or recipe.model.config}")
-    print(f"parameters: {total:,}  trainable: {trainable:,} ({100 * trainable / total:.3f}%)")
-    print(f"memory per device ({plan.devices} devices, ZeRO-{plan.zero_stage}, micro-batch "
-          f"{batch} x {seq_len} tokens):")
-    print(memory.table())
-    device_bytes = int(plan.device_memory_gb * 1e9)
-    verdict = "fits" if memory.total <= device_bytes else "does NOT fit"
-    try:
-        needed = str(memory.devices_needed(device_bytes))
-    except ValueError as error:
-        needed = f"none ({error})"
-    print(f"{verdict} in {plan.device_memory_gb:g} GB per device; devices needed at "
-          f"ZeRO-{plan.zero_stage}: {needed}")
+    print(format_plan(plan_recipe(recipe), name))
     return 0
 
 
@@ -115,7 +76,7 @@ def run(args) -> int:
     if args.dry_run:
         if recipe.recipe == "eval":
             raise RecipeError("--dry-run plans training recipes (sft, grpo), not eval")
-        return dry_run(recipe)
+        return dry_run(recipe, args.recipe)
     module, function = RUNNERS[recipe.recipe].split(":")
     result = getattr(importlib.import_module(module), function)(recipe)
     return result if isinstance(result, int) else 0

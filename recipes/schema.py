@@ -34,6 +34,9 @@ class ModelSection:
     mtp_loss_weight: float | None = None  # None: the config's value
     aux_loss_alpha: float | None = None  # sequence-wise balance loss weight; None: the config's
     seed: int = 0  # initialisation seed when built from a config
+    # Shard each MoE layer's routed experts over groups of N ranks (moetune.model.expert_parallel);
+    # N must divide the world size and n_routed_experts; data parallelism spans the groups.
+    expert_parallel: int = 1
 
 
 @dataclass
@@ -136,8 +139,8 @@ class TrainingSection:
 
 @dataclass
 class PlanSection:
-    """What `--dry-run` assumes when it estimates memory per device. (A launch takes its
-    device count and ZeRO stage from the accelerate config.)"""
+    """What `moetune plan` (and `--dry-run`) assumes when it estimates memory per device.
+    (A launch takes its device count and ZeRO stage from the accelerate config.)"""
 
     devices: int = 1
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -168,7 +171,8 @@ class PromptSection:
 
 @dataclass
 class RolloutSection:
-    """Sampling engines: vLLM workers (each its own process) or moetune's native generate."""
+    """Sampling engines: vLLM workers (each its own process) or moetune's native generate,
+    started here; or engines served elsewhere by `moetune rollout serve` (`remote`)."""
 
     backend: Literal["vllm", "native"] = "vllm"
     workers: int = 1
@@ -180,6 +184,10 @@ class RolloutSection:
     max_new_tokens: int = 64
     max_model_len: int = 256
     timeout_s: float = 300.0  # a worker silent this long is restarted
+    # host:port of `moetune rollout serve` engines used instead of local workers (backend,
+    # workers, tensor_parallel_size, dtype are then the servers'); key: $MOETUNE_ROLLOUT_KEY.
+    # Data-parallel process r of R uses remote[r::R]: at least one engine each, none shared.
+    remote: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -199,6 +207,9 @@ class AlgorithmSection:
     overlong: Literal["none", "mask", "soft"] = "none"  # truncated completions
     overlong_buffer: int = 16  # soft: penalty ramps over the last N tokens
     update_router: bool = False  # train router weights and move the aux-free bias
+    # Replay the experts the rollout engine routed each token to in the trainer's forwards
+    # (rollout.backend native; vLLM reports them on GPU only).
+    routing_replay: bool = False
 
 
 @dataclass
@@ -245,6 +256,9 @@ class GRPORecipe:
     eval: PeriodicEvalSection = field(default_factory=PeriodicEvalSection)
     plan: PlanSection = field(default_factory=PlanSection)
 
+    def __post_init__(self):
+        sft_only_expert_parallel(self.model, "grpo")
+
 
 @dataclass
 class DataSection:
@@ -274,6 +288,15 @@ class EvalRecipe:
     rewards: list[RewardSpec]
     template: TemplateSection = field(default_factory=TemplateSection)
     eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self):
+        sft_only_expert_parallel(self.model, "eval")
+
+
+def sft_only_expert_parallel(model: ModelSection, recipe: str) -> None:
+    if model.expert_parallel != 1:
+        raise ValueError(f"model.expert_parallel: {model.expert_parallel}: expert parallelism is "
+                         f"for sft recipes so far; a {recipe} recipe needs 1")
 
 
 SCHEMAS = {"sft": SFTRecipe, "grpo": GRPORecipe, "eval": EvalRecipe}

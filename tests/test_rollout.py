@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_configs import save_biased_tiny_arith
 
-from moetune.model import DeepseekV3ForCausalLM, load_config
-from moetune.model.char_tokenizer import char_tokenizer_fast
+from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.checkpoint import disk_tensors
 from moetune.model.lora import LoraSpec, apply_lora, merge_lora
 from moetune.rl.rollout import (
@@ -25,7 +25,6 @@ from moetune.rl.rollout import (
 )
 from moetune.rl.rollout_worker import completion_logprobs
 
-CONFIG = Path(__file__).parents[1] / "recipes" / "configs" / "tiny_arith.json"
 PROMPTS = [[5, 9, 17, 3, 44, 2, 8], [7, 1, 2], [100, 20, 30, 40, 50], [60, 61]]
 PROBE_COMPLETIONS = [[11, 12, 13, 14], [40, 41], [3, 3, 3, 3, 3], [90]]
 STOP = [1, 10]  # <|end|> and "7"
@@ -34,15 +33,7 @@ STOP = [1, 10]  # <|end|> and "7"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """tiny_arith (vLLM's CPU MLA dims) with random weights and a non-zero router bias."""
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(load_config(CONFIG))
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0, 0.3)
-    path = tmp_path_factory.mktemp("rollout") / "model"
-    model.save_pretrained(path)
-    char_tokenizer_fast().save_pretrained(path)
-    return path
+    return save_biased_tiny_arith(tmp_path_factory.mktemp("rollout") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """SFT through `moetune run`: loss falls, metrics and plots are written, resume is exact,
-LoRA trains adapters only, data formats and packing work, DeepSpeed ZeRO-2 runs on 2 CPUs."""
+LoRA trains adapters only, data formats and packing work, DDP and DeepSpeed ZeRO-3 on 2 CPU
+processes match one process and resume."""
 
 import json
 import os
@@ -120,20 +121,53 @@ def test_data_errors_name_the_key(tmp_path):
                                          arithmetic=ArithmeticSection(operations="/")), seed=0)
 
 
-def test_deepspeed_zero2_two_cpu_processes(tmp_path):
-    """accelerate launch --num_processes 2 with DeepSpeed ZeRO-2 on CPU (gloo)."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+SCALE_OUT = [*FAST, "training.max_steps=4", "training.save_steps=2", "training.logging_steps=1",
+             "training.learning_rate=3e-3", "data.max_length=64"]
+
+
+def launch(config: str, out: Path, *overrides: str) -> list[dict]:
+    """`accelerate launch --num_processes 2` of sft/arith_tiny on CPU; the logged loss rows."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     accelerate = Path(sys.executable).parent / "accelerate"
-    out = tmp_path / "zero2"
     done = subprocess.run(
-        [str(accelerate), "launch", "--config_file", "recipes/accelerate/zero2.yaml",
+        [str(accelerate), "launch", "--config_file", f"recipes/accelerate/{config}.yaml",
          "--num_processes", "2", "--main_process_port", "29517", "-m", "moetune.recipes", "run",
-         "sft/arith_tiny", *FAST, "training.max_steps=3", "training.logging_steps=1",
-         "training.per_device_train_batch_size=4", f"training.output_dir={out}"],
+         "sft/arith_tiny", *SCALE_OUT, "training.per_device_train_batch_size=4",
+         f"training.output_dir={out}", *overrides],
         check=False, capture_output=True, text=True, timeout=400, env=env,
         cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("finished 3 steps") == 1  # printed by the main process only
-    logged = [r for r in rows(out / "metrics.jsonl") if "loss" in r]
-    assert [r["step"] for r in logged] == [1, 2, 3]
-    assert DeepseekV3ForCausalLM.from_pretrained(out).config.hidden_size == 128
+    assert done.stdout.count("finished 4 steps") == 1  # printed by the main process only
+    return [r for r in rows(out / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory) -> list[float]:
+    """The losses of one process x 8 rows per step."""
+    single = tmp_path_factory.mktemp("single")
+    assert main(["run", "sft/arith_tiny", *SCALE_OUT, "training.per_device_train_batch_size=8",
+                 f"training.output_dir={single}"]) == 0
+    return [r["loss"] for r in rows(single / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.parametrize("config", ["ddp", "zero3"])
+def test_two_processes_match_one_with_the_same_global_batch_and_resume(tmp_path, config,
+                                                                       one_process_losses):
+    """DDP and DeepSpeed ZeRO-3 (gloo, 2 CPU processes x 4 rows) give the losses of one
+    process x 8 rows on the same seed and data; a run resumed from checkpoint-2 repeats
+    steps 3-4 and ends on the same weights."""
+    expected = one_process_losses
+    out = tmp_path / config
+    logged = launch(config, out)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert [r["loss"] for r in logged] == pytest.approx(expected, rel=2e-3)
+    final = weights(out)
+
+    resumed_dir = tmp_path / f"{config}-resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = launch(config, resumed_dir, "training.resume_from_checkpoint=true")
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in logged[2:]], rel=1e-4)
+    for name, tensor in weights(resumed_dir).items():
+        torch.testing.assert_close(tensor, final[name], rtol=1e-4, atol=1e-5, msg=name)

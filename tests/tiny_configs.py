@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from moetune.model.config import DeepseekV2Config, DeepseekV3Config
+
+TINY_ARITH = Path(__file__).parents[1] / "recipes" / "configs" / "tiny_arith.json"
 
 BASE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -40,3 +46,19 @@ def deep_dense_config(**overrides) -> DeepseekV3Config:
     """first_k_dense_replace = 2 of 4 layers; no MTP."""
     return v3_config(**({"num_hidden_layers": 4, "first_k_dense_replace": 2,
                          "num_nextn_predict_layers": 0} | overrides))
+
+
+def save_biased_tiny_arith(path: Path, seed: int) -> Path:
+    """tiny_arith (vLLM's CPU MLA dims) with seeded random weights, a non-zero router bias
+    (the noaux_tc selection path) and the char tokenizer, saved to `path`."""
+    from moetune.model import DeepseekV3ForCausalLM, load_config
+    from moetune.model.char_tokenizer import char_tokenizer_fast
+
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(load_config(TINY_ARITH))
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.normal_(0, 0.3)
+    model.save_pretrained(path)
+    char_tokenizer_fast().save_pretrained(path)
+    return path

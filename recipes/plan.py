@@ -1,0 +1,255 @@
+"""`moetune plan RECIPE [key.sub=value ...] [--devices N] [--device-memory-gb G] [--json]`.
+
+Builds the recipe's model on the meta device (no weights are read, nothing is allocated)
+and prints its parameter counts as `moetune info` reports them, the trainable ones, the
+memory each training device holds (weights in bf16 or FP8, gradients and optimizer states
+at the recipe's ZeRO stage, activations with or without gradient checkpointing, logits)
+and the verdict: fits, or how many devices would. A grpo recipe adds its rollout engines,
+which run on devices of their own: weights per tensor-parallel rank plus the latent KV
+cache of the sequences they sample at once. `moetune run RECIPE --dry-run` prints the same.
+
+The recipe's `plan` section gives the device count, ZeRO stage and device memory;
+--devices and --device-memory-gb override them (any key too: plan.zero_stage=3). Stage 0
+is plain PyTorch (gradients and AdamW states in the parameters' dtype); stages 1-3 are
+DeepSpeed ZeRO (float32 gradients, AdamW states and master weights, sharded from stage
+1, 2 and 3 on; FSDP2 shards as stage 3). Buffers, such as a frozen FP8 base, are never
+sharded; `model.expert_parallel: N` splits the routed experts over N devices. Each device
+keeps 10% free (CUDA context, fragmentation, transients). --json prints bytes.
+
+    moetune plan sft/deepseek_v2_lite_lora.yaml
+    moetune plan sft/deepseek_v3_fp8_lora.yaml model.expert_parallel=32 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from moetune.finetune.memory_plan import (
+    HEADROOM,
+    MemoryPlan,
+    RolloutPlan,
+    format_parts,
+    plan_memory,
+    plan_rollout,
+    usable_bytes,
+)
+from moetune.model.info import human
+from moetune.recipes.loader import RecipeError, load_recipe
+
+
+@dataclass
+class ParameterCounts:
+    total: int  # without MTP, as `moetune info`
+    active: int  # per token, without MTP
+    mtp: int  # MTP modules as stored on disk
+    trainable: int
+    trainable_percent: float  # of the base model's parameters as held (MTP shares embedding, head)
+
+
+@dataclass
+class RolloutSizing:
+    backend: str
+    max_model_len: int
+    device_share: float  # of each device an engine may take (vLLM's gpu_memory_utilization)
+    memory: RolloutPlan
+    usable: int  # bytes per device
+    tensor_parallel_needed: int | None  # the smallest that fits; None: none does
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.usable
+
+
+@dataclass
+class RecipePlan:
+    recipe: str  # sft | grpo
+    model: str
+    parameters: ParameterCounts
+    micro_batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    device_memory_gb: float
+    usable: int  # bytes per device
+    memory: MemoryPlan
+    devices_needed: int | None
+    no_fit: str | None  # why no device count fits
+    rollout: RolloutSizing | None
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.usable
+
+    def as_dict(self) -> dict:
+        memory = self.memory
+        plan = {
+            "recipe": self.recipe, "model": self.model, "parameters": asdict(self.parameters),
+            "trainer": {
+                "devices": memory.devices, "zero_stage": memory.zero_stage,
+                "expert_parallel": memory.expert_parallel,
+                "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len,
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "device_memory_gb": self.device_memory_gb, "headroom": HEADROOM,
+                "usable_bytes": self.usable, "bytes_per_device": memory.as_dict(),
+                "fits": self.fits, "devices_needed": self.devices_needed, "no_fit": self.no_fit},
+            "rollout": None}
+        if self.rollout is not None:
+            sizing, rollout = self.rollout, self.rollout.memory
+            plan["rollout"] = {
+                "backend": sizing.backend, "workers": rollout.workers,
+                "tensor_parallel_size": rollout.tensor_parallel_size, "devices": rollout.devices,
+                "sequences_per_worker": rollout.sequences, "max_model_len": sizing.max_model_len,
+                "device_share": sizing.device_share, "usable_bytes": sizing.usable,
+                "bytes_per_device": rollout.as_dict(), "fits": sizing.fits,
+                "tensor_parallel_needed": sizing.tensor_parallel_needed}
+        return plan
+
+
+def plan_recipe(recipe) -> RecipePlan:
+    """The memory plan of an sft or grpo recipe (see the module docstring)."""
+    from moetune.finetune.model_loading import attach_lora, resolve_config
+    from moetune.model import DeepseekV3ForCausalLM
+    from moetune.model.info import count_parameters
+
+    if recipe.recipe not in ("sft", "grpo"):
+        raise RecipeError(f"recipe: {recipe.recipe}: moetune plan sizes training recipes (sft, grpo)")
+    section, training, plan = recipe.model, recipe.training, recipe.plan
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(resolve_config(section)).to(getattr(torch, section.dtype))
+        report = count_parameters(model)
+        held = sum(p.numel() for p in model.parameters())
+        if section.fp8:
+            from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
+
+            (to_frozen_fp8 if section.fp8 == "frozen" else to_fp8_training)(model)
+        attach_lora(model, recipe.lora)
+    if recipe.recipe == "sft":
+        batch, seq_len = training.per_device_train_batch_size, recipe.data.max_length
+        checkpointing, reference = training.gradient_checkpointing, False
+    else:  # grpo: micro-batches of sampled sequences; a full fine-tune keeps a KL reference
+        batch, seq_len = training.micro_batch_size, recipe.rollout.max_model_len
+        checkpointing, reference = False, recipe.algorithm.beta > 0 and recipe.lora is None
+    try:
+        memory = plan_memory(
+            model, devices=plan.devices, zero_stage=plan.zero_stage,
+            expert_parallel=section.expert_parallel, micro_batch_size=batch, seq_len=seq_len,
+            gradient_checkpointing=checkpointing,
+            optimizer="sgd" if recipe.recipe == "sft" and training.optim == "sgd" else "adamw",
+            master_weights_fp32=plan.zero_stage >= 1, train_mtp=recipe.recipe == "sft",
+            reference_copy=reference)
+    except ValueError as error:
+        raise RecipeError(f"plan: {error}") from None
+    usable = usable_bytes(plan.device_memory_gb)
+    needed, no_fit = None, None
+    try:
+        needed = memory.devices_needed(usable)
+    except ValueError as error:
+        no_fit = str(error)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = ParameterCounts(
+        total=report.total_params, active=report.active_params, mtp=report.mtp_params,
+        trainable=trainable, trainable_percent=100 * trainable / held)
+    rollout = None
+    if recipe.recipe == "grpo":
+        rollout = size_rollout(recipe, model)
+    return RecipePlan(
+        recipe=recipe.recipe, model=section.path or section.config, parameters=counts,
+        micro_batch_size=batch, seq_len=seq_len, gradient_checkpointing=checkpointing,
+        device_memory_gb=plan.device_memory_gb, usable=usable, memory=memory,
+        devices_needed=needed, no_fit=no_fit, rollout=rollout)
+
+
+def size_rollout(recipe, model) -> RolloutSizing:
+    """GRPO's engines: vLLM samples every prompt of a step at once (split over the workers);
+    the native engine one prompt's group at a time, on one device."""
+    from moetune.rl.rollout import GPU_MEMORY_UTILIZATION
+
+    rollout, training = recipe.rollout, recipe.training
+    vllm = rollout.backend == "vllm"
+    group = recipe.algorithm.group_size
+    sequences = math.ceil(training.prompts_per_step / rollout.workers) * group if vllm else group
+    memory = plan_rollout(
+        model, backend=rollout.backend, workers=rollout.workers,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        dtype_bytes=getattr(torch, rollout.dtype).itemsize, sequences=sequences,
+        max_model_len=rollout.max_model_len)
+    share = GPU_MEMORY_UTILIZATION if vllm else 1.0
+    usable = usable_bytes(recipe.plan.device_memory_gb, share)
+    if vllm:
+        needed = memory.tensor_parallel_needed(usable, model.config.num_attention_heads)
+    else:
+        needed = 1 if memory.total <= usable else None
+    return RolloutSizing(backend=rollout.backend, max_model_len=rollout.max_model_len,
+                         device_share=share, memory=memory, usable=usable,
+                         tensor_parallel_needed=needed)
+
+
+def count(n: int) -> str:
+    return f"{n:,} ({human(n)})"
+
+
+def format_plan(plan: RecipePlan, name: str) -> str:
+    memory, counts = plan.memory, plan.parameters
+    parallel = f", expert parallel {memory.expert_parallel}" if memory.expert_parallel > 1 else ""
+    checkpointing = "on" if plan.gradient_checkpointing else "off"
+    needed = str(plan.devices_needed) if plan.no_fit is None else f"none: {plan.no_fit}"
+    lines = [
+        f"{name}: recipe {plan.recipe}, model {plan.model}",
+        (f"parameters: {count(counts.total)} without MTP  active per token: "
+         f"{count(counts.active)}  MTP: {count(counts.mtp)}  trainable: "
+         f"{count(counts.trainable)} ({counts.trainable_percent:.3f}%)"),
+        (f"trainer memory per device ({memory.devices} devices, ZeRO-{memory.zero_stage}"
+         f"{parallel}, micro-batch {plan.micro_batch_size} x {plan.seq_len} tokens, "
+         f"gradient checkpointing {checkpointing}):"),
+        memory.table(),
+        (f"{'fits' if plan.fits else 'does NOT fit'} in {plan.device_memory_gb:g} GB per device "
+         f"({plan.usable / 1e9:,.1f} GB usable with {HEADROOM:.0%} headroom); devices needed "
+         f"at ZeRO-{memory.zero_stage}: {needed}")]
+    if plan.rollout is not None:
+        sizing, rollout = plan.rollout, plan.rollout.memory
+        tp = sizing.tensor_parallel_needed
+        needed = (f"{rollout.workers * tp} (tensor_parallel_size {tp})" if tp
+                  else "none: shorten rollout.max_model_len or sample fewer sequences at once")
+        lines += [
+            (f"rollout memory per device ({rollout.workers} {sizing.backend} engine(s) x "
+             f"tensor_parallel_size {rollout.tensor_parallel_size} = {rollout.devices} "
+             f"device(s) beside the trainer's; {rollout.sequences} sequences x "
+             f"{sizing.max_model_len} tokens cached per engine):"),
+            format_parts(rollout.as_dict()),
+            (f"{'fits' if sizing.fits else 'does NOT fit'} in {sizing.device_share:g} x "
+             f"{plan.device_memory_gb:g} GB per device ({sizing.usable / 1e9:,.1f} GB usable); "
+             f"rollout devices needed: {needed}")]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from moetune.recipes.run import check_files, resolve
+
+    overrides = list(args.overrides)
+    if args.devices is not None:
+        overrides.append(f"plan.devices={args.devices}")
+    if args.device_memory_gb is not None:
+        overrides.append(f"plan.device_memory_gb={args.device_memory_gb}")
+    recipe = load_recipe(resolve(args.recipe), overrides)
+    check_files(recipe, dry_run=True)
+    plan = plan_recipe(recipe)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan, args.recipe))
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan", help="memory per device and devices needed for a recipe (sft, grpo)",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value (values parsed as YAML)")
+    parser.add_argument("--devices", type=int, help="training devices (overrides plan.devices)")
+    parser.add_argument("--device-memory-gb", type=float,
+                        help="memory of one device in GB (overrides plan.device_memory_gb)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=run)

@@ -1,0 +1,89 @@
+"""Data-parallel GRPO: every rank holds the policy, its own rollout engines and its own share
+of the prompts; gradients are summed across ranks before each optimizer step. With
+`rollout.remote`, rank r of R samples from (and syncs weights to) remote[r::R] only.
+
+Launched with `accelerate launch [--num_processes N] -m moetune.recipes run grpo/...` (or any
+launcher that sets RANK / WORLD_SIZE); alone, a single rank of 1. Loss denominators (tokens
+for `dapo`, sequences otherwise) are global, so the summed gradient equals the gradient of one
+process holding the whole batch, and the replicas stay identical step after step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+SUMMED = {"groups_used"}
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environment(cls) -> DataParallel:
+        """Join the launcher's process group (gloo on CPU, NCCL on GPU) when WORLD_SIZE > 1."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        """This rank's share: every world_size-th item from its rank."""
+        return items[self.rank::self.world_size]
+
+    def sum(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total)
+
+    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Sum .grad over ranks in one flat buffer (a parameter without a gradient on this
+        rank, e.g. an expert no local token reached, counts as zeros)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in parameters:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (any picklable object), in rank order."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics of all ranks: `*_max` the max, counts and throughputs summed, the rest
+        averaged."""
+        every = self.gather(metrics)
+        if self.world_size == 1:
+            return metrics
+        merged = {}
+        for name in {k for m in every for k in m}:
+            values = [m[name] for m in every if name in m]
+            merged[name] = (max(values) if name.endswith("_max") else
+                            sum(values) if name in SUMMED or name.endswith("_per_second")
+                            else sum(values) / len(values))
+        return merged
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

@@ -1,0 +1,339 @@
+"""Expert parallelism on 2 CPU processes (gloo) against the single-process model.
+
+Every rank builds the same full model (same seed), keeps a copy as the reference and shards
+the other. Rank r feeds its own tokens (rows r of a shared batch); the reference sees both
+ranks' tokens at once with loss = the mean of the ranks' losses, so: outputs match row for
+row, replicated gradients averaged over ranks match (what DDP does), expert gradients match
+the reference's slice directly, input gradients match times the world size.
+
+One spawn runs every distributed check (imports cost seconds per process); each test reads
+its check's outcome on both ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tiny_configs import v2_lite_config, v3_config
+
+from moetune.finetune.model_loading import load_model
+from moetune.model import DeepseekV3ForCausalLM
+from moetune.model.expert_parallel import (
+    ExpertParallelGroups,
+    clip_grad_norm_,
+    expert_parallel_groups,
+    full_experts,
+    group_ranks,
+    shard_experts,
+)
+from moetune.model.fp8 import to_frozen_fp8
+from moetune.model.lora import LoraSpec, apply_lora
+from moetune.model.moe import MoE
+from moetune.recipes.loader import RecipeError, load_recipe
+from moetune.recipes.schema import ModelSection
+
+WORLD = 2
+RECIPES = Path(__file__).parent.parent / "recipes"
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def randomize(module: torch.nn.Module, std: float = 0.2) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, std)
+        for m in module.modules():
+            if isinstance(m, MoE) and m.gate.e_score_correction_bias is not None:
+                m.gate.e_score_correction_bias.normal_(0, 0.1)
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / WORLD
+
+
+def local_slice(sharded_moe: MoE) -> slice:
+    shard = sharded_moe.expert_parallel
+    return slice(shard.first, shard.first + shard.count)
+
+
+class Mismatches(list):
+    """Comparisons noted rather than raised, so that a rank that finds a difference still
+    joins the collectives of the others; `check` raises at the end."""
+
+    def close(self, actual, expected, what: str) -> None:
+        try:
+            torch.testing.assert_close(actual, expected, **TOL)
+        except AssertionError as error:
+            self.append(f"{what}: {error}")
+
+    def check(self) -> None:
+        assert not self, "\n".join(self)
+
+
+def compare_grads(sharded: torch.nn.Module, full: torch.nn.Module, found: Mismatches) -> None:
+    """Replicated parameters: the ranks' mean; routed experts and their adapters: this rank's
+    slice of the full model's."""
+    full_params = dict(full.named_parameters())
+    experts = {}
+    for name, m in sharded.named_modules():
+        if isinstance(m, MoE) and m.expert_parallel is not None:
+            prefix = f"{name}.experts." if name else "experts."
+            experts[prefix] = (local_slice(m), m)
+    for name, p in sharded.named_parameters():
+        if not p.requires_grad:
+            continue
+        ref = full_params[name].grad
+        owner = next((v for k, v in experts.items() if name.startswith(k)), None)
+        if owner is None:
+            found.close(mean_over_ranks(p.grad), ref, name)
+        elif ".lora." in name:
+            full_lora = dict(full.named_modules())[name.rsplit(".", 1)[0]]
+            rows = owner[1].expert_parallel.first + owner[1].experts.lora.expert_ids
+            slots = [full_lora.expert_ids.tolist().index(e) for e in rows.tolist()]
+            found.close(p.grad, ref[slots], name)
+        else:
+            found.close(p.grad, ref[owner[0]], name)
+
+
+# Checks run on every rank -------------------------------------------------------------
+def check_moe_layer(rank: int, groups: ExpertParallelGroups) -> None:
+    found = Mismatches()
+    v3 = v3_config(hidden_size=32, n_routed_experts=8, num_experts_per_tok=2)
+    for config, skewed in ((v3, False), (v3, True), (v2_lite_config(hidden_size=32), False)):
+        torch.manual_seed(0)
+        full = MoE(config)
+        randomize(full)
+        if skewed:  # every token picks experts 0-3: rank 1 receives no rows at all
+            full.gate.e_score_correction_bias[:4] += 10.0
+        sharded = shard_experts(copy.deepcopy(full), groups)
+        x = torch.randn(WORLD, 5, config.hidden_size, requires_grad=True)
+        probe = torch.randn(WORLD, 5, config.hidden_size)
+        ref = full(x)
+        (ref * probe).sum().div(WORLD).backward()
+        mine_x = x.detach()[rank: rank + 1].clone().requires_grad_()
+        out = sharded(mine_x)
+        (out * probe[rank]).sum().backward()
+        found.close(out[0], ref[rank].detach(), f"{config.model_type} output")
+        found.close(mine_x.grad[0], x.grad[rank] * WORLD, f"{config.model_type} input grad")
+        compare_grads(sharded, full, found)
+    found.check()
+
+
+def compare_losses_and_grads(rank: int, full, sharded, ids: torch.Tensor) -> Mismatches:
+    """The full model's LM loss and gradients on all `ids` [2 * WORLD, S] against the
+    sharded model's on this rank's two rows (losses averaged over ranks, as DDP would)."""
+    ref = full(ids, labels=ids).loss
+    ref.backward()
+    mine = ids[2 * rank: 2 * rank + 2]
+    loss = sharded(mine, labels=mine).loss
+    loss.backward()
+    found = Mismatches()
+    found.close(mean_over_ranks(loss.detach()), ref.detach(), "loss")
+    compare_grads(sharded, full, found)
+    return found
+
+
+def check_causal_lm(rank: int, groups: ExpertParallelGroups) -> None:
+    config = v3_config(aux_loss_alpha=0.01)
+    torch.manual_seed(0)
+    full = DeepseekV3ForCausalLM(config).train()
+    sharded = shard_experts(copy.deepcopy(full), groups)
+    assert sharded.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 8
+    ids = torch.randint(0, config.vocab_size, (2 * WORLD, 7))
+    found = compare_losses_and_grads(rank, full, sharded, ids)
+    # clipping counts every expert once: the same norm and factor on every rank
+    for name, p in sharded.named_parameters():
+        if ".mlp.experts." not in name:
+            p.grad = mean_over_ranks(p.grad)  # what DDP would leave
+    ref_norm = torch.nn.utils.clip_grad_norm_(full.parameters(), 1e-3)
+    norm = clip_grad_norm_(sharded, 1e-3)
+    found.close(norm, ref_norm, "clipped gradient norm")
+    compare_grads(sharded, full, found)  # clipped alike
+    found.check()
+
+
+def check_lora(rank: int, groups: ExpertParallelGroups) -> None:
+    """Adapters attached inside full_experts (as the recipes do), on an expert subset that
+    leaves rank 1 without adapters in layer 1."""
+    config = v3_config()
+    spec = LoraSpec(rank=8, alpha=16.0, experts={1: [0, 2, 5], 2: [3, 9, 12, 15]})
+    torch.manual_seed(0)
+    full = DeepseekV3ForCausalLM(config)
+    sharded = shard_experts(copy.deepcopy(full), groups)
+    apply_lora(full, spec)
+    with torch.no_grad():
+        for p in full.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    with full_experts(sharded):
+        apply_lora(sharded, spec)
+        sharded.load_state_dict(full.state_dict())
+    assert sharded.model.layers[1].mlp.experts.lora.expert_ids.tolist() == ([0, 2, 5] if rank == 0 else [])
+    assert sharded.model.layers[2].mlp.experts.lora.expert_ids.tolist() == ([3] if rank == 0 else [1, 4, 7])
+    ids = torch.randint(0, config.vocab_size, (2 * WORLD, 6))
+    full(ids, labels=ids).loss.backward()
+    mine = ids[2 * rank: 2 * rank + 2]
+    sharded(mine, labels=mine).loss.backward()
+    found = Mismatches()
+    compare_grads(sharded, full, found)
+    found.check()
+
+
+def check_full_experts(rank: int, groups: ExpertParallelGroups, folder: str) -> None:
+    torch.manual_seed(0)
+    full = DeepseekV3ForCausalLM(v3_config())
+    sharded = shard_experts(copy.deepcopy(full), groups)
+    param = sharded.model.layers[1].mlp.experts.gate_up_proj
+    with pytest.raises(RuntimeError, match="full_experts"):
+        sharded.save_pretrained(f"{folder}/refused")
+    with full_experts(sharded):
+        gathered = sharded.state_dict()
+        for name, tensor in full.state_dict().items():
+            assert torch.equal(gathered[name], tensor), name
+        if rank == 0:
+            sharded.save_pretrained(f"{folder}/saved")
+    assert sharded.model.layers[1].mlp.experts.gate_up_proj is param
+    assert param.shape[0] == 8 and sharded.model.layers[1].mlp.expert_parallel is not None
+    dist.barrier()
+    loaded = DeepseekV3ForCausalLM.from_pretrained(f"{folder}/saved")
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def check_fp8_frozen(rank: int, groups: ExpertParallelGroups) -> None:
+    """Frozen FP8 experts (buffers, float8) shard and gather like dense ones."""
+    torch.manual_seed(0)
+    full = to_frozen_fp8(DeepseekV3ForCausalLM(v3_config()))
+    sharded = shard_experts(copy.deepcopy(full), groups)
+    assert sharded.model.layers[1].mlp.experts.gate_proj.shape[0] == 8
+    found = compare_losses_and_grads(rank, full, sharded, torch.randint(0, 128, (2 * WORLD, 6)))
+    with full_experts(sharded):
+        gathered = sharded.state_dict()
+    for name, tensor in full.state_dict().items():
+        if not torch.equal(gathered[name].view(torch.uint8), tensor.view(torch.uint8)):
+            found.append(f"{name} differs after gathering")
+    found.check()
+
+
+def check_data_parallel(rank: int, _: ExpertParallelGroups) -> None:
+    """expert_parallel 1 with 2 ranks: every rank holds all experts, and the expert
+    gradients are averaged over the data-parallel group; replicas start equal."""
+    groups = expert_parallel_groups(1)
+    assert (groups.ep_size, groups.dp_size, groups.ep_rank) == (1, WORLD, 0)
+    torch.manual_seed(0)
+    full = MoE(v3_config(hidden_size=32, n_routed_experts=8, num_experts_per_tok=2))
+    randomize(full)
+    sharded = copy.deepcopy(full)
+    if rank == 1:  # a replica that differs: shard_experts broadcasts the DP group's first
+        with torch.no_grad():
+            sharded.experts.down_proj.add_(1.0)
+    shard_experts(sharded, groups)
+    x = torch.randn(WORLD, 5, 32)
+    probe = torch.randn(WORLD, 5, 32)
+    (full(x) * probe).sum().div(WORLD).backward()
+    (sharded(x[rank: rank + 1])[0] * probe[rank]).sum().backward()
+    found = Mismatches()
+    compare_grads(sharded, full, found)
+    found.check()
+
+
+def check_load_model(rank: int, groups: ExpertParallelGroups, folder: str) -> None:
+    path = f"{folder}/config.json"
+    if rank == 0:
+        v3_config().to_json_file(path)
+    dist.barrier()
+    full = load_model(ModelSection(config=path))
+    sharded = load_model(ModelSection(config=path, expert_parallel=2))
+    experts = sharded.model.layers[1].mlp.experts
+    assert experts.num_experts == 8
+    torch.testing.assert_close(experts.down_proj,
+                               full.model.layers[1].mlp.experts.down_proj[8 * rank: 8 * rank + 8])
+    with pytest.raises(RecipeError, match=r"model.expert_parallel.*3.*world size 2"):
+        load_model(ModelSection(config=path, expert_parallel=3))
+
+
+CHECKS = {"moe_layer": check_moe_layer, "causal_lm": check_causal_lm, "lora": check_lora,
+          "full_experts": check_full_experts, "fp8_frozen": check_fp8_frozen,
+          "data_parallel": check_data_parallel,
+          "load_model": check_load_model}
+
+
+def worker(rank: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", WORLD), rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=30))
+    groups = expert_parallel_groups(WORLD)
+    results = {}
+    for name, check in CHECKS.items():
+        try:
+            if name in ("full_experts", "load_model"):
+                check(rank, groups, folder)
+            else:
+                check(rank, groups)
+            results[name] = "ok"
+        except BaseException:  # noqa: BLE001 - pytest.fail too: every failure goes to the parent
+            results[name] = traceback.format_exc()
+        try:
+            dist.barrier()
+        except RuntimeError:  # a check left the ranks out of step: the rest cannot run
+            results[name] += "\n(the ranks fell out of step here; later checks skipped)"
+            break
+    with open(f"{folder}/rank{rank}.json", "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, list[str]]:
+    folder = tmp_path_factory.mktemp("expert_parallel")
+    mp.spawn(worker, args=(str(folder),), nprocs=WORLD)
+    per_rank = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return {name: [ranks.get(name, "not run") for ranks in per_rank] for name in CHECKS}
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_two_processes_match_one(outcomes, check):
+    failures = [f"rank {r}:\n{text}" for r, text in enumerate(outcomes[check]) if text != "ok"]
+    assert not failures, "\n".join(failures)
+
+
+# Single process ------------------------------------------------------------------------
+def test_group_ranks_split_world_into_expert_and_data_parallel_groups():
+    ep, dp = group_ranks(8, 2)
+    assert ep == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dp == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    with pytest.raises(ValueError, match="expert parallel size 3 .* world size 4"):
+        group_ranks(4, 3)
+
+
+def test_experts_not_divisible_by_expert_parallel_size():
+    model = DeepseekV3ForCausalLM(v3_config())  # 16 routed experts
+    groups = ExpertParallelGroups(None, None, ep_size=3, ep_rank=0, dp_size=1, world_size=3)
+    with pytest.raises(ValueError, match="expert parallel size 3 must divide n_routed_experts 16"):
+        shard_experts(model, groups)
+    assert model.model.layers[1].mlp.experts.num_experts == 16  # left untouched
+
+
+def test_expert_parallel_needs_an_initialised_world(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        expert_parallel_groups(2)
+    with pytest.raises(RecipeError, match="model.expert_parallel"):
+        load_model(ModelSection(config="tiny_arith", expert_parallel=2))
+    with pytest.raises(RecipeError, match="model.expert_parallel: 0"):
+        load_model(ModelSection(config="tiny_arith", expert_parallel=0))
+
+
+def test_expert_parallel_is_an_sft_recipe_key():
+    assert load_recipe(RECIPES / "sft/arith_tiny.yaml", ["model.expert_parallel=2"]).model.expert_parallel == 2
+    with pytest.raises(RecipeError, match="model.expert_parallel: 2: .* a grpo recipe needs 1"):
+        load_recipe(RECIPES / "grpo/arith_tiny.yaml", ["model.expert_parallel=2"])

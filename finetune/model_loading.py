@@ -142,12 +142,16 @@ def lora_spec(section: LoraSection, num_blocks: int) -> LoraSpec:
         raise RecipeError(str(error)) from None
 
 
-def attach_lora(model: DeepseekV3ForCausalLM, section: LoraSection | None) -> LoraSpec | None:
-    """Freeze the model and add adapters per the section; None leaves it fully trainable."""
+def attach_lora(model: DeepseekV3ForCausalLM, section: LoraSection | None,
+                seed: int = 0) -> LoraSpec | None:
+    """Freeze the model and add adapters per the section (their A matrices drawn with
+    `seed`: the same in every run and on every rank); None leaves it fully trainable."""
     if section is None:
         return None
     spec = lora_spec(section, len(model.model.layers) + len(model.model.mtp))
-    with full_experts(model):  # expert parallel: adapters made for all experts, then sliced
+    # expert parallel: adapters made for all experts, then sliced
+    with torch.random.fork_rng(devices=[]), full_experts(model):
+        torch.manual_seed(seed)
         apply_lora(model, spec)
     return spec
 

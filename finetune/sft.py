@@ -209,7 +209,7 @@ def run_sft(recipe: SFTRecipe) -> dict:
     """Train per the recipe; returns {"output_dir", "final_loss", "steps"}."""
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
-    spec = attach_lora(model, recipe.lora)
+    spec = attach_lora(model, recipe.lora, recipe.training.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     train, evaluation = load_sft_datasets(recipe.data, recipe.training.seed)

@@ -452,7 +452,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
-    spec = attach_lora(model, recipe.lora)
+    spec = attach_lora(model, recipe.lora, recipe.training.seed)
     if recipe.model.path and parallel.is_main:
         warn_on_mismatch(recipe.model.path, recipe.template)
     if parallel.is_main:

@@ -233,3 +233,23 @@ def test_expert_subset_ids_are_checked():
     model = DeepseekV3ForCausalLM(v3_config())
     with pytest.raises(ValueError, match="distinct expert ids in \\[0, 16\\)"):
         apply_lora(model, LoraSpec(rank=8, experts={1: [3, 16]}))
+
+
+def test_recipe_adapters_are_drawn_from_the_seed_alone():
+    """attach_lora (SFT and GRPO recipes) draws the same adapters for the same seed whatever
+    the global RNG state, and leaves that state alone."""
+    from moetune.finetune.model_loading import attach_lora
+    from moetune.recipes.schema import LoraSection
+
+    def adapters(seed: int, noise: int) -> dict[str, torch.Tensor]:
+        model = DeepseekV3ForCausalLM(v3_config())
+        torch.manual_seed(noise)
+        before = torch.random.get_rng_state()
+        attach_lora(model, LoraSection(rank=4), seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+
+    first, again, other = adapters(0, noise=1), adapters(0, noise=2), adapters(1, noise=1)
+    assert first.keys() == again.keys() and any("experts" in k for k in first)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if "_A" in k)

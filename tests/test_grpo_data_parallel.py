@@ -63,6 +63,11 @@ def rank_main(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     results = {loss: updated_weights(fixed_groups(4, 4), DataParallel(rank, 2), loss) for loss in LOSSES}
+    both, one, none = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    both.grad = torch.full((2,), rank + 1.0)
+    one.grad = torch.ones(2) if rank == 0 else None  # an expert only rank 0's tokens reached
+    DataParallel(rank, 2).sum_gradients([both, one, none])
+    results["sums"] = (both.grad.tolist(), one.grad.tolist(), none.grad)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -72,6 +77,7 @@ def test_two_ranks_take_the_single_process_step(tmp_path):
     """dapo divides by the batch's tokens, grpo by its sequences: both counted over all ranks."""
     mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path / "ranks.pt")), nprocs=2)
     parallel = torch.load(tmp_path / "ranks.pt")
+    assert parallel["sums"] == ([3.0, 3.0], [1.0, 1.0], None)  # no gradient anywhere: still None
     for loss in LOSSES:
         parallel_weights, parallel_loss = parallel[loss]
         single_weights, single_loss = updated_weights(fixed_groups(4, 4), DataParallel(), loss)

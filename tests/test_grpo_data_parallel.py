@@ -1,6 +1,6 @@
 """Data-parallel GRPO: two gloo ranks, each updating on half of the groups, take the same
 optimizer step as one process holding them all; `accelerate launch --num_processes 2` trains,
-writes once and checkpoints every rank's position (resume: tests/test_grpo.py)."""
+writes once, checkpoints every rank's position and resumes."""
 
 import json
 import os
@@ -102,7 +102,7 @@ def launch(out: Path, *overrides: str) -> subprocess.CompletedProcess:
         check=False, capture_output=True, text=True, timeout=500, env=env, cwd=ROOT)
 
 
-def test_accelerate_launch_two_processes_trains_and_checkpoints_every_rank(tmp_path):
+def test_accelerate_launch_two_processes_trains_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "dp"
     done = launch(out, "training.max_steps=2")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -112,3 +112,7 @@ def test_accelerate_launch_two_processes_trains_and_checkpoints_every_rank(tmp_p
     assert rows[0]["groups_used"] == 4  # 2 prompts on each of the 2 ranks
     state = torch.load(out / "checkpoint-2" / "trainer.pt", weights_only=False)
     assert [rank["stream"]["cursor"] for rank in state["ranks"]] == [4, 4]  # each rank's position
+    resumed = launch(out, "training.max_steps=3", "training.resume_from_checkpoint=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

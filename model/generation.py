@@ -56,7 +56,8 @@ def generate(
     record_routes: bool = False,
 ) -> GenerationOutput:
     """Sample up to `max_new_tokens` per prompt. temperature 0 means greedy. Logprobs are
-    of the distribution actually sampled from (temperature, top-k and top-p applied)."""
+    of the distribution actually sampled from (temperature, top-k and top-p applied).
+    record_routes: also return the experts every token was routed to (routing replay)."""
     prompts = input_ids.tolist() if torch.is_tensor(input_ids) else [list(p) for p in input_ids]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")

@@ -455,10 +455,8 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     spec = attach_lora(model, recipe.lora, recipe.training.seed)
     if recipe.model.path and parallel.is_main:
         warn_on_mismatch(recipe.model.path, recipe.template)
-    if parallel.is_main:
-        source = rollout_source(recipe, model, tokenizer, output)
-    parallel.barrier()
-    source = rollout_source(recipe, model, tokenizer, output, write=False)
+    source = rollout_source(recipe, model, tokenizer, output, write=parallel.is_main)
+    parallel.barrier()  # the main process has written it before any engine reads it
     pool = RolloutPool(source, backend=rollout.backend, workers=rollout.workers,
                        tensor_parallel_size=rollout.tensor_parallel_size, dtype=rollout.dtype,
                        max_model_len=rollout.max_model_len, timeout_s=rollout.timeout_s,

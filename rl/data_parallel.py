@@ -30,9 +30,18 @@ class DataParallel:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             return cls()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def device(self) -> torch.device:
+        """Where collective tensors live: NCCL reduces CUDA tensors only."""
+        if self.world_size > 1 and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -43,10 +52,16 @@ class DataParallel:
         return items[self.rank::self.world_size]
 
     def sum(self, value: float) -> float:
+        return self.reduce(value, dist.ReduceOp.SUM)
+
+    def max(self, value: float) -> float:
+        return self.reduce(value, dist.ReduceOp.MAX)
+
+    def reduce(self, value: float, op) -> float:
         if self.world_size == 1:
             return value
-        total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total)
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, op=op)
         return float(total)
 
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
@@ -55,7 +70,7 @@ class DataParallel:
         with a gradient on no rank keeps None, as in a single process (AdamW skips it)."""
         if self.world_size == 1:
             return
-        has_grad = torch.tensor([float(p.grad is not None) for p in parameters])
+        has_grad = torch.tensor([float(p.grad is not None) for p in parameters], device=self.device)
         dist.all_reduce(has_grad)
         live = [p for p, count in zip(parameters, has_grad.tolist()) if count]
         if not live:

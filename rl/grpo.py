@@ -51,6 +51,7 @@ from moetune.rewards import score
 from moetune.rl import algorithms
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
+from moetune.rl.policy_optimizer import fsdp_launch, policy_optimizer
 from moetune.rl.problems import load_problems
 from moetune.rl.rollout import Rollout, RolloutPool, SamplingSpec, sync_weights
 from moetune.rl.rollout_remote import parse_address
@@ -112,14 +113,19 @@ class GRPOTrainer:
             for router in model.routers():
                 router.weight.requires_grad_(False)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=training.learning_rate,
-                                           weight_decay=training.weight_decay)
+        adamw = torch.optim.AdamW(self.parameters, lr=training.learning_rate,
+                                  weight_decay=training.weight_decay)
         warmup = max(training.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        self.reference = None
+            adamw, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        reference = None
         if algorithm.beta > 0 and lora_spec is None:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        # The forwards run through `self.policy` (a DeepSpeed engine under DeepSpeed, else the
+        # model); the model's own methods (routers, expert load, saving) through `self.model`.
+        self.optimizer = policy_optimizer(model, adamw, training, parallel)
+        self.policy = self.optimizer.policy
+        self.reference = None if reference is None else self.optimizer.prepare_reference(reference)
         eos = model.config.eos_token_id
         self.stop_ids = eos if isinstance(eos, list) else [eos]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -211,25 +217,30 @@ class GRPOTrainer:
             batch.completion_mask[truncated] = 0
         total_tokens = max(self.parallel.sum(batch.completion_tokens if batch else 0), 1)
         total_rows = self.parallel.sum(len(flat))
+        device = next(self.model.parameters()).device
+        batch = batch.to(device) if batch is not None else None
+        parts = self.micro_batches(len(flat))
         metrics, stats, entropies, loss = {}, [], [], 0.0
+        with torch.no_grad():
+            old = self.logprobs(self.policy, batch, parts)
+            reference = None
+            if algorithm.beta > 0:
+                with adapters_disabled(self.model) if self.lora_spec else nullcontext():
+                    reference = self.logprobs(self.reference if self.reference is not None
+                                              else self.policy, batch, parts)
         if batch is not None:
             advantages = algorithms.group_advantages(groups.rewards.flatten(), algorithm.group_size,
-                                                     algorithm.advantage)
-            with torch.no_grad():
-                old = self.logprobs(self.model, batch, eval_mode=True)
-                reference = None
-                if algorithm.beta > 0:
-                    with adapters_disabled(self.model) if self.lora_spec else nullcontext():
-                        reference = self.logprobs(self.reference or self.model, batch, eval_mode=True)
+                                                     algorithm.advantage).to(device)
             metrics["mismatch_kl"] = algorithms.mismatch_kl(old, batch.sampler_logprobs,
                                                             batch.completion_mask)
-        size = self.recipe.training.micro_batch_size
-        self.model.train()
         for iteration in range(algorithm.mu):
-            for start in range(0, len(flat), size):
-                part = slice(start, start + size)
+            for part in parts:
+                if part is None:
+                    self.idle_pass(self.policy, backward=True)
+                    continue
                 micro = batch.rows(part)
-                logprobs, entropy = token_logprobs(self.model, micro, rollout.temperature,
+                self.policy.train()
+                logprobs, entropy = token_logprobs(self.policy, micro, rollout.temperature,
                                                    with_entropy=iteration == 0)
                 micro_loss, stat = algorithms.policy_loss(
                     algorithm.loss, logprobs, old[part], advantages[part], micro.completion_mask,
@@ -239,8 +250,8 @@ class GRPOTrainer:
                     tis_cap=algorithm.tis_cap, max_completion_length=rollout.max_new_tokens)
                 share = (micro.completion_tokens / total_tokens if algorithm.loss == "dapo"
                          else micro.input_ids.shape[0] / total_rows)
-                (micro_loss * share).backward()
-                loss += float(micro_loss.detach()) * share
+                if self.optimizer.backward(micro_loss * share):
+                    loss += float(micro_loss.detach()) * share
                 stats.append(stat)
                 if entropy is not None:
                     entropies.append(entropy)
@@ -257,35 +268,50 @@ class GRPOTrainer:
             metrics["tis_weight_mean"] = mean(tis)
         return metrics
 
-    def logprobs(self, model, batch: PolicyBatch, eval_mode: bool) -> torch.Tensor:
+    def micro_batches(self, rows: int) -> list[slice | None]:
+        """This rank's micro-batches (row slices). Under DeepSpeed every rank runs as many as
+        the rank with the most: the missing ones are None, idle passes."""
+        size = self.recipe.training.micro_batch_size
+        parts: list[slice | None] = [slice(start, start + size) for start in range(0, rows, size)]
+        if self.optimizer.lockstep:
+            parts += [None] * (int(self.parallel.max(len(parts))) - len(parts))
+        return parts
+
+    def logprobs(self, model, batch: PolicyBatch | None, parts: list[slice | None]) -> torch.Tensor | None:
+        """[B, L-1] token logprobs of the batch in eval mode, micro-batch by micro-batch."""
+        model.eval()
+        found = [token_logprobs(model, batch.rows(part), self.recipe.rollout.temperature)[0]
+                 if part is not None else self.idle_pass(model) for part in parts]
+        found = [f for f in found if f is not None]
+        return torch.cat(found) if found else None
+
+    def idle_pass(self, model, backward: bool = False) -> None:
+        """A forward (and backward) of one token that changes nothing: it keeps this rank in
+        step with ranks that have more micro-batches. Eval mode leaves the expert load alone."""
         was_training = model.training
-        model.train(not eval_mode)
-        size, parts = self.recipe.training.micro_batch_size, []
-        for start in range(0, batch.input_ids.shape[0], size):
-            parts.append(token_logprobs(model, batch.rows(slice(start, start + size)),
-                                       self.recipe.rollout.temperature)[0].cpu())
+        model.eval()
+        token = torch.full((1, 1), self.pad_id, device=next(self.model.parameters()).device)
+        logits = model(token).logits
+        if backward:
+            self.optimizer.backward(logits.sum() * 0.0)
         model.train(was_training)
-        return torch.cat(parts)
 
     def optimizer_step(self) -> float:
-        """Clip and step; a NaN/inf gradient skips the step (counted, and fatal after
-        `max_nonfinite_in_row` in a row). Returns the gradient norm (nan when skipped)."""
-        self.parallel.sum_gradients(self.parameters)
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.training.max_grad_norm)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_row += 1
-            self.skipped_updates += 1
-            limit = self.recipe.training.max_nonfinite_in_row
-            log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.nonfinite_in_row)
-            if self.nonfinite_in_row >= limit:
-                raise RuntimeError(f"GRPO stopped: {self.nonfinite_in_row} updates in a row had a "
-                                   f"NaN/inf loss or gradient (training.max_nonfinite_in_row={limit})")
-            return float("nan")
-        self.nonfinite_in_row = 0
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        """Clip and step; a skipped step (NaN/inf, see rl.policy_optimizer) is counted, and
+        `max_nonfinite_in_row` of them in a row stop the run. Returns the gradient norm (nan
+        when skipped)."""
+        norm = self.optimizer.step()
+        if norm == norm:
+            self.nonfinite_in_row = 0
+            return norm
+        self.nonfinite_in_row += 1
+        self.skipped_updates += 1
+        limit = self.recipe.training.max_nonfinite_in_row
+        log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.nonfinite_in_row)
+        if self.nonfinite_in_row >= limit:
+            raise RuntimeError(f"GRPO stopped: {self.nonfinite_in_row} updates in a row had a "
+                               f"NaN/inf loss or gradient (training.max_nonfinite_in_row={limit})")
+        return norm
 
     # 3-4. One step ----------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -304,11 +330,17 @@ class GRPOTrainer:
         metrics["train_tokens_per_second"] = train_tokens * self.recipe.algorithm.mu / max(
             time.perf_counter() - trained, 1e-9)
         metrics |= self.balance(step)
-        metrics["sync_seconds"] = self.pool.sync(sync_weights(self.model, self.pool.weights))
+        metrics["sync_seconds"] = self.sync_rollout_weights(self.pool.weights)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         metrics["skipped_updates"] = float(self.skipped_updates)
         return self.parallel.mean_metrics(metrics)
+
+    def sync_rollout_weights(self, previous: dict | None) -> float:
+        """Push the tensors changed since `previous` (all: None) to this rank's engines."""
+        with self.optimizer.full_weights():
+            changed = sync_weights(self.model, previous)
+        return self.pool.sync(changed)
 
     def rollout_metrics(self, groups: Groups, seconds: float) -> dict[str, float]:
         flat = [r for group in groups.rollouts for r in group]
@@ -351,15 +383,20 @@ class GRPOTrainer:
     # Checkpoints ------------------------------------------------------------------------
     def save(self, folder: Path, step: int) -> None:
         """Weights (or adapter) + tokenizer + optimizer + each rank's prompt position and RNG,
-        written by the main process to a temporary folder and renamed into place."""
+        written to a temporary folder (the optimizer by every rank under DeepSpeed, the rest
+        by the main process) and renamed into place."""
         ranks = self.parallel.gather({"stream": self.stream.state(), "torch_rng": torch.get_rng_state(),
                                       "python_rng": random.getstate()})
+        partial = folder.with_name(folder.name + ".partial")
         if self.parallel.is_main:
-            partial = folder.with_name(folder.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            self.save_weights(partial)
-            torch.save({"optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "ranks": ranks}, partial / "trainer.pt")
+            partial.mkdir(parents=True)
+        self.parallel.barrier()
+        self.save_weights(partial)
+        self.optimizer.save(partial)
+        self.parallel.barrier()
+        if self.parallel.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict(), "ranks": ranks}, partial / "trainer.pt")
             state = {"step": step, "nonfinite_in_row": self.nonfinite_in_row,
                      "skipped_updates": self.skipped_updates}
             (partial / "trainer_state.json").write_text(json.dumps(state))
@@ -368,23 +405,29 @@ class GRPOTrainer:
         self.parallel.barrier()
 
     def save_weights(self, folder: Path) -> None:
-        if self.lora_spec is not None:
-            save_adapter(self.model, self.lora_spec, folder, self.recipe.model.path)
-        else:
-            self.model.save_pretrained(folder)
+        """The adapter (LoRA) or model, tokenizer and template; every rank calls it (ZeRO-3
+        gathers the weights), the main process writes."""
+        with self.optimizer.full_weights():
+            if not self.parallel.is_main:
+                return
+            if self.lora_spec is not None:
+                save_adapter(self.model, self.lora_spec, folder, self.recipe.model.path)
+            else:
+                self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(str(folder))
         save_template(folder, self.recipe.template)
 
     def load(self, folder: Path) -> int:
         """Restore a checkpoint; returns its step."""
-        if self.lora_spec is not None:
-            load_adapter_weights(self.model, folder)
-        else:
-            saved = type(self.model).from_pretrained(folder, dtype=self.model.dtype,
-                                                     config=self.model.config)
-            self.model.load_state_dict(saved.state_dict())
+        if not self.optimizer.checkpoint_holds_weights:
+            if self.lora_spec is not None:
+                load_adapter_weights(self.model, folder)
+            else:
+                saved = type(self.model).from_pretrained(folder, dtype=self.model.dtype,
+                                                         config=self.model.config)
+                self.model.load_state_dict(saved.state_dict())
+        self.optimizer.load(folder)
         trainer = torch.load(folder / "trainer.pt", weights_only=False)
-        self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
         if len(trainer["ranks"]) != self.parallel.world_size:
             raise RecipeError(f"training.resume_from_checkpoint: {folder} was written by "
@@ -438,8 +481,12 @@ def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path, write: bo
 def run_grpo(recipe: GRPORecipe) -> dict:
     """Train per the recipe; returns {"output_dir", "steps", "final_reward"}. Under a
     multi-process launcher every rank trains on its share of the prompts with its own
-    rollout engines (rl.data_parallel); the main process writes metrics and checkpoints."""
+    rollout engines (rl.data_parallel), its optimizer local or DeepSpeed's
+    (rl.policy_optimizer); the main process writes metrics and checkpoints."""
     rollout = recipe.rollout
+    if fsdp_launch():
+        raise RecipeError("GRPO trains under DDP (recipes/accelerate/ddp.yaml) or DeepSpeed "
+                          "ZeRO-2/3 (zero2.yaml, zero3.yaml); the FSDP configs are for SFT recipes")
     if (recipe.algorithm.routing_replay and rollout.backend == "vllm" and not rollout.remote
             and not torch.cuda.is_available()):
         raise RecipeError("algorithm.routing_replay: vLLM on CPU cannot return routed experts; "
@@ -456,6 +503,8 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     if recipe.model.path and parallel.is_main:
         warn_on_mismatch(recipe.model.path, recipe.template)
     source = rollout_source(recipe, model, tokenizer, output, write=parallel.is_main)
+    if torch.cuda.is_available():  # the policy trains on this rank's GPU
+        model.to(torch.cuda.current_device())
     parallel.barrier()  # the main process has written it before any engine reads it
     pool = RolloutPool(source, backend=rollout.backend, workers=rollout.workers,
                        tensor_parallel_size=rollout.tensor_parallel_size, dtype=rollout.dtype,
@@ -472,7 +521,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         if checkpoint is not None:
             first = trainer.load(checkpoint) + 1
         if checkpoint is not None or remote:  # remote engines start from their own weights
-            pool.sync(sync_weights(model, None))
+            trainer.sync_rollout_weights(None)
         main = parallel.is_main
         metrics_file = MetricsFile(output / "metrics.jsonl", first - 1 if checkpoint else None) if main else None
         writer = tensorboard_writer(recipe, output) if main else None
@@ -496,10 +545,10 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
             if step % recipe.training.save_steps == 0:
                 trainer.save(output / f"checkpoint-{step}", step)
+        trainer.save_weights(output)
         if main:
             if writer:
                 writer.close()
-            trainer.save_weights(output)
             trainer.history.plot(output / "expert_load.png")
             print(f"finished step {recipe.training.max_steps}: reward {metrics.get('reward_mean', 0):.3f}; "
                   f"{'adapter' if spec else 'model'}, metrics.jsonl and expert_load.png in {output}")

@@ -30,6 +30,11 @@ class PolicyBatch:
                            self.completion_mask[index], self.sampler_logprobs[index],
                            None if self.routes is None else self.routes[:, index])
 
+    def to(self, device: torch.device) -> PolicyBatch:
+        return PolicyBatch(*(None if t is None else t.to(device) for t in
+                             (self.input_ids, self.attention_mask, self.completion_mask,
+                              self.sampler_logprobs, self.routes)))
+
     @property
     def completion_tokens(self) -> int:
         return int(self.completion_mask.sum())

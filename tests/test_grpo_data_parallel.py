@@ -1,14 +1,18 @@
-"""Data-parallel GRPO: two gloo ranks, each updating on half of the groups, take the same
-optimizer step as one process holding them all; `accelerate launch --num_processes 2` trains,
-writes once, checkpoints every rank's position and resumes."""
+"""Data-parallel GRPO: two gloo ranks, each updating on its share of the groups, take the same
+optimizer step as one process holding them all, with the local optimizer (DDP-style) and with
+DeepSpeed ZeRO-2/3; `accelerate launch --num_processes 2` with the ddp and zero3 configs
+trains, writes once, checkpoints every rank's position and resumes exactly."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -50,13 +54,28 @@ def fresh_model(loss: str):
     return recipe, load_model(recipe.model)
 
 
-def updated_weights(groups: Groups, parallel: DataParallel, loss: str) -> tuple[dict, float]:
+def updated_weights(groups: Groups, parallel: DataParallel, loss: str,
+                    rows: slice | None = None) -> tuple[dict, dict]:
+    """(weights, metrics) after one update on this rank's groups: `rows`, else every
+    world_size-th group from the rank."""
     recipe, model = fresh_model(loss)
     trainer = GRPOTrainer(recipe, model, load_tokenizer(recipe.model), None, None, parallel)
-    share = Groups(parallel.shard(groups.problems), parallel.shard(groups.rollouts),
-                   groups.rewards[parallel.rank::parallel.world_size], {}, 0, 0, 1)
-    metrics = trainer.update(share)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics["loss"]
+    rows = rows or slice(parallel.rank, None, parallel.world_size)
+    metrics = trainer.update(Groups(groups.problems[rows], groups.rollouts[rows],
+                                    groups.rewards[rows], {}, 0, 0, 1))
+    with trainer.optimizer.full_weights():  # ZeRO-3 holds a shard of each parameter
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return weights, metrics
+
+
+def assert_same_step(parallel: tuple[dict, dict], single: tuple[dict, dict]) -> None:
+    (parallel_weights, parallel_metrics), (single_weights, single_metrics) = parallel, single
+    assert abs(parallel_metrics["loss"] - single_metrics["loss"]) < 1e-6
+    assert parallel_metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-5)
+    for name, tensor in single_weights.items():
+        # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, a summation-order
+        # difference in g moves a weight by ~1e-6; a wrong gradient moves it by ~lr = 1e-3.
+        torch.testing.assert_close(parallel_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def rank_main(rank: int, store: str, out: str) -> None:
@@ -79,40 +98,71 @@ def test_two_ranks_take_the_single_process_step(tmp_path):
     parallel = torch.load(tmp_path / "ranks.pt")
     assert parallel["sums"] == ([3.0, 3.0], [1.0, 1.0], None)  # no gradient anywhere: still None
     for loss in LOSSES:
-        parallel_weights, parallel_loss = parallel[loss]
-        single_weights, single_loss = updated_weights(fixed_groups(4, 4), DataParallel(), loss)
-        assert abs(parallel_loss - single_loss) < 1e-6, (loss, parallel_loss, single_loss)
-        for name, tensor in single_weights.items():
-            # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, a summation-order
-            # difference in g moves a weight by ~1e-6; a wrong gradient moves it by ~lr = 1e-3.
-            torch.testing.assert_close(parallel_weights[name], tensor, rtol=1e-4, atol=1e-5)
+        single = updated_weights(fixed_groups(4, 4), DataParallel(), loss)
+        assert_same_step(parallel[loss], single)
         initial = fresh_model(loss)[1].state_dict()
-        assert sum(not torch.equal(initial[k], v) for k, v in single_weights.items()) > 10
+        assert sum(not torch.equal(initial[k], v) for k, v in single[0].items()) > 10
 
 
-def launch(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+def deepspeed_rank_main(rank: int, store: str, out: str) -> None:
+    """Rank 0 updates on 3 groups, rank 1 on 1: 4 micro-batches against 2, so rank 1 pads
+    with idle passes to keep ZeRO's collectives in step."""
+    torch.set_num_threads(1)
+    os.environ.update(DS_ACCELERATOR="cpu", ACCELERATE_USE_DEEPSPEED="true", LOCAL_RANK=str(rank),
+                      RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29547")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    results = {}
+    for stage in (2, 3):
+        os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(stage)
+        results[stage] = updated_weights(fixed_groups(4, 4), DataParallel(rank, 2), "dapo",
+                                         slice(0, 3) if rank == 0 else slice(3, 4))
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def test_deepspeed_zero2_and_zero3_take_the_single_process_step(tmp_path):
+    mp.spawn(deepspeed_rank_main, args=(str(tmp_path / "store"), str(tmp_path / "ranks.pt")), nprocs=2)
+    parallel = torch.load(tmp_path / "ranks.pt", weights_only=False)
+    single = updated_weights(fixed_groups(4, 4), DataParallel(), "dapo")
+    for stage in (2, 3):
+        assert_same_step(parallel[stage], single)
+
+
+def launch(config: str, out: Path, *overrides: str) -> list[dict]:
+    """`accelerate launch` of grpo/arith_tiny on 2 CPU processes; the metrics rows."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", DS_ACCELERATOR="cpu")
     accelerate = Path(sys.executable).parent / "accelerate"
-    return subprocess.run(
-        [str(accelerate), "launch", "--config_file", "recipes/accelerate/ddp.yaml",
+    done = subprocess.run(
+        [str(accelerate), "launch", "--config_file", f"recipes/accelerate/{config}.yaml",
          "--num_processes", "2", "--main_process_port", "29531",
          "-m", "moetune.recipes", "run", "grpo/arith_tiny", *TINY,
          "rewards=[{name: format}, {name: math_accuracy}]", "algorithm.dynamic_sampling=false",
-         "training.save_steps=2", f"training.output_dir={out}", *overrides],
+         "training.max_steps=2", "training.save_steps=1", f"training.output_dir={out}", *overrides],
         check=False, capture_output=True, text=True, timeout=500, env=env, cwd=ROOT)
-
-
-def test_accelerate_launch_two_processes_trains_checkpoints_and_resumes(tmp_path):
-    out = tmp_path / "dp"
-    done = launch(out, "training.max_steps=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished step 2") == 1  # the main process reports, once
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("config", ["ddp", "zero3"])
+def test_accelerate_launch_two_processes_trains_checkpoints_and_resumes(tmp_path, config):
+    """Two steps, then a run resumed from checkpoint-1 repeats step 2 onto the same weights."""
+    out = tmp_path / "run"
+    rows = launch(config, out)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["groups_used"] == 4  # 2 prompts on each of the 2 ranks
-    state = torch.load(out / "checkpoint-2" / "trainer.pt", weights_only=False)
-    assert [rank["stream"]["cursor"] for rank in state["ranks"]] == [4, 4]  # each rank's position
-    resumed = launch(out, "training.max_steps=3", "training.resume_from_checkpoint=true")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    state = torch.load(out / "checkpoint-1" / "trainer.pt", weights_only=False)
+    assert [rank["stream"]["cursor"] for rank in state["ranks"]] == [2, 2]  # each rank's position
+    if config == "zero3":  # every rank's shard of the optimizer state, in DeepSpeed's layout
+        assert len(list((out / "checkpoint-1" / "deepspeed").glob("*optim_states.pt"))) == 2
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    resumed_rows = launch(config, resumed, "training.resume_from_checkpoint=true")
+    assert [r["step"] for r in resumed_rows] == [2]
+    assert resumed_rows[0]["reward_mean"] == rows[1]["reward_mean"]
+    final, again = (load_file(folder / "model-00001-of-00001.safetensors") for folder in (out, resumed))
+    for name, tensor in final.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=1e-6, msg=name)

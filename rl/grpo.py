@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -301,7 +302,7 @@ class GRPOTrainer:
         `max_nonfinite_in_row` of them in a row stop the run. Returns the gradient norm (nan
         when skipped)."""
         norm = self.optimizer.step()
-        if norm == norm:
+        if not math.isnan(norm):
             self.nonfinite_in_row = 0
             return norm
         self.nonfinite_in_row += 1

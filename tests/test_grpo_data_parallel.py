@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from moetune.finetune.model_loading import load_model, load_tokenizer
 from moetune.recipes.loader import load_recipe

@@ -52,7 +52,7 @@ from moetune.rewards import score
 from moetune.rl import algorithms
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
-from moetune.rl.policy_optimizer import fsdp_launch, policy_optimizer
+from moetune.rl.policy_optimizer import policy_optimizer
 from moetune.rl.problems import load_problems
 from moetune.rl.rollout import Rollout, RolloutPool, SamplingSpec, sync_weights
 from moetune.rl.rollout_remote import parse_address
@@ -113,20 +113,18 @@ class GRPOTrainer:
         if not algorithm.update_router:
             for router in model.routers():
                 router.weight.requires_grad_(False)
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        adamw = torch.optim.AdamW(self.parameters, lr=training.learning_rate,
-                                  weight_decay=training.weight_decay)
-        warmup = max(training.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            adamw, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        model.model.mtp.requires_grad_(False)  # the policy loss never reaches the MTP modules
         reference = None
         if algorithm.beta > 0 and lora_spec is None:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         # The forwards run through `self.policy` (a DeepSpeed engine under DeepSpeed, else the
         # model); the model's own methods (routers, expert load, saving) through `self.model`.
-        self.optimizer = policy_optimizer(model, adamw, training, parallel)
-        self.policy = self.optimizer.policy
+        self.optimizer = policy_optimizer(model, training, parallel)
+        self.policy, self.parameters = self.optimizer.policy, self.optimizer.parameters
         self.reference = None if reference is None else self.optimizer.prepare_reference(reference)
+        warmup = max(training.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.adamw, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         eos = model.config.eos_token_id
         self.stop_ids = eos if isinstance(eos, list) else [eos]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -339,8 +337,8 @@ class GRPOTrainer:
 
     def sync_rollout_weights(self, previous: dict | None) -> float:
         """Push the tensors changed since `previous` (all: None) to this rank's engines."""
-        with self.optimizer.full_weights():
-            changed = sync_weights(self.model, previous)
+        with self.optimizer.full_weights() as model:
+            changed = sync_weights(model, previous)
         return self.pool.sync(changed)
 
     def rollout_metrics(self, groups: Groups, seconds: float) -> dict[str, float]:
@@ -408,13 +406,13 @@ class GRPOTrainer:
     def save_weights(self, folder: Path) -> None:
         """The adapter (LoRA) or model, tokenizer and template; every rank calls it (ZeRO-3
         gathers the weights), the main process writes."""
-        with self.optimizer.full_weights():
+        with self.optimizer.full_weights() as model:
             if not self.parallel.is_main:
                 return
             if self.lora_spec is not None:
-                save_adapter(self.model, self.lora_spec, folder, self.recipe.model.path)
+                save_adapter(model, self.lora_spec, folder, self.recipe.model.path)
             else:
-                self.model.save_pretrained(folder)
+                model.save_pretrained(folder)
         self.tokenizer.save_pretrained(str(folder))
         save_template(folder, self.recipe.template)
 
@@ -485,9 +483,6 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     rollout engines (rl.data_parallel), its optimizer local or DeepSpeed's
     (rl.policy_optimizer); the main process writes metrics and checkpoints."""
     rollout = recipe.rollout
-    if fsdp_launch():
-        raise RecipeError("GRPO trains under DDP (recipes/accelerate/ddp.yaml) or DeepSpeed "
-                          "ZeRO-2/3 (zero2.yaml, zero3.yaml); the FSDP configs are for SFT recipes")
     if (recipe.algorithm.routing_replay and rollout.backend == "vllm" and not rollout.remote
             and not torch.cuda.is_available()):
         raise RecipeError("algorithm.routing_replay: vLLM on CPU cannot return routed experts; "

@@ -6,25 +6,30 @@
 - `DeepSpeedOptimizer`: a DeepSpeed ZeRO-2/3 engine around the same AdamW, picked when the
   launcher says DeepSpeed (`accelerate launch --config_file recipes/accelerate/zero3.yaml`):
   optimizer states and gradients (ZeRO-2) and the parameters too (ZeRO-3) are sharded over
-  the ranks. The ZeRO stage and offload come from the accelerate config; the clipping norm
-  from the recipe's training.max_grad_norm.
+  the ranks. The ZeRO stage and offload come from the accelerate config.
+- `FSDPOptimizer`: torch's FSDP2 (`fully_shard` per decoder layer) and AdamW on the shards,
+  picked under recipes/accelerate/fsdp2.yaml (its reshard and offload settings apply).
+The clipping norm is always the recipe's training.max_grad_norm.
 
 The trainer asks the same of both. Its micro-batch losses are already this rank's share of
 the global loss, so `backward` gives gradients whose sum over ranks is the whole batch's;
 `step` clips, updates and returns the gradient norm (nan: the update was skipped);
-`full_weights` makes the full parameters readable for a weight sync or a save; `save`/`load`
-write and restore the optimizer state inside a checkpoint folder.
+`with full_weights() as model` gives a model with the full weights for a weight sync or a save
+(every rank must enter it); `save`/`load` write and restore the optimizer state (sharded: and
+the weights) inside a checkpoint folder.
 
-Under DeepSpeed every rank must run the same number of forwards and backwards (ZeRO gathers
-parameters and reduces gradients collectively), so `lockstep` tells the trainer to pad a rank
-that has fewer micro-batches with idle passes. NaN/inf: the local optimizer skips a step whose
-gradient norm is not finite; DeepSpeed cannot take back a reduced gradient, so there a
-micro-batch whose loss is NaN/inf on any rank is left out on every rank (the step is skipped
+Sharded, every rank must run the same number of forwards and backwards (parameters are
+gathered and gradients reduced collectively), so `lockstep` tells the trainer to pad a rank
+that has fewer micro-batches with idle passes. NaN/inf: the local and FSDP optimizers skip a
+step whose gradient norm is not finite; DeepSpeed cannot take back a reduced gradient, so there
+a micro-batch whose loss is NaN/inf on any rank is left out on every rank (the step is skipped
 when none is left), and a non-finite norm after a step stops the run.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -33,6 +38,21 @@ import torch
 
 from moetune.recipes.schema import GRPOTrainingSection
 from moetune.rl.data_parallel import DataParallel
+
+
+def new_adamw(model: torch.nn.Module, training: GRPOTrainingSection) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                             lr=training.learning_rate, weight_decay=training.weight_decay)
+
+
+def finite_norm_step(adamw: torch.optim.AdamW, parameters: list, max_norm: float) -> float:
+    """Clip to max_norm and step unless the norm is NaN/inf; the norm (nan when skipped)."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    if math.isfinite(norm):
+        adamw.step()
+    adamw.zero_grad(set_to_none=True)
+    return norm if math.isfinite(norm) else float("nan")
 
 
 def deepspeed_launch() -> bool:
@@ -50,10 +70,9 @@ class LocalOptimizer:
     lockstep = False
     checkpoint_holds_weights = False  # `save` writes the optimizer state only
 
-    def __init__(self, model: torch.nn.Module, adamw: torch.optim.AdamW,
-                 training: GRPOTrainingSection, parallel: DataParallel):
-        self.model, self.policy, self.adamw = model, model, adamw
-        self.parameters = [p for group in adamw.param_groups for p in group["params"]]
+    def __init__(self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
+        self.model, self.policy, self.adamw = model, model, new_adamw(model, training)
+        self.parameters = [p for group in self.adamw.param_groups for p in group["params"]]
         self.max_grad_norm, self.parallel = training.max_grad_norm, parallel
 
     def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
@@ -66,14 +85,10 @@ class LocalOptimizer:
     def step(self) -> float:
         """Sum, clip and step; a NaN/inf gradient norm skips the step. The norm (nan if skipped)."""
         self.parallel.sum_gradients(self.parameters)
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
-        if torch.isfinite(norm):
-            self.adamw.step()
-        self.adamw.zero_grad(set_to_none=True)
-        return float(norm) if torch.isfinite(norm) else float("nan")
+        return finite_norm_step(self.adamw, self.parameters, self.max_grad_norm)
 
     def full_weights(self):
-        return nullcontext()
+        return nullcontext(self.model)
 
     def save(self, folder: Path) -> None:
         if self.parallel.is_main:
@@ -91,11 +106,11 @@ class DeepSpeedOptimizer:
     checkpoint_holds_weights = True  # DeepSpeed's checkpoint restores the trained weights too
     CHECKPOINT_TAG = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, adamw: torch.optim.AdamW,
-                 training: GRPOTrainingSection, parallel: DataParallel):
+    def __init__(self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
         import deepspeed
 
-        self.model, self.adamw, self.parallel = model, adamw, parallel
+        self.model, self.adamw, self.parallel = model, new_adamw(model, training), parallel
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.zero = zero_config()
         self.stage = int(self.zero.get("stage", 0))
         if self.stage not in (2, 3):
@@ -107,7 +122,7 @@ class DeepSpeedOptimizer:
             "zero_optimization": self.zero, "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": model.dtype == torch.bfloat16}, "steps_per_print": 2**62,
         }
-        self.policy, *_ = deepspeed.initialize(model=model, optimizer=adamw, config=config)
+        self.policy, *_ = deepspeed.initialize(model=model, optimizer=self.adamw, config=config)
         self.world_size, self.backwards = parallel.world_size, 0
 
     def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
@@ -145,12 +160,12 @@ class DeepSpeedOptimizer:
     def full_weights(self):
         """ZeRO-3: gather the sharded parameters on every rank for the block."""
         if self.stage < 3:
-            yield
+            yield self.model
             return
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-            yield
+            yield self.model
 
     def save(self, folder: Path) -> None:
         """Every rank writes its shard of the optimizer state (DeepSpeed's own layout)."""
@@ -160,6 +175,73 @@ class DeepSpeedOptimizer:
     def load(self, folder: Path) -> None:
         self.policy.load_checkpoint(str(folder), tag=self.CHECKPOINT_TAG, load_module_strict=False,
                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+class FSDPOptimizer:
+    """FSDP2: every decoder layer (and the rest, at the root) sharded with `fully_shard`, AdamW
+    on the shards; `policy` is the sharded model. Weight syncs and saves read an unsharded CPU
+    replica that `full_weights` refreshes tensor by tensor (the rollout engines' weights are
+    held on CPU per rank anyway). Checkpoints are torch.distributed.checkpoint folders (every
+    rank writes its shards) holding the weights and the optimizer."""
+
+    lockstep = True
+    checkpoint_holds_weights = True
+
+    def __init__(self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()
+        self.options = {"reshard_after_forward": plugin.reshard_after_forward}
+        if plugin.cpu_offload:
+            self.options["offload_policy"] = plugin.cpu_offload
+        self.replica = copy.deepcopy(model).to("cpu").requires_grad_(False)
+        self.model = self.policy = self.shard(model)
+        self.adamw = new_adamw(model, training)  # on the sharded parameters
+        self.parameters = [p for group in self.adamw.param_groups for p in group["params"]]
+        self.max_grad_norm, self.world_size = training.max_grad_norm, parallel.world_size
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in [*model.model.layers, *model.model.mtp]:
+            fully_shard(layer, **self.options)
+        return fully_shard(model, **self.options)
+
+    def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
+        return self.shard(reference)
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        (loss * self.world_size).backward()  # FSDP averages gradients over ranks: sum them
+        return True
+
+    def step(self) -> float:
+        return finite_norm_step(self.adamw, self.parameters, self.max_grad_norm)
+
+    @contextmanager
+    @torch.no_grad()
+    def full_weights(self):
+        """The replica, its tensors gathered from the shards one at a time on every rank."""
+        replica = dict(self.replica.named_parameters()) | dict(self.replica.named_buffers())
+        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            replica[name].copy_(tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
+        yield self.replica
+
+    def save(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        weights, optimizer = get_state_dict(self.model, self.adamw)
+        dcp.save({"model": weights, "optimizer": optimizer}, checkpoint_id=str(folder / "fsdp"))
+
+    def load(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        weights, optimizer = get_state_dict(self.model, self.adamw)
+        state = {"model": weights, "optimizer": optimizer}
+        dcp.load(state, checkpoint_id=str(folder / "fsdp"))
+        set_state_dict(self.model, self.adamw, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
 
 
 def zero_config() -> dict:
@@ -174,11 +256,13 @@ def zero_config() -> dict:
     return concrete(DeepSpeedPlugin().deepspeed_config["zero_optimization"])
 
 
-def policy_optimizer(model: torch.nn.Module, adamw: torch.optim.AdamW,
-                     training: GRPOTrainingSection, parallel: DataParallel):
-    """The optimizer the launcher asks for: DeepSpeed under a DeepSpeed config, else local."""
+def policy_optimizer(model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
+    """The optimizer the launcher asks for: DeepSpeed or FSDP under their accelerate configs,
+    else local."""
     if deepspeed_launch():
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        return DeepSpeedOptimizer(model, adamw, training, parallel)
-    return LocalOptimizer(model, adamw, training, parallel)
+        return DeepSpeedOptimizer(model, training, parallel)
+    if fsdp_launch():
+        return FSDPOptimizer(model, training, parallel)
+    return LocalOptimizer(model, training, parallel)

@@ -133,7 +133,9 @@ class DeepSpeedOptimizer:
 
         config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": self.zero,
                   "bf16": {"enabled": reference.dtype == torch.bfloat16}}
-        return deepspeed.initialize(model=reference, config=config)[0].eval()
+        engine = deepspeed.initialize(model=reference, config=config)[0]
+        engine.eval()  # (DeepSpeedEngine.eval returns None)
+        return engine
 
     def backward(self, loss: torch.Tensor) -> bool:
         """Backward unless this or another rank's loss is NaN/inf (then no rank does)."""

@@ -47,25 +47,32 @@ def fixed_groups(count: int, n: int) -> Groups:
     return Groups([{}] * count, rollouts, rewards, {}, count, 0, 1)
 
 
-def fresh_model(loss: str):
+def fresh_model(loss: str, *overrides: str):
     torch.manual_seed(0)
     recipe = load_recipe(resolve("grpo/arith_tiny"), [*TINY, f"algorithm.loss={loss}",
-                                                      "training.micro_batch_size=3"])
+                                                      "training.micro_batch_size=3", *overrides])
     return recipe, load_model(recipe.model)
 
 
-def updated_weights(groups: Groups, parallel: DataParallel, loss: str,
-                    rows: slice | None = None) -> tuple[dict, dict]:
-    """(weights, metrics) after one update on this rank's groups: `rows`, else every
-    world_size-th group from the rank."""
-    recipe, model = fresh_model(loss)
-    trainer = GRPOTrainer(recipe, model, load_tokenizer(recipe.model), None, None, parallel)
-    rows = rows or slice(parallel.rank, None, parallel.world_size)
-    metrics = trainer.update(Groups(groups.problems[rows], groups.rollouts[rows],
-                                    groups.rewards[rows], {}, 0, 0, 1))
-    with trainer.optimizer.full_weights() as full:  # ZeRO-3 and FSDP2 hold shards
-        weights = {k: v.detach().clone() for k, v in full.state_dict().items()}
-    return weights, metrics
+def new_trainer(parallel: DataParallel, loss: str, *overrides: str) -> GRPOTrainer:
+    recipe, model = fresh_model(loss, *overrides)
+    return GRPOTrainer(recipe, model, load_tokenizer(recipe.model), None, None, parallel)
+
+
+def share_of(groups: Groups, rows: slice) -> Groups:
+    return Groups(groups.problems[rows], groups.rollouts[rows], groups.rewards[rows], {}, 0, 0, 1)
+
+
+def full_weights(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
+    with trainer.optimizer.full_weights() as model:  # ZeRO-3 and FSDP2 hold shards
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def updated_weights(groups: Groups, parallel: DataParallel, loss: str) -> tuple[dict, dict]:
+    """(weights, metrics) after one update on every world_size-th group from the rank."""
+    trainer = new_trainer(parallel, loss)
+    metrics = trainer.update(share_of(groups, slice(parallel.rank, None, parallel.world_size)))
+    return full_weights(trainer), metrics
 
 
 def assert_same_step(parallel: tuple[dict, dict], single: tuple[dict, dict]) -> None:
@@ -107,30 +114,22 @@ def test_two_ranks_take_the_single_process_step(tmp_path):
 SHARDED = {"zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
            "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
            "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}}
-RESUMED = ("zero3", "fsdp2")
+KL = "algorithm.beta=0.04"  # a frozen reference model (sharded too), which the second update feels
 
 
-def resumed_update(parallel: DataParallel, rows: slice, folder: Path) -> tuple[dict, dict]:
-    """Weights after update, checkpoint, update; and after a fresh trainer restored from the
-    checkpoint takes the second update."""
-    groups = fixed_groups(4, 4)
-    share = Groups(groups.problems[rows], groups.rollouts[rows], groups.rewards[rows], {}, 0, 0, 1)
-    trainers = []
-    for restore in (False, True):
-        recipe, model = fresh_model("dapo")
-        trainer = GRPOTrainer(recipe, model, load_tokenizer(recipe.model), None, None, parallel)
-        if restore:
-            trainer.load(folder)
-        else:
-            trainer.update(share)
-            trainer.save(folder, 1)
-        trainer.update(share)
-        trainers.append(trainer)
-    weights = []
-    for trainer in trainers:
-        with trainer.optimizer.full_weights() as full:
-            weights.append({k: v.detach().clone() for k, v in full.state_dict().items()})
-    return weights
+def two_updates(parallel: DataParallel, rows: slice, folder: Path) -> dict:
+    """Two updates on this rank's `rows` of the groups with a checkpoint between them:
+    {"weights", "metrics"} after the second, and "resumed": the weights after a fresh trainer
+    restored from the checkpoint took the second update."""
+    share = share_of(fixed_groups(4, 4), rows)
+    trainer = new_trainer(parallel, "dapo", KL)
+    trainer.update(share)
+    trainer.save(folder, 1)
+    result = {"metrics": trainer.update(share), "weights": full_weights(trainer)}
+    restored = new_trainer(parallel, "dapo", KL)
+    restored.load(folder)
+    restored.update(share)
+    return result | {"resumed": full_weights(restored)}
 
 
 def sharded_rank_main(rank: int, store: str, out: str) -> None:
@@ -140,34 +139,34 @@ def sharded_rank_main(rank: int, store: str, out: str) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29547")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    rows = slice(0, 3) if rank == 0 else slice(3, 4)
     results = {}
     for name, launcher in SHARDED.items():
         for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
             os.environ.pop(key, None)
         os.environ.update(launcher)
-        results[name] = updated_weights(fixed_groups(4, 4), DataParallel(rank, 2), "dapo", rows)
-        if name in RESUMED:
-            results[f"{name} resumed"] = resumed_update(DataParallel(rank, 2), rows,
-                                                        Path(out).parent / name)
+        results[name] = two_updates(DataParallel(rank, 2), slice(0, 3) if rank == 0 else slice(3, 4),
+                                    Path(out).parent / name)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
 
 
-def test_deepspeed_and_fsdp2_take_the_single_process_step_and_resume_exactly(tmp_path):
-    """ZeRO-2, ZeRO-3 and FSDP2 on unequal shares: the one-process step. A ZeRO-3 checkpoint
-    (DeepSpeed's per-rank shards) and an FSDP2 one (torch.distributed.checkpoint) restore the
-    weights and Adam moments: the next update lands on the same weights."""
+def test_deepspeed_and_fsdp2_take_the_single_process_steps_and_resume_exactly(tmp_path):
+    """ZeRO-2, ZeRO-3 and FSDP2 on unequal shares, with a KL reference: the one-process
+    steps. Their checkpoints (DeepSpeed's per-rank shards, torch.distributed.checkpoint)
+    restore the weights and Adam moments: the next update lands on the same weights."""
     mp.spawn(sharded_rank_main, args=(str(tmp_path / "store"), str(tmp_path / "ranks.pt")), nprocs=2)
     parallel = torch.load(tmp_path / "ranks.pt", weights_only=False)
-    single = updated_weights(fixed_groups(4, 4), DataParallel(), "dapo")
+    single = two_updates(DataParallel(), slice(0, 4), tmp_path / "single")
+    assert single["metrics"]["kl"] > 1e-4  # the policy has moved off the reference
     for name in SHARDED:
-        assert_same_step(parallel[name], single)
-    for name in RESUMED:
-        uninterrupted, resumed = parallel[f"{name} resumed"]
-        for key, tensor in uninterrupted.items():
-            torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-7, msg=f"{name}: {key}")
+        assert_same_step((parallel[name]["weights"], parallel[name]["metrics"]),
+                         (single["weights"], single["metrics"]))
+        for key, tensor in parallel[name]["weights"].items():
+            torch.testing.assert_close(parallel[name]["resumed"][key], tensor, rtol=0, atol=1e-7,
+                                       msg=f"{name}: {key}")
+    for key, tensor in single["weights"].items():  # the local optimizer resumes exactly too
+        torch.testing.assert_close(single["resumed"][key], tensor, rtol=0, atol=0, msg=key)
 
 
 def launch(out: Path, *overrides: str) -> list[dict]:

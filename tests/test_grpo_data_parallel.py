@@ -1,6 +1,6 @@
 """Data-parallel GRPO: two gloo ranks, each updating on its share of the groups, take the same
-optimizer step as one process holding them all, with the local optimizer (DDP-style), DeepSpeed
-ZeRO-2/3 and FSDP2; sharded checkpoints restore exactly; `accelerate launch --num_processes 2`
+optimizer steps as one process holding them all, with the local optimizer (DDP), DeepSpeed
+ZeRO-2/3 and FSDP2, and their checkpoints restore exactly; `accelerate launch --num_processes 2`
 (zero3.yaml: the launcher's process group, DeepSpeed from its config) trains, writes once and
 checkpoints every rank's prompt position and optimizer shard. A resumed run repeating the
 uninterrupted one is tests/test_grpo.py's (the same code, one process)."""
@@ -24,7 +24,6 @@ from moetune.rl.grpo import Groups, GRPOTrainer
 from moetune.rl.rollout import Rollout
 
 ROOT = Path(__file__).parent.parent
-LOSSES = ("dapo", "grpo")
 TINY = ["model.path=null", "model.config=tiny_arith", "model.tokenizer=char",
         "rollout.backend=native", "rollout.max_new_tokens=8", "rollout.max_model_len=64",
         "training.prompts_per_step=4", "algorithm.group_size=4", "eval.every=0",
@@ -75,50 +74,11 @@ def updated_weights(groups: Groups, parallel: DataParallel, loss: str) -> tuple[
     return full_weights(trainer), metrics
 
 
-def assert_same_step(parallel: tuple[dict, dict], single: tuple[dict, dict]) -> None:
-    (parallel_weights, parallel_metrics), (single_weights, single_metrics) = parallel, single
-    assert abs(parallel_metrics["loss"] - single_metrics["loss"]) < 1e-6
-    assert parallel_metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-5)
-    for name, tensor in single_weights.items():
-        # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, a summation-order
-        # difference in g moves a weight by ~1e-6; a wrong gradient moves it by ~lr = 1e-3.
-        torch.testing.assert_close(parallel_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-
-
-def rank_main(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    results = {loss: updated_weights(fixed_groups(4, 4), DataParallel(rank, 2), loss) for loss in LOSSES}
-    both, one, none = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
-    both.grad = torch.full((2,), rank + 1.0)
-    one.grad = torch.ones(2) if rank == 0 else None  # an expert only rank 0's tokens reached
-    DataParallel(rank, 2).sum_gradients([both, one, none])
-    results["sums"] = (both.grad.tolist(), one.grad.tolist(), none.grad)
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
-
-
-def test_two_ranks_take_the_single_process_step(tmp_path):
-    """dapo divides by the batch's tokens, grpo by its sequences: both counted over all ranks."""
-    mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path / "ranks.pt")), nprocs=2)
-    parallel = torch.load(tmp_path / "ranks.pt")
-    assert parallel["sums"] == ([3.0, 3.0], [1.0, 1.0], None)  # no gradient anywhere: still None
-    for loss in LOSSES:
-        single = updated_weights(fixed_groups(4, 4), DataParallel(), loss)
-        assert_same_step(parallel[loss], single)
-        initial = fresh_model(loss)[1].state_dict()
-        assert sum(not torch.equal(initial[k], v) for k, v in single[0].items()) > 10
-
-
-SHARDED = {"zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
-           "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
-           "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}}
 KL = "algorithm.beta=0.04"  # a frozen reference model (sharded too), which the second update feels
 
 
 def two_updates(parallel: DataParallel, rows: slice, folder: Path) -> dict:
-    """Two updates on this rank's `rows` of the groups with a checkpoint between them:
+    """Two dapo updates on this rank's `rows` of the groups with a checkpoint between them:
     {"weights", "metrics"} after the second, and "resumed": the weights after a fresh trainer
     restored from the checkpoint took the second update."""
     share = share_of(fixed_groups(4, 4), rows)
@@ -132,40 +92,69 @@ def two_updates(parallel: DataParallel, rows: slice, folder: Path) -> dict:
     return result | {"resumed": full_weights(restored)}
 
 
-def sharded_rank_main(rank: int, store: str, out: str) -> None:
-    """Rank 0 updates on 3 groups, rank 1 on 1: 4 micro-batches against 2, so rank 1 pads
-    with idle passes to keep the sharded collectives in step."""
+def assert_same_step(parallel: tuple[dict, dict], single: tuple[dict, dict]) -> None:
+    (parallel_weights, parallel_metrics), (single_weights, single_metrics) = parallel, single
+    assert abs(parallel_metrics["loss"] - single_metrics["loss"]) < 1e-6
+    assert parallel_metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-5)
+    for name, tensor in single_weights.items():
+        # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, a summation-order
+        # difference in g moves a weight by ~1e-6; a wrong gradient moves it by ~lr = 1e-3.
+        torch.testing.assert_close(parallel_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# What `accelerate launch --config_file recipes/accelerate/<name>.yaml` tells the processes.
+LAUNCHERS = {"ddp": {},
+             "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+             "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+             "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}}
+
+
+def rank_main(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29547")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    results = {}
-    for name, launcher in SHARDED.items():
+    parallel = DataParallel(rank, 2)
+    results = {"grpo": updated_weights(fixed_groups(4, 4), parallel, "grpo")}
+    both, one, none = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    both.grad = torch.full((2,), rank + 1.0)
+    one.grad = torch.ones(2) if rank == 0 else None  # an expert only rank 0's tokens reached
+    parallel.sum_gradients([both, one, none])
+    results["sums"] = (both.grad.tolist(), one.grad.tolist(), none.grad)
+    for name, launcher in LAUNCHERS.items():
         for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
             os.environ.pop(key, None)
         os.environ.update(launcher)
-        results[name] = two_updates(DataParallel(rank, 2), slice(0, 3) if rank == 0 else slice(3, 4),
+        # Rank 0 takes 3 groups, rank 1 one: 4 micro-batches against 2, so under sharding
+        # rank 1 pads with idle passes to keep the collectives in step.
+        results[name] = two_updates(parallel, slice(0, 3) if rank == 0 else slice(3, 4),
                                     Path(out).parent / name)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
 
 
-def test_deepspeed_and_fsdp2_take_the_single_process_steps_and_resume_exactly(tmp_path):
-    """ZeRO-2, ZeRO-3 and FSDP2 on unequal shares, with a KL reference: the one-process
-    steps. Their checkpoints (DeepSpeed's per-rank shards, torch.distributed.checkpoint)
-    restore the weights and Adam moments: the next update lands on the same weights."""
-    mp.spawn(sharded_rank_main, args=(str(tmp_path / "store"), str(tmp_path / "ranks.pt")), nprocs=2)
+def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_path):
+    """Two ranks on unequal shares of the groups, under DDP, ZeRO-2, ZeRO-3 and FSDP2, with a
+    KL reference: the steps of one process holding every group (dapo divides by the tokens of
+    all ranks; grpo, checked under DDP, by their sequences). Each launcher's checkpoint
+    (trainer.pt; DeepSpeed's per-rank shards; torch.distributed.checkpoint) restores the
+    weights and Adam moments: the next update lands on the same weights."""
+    mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path / "ranks.pt")), nprocs=2)
     parallel = torch.load(tmp_path / "ranks.pt", weights_only=False)
+    assert parallel["sums"] == ([3.0, 3.0], [1.0, 1.0], None)  # no gradient anywhere: still None
+    assert_same_step(parallel["grpo"], updated_weights(fixed_groups(4, 4), DataParallel(), "grpo"))
     single = two_updates(DataParallel(), slice(0, 4), tmp_path / "single")
     assert single["metrics"]["kl"] > 1e-4  # the policy has moved off the reference
-    for name in SHARDED:
+    initial = fresh_model("dapo")[1].state_dict()
+    assert sum(not torch.equal(initial[k], v) for k, v in single["weights"].items()) > 10
+    for name in LAUNCHERS:
         assert_same_step((parallel[name]["weights"], parallel[name]["metrics"]),
                          (single["weights"], single["metrics"]))
         for key, tensor in parallel[name]["weights"].items():
             torch.testing.assert_close(parallel[name]["resumed"][key], tensor, rtol=0, atol=1e-7,
                                        msg=f"{name}: {key}")
-    for key, tensor in single["weights"].items():  # the local optimizer resumes exactly too
+    for key, tensor in single["weights"].items():
         torch.testing.assert_close(single["resumed"][key], tensor, rtol=0, atol=0, msg=key)
 
 

@@ -9,8 +9,11 @@ One step (`GRPOTrainer.step`):
      KL to the reference (LoRA: the adapter-disabled base; full: a frozen copy). A NaN/inf
      loss or gradient skips the update; `max_nonfinite_in_row` of them stop the run.
   3. MoE care: the router is frozen unless `algorithm.update_router` (then the aux-free bias
-     moves too); the expert load of the update's forwards is logged per layer (CV).
+     moves too); the expert load of the update's forwards is logged per layer (CV). The MTP
+     modules, which the policy loss never reaches, are frozen.
   4. `pool.sync` pushes the changed (LoRA-merged) tensors to the workers.
+Under `accelerate launch` every process does this on its share of the prompts, and the
+optimizer is the launcher's: DDP, DeepSpeed ZeRO-2/3 or FSDP2 (rl.policy_optimizer).
 `mismatch_kl` compares the trainer's logprobs of the sampled tokens with the sampler's.
 Checkpoints (`checkpoint-N/`) hold the weights (or adapter), the optimizer, the prompt
 order and the RNG states: a resumed run repeats the uninterrupted one.
@@ -118,7 +121,8 @@ class GRPOTrainer:
         if algorithm.beta > 0 and lora_spec is None:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         # The forwards run through `self.policy` (a DeepSpeed engine under DeepSpeed, else the
-        # model); the model's own methods (routers, expert load, saving) through `self.model`.
+        # model, FSDP-sharded under FSDP); the model's own methods (routers, expert load)
+        # through `self.model`; syncs and saves read `self.optimizer.full_weights()`.
         self.optimizer = policy_optimizer(model, training, parallel)
         self.policy, self.parameters = self.optimizer.policy, self.optimizer.parameters
         self.reference = None if reference is None else self.optimizer.prepare_reference(reference)
@@ -268,8 +272,8 @@ class GRPOTrainer:
         return metrics
 
     def micro_batches(self, rows: int) -> list[slice | None]:
-        """This rank's micro-batches (row slices). Under DeepSpeed every rank runs as many as
-        the rank with the most: the missing ones are None, idle passes."""
+        """This rank's micro-batches (row slices). Sharded (DeepSpeed, FSDP), every rank runs as
+        many as the rank with the most: the missing ones are None, idle passes."""
         size = self.recipe.training.micro_batch_size
         parts: list[slice | None] = [slice(start, start + size) for start in range(0, rows, size)]
         if self.optimizer.lockstep:
@@ -382,8 +386,8 @@ class GRPOTrainer:
     # Checkpoints ------------------------------------------------------------------------
     def save(self, folder: Path, step: int) -> None:
         """Weights (or adapter) + tokenizer + optimizer + each rank's prompt position and RNG,
-        written to a temporary folder (the optimizer by every rank under DeepSpeed, the rest
-        by the main process) and renamed into place."""
+        written to a temporary folder (a sharded optimizer by every rank, the rest by the main
+        process) and renamed into place."""
         ranks = self.parallel.gather({"stream": self.stream.state(), "torch_rng": torch.get_rng_state(),
                                       "python_rng": random.getstate()})
         partial = folder.with_name(folder.name + ".partial")
@@ -480,8 +484,8 @@ def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path, write: bo
 def run_grpo(recipe: GRPORecipe) -> dict:
     """Train per the recipe; returns {"output_dir", "steps", "final_reward"}. Under a
     multi-process launcher every rank trains on its share of the prompts with its own
-    rollout engines (rl.data_parallel), its optimizer local or DeepSpeed's
-    (rl.policy_optimizer); the main process writes metrics and checkpoints."""
+    rollout engines (rl.data_parallel), the optimizer local, DeepSpeed's or FSDP's as the
+    launcher says (rl.policy_optimizer); the main process writes metrics and checkpoints."""
     rollout = recipe.rollout
     if (recipe.algorithm.routing_replay and rollout.backend == "vllm" and not rollout.remote
             and not torch.cuda.is_available()):

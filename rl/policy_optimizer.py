@@ -11,7 +11,7 @@
   picked under recipes/accelerate/fsdp2.yaml (its reshard and offload settings apply).
 The clipping norm is always the recipe's training.max_grad_norm.
 
-The trainer asks the same of both. Its micro-batch losses are already this rank's share of
+The trainer asks the same of all three. Its micro-batch losses are already this rank's share of
 the global loss, so `backward` gives gradients whose sum over ranks is the whole batch's;
 `step` clips, updates and returns the gradient norm (nan: the update was skipped);
 `with full_weights() as model` gives a model with the full weights for a weight sync or a save
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from moetune.recipes.loader import RecipeError
 from moetune.recipes.schema import GRPOTrainingSection
 from moetune.rl.data_parallel import DataParallel
 
@@ -114,8 +115,8 @@ class DeepSpeedOptimizer:
         self.zero = zero_config()
         self.stage = int(self.zero.get("stage", 0))
         if self.stage not in (2, 3):
-            raise ValueError(f"DeepSpeed ZeRO stage {self.stage}: GRPO trains under ZeRO-2 or "
-                             "ZeRO-3 (recipes/accelerate/zero2.yaml, zero3.yaml), or DDP")
+            raise RecipeError(f"accelerate config: DeepSpeed zero_stage {self.stage}: GRPO trains "
+                              "under ZeRO-2 or ZeRO-3 (recipes/accelerate/zero2.yaml, zero3.yaml)")
         config = {
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False, "gradient_clipping": training.max_grad_norm,
@@ -190,8 +191,11 @@ class FSDPOptimizer:
     checkpoint_holds_weights = True
 
     def __init__(self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
+        import torch.distributed as dist
         from accelerate.utils import FullyShardedDataParallelPlugin
 
+        if not dist.is_initialized():  # a one-process launch: fully_shard needs a group all the same
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         plugin = FullyShardedDataParallelPlugin()
         self.options = {"reshard_after_forward": plugin.reshard_after_forward}
         if plugin.cpu_offload:

@@ -525,7 +525,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         main = parallel.is_main
         metrics_file = MetricsFile(output / "metrics.jsonl", first - 1 if checkpoint else None) if main else None
         writer = tensorboard_writer(recipe, output) if main else None
-        trainable = sum(p.numel() for p in trainer.parameters)
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.parameters)  # ZeRO-3: a shard
         if main:
             print(f"GRPO: {trainable:,} trainable parameters, {parallel.world_size} process(es), "
                   f"{'remote' if remote else rollout.backend} rollouts x {len(pool.pids)} each, "

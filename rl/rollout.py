@@ -236,7 +236,7 @@ class RolloutPool:
             self._workers = [
                 WorkerProcess(i, EngineSpec(str(model_dir), backend, dtype, max_model_len,
                                             tensor_parallel_size, gpu_memory_utilization, seed,
-                                            visible_devices(i, tensor_parallel_size),
+                                            visible_devices(i, workers, tensor_parallel_size),
                                             return_routed_experts))
                 for i in range(workers)]
         shm = Path("/dev/shm")
@@ -428,14 +428,16 @@ class RolloutPool:
                                  f"[1, max_model_len={self.max_model_len}]")
 
 
-def visible_devices(worker: int, tensor_parallel_size: int) -> str | None:
+def visible_devices(worker: int, workers: int, tensor_parallel_size: int) -> str | None:
     """CUDA_VISIBLE_DEVICES for a worker: its own block of tensor_parallel_size GPUs, taken in
-    turn from those this process sees (wrapping round when the workers outnumber them)."""
+    turn from those this process sees (wrapping round when the workers outnumber them). Under a
+    multi-process launcher the blocks of local rank r's `workers` come after those of ranks
+    0..r-1, so with one engine per rank each shares its trainer's GPU (cuda:LOCAL_RANK)."""
     if not torch.cuda.is_available():
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    first = worker * tensor_parallel_size
+    first = (int(os.environ.get("LOCAL_RANK", "0")) * workers + worker) * tensor_parallel_size
     return ",".join(ids[(first + k) % len(ids)] for k in range(tensor_parallel_size))
 
 

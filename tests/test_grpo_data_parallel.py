@@ -158,7 +158,7 @@ def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_p
         torch.testing.assert_close(single["resumed"][key], tensor, rtol=0, atol=0, msg=key)
 
 
-def launch(out: Path, *overrides: str) -> list[dict]:
+def launch(out: Path) -> list[dict]:
     """`accelerate launch` of grpo/arith_tiny on 2 CPU processes; the metrics rows."""
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", DS_ACCELERATOR="cpu")
     accelerate = Path(sys.executable).parent / "accelerate"
@@ -167,7 +167,7 @@ def launch(out: Path, *overrides: str) -> list[dict]:
          "--num_processes", "2", "--main_process_port", "29531",
          "-m", "moetune.recipes", "run", "grpo/arith_tiny", *TINY,
          "rewards=[{name: format}, {name: math_accuracy}]", "algorithm.dynamic_sampling=false",
-         "training.max_steps=2", "training.save_steps=1", f"training.output_dir={out}", *overrides],
+         "training.max_steps=2", "training.save_steps=1", f"training.output_dir={out}"],
         check=False, capture_output=True, text=True, timeout=500, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished step 2") == 1  # the main process reports, once

@@ -1,8 +1,8 @@
 """Data-parallel GRPO: two gloo ranks, each updating on its share of the groups, take the same
 optimizer steps as one process holding them all, with the local optimizer (DDP), DeepSpeed
 ZeRO-2/3 and FSDP2, and their checkpoints restore exactly; `accelerate launch --num_processes 2`
-(zero3.yaml: the launcher's process group, DeepSpeed from its config) trains, writes once and
-checkpoints every rank's prompt position and optimizer shard. A resumed run repeating the
+(zero3.yaml: the launcher's process group, DeepSpeed from its config) trains on remote rollout
+engines, writes once and checkpoints every rank's prompt position and optimizer shard. A resumed run repeating the
 uninterrupted one is tests/test_grpo.py's (the same code, one process)."""
 
 import json
@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_rollout_remote import KEY, Server
+from tiny_configs import save_biased_tiny_arith
 
 from moetune.finetune.model_loading import load_model, load_tokenizer
 from moetune.recipes.loader import load_recipe
@@ -158,27 +160,43 @@ def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_p
         torch.testing.assert_close(single["resumed"][key], tensor, rtol=0, atol=0, msg=key)
 
 
-def launch(out: Path) -> list[dict]:
-    """`accelerate launch` of grpo/arith_tiny on 2 CPU processes; the metrics rows."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", DS_ACCELERATOR="cpu")
+def launch(out: Path, *overrides: str) -> list[dict]:
+    """`accelerate launch` of grpo/arith_tiny with zero3.yaml on 2 CPU processes; the metrics."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", DS_ACCELERATOR="cpu",
+               MOETUNE_ROLLOUT_KEY=KEY)
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
         [str(accelerate), "launch", "--config_file", "recipes/accelerate/zero3.yaml",
          "--num_processes", "2", "--main_process_port", "29531",
-         "-m", "moetune.recipes", "run", "grpo/arith_tiny", *TINY,
-         "rewards=[{name: format}, {name: math_accuracy}]", "algorithm.dynamic_sampling=false",
-         "training.max_steps=2", "training.save_steps=1", f"training.output_dir={out}"],
+         "-m", "moetune.recipes", "run", "grpo/arith_tiny", *TINY, "algorithm.dynamic_sampling=false",
+         "training.max_steps=2", "training.save_steps=1", f"training.output_dir={out}", *overrides],
         check=False, capture_output=True, text=True, timeout=500, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished step 2") == 1  # the main process reports, once
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_accelerate_launch_zero3_trains_and_checkpoints_every_rank(tmp_path):
-    out = tmp_path / "run"
-    rows = launch(out)
+def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_path):
+    """Each of the 2 processes samples from a `moetune rollout serve` engine of its own, which
+    starts from other weights: the gathered ZeRO-3 weights reach it over gloo on connect and
+    after each step (the sampler's logprobs equal the trainer's)."""
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def digits(prompts, completions, **columns):\n"
+                       "    return [sum(c.isdigit() for c in text) / len(text) for text in completions]\n")
+    served = save_biased_tiny_arith(tmp_path / "served", seed=1)
+    servers = [Server(served, tmp_path) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        out = tmp_path / "run"
+        rows = launch(out, f"rewards=[{{name: '{rewards}:digits'}}]",
+                      f"rollout.remote=[{','.join(server.address for server in servers)}]")
+    finally:
+        for server in servers:
+            server.stop()
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["groups_used"] == 4  # 2 prompts on each of the 2 ranks
+    assert all(abs(r["mismatch_kl"]) < 1e-4 and r["grad_norm"] > 0 for r in rows)
     state = torch.load(out / "checkpoint-1" / "trainer.pt", weights_only=False)
     assert [rank["stream"]["cursor"] for rank in state["ranks"]] == [2, 2]  # each rank's position
     # every rank's shard of the optimizer state, in DeepSpeed's layout

@@ -283,9 +283,12 @@ class GRPOTrainer:
     def logprobs(self, model, batch: PolicyBatch | None, parts: list[slice | None]) -> torch.Tensor | None:
         """[B, L-1] token logprobs of the batch in eval mode, micro-batch by micro-batch."""
         model.eval()
-        found = [token_logprobs(model, batch.rows(part), self.recipe.rollout.temperature)[0]
-                 if part is not None else self.idle_pass(model) for part in parts]
-        found = [f for f in found if f is not None]
+        found = []
+        for part in parts:
+            if part is None:
+                self.idle_pass(model)
+            else:
+                found.append(token_logprobs(model, batch.rows(part), self.recipe.rollout.temperature)[0])
         return torch.cat(found) if found else None
 
     def idle_pass(self, model, backward: bool = False) -> None:

@@ -124,7 +124,7 @@ class DeepSpeedOptimizer:
             "bf16": {"enabled": model.dtype == torch.bfloat16}, "steps_per_print": 2**62,
         }
         self.policy, *_ = deepspeed.initialize(model=model, optimizer=self.adamw, config=config)
-        self.world_size, self.backwards = parallel.world_size, 0
+        self.backwards = 0  # since the last step
 
     def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
         """Under ZeRO-3 the frozen reference is sharded too (an engine without optimizer)."""
@@ -143,7 +143,7 @@ class DeepSpeedOptimizer:
         if self.parallel.sum(float(not torch.isfinite(loss.detach()))):
             return False
         # ZeRO averages gradients over ranks: scale up so that they add up instead.
-        self.policy.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.policy.backward(loss * self.parallel.world_size, scale_wrt_gas=False)
         self.backwards += 1
         return True
 

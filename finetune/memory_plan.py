@@ -208,9 +208,9 @@ def block_activation_bytes(config, layer: int, tokens: int, dtype_bytes: int, fr
                                                   shared experts as a dense MLP
       int64    + 4 k  (MoE)                       expert ids and the sort's three indexes
     and per MoE block, whatever the token count: the router weight in float32 (E h, when
-    the compute dtype is not float32) and, for frozen FP8 routed experts, the dequantised
-    expert weights the grouped-expert function keeps (3 Im h in the compute dtype for each
-    of the `fp8_experts` this device holds).
+    the compute dtype is not float32) and, for routed experts trained in FP8, the FP8 copies
+    of their weights the grouped-expert function keeps (3 Im h bytes for each of the
+    `fp8_experts` this device holds; a frozen FP8 base is used as stored).
     `frozen`: the base is frozen (LoRA), so the norms' and router's weights take no
     gradient and their inputs above are not kept. Left out: LoRA's rank-r activations and,
     under LoRA, the input of a dense MLP without adapters (I values: an overestimate).
@@ -229,7 +229,7 @@ def block_activation_bytes(config, layer: int, tokens: int, dtype_bytes: int, fr
         low += k * (h + 2 * inter) + k + 4 * inter * (config.n_shared_experts or 0)
         int64 += 4 * k
         constant += 4 * experts * h if dtype_bytes != 4 else 0
-        constant += 3 * fp8_experts * inter * h * dtype_bytes
+        constant += 3 * fp8_experts * inter * h
     else:
         low += 4 * config.intermediate_size
     return tokens * (4 * float32 + dtype_bytes * low + 8 * int64) + constant
@@ -241,12 +241,12 @@ def activation_bytes(model: nn.Module, tokens: int, checkpointing: bool, mtp: bo
     `mtp`, the MTP blocks (see `block_activation_bytes`). With gradient checkpointing each
     decoder block keeps only its input (h values per token) and one block's full set is
     live at a time while it is recomputed; MTP blocks are not checkpointed."""
-    from moetune.model.fp8 import FP8RoutedExperts
+    from moetune.model.fp8 import FP8TrainingExperts
 
     config = model.config
     dtype_bytes = next((p.element_size() for p in model.parameters() if p.requires_grad), 2)
     frozen = not any(p.requires_grad for p in model.model.norm.parameters())
-    fp8 = any(isinstance(m, FP8RoutedExperts) for m in model.modules())
+    fp8 = any(isinstance(m, FP8TrainingExperts) for m in model.modules())
     fp8_experts = config.n_routed_experts // expert_parallel if fp8 else 0
     layers = config.num_hidden_layers
     depths = len(model.model.mtp) if mtp else 0

@@ -3,7 +3,9 @@
 Weights are stacked like transformers 5: `gate_up_proj` [E, 2I, hidden] (gate rows, then
 up rows) and `down_proj` [E, hidden, I]. Tokens are sorted by expert once; one grouped
 GEMM per projection covers all experts, in the forward and in the hand-written backward
-(which avoids the copies autograd's generic grouped-GEMM backward makes on CPU).
+(which avoids the copies autograd's generic grouped-GEMM backward makes on CPU). The four
+products through the weights go through an `ExpertGemms` object, so FP8 experts
+(`moetune.model.fp8`) reuse the same function with block-scaled FP8 GEMMs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,30 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     """Rows of a [N, K] in groups ending at offsets [E] times b [E, K, M] -> [N, M];
     or, with 2-D a [K, N] and b [N, M], per-group a_g @ b_g -> [E, K, M]."""
     return torch._grouped_mm(a, b, offs=offsets)
+
+
+class ExpertGemms:
+    """The products of expert-sorted rows with the stacked expert weights, in their dtype:
+    gate_up [E, 2I, hidden], down [E, hidden, I]; rows in groups ending at offsets [E]."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
+        self.gate_up_weight, self.down_weight = gate_up, down
+
+    def gate_up(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """rows [N, hidden] -> rows W_gate_up^T [N, 2I]."""
+        return grouped_mm(rows, self.gate_up_weight.transpose(-2, -1), offsets)
+
+    def down(self, act: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """act [N, I] -> act W_down^T [N, hidden]."""
+        return grouped_mm(act, self.down_weight.transpose(-2, -1), offsets)
+
+    def down_input_grad(self, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """grad [N, hidden] -> grad W_down [N, I]."""
+        return grouped_mm(grad, self.down_weight, offsets)
+
+    def gate_up_input_grad(self, grad_h: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """grad_h [N, 2I] -> grad_h W_gate_up [N, hidden]."""
+        return grouped_mm(grad_h, self.gate_up_weight, offsets)
 
 
 def swiglu(h: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
@@ -43,25 +69,28 @@ class RoutedExpertsFunction(torch.autograd.Function):
 
     Rows are the (token, expert) pairs sorted by expert: row r holds token `row_token[r]`,
     and `token_rows[t]` lists token t's k rows, so both the dispatch and the combine are
-    gathers (`index_select`), never scattered atomic adds. Saves x's rows, the gate/up
-    activations and the adapters' rank-r activations; the SwiGLU output is recomputed in the
-    backward, which writes every gradient with one grouped GEMM each and skips the weight
-    gradients of a frozen base. Adapters are stacked per selected expert: gate/up A
+    gathers (`index_select`), never scattered atomic adds. `gemms` computes the products
+    through the base weights (dense or FP8); `gate_up` and `down` are the weights that receive
+    gradients (None for a frozen FP8 base). Saves x's rows, the gate/up activations and the
+    adapters' rank-r activations; the SwiGLU output is recomputed in the backward, which
+    writes every gradient with one grouped GEMM each and skips the weight gradients of a
+    frozen base (the weight gradients stay in the rows' dtype, also under FP8). Adapters are
+    stacked per selected expert: gate/up A
     [S, r, hidden], B [S, I, r]; down A [S, r, I], B [S, hidden, r]; `lora_rows` are the
     rows of selected experts (None: all experts), `lora_offsets` their cumulative counts.
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, offsets, row_token, token_rows, row_weight,
-                gate_A=None, up_A=None, down_A=None, gate_B=None, up_B=None, down_B=None,
-                lora_rows=None, lora_offsets=None, scaling=1.0):
-        """x [T, hidden]; gate_up [E, 2I, hidden]; down [E, hidden, I]; offsets [E] int32
-        (cumulative rows per expert); row_token [N]; token_rows [T, k]; row_weight [N].
-        -> [T, hidden]."""
+    def forward(ctx, x, gate_up, down, gemms: ExpertGemms, offsets, row_token, token_rows,
+                row_weight, gate_A=None, up_A=None, down_A=None, gate_B=None, up_B=None,
+                down_B=None, lora_rows=None, lora_offsets=None, scaling=1.0):
+        """x [T, hidden]; gate_up [E, 2I, hidden] or None; down [E, hidden, I] or None;
+        offsets [E] int32 (cumulative rows per expert); row_token [N]; token_rows [T, k];
+        row_weight [N]. -> [T, hidden]."""
         lora = gate_A is not None
         row_weight = row_weight.to(x.dtype)
         rows = x.index_select(0, row_token)
-        h = grouped_mm(rows, gate_up.transpose(-2, -1), offsets)
+        h = gemms.gate_up(rows, offsets)
         u_in = u_out = None
         if lora:
             rank = gate_A.shape[1]
@@ -71,22 +100,22 @@ class RoutedExpertsFunction(torch.autograd.Function):
                                grouped_mm(u_in[:, rank:], up_B.transpose(-2, -1), lora_offsets)), 1)
             add_rows(h, lora_rows, delta.mul_(scaling))
         act = swiglu(h, row_weight)
-        out_rows = grouped_mm(act, down.transpose(-2, -1), offsets)
+        out_rows = gemms.down(act, offsets)
         if lora:
             u_out = grouped_mm(select_rows(act, lora_rows), down_A.transpose(-2, -1), lora_offsets)
             delta = grouped_mm(u_out, down_B.transpose(-2, -1), lora_offsets)
             add_rows(out_rows, lora_rows, delta.mul_(scaling))
-        ctx.save_for_backward(rows, gate_up, down, offsets, row_token, token_rows, row_weight, h,
+        ctx.save_for_backward(rows, offsets, row_token, token_rows, row_weight, h,
                               gate_A, up_A, down_A, gate_B, up_B, down_B, lora_rows, lora_offsets,
                               u_in, u_out)
-        ctx.scaling = scaling
+        ctx.gemms, ctx.scaling = gemms, scaling
         return combine(out_rows, token_rows)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (rows, gate_up, down, offsets, row_token, token_rows, row_weight, h, gate_A, up_A,
-         down_A, gate_B, up_B, down_B, lora_rows, lora_offsets, u_in, u_out) = ctx.saved_tensors
-        lora, s = gate_A is not None, ctx.scaling
+        (rows, offsets, row_token, token_rows, row_weight, h, gate_A, up_A, down_A, gate_B,
+         up_B, down_B, lora_rows, lora_offsets, u_in, u_out) = ctx.saved_tensors
+        lora, s, gemms = gate_A is not None, ctx.scaling, ctx.gemms
         needs_x, needs_gate_up, needs_down = ctx.needs_input_grad[:3]
         grad_rows_out = grad_out.index_select(0, row_token)
         gate, up = h.chunk(2, dim=-1)
@@ -95,7 +124,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
         act = silu * up  # unweighted SwiGLU output [N, I]
         weight = row_weight[:, None]
         act_weighted = act * weight if (lora or needs_down) else None
-        grad_act = grouped_mm(grad_rows_out, down, offsets)  # d out / d (weighted act)
+        grad_act = gemms.down_input_grad(grad_rows_out, offsets)  # d out / d (weighted act)
         lora_grads = [None] * 6
         if lora:
             grad_sel = select_rows(grad_rows_out, lora_rows)
@@ -113,7 +142,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
         torch.mul(grad_act, up, out=grad_gate)
         # d silu(g)/dg = sig * (1 + g * (1 - sig)); h is not needed after this
         grad_gate.mul_(gate.mul_(1 - sig).add_(1).mul_(sig))
-        grad_rows = grouped_mm(grad_h, gate_up, offsets) if (needs_x or lora) else None
+        grad_rows = gemms.gate_up_input_grad(grad_h, offsets) if (needs_x or lora) else None
         if lora:
             rank, inter = gate_A.shape[1], gate_B.shape[1]
             grad_h_sel = select_rows(grad_h, lora_rows)
@@ -128,7 +157,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
                      grouped_mm(grad_u_in, torch.cat((gate_A, up_A), 1), lora_offsets))
         grad_x = combine(grad_rows, token_rows) if needs_x else None
         grad_gate_up = grouped_mm(grad_h.t(), rows, offsets) if needs_gate_up else None
-        return (grad_x, grad_gate_up, grad_down, None, None, None, grad_row_weight,
+        return (grad_x, grad_gate_up, grad_down, None, None, None, None, grad_row_weight,
                 *lora_grads, None, None, None)
 
 
@@ -150,13 +179,18 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], expert_ids [T, k], weights [T, k] -> sum_k weights * expert(x) [T, hidden]."""
-        return route(self, x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+        return route(self, x, expert_ids, weights, self.gemms(), self.gate_up_proj, self.down_proj)
+
+    def gemms(self) -> ExpertGemms:
+        return ExpertGemms(self.gate_up_proj, self.down_proj)
 
 
-def route(experts: nn.Module, x, expert_ids, weights, gate_up, down) -> torch.Tensor:
-    """Sort the (token, expert) pairs by expert and run the grouped-expert function with
-    these stacked weights (and the adapters in `experts.lora`, if any). Shared by
-    RoutedExperts and FP8RoutedExperts, which differ only in how they hold the weights."""
+def route(experts: nn.Module, x, expert_ids, weights, gemms: ExpertGemms,
+          gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> torch.Tensor:
+    """Sort the (token, expert) pairs by expert and run the grouped-expert function through
+    `gemms` (and the adapters in `experts.lora`, if any); gate_up and down, when given, get
+    weight gradients. Shared by RoutedExperts and the FP8 experts, which differ only in how
+    they hold and multiply the weights."""
     flat_ids = expert_ids.flatten()
     order = flat_ids.argsort(stable=True)  # row r <- (token, slot) pair order[r]
     token_rows = order.argsort().view_as(expert_ids)
@@ -166,6 +200,6 @@ def route(experts: nn.Module, x, expert_ids, weights, gate_up, down) -> torch.Te
     if experts.lora is not None:
         adapters = experts.lora.arguments(counts, flat_ids.index_select(0, order))
     return RoutedExpertsFunction.apply(
-        x, gate_up, down, offsets, order // expert_ids.shape[-1], token_rows,
+        x, gate_up, down, gemms, offsets, order // expert_ids.shape[-1], token_rows,
         weights.flatten().index_select(0, order), *adapters,
     )

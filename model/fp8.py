@@ -6,11 +6,12 @@ activations per 1x128 tile and runs the block-scaled FP8 GEMM; the backward retu
 input gradient through the dequantised weight and no weight gradient. `FP8Linear` trains
 in FP8 as DeepSeek-V3 did: high-precision master weights, quantised per step (128x128) for
 the forward and the input-gradient GEMMs, output gradients quantised per 1x128 tile, and
-the weight gradient in the master dtype (or FP8, as an option). `FP8RoutedExperts`
-holds the routed experts' projections the same way, one [E, out, in] tensor per projection,
-and dequantises one layer at a time for the grouped-expert function. `to_frozen_fp8` and
-`to_fp8_training` convert a model in place; `from_pretrained(path, fp8="frozen" | "train")`
-builds either straight from a checkpoint.
+the weight gradient in the master dtype (or FP8, as an option). Routed experts follow
+both schemes through the grouped FP8 GEMM (`FP8ExpertGemms`): `FP8RoutedExperts` holds
+frozen FP8 projections as stored, one [E, out, in] tensor per projection, and
+`FP8TrainingExperts` quantises its master weights per step (its weight gradients stay in
+the master dtype). `to_frozen_fp8` and `to_fp8_training` convert a model in place;
+`from_pretrained(path, fp8="frozen" | "train")` builds either straight from a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from moetune.kernels import (
     dequantize_act,
     dequantize_weight,
     fp8_gemm,
+    fp8_grouped_gemm,
     quantize_act,
     quantize_weight,
 )
-from moetune.model.experts import RoutedExperts, route
+from moetune.model.experts import ExpertGemms, RoutedExperts, route
 
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                        "weight_block_size": [128, 128]}
@@ -83,10 +85,14 @@ def to_frozen_fp8(model: nn.Module) -> nn.Module:
 
 
 def to_fp8_training(model: nn.Module, fp8_wgrad: bool = False) -> nn.Module:
-    """Train the decoder blocks' linears through FP8 GEMMs (in place; master weights stay).
-    Routed experts keep their high-precision grouped GEMMs."""
+    """Train the decoder blocks' linears and routed experts through FP8 GEMMs (in place; the
+    master weights stay). `fp8_wgrad` applies to the linears."""
     for parent, name, linear in block_linears(model):
         setattr(parent, name, FP8Linear.from_linear(linear, fp8_wgrad))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is RoutedExperts:
+                setattr(parent, name, FP8TrainingExperts.from_experts(child))
     return model
 
 
@@ -185,6 +191,70 @@ class FP8Linear(nn.Linear):
         return FP8LinearFunction.apply(x, self.weight, self.fp8_wgrad)
 
 
+FP8Weight = tuple[torch.Tensor, torch.Tensor]  # float8_e4m3fn [E, out, in], scale_inv [E, out/128, in/128]
+
+
+class FP8ExpertGemms(ExpertGemms):
+    """The expert products through block-scaled FP8 grouped GEMMs: the rows (or gradients)
+    quantised per 1x128 tile, the weights FP8 with 128x128 block scales, float32
+    accumulation, outputs in the rows' dtype. The input-gradient products use the weights'
+    blocks transposed (no re-quantisation). gate_up comes in parts, each its own GEMM so its
+    scale blocks stay its own: gate and up as checkpoints store them, or one [E, 2I, hidden]
+    part quantised from a master weight."""
+
+    def __init__(self, gate_up_parts: list[FP8Weight], down: FP8Weight):
+        self.gate_up_parts, self.down_weight = gate_up_parts, down
+
+    @classmethod
+    def quantized(cls, gate_up: torch.Tensor, down: torch.Tensor) -> FP8ExpertGemms:
+        """From master weights gate_up [E, 2I, hidden] and down [E, hidden, I]."""
+        return cls([quantize_weight(gate_up.detach())], quantize_weight(down.detach()))
+
+    def gate_up(self, rows, offsets):
+        return torch.cat([grouped_fp8(rows, part, offsets) for part in self.gate_up_parts], 1)
+
+    def down(self, act, offsets):
+        return grouped_fp8(act, self.down_weight, offsets)
+
+    def down_input_grad(self, grad, offsets):
+        return grouped_fp8(grad, transposed(self.down_weight), offsets)
+
+    def gate_up_input_grad(self, grad_h, offsets):
+        widths = [weight.shape[1] for weight, _ in self.gate_up_parts]
+        grads = zip(grad_h.split(widths, dim=1), self.gate_up_parts)
+        return sum(grouped_fp8(grad, transposed(part), offsets) for grad, part in grads)
+
+
+def grouped_fp8(rows: torch.Tensor, weight: FP8Weight, offsets: torch.Tensor) -> torch.Tensor:
+    """rows [N, in] (high precision, expert-sorted) times each row's expert weight
+    [E, out, in] transposed -> [N, out] in rows' dtype, via the grouped FP8 GEMM."""
+    rows_q, rows_scale = quantize_act(pad_k(rows.contiguous()))
+    w, scale = weight
+    return fp8_grouped_gemm(rows_q, rows_scale, pad_k(w), scale, offsets, out_dtype=rows.dtype)
+
+
+def transposed(weight: FP8Weight) -> FP8Weight:
+    """W^T [E, in, out] with its block scales: the 128x128 blocks of W transposed."""
+    w, scale = weight
+    return w.transpose(-2, -1).contiguous(), scale.transpose(-2, -1).contiguous()
+
+
+class FP8TrainingExperts(RoutedExperts):
+    """Routed experts trained through the grouped FP8 GEMM on their high-precision master
+    weights (the same parameters, quantised per 128x128 block at every forward)."""
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts) -> FP8TrainingExperts:
+        with torch.device("meta"):
+            module = cls(experts.num_experts, experts.down_proj.shape[1], experts.intermediate_size)
+        module.gate_up_proj, module.down_proj = experts.gate_up_proj, experts.down_proj
+        module.lora = experts.lora
+        return module
+
+    def gemms(self) -> FP8ExpertGemms:
+        return FP8ExpertGemms.quantized(self.gate_up_proj, self.down_proj)
+
+
 class FP8RoutedExperts(KeepsFP8Buffers, nn.Module):
     """Routed experts with frozen FP8 projections gate/up [E, I, hidden], down [E, hidden, I]
     (each with `<name>_scale_inv` [E, blocks, blocks])."""
@@ -210,14 +280,14 @@ class FP8RoutedExperts(KeepsFP8Buffers, nn.Module):
                 getattr(self, f"{name}_scale_inv").copy_(s)
         self.lora = None
 
-    def dequantized(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_weight(getattr(self, name), getattr(self, f"{name}_scale_inv"), dtype=dtype)
+    def stored(self, name: str) -> FP8Weight:
+        return getattr(self, name), getattr(self, f"{name}_scale_inv")
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """As RoutedExperts.forward; the weights are dequantised for this layer only."""
-        gate_up = torch.cat((self.dequantized("gate_proj", x.dtype), self.dequantized("up_proj", x.dtype)), 1)
-        down = self.dequantized("down_proj", x.dtype)
-        return route(self, x, expert_ids, weights, gate_up, down)
+        """As RoutedExperts.forward, through the grouped FP8 GEMM on the stored weights."""
+        gemms = FP8ExpertGemms([self.stored("gate_proj"), self.stored("up_proj")],
+                               self.stored("down_proj"))
+        return route(self, x, expert_ids, weights, gemms)
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:

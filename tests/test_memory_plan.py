@@ -162,7 +162,7 @@ def test_activation_estimate_is_within_15_percent_of_saved_tensors(make_config, 
     """Measured: the distinct storages autograd saves in a bf16 forward with labels (MTP
     included), parameters and buffers left out; the estimate adds the forward's float32
     log-probabilities (half of `logits`). Full fine-tuning lands within 1%, LoRA over a
-    frozen FP8 base (whose dequantised experts are kept per layer) within 10%."""
+    frozen FP8 base within 3%."""
     config = make_config(hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
                          kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                          v_head_dim=32, vocab_size=256)
@@ -185,6 +185,7 @@ def test_activation_estimate_is_within_15_percent_of_saved_tensors(make_config, 
         model(ids, labels=ids)
     plan = plan_memory(model, micro_batch_size=2, seq_len=32)
     estimate = plan.activations + plan.logits / 2
+    print(f"activation estimate / saved: {estimate / sum(saved.values()):.3f}")
     assert 0.85 < estimate / sum(saved.values()) < 1.15
 
 

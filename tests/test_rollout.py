@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny_configs import save_biased_tiny_arith
 
+from moetune.kernels import dequantize_weight
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.checkpoint import disk_tensors
 from moetune.model.lora import LoraSpec, apply_lora, merge_lora
@@ -134,7 +135,8 @@ def test_sync_weights_dequantizes_a_frozen_fp8_base_and_merges_its_adapters(chec
                        q_a.dequantized_weight(torch.float32))
     name = "model.layers.1.mlp.experts.4.up_proj.weight"  # not adapted
     torch.testing.assert_close(pushed[name], dense[name], rtol=0, atol=0.01)  # FP8 error
-    base = model.model.layers[1].mlp.experts.dequantized("up_proj", torch.float32)[5]
+    base = dequantize_weight(*model.model.layers[1].mlp.experts.stored("up_proj"),
+                             dtype=torch.float32)[5]
     torch.testing.assert_close(pushed["model.layers.1.mlp.experts.5.up_proj.weight"],
                                base + lora.scaling * lora.up_B[0] @ lora.up_A[0])
 

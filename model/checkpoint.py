@@ -16,6 +16,8 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,9 +146,7 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
                     if scale_name not in weight_map:
                         problems.append(f"FP8 tensor {disk_name!r} has no {scale_name!r}")
                         continue
-                    scale_file = weight_map[scale_name]
-                    scale = (shard.get_tensor(scale_name) if scale_file == file
-                             else read_tensor(path, scale_file, scale_name))
+                    scale = read_scale(path, weight_map, shard, file, disk_name)
                     tensor = dequantize_weight(tensor, scale, dtype=dtype)
                 if tuple(target.shape) != tuple(tensor.shape):
                     problems.append(f"shape mismatch for {disk_name!r}: checkpoint "
@@ -189,6 +189,34 @@ def locate_tensors(path: Path) -> dict[str, str]:
 def read_tensor(path: Path, file: str, name: str) -> torch.Tensor:
     with safe_open(path / file, framework="pt") as shard:
         return shard.get_tensor(name)
+
+
+def read_tensors(path, names, weight_map: dict[str, str] | None = None,
+                 dequantize_to: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for the named tensors of a checkpoint folder, one shard open at a time.
+    With `dequantize_to`, FP8 weights come dequantised to that dtype through their
+    `weight_scale_inv` (read from whichever shard holds it)."""
+    path = Path(path)
+    weight_map = weight_map or locate_tensors(path)
+    by_file = defaultdict(list)
+    for name in names:
+        by_file[weight_map[name]].append(name)
+    for file, group in by_file.items():
+        with safe_open(path / file, framework="pt") as shard:
+            for name in group:
+                tensor = shard.get_tensor(name)
+                if dequantize_to is not None and tensor.dtype == torch.float8_e4m3fn:
+                    if name + "_scale_inv" not in weight_map:
+                        raise ValueError(f"{path}: FP8 tensor {name!r} has no {name}_scale_inv")
+                    scale = read_scale(path, weight_map, shard, file, name)
+                    tensor = dequantize_weight(tensor, scale, dtype=dequantize_to)
+                yield name, tensor
+
+
+def read_scale(path: Path, weight_map: dict[str, str], shard, file: str, name: str) -> torch.Tensor:
+    """FP8 tensor `name`'s `weight_scale_inv`, from the open `shard` (file `file`) if it is there."""
+    scale_name, scale_file = name + "_scale_inv", weight_map[name + "_scale_inv"]
+    return shard.get_tensor(scale_name) if scale_file == file else read_tensor(path, scale_file, scale_name)
 
 
 def disk_tensors(model: torch.nn.Module, config: DeepseekV3Config):

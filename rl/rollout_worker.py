@@ -19,16 +19,14 @@ import os
 import re
 import time
 import traceback
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from moetune.model.checkpoint import checkpoint_layout, locate_tensors, slot_tensor
+from moetune.model.checkpoint import checkpoint_layout, locate_tensors, read_tensors, slot_tensor
 from moetune.rl import weight_group
 
 if TYPE_CHECKING:
@@ -148,18 +146,26 @@ class VllmEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
+        from moetune.rl import vllm_fp8
+
         cpu = not torch.cuda.is_available()
+        loading = vllm_fp8.engine_arguments(spec.model_dir)
         self.llm = LLM(
             model=spec.model_dir, skip_tokenizer_init=True, dtype=spec.dtype, seed=spec.seed,
             max_model_len=spec.max_model_len, tensor_parallel_size=spec.tensor_parallel_size,
             gpu_memory_utilization=spec.gpu_memory_utilization, enforce_eager=True,
             logprobs_mode="processed_logprobs",
             compilation_config={"custom_ops": ["none"]} if cpu else None,
-            **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}))
+            **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}),
+            **loading)
         # Reloading some layers only is the plan, not worth a warning per layer left alone.
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
         self.model_dir = Path(spec.model_dir)
         self.files = locate_tensors(self.model_dir)  # HF name -> shard file
+        # a dequantised FP8 checkpoint: its weights are read dequantised, its scales not at all
+        self.dequantize_to = self.llm.llm_engine.model_config.dtype if loading else None
+        self.weight_names = [n for n in self.files
+                             if not (self.dequantize_to and n.endswith("_scale_inv"))]
         self.synced: dict[str, torch.Tensor] = {}  # every tensor received so far
         self.score([[0, 0]], [[0]])  # warm-up (compiles a sampler op): not in a request's time
 
@@ -204,16 +210,10 @@ class VllmEngine:
 
     def layer_tensors(self, layers: set[str]) -> list[tuple[str, torch.Tensor]]:
         """Every tensor of these layers: the synced value, else the checkpoint's."""
-        names = [n for n in dict.fromkeys([*self.files, *self.synced]) if layer_of(n) in layers]
+        names = [n for n in dict.fromkeys([*self.weight_names, *self.synced]) if layer_of(n) in layers]
         tensors = [(n, self.synced[n]) for n in names if n in self.synced]
-        from_disk = defaultdict(list)
-        for name in names:
-            if name not in self.synced:
-                from_disk[self.files[name]].append(name)
-        for file, group in from_disk.items():
-            with safe_open(self.model_dir / file, framework="pt") as shard:
-                tensors += [(name, shard.get_tensor(name)) for name in group]
-        return tensors
+        from_disk = [n for n in names if n not in self.synced]
+        return tensors + list(read_tensors(self.model_dir, from_disk, self.files, self.dequantize_to))
 
 
 def vllm_routes(completion) -> torch.Tensor | None:

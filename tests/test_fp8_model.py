@@ -263,3 +263,25 @@ def test_fp8_routed_experts_equal_a_per_expert_reference(mode):
             assert ((master.grad - exact_grad).norm() / exact_grad.norm()) < 0.08
     else:
         assert not any(b.requires_grad for b in module.buffers())
+
+
+def test_read_tensors_dequantizes_with_scales_from_other_shards(tmp_path):
+    from moetune.model.checkpoint import disk_tensors, locate_tensors, read_tensors
+
+    DeepseekV3ForCausalLM(v3_config()).save_pretrained(tmp_path / "bf16")
+    frozen = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16", fp8="frozen")
+    frozen.save_pretrained(tmp_path / "fp8", max_shard_bytes=20_000)  # many small shards
+    weight_map = locate_tensors(tmp_path / "fp8")
+    assert weight_map["model.layers.1.mlp.experts.3.gate_proj.weight"] != \
+        weight_map["model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv"]
+    dense = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8")  # dequantised on load
+    expected = dict(disk_tensors(dense, dense.config))
+    names = [n for n in weight_map if not n.endswith("_scale_inv")]
+    read = dict(read_tensors(tmp_path / "fp8", names, dequantize_to=torch.float32))
+    assert read.keys() == expected.keys()
+    for name, tensor in read.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, expected[name]), name
+    del weight_map["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    with pytest.raises(ValueError, match="o_proj.weight' has no"):
+        list(read_tensors(tmp_path / "fp8", ["model.layers.0.self_attn.o_proj.weight"], weight_map,
+                          dequantize_to=torch.float32))

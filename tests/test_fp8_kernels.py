@@ -87,9 +87,10 @@ def test_fp8_gemm_rejects_bad_shapes():
         fp8_gemm(a, a_s, b, b_s[:, :1])
 
 
-@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
-def test_triton_quantize_act_matches_reference(scale_fmt):
-    x = torch.randn(6, 256) * 3
+@pytest.mark.parametrize("scale_fmt, shape", [(None, (6, 256)), ("ue8m0", (6, 256)),
+                                              (None, (37, 384))])  # 111 tiles: 7 programs
+def test_triton_quantize_act_matches_reference(scale_fmt, shape):
+    x = torch.randn(shape) * 3
     q, s = triton_fp8.quantize_act(x, scale_fmt=scale_fmt)
     ref_q, ref_s = quantize_act(x, scale_fmt=scale_fmt)
     torch.testing.assert_close(s, ref_s)
@@ -125,6 +126,23 @@ def test_triton_fp8_grouped_gemm_matches_reference():
                                                                       b[e], b_s[e]),
                                        rtol=1e-5, atol=1e-4)
         start = end
+
+
+def test_expert_tiles_cover_each_expert_s_rows_once_without_a_host_sync():
+    from moetune.kernels.triton_fp8 import expert_tiles
+
+    counts = torch.tensor([0, 130, 64, 0, 1, 63, 0, 200, 0])
+    offsets = counts.cumsum(0).to(torch.int32)
+    expert, start, end = expert_tiles(offsets, int(counts.sum()), block_m=64)
+    assert len(expert) == int(counts.sum()) // 64 + len(counts)
+    used = end > start
+    assert int(used.sum()) == int(((counts + 63) // 64).sum())
+    assert not used[int(used.sum()):].any()  # the empty tiles come last
+    covered = torch.zeros(int(counts.sum()), dtype=torch.long)
+    for e, s, t in zip(expert[used].tolist(), start[used].tolist(), end[used].tolist()):
+        assert offsets[e] - counts[e] <= s < t <= offsets[e] and t - s <= 64
+        covered[s:t] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
 
 
 def test_auto_backend_on_cpu_is_the_torch_reference():

@@ -21,7 +21,8 @@ step() {  # name, seconds, command...
   timeout "$limit" "$@" >> "$out/$name.txt" 2>&1
   echo "exit $?" >> "$out/$name.txt"
 }
-step fp8_gemm 120 python bench/fp8_gemm.py
-step moe_layer 120 python bench/moe_layer.py --gpu
-step train_step 180 python bench/train_step.py --gpu
+step fp8_gemm 150 python bench/fp8_gemm.py
+step moe_layer 90 python bench/moe_layer.py --gpu
+step train_step 120 python bench/train_step.py --gpu
+step lora 150 python bench/lora.py --gpu --fp8
 tail -n 8 "$out"/*.txt

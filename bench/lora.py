@@ -5,7 +5,9 @@ AdamW on the trainable parameters. Adapters (rank 16) sit on the attention proje
 the dense MLP, the shared experts and every routed expert. PEFT adapts transformers'
 fused expert tensors through `target_parameters`, rebuilding delta-W every forward.
 
-    python bench/lora.py
+    python bench/lora.py                # CPU: tiny model, 4 x 256 tokens, float32
+    python bench/lora.py --gpu --fp8    # H200: the 1.95B train_step model, 2 x 4096 tokens, bf16,
+                                        # plus moetune's LoRA on a frozen FP8 base
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import CPU_SIZE
+from train_step import CPU_SIZE, GPU_SIZE
 
 from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM
 from moetune.model.lora import LoraSpec, apply_lora
@@ -31,7 +33,7 @@ RANK = 16
 ATTENTION = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 
 
-def step_times(models, ids, steps: int) -> list[list[float]]:
+def step_times(models, ids, steps: int, sync) -> list[list[float]]:
     """Seconds per step for each model, alternating models every step; two warm-up rounds."""
     optimizers = []
     for model in models:
@@ -40,6 +42,7 @@ def step_times(models, ids, steps: int) -> list[list[float]]:
     times = [[] for _ in models]
     for i in range(steps + 2):
         for model, optimizer, samples in zip(models, optimizers, times):
+            sync()
             start = time.perf_counter()
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_(optimizer is None)
             loss = forward_loss(model, ids, embeds if optimizer is None else None)
@@ -47,6 +50,7 @@ def step_times(models, ids, steps: int) -> list[list[float]]:
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            sync()
             if i >= 2:
                 samples.append(time.perf_counter() - start)
     return times
@@ -69,36 +73,52 @@ def forward_loss(model, ids, embeds):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--gpu", action="store_true", help="the H200 size of bench/train_step.py, bf16, cuda")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time moetune's LoRA on a frozen FP8 base (fp8='frozen')")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq", type=int)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=CPU_SIZE["n_routed_experts"],
-                        help="routed experts per MoE layer")
-    parser.add_argument("--top-k", type=int, default=CPU_SIZE["num_experts_per_tok"])
+    parser.add_argument("--experts", type=int, help="routed experts per MoE layer")
+    parser.add_argument("--top-k", type=int)
     args = parser.parse_args()
+    device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
+    sync = torch.cuda.synchronize if args.gpu else (lambda: None)
+    size = GPU_SIZE if args.gpu else CPU_SIZE
+    size = size | {"n_routed_experts": args.experts or size["n_routed_experts"],
+                   "num_experts_per_tok": args.top_k or size["num_experts_per_tok"]}
+    batch, seq = args.batch or (2 if args.gpu else 4), args.seq or (4096 if args.gpu else 256)
     torch.manual_seed(0)
-    size = CPU_SIZE | {"n_routed_experts": args.experts, "num_experts_per_tok": args.top_k}
-    config = DeepseekV3Config(**size, num_nextn_predict_layers=0)
-    base = DeepseekV3ForCausalLM(config).train()
+    config = DeepseekV3Config(**size, num_nextn_predict_layers=0, max_position_embeddings=max(seq, 4096))
+    base = DeepseekV3ForCausalLM(config).to(dtype)
+    names, models = ["frozen base (fwd+bwd to the inputs)", "moetune expert LoRA"], [base]
     with tempfile.TemporaryDirectory() as folder:
         base.save_pretrained(folder)
-        ours = DeepseekV3ForCausalLM.from_pretrained(folder).train()
-        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+        models.append(DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype))
+        if args.fp8:
+            names.append("moetune expert LoRA, frozen FP8 base")
+            models.append(DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, fp8="frozen"))
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype)
     base.requires_grad_(False)
-    ours_trainable = apply_lora(ours, LoraSpec(rank=RANK, alpha=2 * RANK))
-    peft_model = get_peft_model(hf, LoraConfig(
+    ours_trainable = [apply_lora(model, LoraSpec(rank=RANK, alpha=2 * RANK)) for model in models[1:]]
+    names.append("PEFT target_parameters on transformers")
+    models.append(get_peft_model(hf, LoraConfig(
         r=RANK, lora_alpha=2 * RANK, target_modules=ATTENTION + ["gate_proj", "up_proj", "down_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
-    peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
-    t_base, t_ours, t_peft = map(statistics.median, step_times([base, ours, peft_model], ids, args.steps))
-    print(f"LoRA step (fwd+bwd+AdamW), rank {RANK}, {args.experts} experts top-{args.top_k}, "
-          f"{args.batch} x {args.seq} tokens, float32, cpu")
-    print(f"  trainable parameters: moetune {ours_trainable:,}, PEFT {peft_trainable:,}")
-    print(f"  frozen base (fwd+bwd to the inputs): {t_base * 1e3:8.1f} ms")
-    print(f"  moetune expert LoRA:                 {t_ours * 1e3:8.1f} ms  ({t_ours / t_base:.2f}x base)")
-    print(f"  PEFT target_parameters on transformers: {t_peft * 1e3:8.1f} ms")
-    print(f"  moetune vs PEFT: {t_peft / t_ours:.2f}x faster")
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])))
+    peft_trainable = sum(p.numel() for p in models[-1].parameters() if p.requires_grad)
+    models = [model.to(device).train() for model in models]
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    with torch.no_grad():  # LoRA B starts at zero: every model computes its base
+        losses = [forward_loss(model, ids, None).item() for model in models]
+    times = [statistics.median(t) for t in step_times(models, ids, args.steps, sync)]
+    print(f"LoRA step (fwd+bwd+AdamW), rank {RANK}, {size['n_routed_experts']} experts "
+          f"top-{size['num_experts_per_tok']}, {batch} x {seq} tokens, {dtype}, {device}")
+    print(f"  trainable parameters: moetune {ours_trainable[0]:,}, PEFT {peft_trainable:,}")
+    print("  first losses: " + ", ".join(f"{loss:.5f}" for loss in losses) + " (in the order below)")
+    for name, seconds in zip(names, times):
+        print(f"  {name + ':':42s} {seconds * 1e3:8.1f} ms  ({seconds / times[0]:.2f}x base)")
+    for name, seconds in zip(names[1:-1], times[1:-1]):
+        print(f"  {name}: {times[-1] / seconds:.2f}x the speed of PEFT")
 
 
 if __name__ == "__main__":

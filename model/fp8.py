@@ -96,6 +96,15 @@ def to_fp8_training(model: nn.Module, fp8_wgrad: bool = False) -> nn.Module:
     return model
 
 
+def fp8_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """grad_out [..., out] @ W [out, in] -> [..., in] via the FP8 GEMM: the gradient quantised
+    per 1x128 tile, W (float8 with 128x128 scales) as its blocks transposed (no re-quantisation)."""
+    g_q, g_scale = quantize_act(pad_k(grad_out.reshape(-1, grad_out.shape[-1])))
+    weight_t, scale_t = transposed((weight, scale_inv))
+    grad_x = fp8_gemm(g_q, g_scale, pad_k(weight_t), scale_t, out_dtype=grad_out.dtype)
+    return grad_x.view(*grad_out.shape[:-1], weight.shape[1])
+
+
 class FrozenFP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale_inv):
@@ -107,8 +116,7 @@ class FrozenFP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, scale_inv = ctx.saved_tensors
-        return grad_out @ dequantize_weight(weight, scale_inv, dtype=grad_out.dtype), None, None
+        return fp8_input_grad(grad_out, *ctx.saved_tensors), None, None
 
 
 class FrozenFP8Linear(KeepsFP8Buffers, nn.Module):
@@ -155,13 +163,10 @@ class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_q, x_scale, w_q, w_scale = ctx.saved_tensors
-        grad = grad_out.reshape(-1, grad_out.shape[-1])
-        g_q, g_scale = quantize_act(pad_k(grad))
-        # dgrad: 128x128 blocks of W^T are W's blocks transposed, so no re-quantisation
-        grad_x = fp8_gemm(g_q, g_scale, pad_k(w_q.t().contiguous()), w_scale.t().contiguous(),
-                          out_dtype=grad_out.dtype).view(*grad_out.shape[:-1], ctx.in_features)
+        grad_x = fp8_input_grad(grad_out, w_q, w_scale)
         if not ctx.needs_input_grad[1]:  # a frozen master (e.g. under LoRA)
             return grad_x, None, None
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
         x = dequantize_act(x_q, x_scale)[:, : ctx.in_features]
         if ctx.fp8_wgrad:
             gt_q, gt_scale = quantize_act(pad_k(grad.t().float()))

@@ -285,3 +285,16 @@ def test_read_tensors_dequantizes_with_scales_from_other_shards(tmp_path):
     with pytest.raises(ValueError, match="o_proj.weight' has no"):
         list(read_tensors(tmp_path / "fp8", ["model.layers.0.self_attn.o_proj.weight"], weight_map,
                           dequantize_to=torch.float32))
+
+
+def test_frozen_fp8_linear_input_gradient_goes_through_the_fp8_gemm():
+    """dgrad = (gradient rounded to 1x128 FP8 tiles) @ W, W's FP8 blocks used transposed;
+    200 outputs: a partial 128-block on the gradient's K."""
+    from moetune.kernels import dequantize_weight
+
+    frozen = FrozenFP8Linear.from_linear(torch.nn.Linear(192, 200, bias=False))
+    x = torch.randn(5, 3, 192, requires_grad=True)
+    grad = torch.randn(5, 3, 200)
+    frozen(x).backward(grad)
+    weight = dequantize_weight(frozen.weight, frozen.weight_scale_inv, dtype=torch.float32)
+    torch.testing.assert_close(x.grad, fake_quantize(grad) @ weight, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,11 @@
-"""FP8 block-scaled kernels against plain reference code, Triton ones under the interpreter."""
+"""FP8 block-scaled kernels against plain reference code, Triton ones under the interpreter
+(and compiled for Hopper, without running)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +158,21 @@ def test_auto_backend_on_cpu_is_the_torch_reference():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="fp8 backend"):
         resolve_backend("cutlass", torch.device("cpu"))
+
+
+def test_triton_kernels_compile_for_hopper_with_wgmma_and_pipelined_loads(tmp_path):
+    """The interpreter runs the kernels' logic, not their compiled form: build each kernel
+    (every autotuned config) for sm_90 with Triton's compiler and ptxas, no GPU needed. The
+    GEMMs must use Hopper's wgmma with pipelined asynchronous loads, and every kernel must fit
+    an H100/H200's 227 KB of shared memory per block."""
+    out = tmp_path / "sm90.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_sm90_compile.py")),
+                          str(out)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    kernels = json.loads(out.read_text())
+    assert len(kernels) == 2 + 8  # quantize_act, fp8_gemm, the grouped GEMM's 8 configs
+    for name, stats in kernels.items():
+        assert stats["shared"] <= 227 * 1024, name
+        if name != "quantize_act":
+            assert stats["wgmma"] >= 1 and stats["async_copies"] > 0, (name, stats)

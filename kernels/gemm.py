@@ -82,10 +82,12 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "a
     """a [M, K] fp8 with a_scale [M, K/128]; b [N, K] fp8 with b_scale [ceil(N/128), K/128]
     -> a @ b.T [M, N] in out_dtype."""
     check_operands(a, a_scale, b, b_scale)
-    backend = resolve_backend(backend, a.device)
-    if backend == "torch":
+    chosen = resolve_backend(backend, a.device)
+    if backend == "auto" and chosen == "scaled_mm" and b.shape[0] % 16:
+        chosen = "triton"  # torch._scaled_mm takes N multiples of 16 only
+    if chosen == "torch":
         return fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype)
-    if backend == "triton":
+    if chosen == "triton":
         from moetune.kernels import triton_fp8
 
         return triton_fp8.fp8_gemm(a, a_scale, b, b_scale, out_dtype)

@@ -51,7 +51,7 @@ def _fp8_gemm_tile(a_ptr, b_ptr, a_s_ptr, b_s_ptr, row_start, row_end, n_start, 
                    stride_am, stride_bn, stride_asm, stride_bsn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] tile of (a * a_s) @ (b * b_s).T over rows [row_start, row_end)."""
-    rows = row_start + tl.arange(0, BLOCK_M)
+    rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x stride may pass 2^31
     cols = n_start + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < row_end
@@ -80,27 +80,46 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K,
 
 
 def grouped_gemm_configs() -> list[triton.Config]:
-    """Autotuned on GPUs (once per N, K); one small config under the interpreter."""
+    """Autotuned on GPUs (once per N, K, expert count); one small config under the interpreter."""
     if triton.knobs.runtime.interpret:
-        return [triton.Config({"BLOCK_N": 64})]
-    return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-            for block_n in (64, 128) for warps in (4, 8) for stages in (3, 4)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
+    shapes = [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
+              (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+            for m, n, warps, stages in shapes]
 
 
-@triton.autotune(configs=grouped_gemm_configs(), key=["N", "K"])
 @triton.jit
-def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, tile_expert, tile_start,
-                             tile_end, N, K, stride_am, stride_be, stride_bn, stride_cm,
-                             stride_asm, stride_bse, stride_bsn,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _expert_tile(offsets_ptr, tile, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row tile `tile` of the expert-sorted rows, tiles never straddling two experts:
+    (expert, first row, end row); first >= end when `tile` is past the last tile."""
+    experts = tl.arange(0, E_PAD)
+    ends = tl.load(offsets_ptr + experts, mask=experts < E, other=0)
+    starts = tl.load(offsets_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    last = tl.cumsum(tiles, 0)  # one past each expert's last tile
+    expert = tl.sum((last <= tile).to(tl.int32), 0)
+    mine = experts == expert
+    first_row = tl.sum(tl.where(mine, starts + (tile - last + tiles) * BLOCK_M, 0), 0)
+    end_row = tl.minimum(first_row + BLOCK_M, tl.sum(tl.where(mine, ends, 0), 0))
+    return expert, first_row, end_row
+
+
+@triton.autotune(configs=grouped_gemm_configs(), key=["N", "K", "E"])
+@triton.jit
+def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, offsets_ptr, N, K, E,
+                             stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse,
+                             stride_bsn, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # One grid axis (no 65,535 limit), N tiles varying fastest: the programs running together
-    # share a row tile and one expert's weight, which stay in L2.
+    # share a row tile and one expert's weight, which stay in L2. The row tiles are found
+    # from the offsets here, so the launch needs no host sync.
     n_tiles = tl.cdiv(N, BLOCK_N)
     tile, n_tile = tl.program_id(0) // n_tiles, tl.program_id(0) % n_tiles
-    row_start, row_end = tl.load(tile_start + tile), tl.load(tile_end + tile)
+    expert, row_start, row_end = _expert_tile(offsets_ptr, tile, E, E_PAD, BLOCK_M)
     if row_start >= row_end:  # past the last tile (the grid is an upper bound)
         return
-    expert = tl.load(tile_expert + tile).to(tl.int64)
+    expert = expert.to(tl.int64)
     acc, rows, cols, row_ok, col_ok = _fp8_gemm_tile(
         a_ptr, b_ptr + expert * stride_be, a_s_ptr, b_s_ptr + expert * stride_bse,
         row_start, row_end, n_tile * BLOCK_N, N, K,
@@ -121,36 +140,19 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, block_m=64, block
     return c
 
 
-def expert_tiles(offsets: torch.Tensor, rows: int, block_m: int):
-    """Row tiles of at most block_m rows that never straddle two experts, computed on
-    offsets' device (no host sync): (expert, start, end) int32 tensors of length
-    rows // block_m + E, an upper bound on the tile count; the tiles past the last are
-    empty (start == end == 0)."""
-    ends = offsets.long()
-    starts = torch.cat((ends.new_zeros(1), ends[:-1]))
-    tiles = (ends - starts + block_m - 1) // block_m
-    last_tile = tiles.cumsum(0)  # one past each expert's last tile
-    index = torch.arange(rows // block_m + len(offsets), device=offsets.device)
-    expert = torch.searchsorted(last_tile, index, right=True).clamp_(max=len(offsets) - 1)
-    start = starts[expert] + (index - (last_tile - tiles)[expert]) * block_m
-    end = torch.minimum(start + block_m, ends[expert])
-    used = index < last_tile[-1]
-    return (expert.int(), start.where(used, 0).int(), end.where(used, 0).int())
-
-
-def fp8_grouped_gemm(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16, block_m=64):
+def fp8_grouped_gemm(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16):
     """Rows of a [R, K] (fp8, sorted by expert; scales [R, K/128]) in groups ending at
     offsets [E], times b [E, N, K] (fp8; scales [E, ceil(N/128), K/128]) transposed -> [R, N]
-    (rows past offsets[-1] are not written). The N tile, warps and stages are autotuned."""
+    (rows past offsets[-1] are not written). Tile sizes, warps and stages are autotuned."""
     a, b, a_scale, b_scale = (t.contiguous() for t in (a, b, a_scale, b_scale))
-    N, K = b.shape[1:]
-    c = torch.empty(a.shape[0], N, dtype=out_dtype, device=a.device)
-    if a.shape[0] == 0:
+    (R, K), (E, N) = a.shape, b.shape[:2]
+    c = torch.empty(R, N, dtype=out_dtype, device=a.device)
+    if R == 0:
         return c
-    tile_expert, tile_start, tile_end = expert_tiles(offsets, a.shape[0], block_m)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * len(tile_expert),)
+    # row tiles: at most R / BLOCK_M full ones plus one partial per expert
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * (R // meta["BLOCK_M"] + E),)
     _fp8_grouped_gemm_kernel[grid](
-        a, b, c, a_scale, b_scale, tile_expert, tile_start, tile_end, N, K, a.stride(0),
+        a, b, c, a_scale, b_scale, offsets.to(torch.int32).contiguous(), N, K, E, a.stride(0),
         b.stride(0), b.stride(1), c.stride(0), a_scale.stride(0), b_scale.stride(0),
-        b_scale.stride(1), BLOCK_M=block_m, BLOCK_K=BLOCK)
+        b_scale.stride(1), E_PAD=triton.next_power_of_2(E), BLOCK_K=BLOCK)
     return c

@@ -48,14 +48,14 @@ def main() -> None:
                                             "stride_asm", "stride_bsn")}
     results["fp8_gemm"] = build(triton_fp8._fp8_gemm_kernel, dense | dict.fromkeys(
         ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr"), {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128})
-    grouped = GEMM_ARGS | {"tile_expert": "*i32", "tile_start": "*i32", "tile_end": "*i32"} | {
-        n: "i32" for n in ("N", "K", "stride_am", "stride_be", "stride_bn", "stride_cm",
+    grouped = GEMM_ARGS | {"offsets_ptr": "*i32"} | {
+        n: "i32" for n in ("N", "K", "E", "stride_am", "stride_be", "stride_bn", "stride_cm",
                            "stride_asm", "stride_bse", "stride_bsn")} | dict.fromkeys(
-        ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")
+        ("E_PAD", "BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")
     autotuned = triton_fp8._fp8_grouped_gemm_kernel
     for config in autotuned.configs:
         label = f"fp8_grouped_gemm {config.kwargs} warps {config.num_warps} stages {config.num_stages}"
-        results[label] = build(autotuned.fn, grouped, {"BLOCK_M": 64, "BLOCK_K": 128} | config.kwargs,
+        results[label] = build(autotuned.fn, grouped, {"E_PAD": 256, "BLOCK_K": 128} | config.kwargs,
                                num_warps=config.num_warps, num_stages=config.num_stages)
     with open(sys.argv[1], "w") as out:
         json.dump(results, out, indent=1)

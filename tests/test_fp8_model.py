@@ -298,3 +298,23 @@ def test_frozen_fp8_linear_input_gradient_goes_through_the_fp8_gemm():
     frozen(x).backward(grad)
     weight = dequantize_weight(frozen.weight, frozen.weight_scale_inv, dtype=torch.float32)
     torch.testing.assert_close(x.grad, fake_quantize(grad) @ weight, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_checkpoint_saved_by_moetune_loads_in_transformers(tmp_path):
+    """transformers reads the saved FP8 checkpoint (its fine-grained FP8 loader; without a GPU
+    it dequantises on load) and computes moetune's logits of the same dequantised weights
+    (FP8 values read without their scales would be off by orders of magnitude)."""
+    import transformers
+
+    model = DeepseekV3ForCausalLM(v3_config(initializer_range=0.1))
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "bf16")
+    DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16", fp8="frozen").save_pretrained(tmp_path / "fp8")
+    ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8")  # dequantised, float32
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        difference = (ours(ids).logits - theirs(ids).logits).abs().max().item()
+    assert difference <= 1e-4, difference

@@ -3,11 +3,11 @@
 
 `FrozenFP8Linear` replaces an `nn.Linear` (the base under LoRA): the forward quantises
 activations per 1x128 tile and runs the block-scaled FP8 GEMM; the backward returns the
-input gradient through the dequantised weight and no weight gradient. `FP8Linear` trains
-in FP8 as DeepSeek-V3 did: high-precision master weights, quantised per step (128x128) for
-the forward and the input-gradient GEMMs, output gradients quantised per 1x128 tile, and
-the weight gradient in the master dtype (or FP8, as an option). Routed experts follow
-both schemes through the grouped FP8 GEMM (`FP8ExpertGemms`): `FP8RoutedExperts` holds
+input gradient through the FP8 GEMM too (the gradient quantised per 1x128 tile) and no
+weight gradient. `FP8Linear` trains in FP8 as DeepSeek-V3 did: high-precision master
+weights, quantised per step (128x128) for the forward and the input-gradient GEMMs, output
+gradients quantised per 1x128 tile, and the weight gradient in the master dtype (or FP8, as
+an option). Routed experts follow both schemes through the grouped FP8 GEMM (`FP8ExpertGemms`): `FP8RoutedExperts` holds
 frozen FP8 projections as stored, one [E, out, in] tensor per projection, and
 `FP8TrainingExperts` quantises its master weights per step (its weight gradients stay in
 the master dtype). `to_frozen_fp8` and `to_fp8_training` convert a model in place;
@@ -196,7 +196,7 @@ class FP8Linear(nn.Linear):
         return FP8LinearFunction.apply(x, self.weight, self.fp8_wgrad)
 
 
-FP8Weight = tuple[torch.Tensor, torch.Tensor]  # float8_e4m3fn [E, out, in], scale_inv [E, out/128, in/128]
+FP8Tensor = tuple[torch.Tensor, torch.Tensor]  # float8_e4m3fn values, their float32 block scales
 
 
 class FP8ExpertGemms(ExpertGemms):
@@ -207,7 +207,7 @@ class FP8ExpertGemms(ExpertGemms):
     scale blocks stay its own: gate and up as checkpoints store them, or one [E, 2I, hidden]
     part quantised from a master weight."""
 
-    def __init__(self, gate_up_parts: list[FP8Weight], down: FP8Weight):
+    def __init__(self, gate_up_parts: list[FP8Tensor], down: FP8Tensor):
         self.gate_up_parts, self.down_weight = gate_up_parts, down
 
     @classmethod
@@ -216,29 +216,37 @@ class FP8ExpertGemms(ExpertGemms):
         return cls([quantize_weight(gate_up.detach())], quantize_weight(down.detach()))
 
     def gate_up(self, rows, offsets):
-        return torch.cat([grouped_fp8(rows, part, offsets) for part in self.gate_up_parts], 1)
+        quantized = quantize_rows(rows)  # once for every part
+        return torch.cat([grouped_fp8(quantized, part, offsets, rows.dtype)
+                          for part in self.gate_up_parts], 1)
 
     def down(self, act, offsets):
-        return grouped_fp8(act, self.down_weight, offsets)
+        return grouped_fp8(quantize_rows(act), self.down_weight, offsets, act.dtype)
 
     def down_input_grad(self, grad, offsets):
-        return grouped_fp8(grad, transposed(self.down_weight), offsets)
+        return grouped_fp8(quantize_rows(grad), transposed(self.down_weight), offsets, grad.dtype)
 
     def gate_up_input_grad(self, grad_h, offsets):
         widths = [weight.shape[1] for weight, _ in self.gate_up_parts]
         grads = zip(grad_h.split(widths, dim=1), self.gate_up_parts)
-        return sum(grouped_fp8(grad, transposed(part), offsets) for grad, part in grads)
+        return sum(grouped_fp8(quantize_rows(grad), transposed(part), offsets, grad_h.dtype)
+                   for grad, part in grads)
 
 
-def grouped_fp8(rows: torch.Tensor, weight: FP8Weight, offsets: torch.Tensor) -> torch.Tensor:
-    """rows [N, in] (high precision, expert-sorted) times each row's expert weight
-    [E, out, in] transposed -> [N, out] in rows' dtype, via the grouped FP8 GEMM."""
-    rows_q, rows_scale = quantize_act(pad_k(rows.contiguous()))
-    w, scale = weight
-    return fp8_grouped_gemm(rows_q, rows_scale, pad_k(w), scale, offsets, out_dtype=rows.dtype)
+def quantize_rows(rows: torch.Tensor) -> FP8Tensor:
+    """rows [N, K] -> float8 rows [N, K padded to 128] and their 1x128 tile scales."""
+    return quantize_act(pad_k(rows.contiguous()))
 
 
-def transposed(weight: FP8Weight) -> FP8Weight:
+def grouped_fp8(rows: FP8Tensor, weight: FP8Tensor, offsets: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """Quantised expert-sorted rows [N, in] times each row's expert weight [E, out, in]
+    transposed -> [N, out] in out_dtype, via the grouped FP8 GEMM."""
+    (rows_q, rows_scale), (w, scale) = rows, weight
+    return fp8_grouped_gemm(rows_q, rows_scale, pad_k(w), scale, offsets, out_dtype=out_dtype)
+
+
+def transposed(weight: FP8Tensor) -> FP8Tensor:
     """W^T [E, in, out] with its block scales: the 128x128 blocks of W transposed."""
     w, scale = weight
     return w.transpose(-2, -1).contiguous(), scale.transpose(-2, -1).contiguous()
@@ -285,7 +293,7 @@ class FP8RoutedExperts(KeepsFP8Buffers, nn.Module):
                 getattr(self, f"{name}_scale_inv").copy_(s)
         self.lora = None
 
-    def stored(self, name: str) -> FP8Weight:
+    def stored(self, name: str) -> FP8Tensor:
         return getattr(self, name), getattr(self, f"{name}_scale_inv")
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

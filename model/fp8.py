@@ -7,11 +7,12 @@ input gradient through the FP8 GEMM too (the gradient quantised per 1x128 tile) 
 weight gradient. `FP8Linear` trains in FP8 as DeepSeek-V3 did: high-precision master
 weights, quantised per step (128x128) for the forward and the input-gradient GEMMs, output
 gradients quantised per 1x128 tile, and the weight gradient in the master dtype (or FP8, as
-an option). Routed experts follow both schemes through the grouped FP8 GEMM (`FP8ExpertGemms`): `FP8RoutedExperts` holds
-frozen FP8 projections as stored, one [E, out, in] tensor per projection, and
-`FP8TrainingExperts` quantises its master weights per step (its weight gradients stay in
-the master dtype). `to_frozen_fp8` and `to_fp8_training` convert a model in place;
-`from_pretrained(path, fp8="frozen" | "train")` builds either straight from a checkpoint.
+an option). Routed experts follow both schemes through the grouped FP8 GEMM
+(`FP8ExpertGemms`): `FP8RoutedExperts` holds frozen FP8 projections as stored, one
+[E, out, in] tensor per projection, and `FP8TrainingExperts` quantises its master weights
+per step (its weight gradients stay in the master dtype). `to_frozen_fp8` and
+`to_fp8_training` convert a model in place; `from_pretrained(path, fp8="frozen" | "train")`
+builds either straight from a checkpoint.
 """
 
 from __future__ import annotations

@@ -79,7 +79,20 @@ def run(args) -> int:
         return dry_run(recipe, args.recipe)
     module, function = RUNNERS[recipe.recipe].split(":")
     result = getattr(importlib.import_module(module), function)(recipe)
+    leave_process_group()
     return result if isinstance(result, int) else 0
+
+
+def leave_process_group() -> None:
+    """After a run that finished on every rank: tear down the launch's process group. Left to
+    interpreter exit, gloo's worker threads can abort the process ("terminate called without
+    an active exception"), failing a run that succeeded. (Not after an error: a rank still
+    inside a collective would wait forever.)"""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def list_recipes(args) -> int:

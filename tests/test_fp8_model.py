@@ -73,12 +73,17 @@ def test_frozen_fp8_holds_weights_as_stored_and_matches_the_dequantized_model(fp
     assert relative < 0.3, relative
 
 
+def fake_quantize(t):
+    """t rounded through 1x128 FP8 tiles along its last dim (zero-padded like the FP8 GEMM)."""
+    width = t.shape[-1]
+    padded = torch.nn.functional.pad(t, (0, -width % 128))
+    return dequantize_act(*quantize_act(padded))[..., :width]
+
+
 def fake_quantize_input(module, args):
-    """Round a linear's input through 1x128 FP8 tiles (zero-padded like the FP8 GEMM)."""
+    """A forward pre-hook rounding a linear's input through 1x128 FP8 tiles."""
     (x,) = args
-    width = x.shape[-1]
-    padded = torch.nn.functional.pad(x, (0, -width % 128))
-    return (dequantize_act(*quantize_act(padded))[..., :width].to(x.dtype),)
+    return (fake_quantize(x).to(x.dtype),)
 
 
 def test_frozen_fp8_memory_is_at_most_055x_of_bf16(fp8_checkpoint):
@@ -133,9 +138,7 @@ def fp8_linear_reference(x, weight):
     """What an FP8Linear computes, in plain torch: both operands rounded to their FP8 grids."""
     from moetune.kernels import dequantize_weight
 
-    padded = torch.nn.functional.pad(x, (0, -x.shape[-1] % 128))
-    x_deq = dequantize_act(*quantize_act(padded))[..., : x.shape[-1]]
-    return x_deq @ dequantize_weight(*quantize_weight(weight), dtype=torch.float32).T
+    return fake_quantize(x) @ dequantize_weight(*quantize_weight(weight), dtype=torch.float32).T
 
 
 @pytest.mark.parametrize("fp8_wgrad", [False, True])
@@ -184,13 +187,6 @@ def test_fp8_training_ends_within_2_percent_of_high_precision(tmp_path):
     print(f"final loss float32 {high:.4f}, fp8 {low:.4f} (first {first:.4f})")
     assert high < 0.5 * first  # it learned
     assert abs(low - high) / high < 0.02
-
-
-def fake_quantize(t):
-    """t rounded through 1x128 FP8 tiles along its last dim (zero-padded like the FP8 GEMM)."""
-    width = t.shape[-1]
-    padded = torch.nn.functional.pad(t, (0, -width % 128))
-    return dequantize_act(*quantize_act(padded))[..., :width]
 
 
 class FakeQuantizeGrad(torch.autograd.Function):

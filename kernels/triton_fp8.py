@@ -140,10 +140,12 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, block_m=64, block
     return c
 
 
-def fp8_grouped_gemm(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16):
+def fp8_grouped_gemm(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16,
+                     tiles: tuple[int, int] | None = None):
     """Rows of a [R, K] (fp8, sorted by expert; scales [R, K/128]) in groups ending at
     offsets [E], times b [E, N, K] (fp8; scales [E, ceil(N/128), K/128]) transposed -> [R, N]
-    (rows past offsets[-1] are not written). Tile sizes, warps and stages are autotuned."""
+    (rows past offsets[-1] are not written). Tile sizes, warps and stages are autotuned, or
+    `tiles` = (BLOCK_M, BLOCK_N) fixes the tile."""
     a, b, a_scale, b_scale = (t.contiguous() for t in (a, b, a_scale, b_scale))
     (R, K), (E, N) = a.shape, b.shape[:2]
     c = torch.empty(R, N, dtype=out_dtype, device=a.device)
@@ -151,8 +153,11 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16):
         return c
     # row tiles: at most R / BLOCK_M full ones plus one partial per expert
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * (R // meta["BLOCK_M"] + E),)
-    _fp8_grouped_gemm_kernel[grid](
+    kernel, fixed = _fp8_grouped_gemm_kernel, {}
+    if tiles is not None:
+        kernel, fixed = kernel.fn, {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
+    kernel[grid](
         a, b, c, a_scale, b_scale, offsets.to(torch.int32).contiguous(), N, K, E, a.stride(0),
         b.stride(0), b.stride(1), c.stride(0), a_scale.stride(0), b_scale.stride(0),
-        b_scale.stride(1), E_PAD=triton.next_power_of_2(E), BLOCK_K=BLOCK)
+        b_scale.stride(1), E_PAD=triton.next_power_of_2(E), BLOCK_K=BLOCK, **fixed)
     return c

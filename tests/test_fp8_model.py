@@ -96,10 +96,17 @@ def test_frozen_fp8_memory_is_at_most_055x_of_bf16(fp8_checkpoint):
     assert frozen.model.layers[0].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
 
 
+def saved_as_fp8(model, folder, **save_options):
+    """Save `model`, load it back with fp8="frozen" (quantised on load), save that to
+    folder / "fp8"; returns the frozen model."""
+    model.save_pretrained(folder / "bf16")
+    frozen = DeepseekV3ForCausalLM.from_pretrained(folder / "bf16", fp8="frozen")
+    frozen.save_pretrained(folder / "fp8", **save_options)
+    return frozen
+
+
 def test_bf16_checkpoint_quantized_on_load_saves_a_deepseek_fp8_checkpoint(tmp_path):
-    DeepseekV3ForCausalLM(v3_config()).save_pretrained(tmp_path / "bf16")
-    frozen = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16", fp8="frozen")
-    frozen.save_pretrained(tmp_path / "fp8")
+    frozen = saved_as_fp8(DeepseekV3ForCausalLM(v3_config()), tmp_path)
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     weight_map = json.loads((tmp_path / "fp8" / "model.safetensors.index.json").read_text())["weight_map"]
@@ -264,9 +271,7 @@ def test_fp8_routed_experts_equal_a_per_expert_reference(mode):
 def test_read_tensors_dequantizes_with_scales_from_other_shards(tmp_path):
     from moetune.model.checkpoint import disk_tensors, locate_tensors, read_tensors
 
-    DeepseekV3ForCausalLM(v3_config()).save_pretrained(tmp_path / "bf16")
-    frozen = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16", fp8="frozen")
-    frozen.save_pretrained(tmp_path / "fp8", max_shard_bytes=20_000)  # many small shards
+    saved_as_fp8(DeepseekV3ForCausalLM(v3_config()), tmp_path, max_shard_bytes=20_000)  # small shards
     weight_map = locate_tensors(tmp_path / "fp8")
     assert weight_map["model.layers.1.mlp.experts.3.gate_proj.weight"] != \
         weight_map["model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv"]
@@ -306,8 +311,7 @@ def test_fp8_checkpoint_saved_by_moetune_loads_in_transformers(tmp_path):
     with torch.no_grad():
         for router in model.routers():
             router.e_score_correction_bias.normal_(0, 0.3)
-    model.save_pretrained(tmp_path / "bf16")
-    DeepseekV3ForCausalLM.from_pretrained(tmp_path / "bf16", fp8="frozen").save_pretrained(tmp_path / "fp8")
+    saved_as_fp8(model, tmp_path)
     ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8")  # dequantised, float32
     theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
     ids = torch.randint(0, 128, (2, 16))

@@ -18,7 +18,7 @@ import time
 import torch
 
 from moetune.kernels import fp8_gemm, fp8_grouped_gemm, quantize_act, quantize_weight
-from moetune.kernels.gemm import scaled_mm_available
+from moetune.kernels.gemm import resolve_backend, scaled_mm_available
 
 GPU_SHAPES = [(4096, 7168, 16384), (4096, 24576, 1536), (4096, 7168, 2048), (128, 7168, 16384)]
 CPU_SHAPES = [(256, 512, 1024), (64, 1024, 512)]
@@ -83,6 +83,9 @@ def grouped_row(device, dtype, sync, repeats, experts, rows, hidden, inter):
           f"{flops / bf16 / 1e12:.3f} | fp8 {backend} {flops / ours / 1e12:.3f} TFLOPS "
           f"(fp8 / {dtype_name(dtype)} = {bf16 / ours:.2f}x)")
     if device != "cpu":
+        from moetune.kernels import triton_fp8
+
+        print(f"  autotuned tile: {triton_fp8._fp8_grouped_gemm_kernel.best_config}")
         try:
             rowwise = timed(scaled_grouped_rowwise, repeats, sync, *rowwise_operands(x, w), offsets)
             print(f"  torch._scaled_grouped_mm rowwise {flops / rowwise / 1e12:.3f} TFLOPS "
@@ -112,7 +115,8 @@ def dtype_name(dtype) -> str:
 def main() -> None:
     if torch.cuda.is_available():
         sync = torch.cuda.synchronize
-        print(f"device: {torch.cuda.get_device_name()}")
+        print(f"device: {torch.cuda.get_device_name()}; moetune's dense backend (auto): "
+              f"{resolve_backend('auto', torch.device('cuda'))}")
         dense_rows(GPU_SHAPES, "cuda", torch.bfloat16, sync, repeats=20)
         grouped_row("cuda", torch.bfloat16, sync, 20, experts=64, rows=49152, hidden=2048, inter=1408)
     else:

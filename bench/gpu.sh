@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a session lent the device (one H200; torch, triton,
 # transformers, peft and accelerate preinstalled; no vllm/trl/deepspeed):
-#   run(command="bash bench/gpu.sh", timeout_s=540)
-# Installs moetune without dependencies, then runs the GPU benchmarks, each of which checks
-# its results against a reference before timing; logs go to $OUT (or ./gpu_out).
+#   run(command="bash bench/gpu.sh", timeout_s=480)
+# Puts moetune on the path (a package folder of links: no install), then runs the GPU benchmarks, each of which checks
+# its results against a reference before timing and then prints its top kernels
+# (bench/profiling.py); logs go to $OUT (or ./gpu_out), five files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1  # a step cut at its limit keeps what it printed
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  (cd /tmp && python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)")
 } > "$out/environment.txt" 2>&1
-python -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1
+# The import namespace `moetune` maps onto the top-level folders (pyproject's package-dir).
+site=$(mktemp -d)
+mkdir "$site/moetune"
+for sub in kernels model finetune rl rewards recipes; do ln -s "$PWD/$sub" "$site/moetune/$sub"; done
+export PYTHONPATH="$site"
 step() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
@@ -21,8 +27,8 @@ step() {  # name, seconds, command...
   timeout "$limit" "$@" >> "$out/$name.txt" 2>&1
   echo "exit $?" >> "$out/$name.txt"
 }
-step fp8_gemm 150 python bench/fp8_gemm.py
-step moe_layer 90 python bench/moe_layer.py --gpu
-step train_step 120 python bench/train_step.py --gpu
-step lora 150 python bench/lora.py --gpu --fp8
-tail -n 8 "$out"/*.txt
+step fp8_gemm 120 python3 bench/fp8_gemm.py
+step moe_layer 90 python3 bench/moe_layer.py --gpu --profile
+step train_step 120 python3 bench/train_step.py --gpu --profile
+step lora 150 python3 bench/lora.py --gpu --fp8 --profile
+cat "$out"/environment.txt "$out"/fp8_gemm.txt "$out"/moe_layer.txt "$out"/train_step.txt "$out"/lora.txt

@@ -8,6 +8,7 @@ fused expert tensors through `target_parameters`, rebuilding delta-W every forwa
     python bench/lora.py                # CPU: tiny model, 4 x 256 tokens, float32
     python bench/lora.py --gpu --fp8    # H200: the 1.95B train_step model, 2 x 4096 tokens, bf16,
                                         # plus moetune's LoRA on a frozen FP8 base
+    python bench/lora.py --gpu --fp8 --profile   # and the top GPU kernels of each step
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+from profiling import print_top_kernels
 from train_step import CPU_SIZE, GPU_SIZE
 
 from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -33,23 +35,28 @@ RANK = 16
 ATTENTION = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 
 
-def step_times(models, ids, steps: int, sync) -> list[list[float]]:
+def optimizer_for(model):
+    """AdamW over the trainable parameters; None for the frozen base."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None
+
+
+def lora_step(model, optimizer, ids) -> None:
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(optimizer is None)
+    forward_loss(model, ids, embeds if optimizer is None else None).backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def step_times(models, optimizers, ids, steps: int, sync) -> list[list[float]]:
     """Seconds per step for each model, alternating models every step; two warm-up rounds."""
-    optimizers = []
-    for model in models:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizers.append(torch.optim.AdamW(trainable, lr=1e-4, fused=True) if trainable else None)
     times = [[] for _ in models]
     for i in range(steps + 2):
         for model, optimizer, samples in zip(models, optimizers, times):
             sync()
             start = time.perf_counter()
-            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(optimizer is None)
-            loss = forward_loss(model, ids, embeds if optimizer is None else None)
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            lora_step(model, optimizer, ids)
             sync()
             if i >= 2:
                 samples.append(time.perf_counter() - start)
@@ -81,6 +88,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--experts", type=int, help="routed experts per MoE layer")
     parser.add_argument("--top-k", type=int)
+    parser.add_argument("--profile", action="store_true", help="with --gpu: print each step's top kernels")
     args = parser.parse_args()
     device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
     sync = torch.cuda.synchronize if args.gpu else (lambda: None)
@@ -90,15 +98,17 @@ def main() -> None:
     batch, seq = args.batch or (2 if args.gpu else 4), args.seq or (4096 if args.gpu else 256)
     torch.manual_seed(0)
     config = DeepseekV3Config(**size, num_nextn_predict_layers=0, max_position_embeddings=max(seq, 4096))
-    base = DeepseekV3ForCausalLM(config).to(dtype)
+    with torch.device(device):
+        base = DeepseekV3ForCausalLM(config).to(dtype)
     names, models = ["frozen base (fwd+bwd to the inputs)", "moetune expert LoRA"], [base]
     with tempfile.TemporaryDirectory() as folder:
         base.save_pretrained(folder)
-        models.append(DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype))
+        models.append(DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, device=device))
         if args.fp8:
             names.append("moetune expert LoRA, frozen FP8 base")
-            models.append(DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, fp8="frozen"))
-        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype)
+            models.append(DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, device=device,
+                                                                fp8="frozen"))
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
     base.requires_grad_(False)
     ours_trainable = [apply_lora(model, LoraSpec(rank=RANK, alpha=2 * RANK)) for model in models[1:]]
     names.append("PEFT target_parameters on transformers")
@@ -106,11 +116,12 @@ def main() -> None:
         r=RANK, lora_alpha=2 * RANK, target_modules=ATTENTION + ["gate_proj", "up_proj", "down_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])))
     peft_trainable = sum(p.numel() for p in models[-1].parameters() if p.requires_grad)
-    models = [model.to(device).train() for model in models]
+    models = [model.train() for model in models]
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     with torch.no_grad():  # LoRA B starts at zero: every model computes its base
         losses = [forward_loss(model, ids, None).item() for model in models]
-    times = [statistics.median(t) for t in step_times(models, ids, args.steps, sync)]
+    optimizers = [optimizer_for(model) for model in models]
+    times = [statistics.median(t) for t in step_times(models, optimizers, ids, args.steps, sync)]
     print(f"LoRA step (fwd+bwd+AdamW), rank {RANK}, {size['n_routed_experts']} experts "
           f"top-{size['num_experts_per_tok']}, {batch} x {seq} tokens, {dtype}, {device}")
     print(f"  trainable parameters: moetune {ours_trainable[0]:,}, PEFT {peft_trainable:,}")
@@ -119,6 +130,9 @@ def main() -> None:
         print(f"  {name + ':':42s} {seconds * 1e3:8.1f} ms  ({seconds / times[0]:.2f}x base)")
     for name, seconds in zip(names[1:-1], times[1:-1]):
         print(f"  {name}: {times[-1] / seconds:.2f}x the speed of PEFT")
+    if args.profile and args.gpu:
+        for name, model, optimizer in zip(names, models, optimizers):
+            print_top_kernels(name, lambda m=model, o=optimizer: lora_step(m, o, ids))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the same weights and tokens, and the outputs are checked equal before timing.
 
     python bench/moe_layer.py                 # CPU size: hidden 512, 32 experts, top-4, 2048 tokens
     python bench/moe_layer.py --gpu           # H200 size: hidden 2048, 64 experts, top-6, 8192 tokens, bf16
+    python bench/moe_layer.py --gpu --profile # and the top GPU kernels of each layer
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ import argparse
 import statistics
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 import transformers
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profiling import print_top_kernels
 
 from moetune.model.config import DeepseekV3Config
 from moetune.model.moe import MoE
@@ -106,6 +113,7 @@ def main() -> None:
     parser.add_argument("--topk-groups", type=int, default=1)
     parser.add_argument("--shared", type=int)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="with --gpu: print each layer's top kernels")
     args = parser.parse_args()
     sizes = (dict(tokens=8192, hidden=2048, intermediate=1408, experts=64, top_k=6, shared=2)
              if args.gpu else dict(tokens=2048, hidden=512, intermediate=256, experts=32, top_k=4, shared=1))
@@ -141,6 +149,9 @@ def main() -> None:
     print(f"  speedup: {t_theirs / t_ours:.2f}x")
     print(f"  its matrix products alone: {t_floor:8.2f} ms (no layer can beat this; "
           f"transformers / products = {t_theirs / t_floor:.2f}x)")
+    if args.profile and args.gpu:
+        for name, layer in (("moetune", ours), ("transformers grouped_mm", theirs)):
+            print_top_kernels(f"{name} MoE layer fwd+bwd", lambda layer=layer: layer(x).backward(grad))
 
 
 if __name__ == "__main__":

@@ -6,17 +6,23 @@ attention). The losses of the first step are checked equal before timing.
 
     python bench/train_step.py          # CPU: a tiny model, batch 4 x 256 tokens, float32, fused AdamW
     python bench/train_step.py --gpu    # H200: 1.95B parameters, 2 x 4096 tokens, bf16, fused AdamW
+    python bench/train_step.py --gpu --profile   # and the top GPU kernels of each step
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profiling import print_top_kernels
 
 from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -32,19 +38,22 @@ GPU_SIZE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=10944, moe
                 first_k_dense_replace=1)
 
 
-def time_steps(models, ids, steps: int, sync) -> list[list[float]]:
+def train_step(model, optimizer, ids) -> None:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_steps(models, optimizers, ids, steps: int, sync) -> list[list[float]]:
     """Seconds per training step for each model, alternating models every step so that
     machine noise hits both alike; two warm-up rounds."""
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True) for m in models]
     times = [[] for _ in models]
     for i in range(steps + 2):
         for model, optimizer, samples in zip(models, optimizers, times):
             sync()
             start = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, ids)
             sync()
             if i >= 2:
                 samples.append(time.perf_counter() - start)
@@ -57,6 +66,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="with --gpu: print each step's top kernels")
     args = parser.parse_args()
     device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
     batch = args.batch or (2 if args.gpu else 4)
@@ -65,22 +75,27 @@ def main() -> None:
     torch.manual_seed(0)
     config = DeepseekV3Config(**(GPU_SIZE if args.gpu else CPU_SIZE), num_nextn_predict_layers=0,
                               max_position_embeddings=max(seq, 4096))
-    ours = DeepseekV3ForCausalLM(config).to(dtype)
+    with torch.device(device):
+        ours = DeepseekV3ForCausalLM(config).to(dtype).train()
     with tempfile.TemporaryDirectory() as folder:
         ours.save_pretrained(folder)
-        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype)
-    ours, theirs = ours.to(device).train(), theirs.to(device).train()
+        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
+    theirs.train()
     params = sum(p.numel() for p in ours.parameters())
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     with torch.no_grad():
         loss_ours, loss_theirs = ours(ids, labels=ids).loss.item(), theirs(input_ids=ids, labels=ids).loss.item()
-    t_ours, t_theirs = map(statistics.median, time_steps([ours, theirs], ids, args.steps, sync))
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True) for m in (ours, theirs)]
+    t_ours, t_theirs = map(statistics.median, time_steps([ours, theirs], optimizers, ids, args.steps, sync))
     tokens = batch * seq
     print(f"train step (fwd+bwd+AdamW), {params / 1e6:.1f}M parameters, {batch} x {seq} tokens, {dtype}, {device}")
     print(f"  first loss: moetune {loss_ours:.5f}, transformers {loss_theirs:.5f}")
     print(f"  transformers: {t_theirs * 1e3:8.1f} ms/step, {tokens / t_theirs:10,.0f} tokens/s")
     print(f"  moetune:      {t_ours * 1e3:8.1f} ms/step, {tokens / t_ours:10,.0f} tokens/s")
     print(f"  speedup: {t_theirs / t_ours:.2f}x")
+    if args.profile and args.gpu:
+        for name, model, optimizer in zip(("moetune", "transformers"), (ours, theirs), optimizers):
+            print_top_kernels(f"{name} train step", lambda m=model, o=optimizer: train_step(m, o, ids))
 
 
 if __name__ == "__main__":

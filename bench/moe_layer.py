@@ -46,6 +46,23 @@ def copy_weights(ours: MoE, theirs: DeepseekV3MoE) -> None:
             getattr(theirs.shared_experts, name).weight.copy_(getattr(ours.shared_experts, name).weight)
 
 
+def gradient_differences(ours: MoE, theirs: DeepseekV3MoE, x, grad) -> dict[str, float]:
+    """|g_ours - g_theirs| / |g_theirs| for the input and the routed experts' weights after
+    one backward each; fails loudly above 2e-2 (bf16 is about 4e-3 per op)."""
+    grads = []
+    for layer in (ours, theirs):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(grad)
+        grads.append({"input": x.grad.float(), "gate_up_proj": layer.experts.gate_up_proj.grad.float(),
+                      "down_proj": layer.experts.down_proj.grad.float()})
+    x.grad = None
+    diffs = {name: ((grads[0][name] - g).norm() / g.norm()).item() for name, g in grads[1].items()}
+    if max(diffs.values()) > 2e-2:
+        raise SystemExit(f"moetune's gradients differ from transformers': {diffs}")
+    return diffs
+
+
 def time_steps(layers, x, grad, repeats: int, sync) -> list[list[float]]:
     """ms per forward+backward for each layer, alternating layers every repeat so that
     machine noise hits both alike; two warm-up rounds."""
@@ -138,12 +155,14 @@ def main() -> None:
     grad = torch.randn_like(x)
     with torch.no_grad():
         diff = (ours(x) - theirs(x)).abs().max().item()
+    grad_diffs = gradient_differences(ours, theirs, x, grad)
     ours_ms, theirs_ms = time_steps([ours, theirs], x, grad, args.repeats, sync)
     t_ours, t_theirs = statistics.median(ours_ms), statistics.median(theirs_ms)
     t_floor = gemm_floor(ours, x, args.repeats, sync)
     print(f"MoE layer fwd+bwd, {args.tokens} tokens, hidden {args.hidden}, {args.experts} experts "
           f"top-{args.top_k}, intermediate {args.intermediate}, {args.shared} shared, {dtype}, {device}")
-    print(f"  output max abs diff: {diff:.2e}")
+    print(f"  output max abs diff: {diff:.2e}; gradients' relative difference: "
+          + ", ".join(f"{name} {value:.2e}" for name, value in grad_diffs.items()))
     print(f"  transformers grouped_mm: {t_theirs:8.2f} ms (median of {args.repeats})")
     print(f"  moetune:                 {t_ours:8.2f} ms")
     print(f"  speedup: {t_theirs / t_ours:.2f}x")

@@ -74,6 +74,16 @@ def quantize_act(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None =
     return quantize.quantize_act(x, block_size, scale_fmt)
 
 
+def transpose_fp8(w: torch.Tensor) -> torch.Tensor:
+    """w [..., R, C] float8 -> its transpose [..., C, R], contiguous: a tiled Triton kernel on
+    CUDA (torch's strided float8 copy moves a small fraction of memory bandwidth)."""
+    if w.is_cuda and triton_available(w.device):
+        from moetune.kernels import triton_fp8
+
+        return triton_fp8.transpose(w)
+    return w.transpose(-2, -1).contiguous()
+
+
 def fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
     return (dequantize_act(a, a_scale) @ dequantize_weight(b, b_scale, dtype=torch.float32).T).to(out_dtype)
 

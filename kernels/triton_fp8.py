@@ -47,6 +47,32 @@ def quantize_act(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None
 
 
 @triton.jit
+def _transpose_kernel(x_ptr, y_ptr, R, C, BLOCK: tl.constexpr):
+    """One BLOCK x BLOCK tile of matrix program_id(2): y [C, R] = x [R, C] transposed."""
+    base = tl.program_id(2).to(tl.int64) * R * C
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    tile = tl.load(x_ptr + base + rows[:, None] * C + cols[None, :],
+                   mask=(rows[:, None] < R) & (cols[None, :] < C))
+    tl.store(y_ptr + base + cols[:, None] * R + rows[None, :], tl.trans(tile),
+             mask=(cols[:, None] < C) & (rows[None, :] < R))
+
+
+def transpose(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """x [..., R, C] of a 1-byte dtype (float8) -> its transpose [..., C, R], contiguous."""
+    if x.element_size() != 1:
+        raise ValueError(f"triton transpose moves 1-byte elements, not {x.dtype}")
+    x = x.contiguous()
+    R, C = x.shape[-2:]
+    y = torch.empty(*x.shape[:-2], C, R, dtype=x.dtype, device=x.device)
+    matrices = x.numel() // max(R * C, 1)
+    if x.numel():
+        _transpose_kernel[(triton.cdiv(R, block), triton.cdiv(C, block), matrices)](
+            x.view(torch.uint8), y.view(torch.uint8), R, C, BLOCK=block)
+    return y
+
+
+@triton.jit
 def _fp8_gemm_tile(a_ptr, b_ptr, a_s_ptr, b_s_ptr, row_start, row_end, n_start, N, K,
                    stride_am, stride_bn, stride_asm, stride_bsn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

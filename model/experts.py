@@ -11,8 +11,9 @@ products through the weights go through an `ExpertGemms` object, so FP8 experts
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from moetune.kernels.swiglu import swiglu, swiglu_backward
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -43,12 +44,6 @@ class ExpertGemms:
     def gate_up_input_grad(self, grad_h: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """grad_h [N, 2I] -> grad_h W_gate_up [N, hidden]."""
         return grouped_mm(grad_h, self.gate_up_weight, offsets)
-
-
-def swiglu(h: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
-    """h [N, 2I] = [gate | up] -> row_weight * silu(gate) * up [N, I]."""
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up).mul_(row_weight[:, None])
 
 
 def select_rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -118,12 +113,7 @@ class RoutedExpertsFunction(torch.autograd.Function):
         lora, s, gemms = gate_A is not None, ctx.scaling, ctx.gemms
         needs_x, needs_gate_up, needs_down = ctx.needs_input_grad[:3]
         grad_rows_out = grad_out.index_select(0, row_token)
-        gate, up = h.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        act = silu * up  # unweighted SwiGLU output [N, I]
-        weight = row_weight[:, None]
-        act_weighted = act * weight if (lora or needs_down) else None
+        act_weighted = swiglu(h, row_weight) if (lora or needs_down) else None  # recomputed
         grad_act = gemms.down_input_grad(grad_rows_out, offsets)  # d out / d (weighted act)
         lora_grads = [None] * 6
         if lora:
@@ -133,15 +123,8 @@ class RoutedExpertsFunction(torch.autograd.Function):
             lora_grads[2] = grouped_mm(grad_u_out.t(), select_rows(act_weighted, lora_rows),
                                        lora_offsets)  # down_A
             add_rows(grad_act, lora_rows, grouped_mm(grad_u_out, down_A, lora_offsets))
-        grad_row_weight = (grad_act * act).sum(-1)
         grad_down = grouped_mm(grad_rows_out.t(), act_weighted, offsets) if needs_down else None
-        grad_act.mul_(weight)
-        grad_h = torch.empty_like(h)
-        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad_act, silu, out=grad_up)
-        torch.mul(grad_act, up, out=grad_gate)
-        # d silu(g)/dg = sig * (1 + g * (1 - sig)); h is not needed after this
-        grad_gate.mul_(gate.mul_(1 - sig).add_(1).mul_(sig))
+        grad_h, grad_row_weight = swiglu_backward(h, row_weight, grad_act)
         grad_rows = gemms.gate_up_input_grad(grad_h, offsets) if (needs_x or lora) else None
         if lora:
             rank, inter = gate_A.shape[1], gate_B.shape[1]

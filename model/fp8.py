@@ -30,6 +30,7 @@ from moetune.kernels import (
     fp8_grouped_gemm,
     quantize_act,
     quantize_weight,
+    transpose_fp8,
 )
 from moetune.model.experts import ExpertGemms, RoutedExperts, route
 
@@ -250,7 +251,7 @@ def grouped_fp8(rows: FP8Tensor, weight: FP8Tensor, offsets: torch.Tensor,
 def transposed(weight: FP8Tensor) -> FP8Tensor:
     """W^T [E, in, out] with its block scales: the 128x128 blocks of W transposed."""
     w, scale = weight
-    return w.transpose(-2, -1).contiguous(), scale.transpose(-2, -1).contiguous()
+    return transpose_fp8(w), scale.transpose(-2, -1).contiguous()
 
 
 class FP8TrainingExperts(RoutedExperts):

@@ -175,3 +175,11 @@ def test_triton_kernels_compile_for_hopper_with_wgmma_and_pipelined_loads(tmp_pa
         assert stats["shared"] <= 227 * 1024, name
         if name != "quantize_act":
             assert stats["wgmma"] >= 1 and stats["async_copies"] > 0, (name, stats)
+
+
+@pytest.mark.parametrize("shape", [(3, 130, 70), (64, 200)])  # partial tiles; batched and 2-D
+def test_triton_transpose_equals_torch(shape):
+    w, _ = quantize_weight(torch.randn(shape))
+    ours = triton_fp8.transpose(w)
+    assert ours.is_contiguous() and ours.dtype == torch.float8_e4m3fn
+    assert torch.equal(ours.view(torch.uint8), w.transpose(-2, -1).contiguous().view(torch.uint8))

@@ -1,0 +1,55 @@
+"""The routed experts' SwiGLU with per-row weights, forward and backward, fused.
+
+h [N, 2I] holds each expert-sorted row's gate and up projections side by side; the row's
+routing weight w scales the output:
+
+    act = w * silu(gate) * up                                   [N, I]
+    d gate = dy * w * up * sig * (1 + gate * (1 - sig)),  sig = sigmoid(gate)
+    d up   = dy * w * silu(gate)
+    d w    = sum_i dy * silu(gate) * up                          [N]
+
+On CUDA each is one Triton kernel (one read of h and dy, float32 math, one write per output);
+elsewhere, the same math in plain torch, which is also the tests' reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def use_triton(h: torch.Tensor, backend: str) -> bool:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"swiglu backend must be auto, torch or triton, not {backend!r}")
+    return backend == "triton" or (backend == "auto" and h.is_cuda)
+
+
+def swiglu(h: torch.Tensor, row_weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """h [N, 2I] = [gate | up], row_weight [N] -> row_weight * silu(gate) * up [N, I] in h's dtype."""
+    if use_triton(h, backend):
+        from moetune.kernels import triton_swiglu
+
+        return triton_swiglu.swiglu(h, row_weight)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up).mul_(row_weight[:, None].to(h.dtype))
+
+
+def swiglu_backward(h: torch.Tensor, row_weight: torch.Tensor, grad_act: torch.Tensor,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `swiglu` given grad_act [N, I] = d loss / d act:
+    (grad_h [N, 2I] in h's dtype, grad_row_weight [N] in h's dtype)."""
+    if use_triton(h, backend):
+        from moetune.kernels import triton_swiglu
+
+        return triton_swiglu.swiglu_backward(h, row_weight, grad_act)
+    gate, up = h.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    grad_row_weight = (grad_act * silu * up).sum(-1)
+    grad_act = grad_act * row_weight[:, None].to(h.dtype)
+    grad_h = torch.empty_like(h)
+    grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+    torch.mul(grad_act, silu, out=grad_up)
+    torch.mul(grad_act, up, out=grad_gate)
+    grad_gate.mul_((1 - sig).mul_(gate).add_(1).mul_(sig))
+    return grad_h, grad_row_weight

@@ -18,7 +18,8 @@ def kernel_times(prof) -> dict[str, tuple[int, float]]:
     """{kernel name: (launches, microseconds on the GPU)} of a finished profile."""
     totals: dict[str, tuple[int, float]] = {}
     for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
+        kernel = event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation
+        if kernel and event.self_device_time_total > 0:  # (annotations span their kernels)
             count, micros = totals.get(event.key, (0, 0.0))
             totals[event.key] = (count + event.count, micros + event.self_device_time_total)
     return totals

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetune.kernels.swiglu import swiglu, swiglu_backward
+from moetune.kernels.expert_rows import combine, swiglu, swiglu_backward
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -142,11 +142,6 @@ class RoutedExpertsFunction(torch.autograd.Function):
         grad_gate_up = grouped_mm(grad_h.t(), rows, offsets) if needs_gate_up else None
         return (grad_x, grad_gate_up, grad_down, None, None, None, None, grad_row_weight,
                 *lora_grads, None, None, None)
-
-
-def combine(rows: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
-    """Sum each token's k rows: rows [N, d], token_rows [T, k] -> [T, d]."""
-    return rows.index_select(0, token_rows.flatten()).unflatten(0, token_rows.shape).sum(1)
 
 
 class RoutedExperts(nn.Module):

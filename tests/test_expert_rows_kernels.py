@@ -1,11 +1,12 @@
-"""The routed experts' fused SwiGLU (forward and backward) against autograd on the plain
-formula, the Triton kernels under the interpreter (see conftest.py)."""
+"""The routed experts' fused row kernels (SwiGLU forward and backward, the combine of each
+token's rows) against plain references, the Triton kernels under the interpreter
+(see conftest.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moetune.kernels import swiglu as kernels
+from moetune.kernels import expert_rows as kernels
 
 
 def autograd_reference(h, row_weight, grad_act):
@@ -50,5 +51,17 @@ def test_swiglu_takes_strided_rows_and_bf16():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="swiglu backend"):
+    with pytest.raises(ValueError, match="expert-row kernel backend"):
         kernels.swiglu(torch.zeros(1, 2), torch.ones(1), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("tokens, k, width", [(6, 4, 1500), (0, 2, 64)])  # 2 column blocks; none
+def test_combine_sums_each_tokens_rows(backend, tokens, k, width):
+    rows = torch.randn(tokens * k + 3, width)  # 3 rows no token reads
+    token_rows = torch.randperm(tokens * k + 3)[: tokens * k].view(tokens, k)
+    expected = torch.stack([rows[token_rows[t]].double().sum(0) for t in range(tokens)]) \
+        if tokens else torch.zeros(0, width, dtype=torch.double)
+    ours = kernels.combine(rows, token_rows, backend=backend)
+    assert ours.shape == (tokens, width) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=1e-5)

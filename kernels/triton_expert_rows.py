@@ -1,5 +1,5 @@
-"""Triton kernels for `moetune.kernels.swiglu`: one program per row, float32 math, the row's
-I columns in chunks of BLOCK. Run on GPUs, and under Triton's interpreter on CPU for tests."""
+"""Triton kernels for `moetune.kernels.expert_rows`, float32 math. Run on GPUs, and under
+Triton's interpreter on CPU for tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 512  # columns per chunk; I = 1408 (64-expert models) takes three
+SWIGLU_BLOCK = 512  # columns per chunk, one program per row; I = 1408 takes three
+COMBINE_BLOCK = 1024  # columns per program
 
 
 @triton.jit
@@ -46,18 +47,32 @@ def _swiglu_backward_kernel(h_ptr, w_ptr, grad_act_ptr, grad_h_ptr, grad_w_ptr, 
     tl.store(grad_w_ptr + row, tl.sum(grad_w, 0).to(grad_w_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _combine_kernel(rows_ptr, token_rows_ptr, out_ptr, D, stride_rows, stride_out,
+                    K: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < D
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(token_rows_ptr + token * K + j).to(tl.int64)
+        acc += tl.load(rows_ptr + row * stride_rows + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 def swiglu(h: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
-    """Same contract as moetune.kernels.swiglu.swiglu."""
+    """Same contract as moetune.kernels.expert_rows.swiglu."""
     h, row_weight = h.contiguous(), row_weight.contiguous()
     rows, inter = h.shape[0], h.shape[1] // 2
     act = torch.empty(rows, inter, dtype=h.dtype, device=h.device)
     if rows:
-        _swiglu_kernel[(rows,)](h, row_weight, act, inter, h.stride(0), act.stride(0), BLOCK=BLOCK)
+        _swiglu_kernel[(rows,)](h, row_weight, act, inter, h.stride(0), act.stride(0),
+                                BLOCK=SWIGLU_BLOCK)
     return act
 
 
 def swiglu_backward(h: torch.Tensor, row_weight: torch.Tensor, grad_act: torch.Tensor):
-    """Same contract as moetune.kernels.swiglu.swiglu_backward."""
+    """Same contract as moetune.kernels.expert_rows.swiglu_backward."""
     h, row_weight, grad_act = h.contiguous(), row_weight.contiguous(), grad_act.contiguous()
     rows, inter = h.shape[0], h.shape[1] // 2
     grad_h = torch.empty_like(h)
@@ -65,5 +80,16 @@ def swiglu_backward(h: torch.Tensor, row_weight: torch.Tensor, grad_act: torch.T
     if rows:
         _swiglu_backward_kernel[(rows,)](
             h, row_weight, grad_act, grad_h, grad_row_weight, inter, h.stride(0),
-            grad_act.stride(0), grad_h.stride(0), BLOCK=BLOCK)
+            grad_act.stride(0), grad_h.stride(0), BLOCK=SWIGLU_BLOCK)
     return grad_h, grad_row_weight
+
+
+def combine(rows: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
+    """Same contract as moetune.kernels.expert_rows.combine."""
+    rows, token_rows = rows.contiguous(), token_rows.contiguous()
+    (tokens, k), width = token_rows.shape, rows.shape[1]
+    out = torch.empty(tokens, width, dtype=rows.dtype, device=rows.device)
+    if tokens and width:
+        _combine_kernel[(tokens, triton.cdiv(width, COMBINE_BLOCK))](
+            rows, token_rows, out, width, rows.stride(0), out.stride(0), K=k, BLOCK=COMBINE_BLOCK)
+    return out

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a session lent the device (one H200; torch, triton,
 # transformers, peft and accelerate preinstalled; no vllm/trl/deepspeed):
-#   run(command="bash bench/gpu.sh", timeout_s=480)
-# Puts moetune on the path (a package folder of links: no install), then runs the GPU benchmarks, each of which checks
-# its results against a reference before timing and then prints its top kernels
-# (bench/profiling.py); logs go to $OUT (or ./gpu_out), five files.
+#   run(command="bash bench/gpu.sh", timeout_s=300)    # about 2.5 minutes, or name steps:
+#   run(command="bash bench/gpu.sh train_step lora")
+# Puts moetune on the path (a package folder of links: no install), then runs the GPU
+# benchmarks, each of which checks its results against a reference before timing and then
+# prints its top kernels (bench/profiling.py); logs go to $OUT (or ./gpu_out), a file a step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1  # a step cut at its limit keeps what it printed
@@ -20,9 +21,11 @@ site=$(mktemp -d)
 mkdir "$site/moetune"
 for sub in kernels model finetune rl rewards recipes; do ln -s "$PWD/$sub" "$site/moetune/$sub"; done
 export PYTHONPATH="$site"
+wanted=" ${*:-fp8_gemm moe_layer train_step lora} "  # bash bench/gpu.sh [STEP ...]
 step() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
+  [[ $wanted == *" $name "* ]] || return 0
   echo "### $*" > "$out/$name.txt"
   timeout "$limit" "$@" >> "$out/$name.txt" 2>&1
   echo "exit $?" >> "$out/$name.txt"
@@ -31,4 +34,4 @@ step fp8_gemm 120 python3 bench/fp8_gemm.py
 step moe_layer 90 python3 bench/moe_layer.py --gpu --profile
 step train_step 120 python3 bench/train_step.py --gpu --profile
 step lora 150 python3 bench/lora.py --gpu --fp8 --profile
-cat "$out"/environment.txt "$out"/fp8_gemm.txt "$out"/moe_layer.txt "$out"/train_step.txt "$out"/lora.txt
+cat "$out"/*.txt

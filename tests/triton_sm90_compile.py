@@ -1,4 +1,4 @@
-"""Compile moetune's Triton kernels for Hopper (sm_90) without a GPU, as a subprocess.
+"""Compile moetune's Triton kernels (FP8 and expert-row) for Hopper (sm_90) without a GPU.
 
     python tests/triton_sm90_compile.py OUT_JSON
 
@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from moetune.kernels import triton_fp8
+from moetune.kernels import triton_expert_rows, triton_fp8
 
 HOPPER = GPUTarget("cuda", 90, 32)
 GEMM_ARGS = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "a_s_ptr": "*fp32",
@@ -28,7 +28,8 @@ DIVISIBLE = ("K", "stride_am", "stride_be", "stride_bn", "stride_cm")  # besides
 
 def build(fn, signature: dict[str, str], constexprs: dict, **options) -> dict:
     names = list(signature)
-    divisible = [n for n, kind in signature.items() if kind.startswith("*") or n in DIVISIBLE]
+    divisible = [n for n, kind in signature.items()
+                 if kind.startswith("*") or (n in DIVISIBLE and kind != "constexpr")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                             target=HOPPER, options=options)
@@ -57,6 +58,21 @@ def main() -> None:
         label = f"fp8_grouped_gemm {config.kwargs} warps {config.num_warps} stages {config.num_stages}"
         results[label] = build(autotuned.fn, grouped, {"E_PAD": 256, "BLOCK_K": 128} | config.kwargs,
                                num_warps=config.num_warps, num_stages=config.num_stages)
+    results["transpose"] = build(triton_fp8._transpose_kernel,
+                                 {"x_ptr": "*u8", "y_ptr": "*u8", "R": "i32", "C": "i32",
+                                  "BLOCK": "constexpr"}, {"BLOCK": 64})
+    results["swiglu"] = build(triton_expert_rows._swiglu_kernel, {
+        "h_ptr": "*bf16", "w_ptr": "*fp32", "act_ptr": "*bf16", "I": "i32", "stride_h": "i32",
+        "stride_act": "i32", "BLOCK": "constexpr"}, {"BLOCK": triton_expert_rows.SWIGLU_BLOCK})
+    results["swiglu_backward"] = build(triton_expert_rows._swiglu_backward_kernel, {
+        "h_ptr": "*bf16", "w_ptr": "*fp32", "grad_act_ptr": "*bf16", "grad_h_ptr": "*bf16",
+        "grad_w_ptr": "*bf16"} | {n: "i32" for n in ("I", "stride_h", "stride_grad_act",
+                                                       "stride_grad_h")} | {"BLOCK": "constexpr"},
+        {"BLOCK": triton_expert_rows.SWIGLU_BLOCK})
+    results["combine"] = build(triton_expert_rows._combine_kernel, {
+        "rows_ptr": "*bf16", "token_rows_ptr": "*i64", "out_ptr": "*bf16", "D": "i32",
+        "stride_rows": "i32", "stride_out": "i32", "K": "constexpr", "BLOCK": "constexpr"},
+        {"K": 8, "BLOCK": triton_expert_rows.COMBINE_BLOCK})
     with open(sys.argv[1], "w") as out:
         json.dump(results, out, indent=1)
 

@@ -1,9 +1,11 @@
 """Rewards for GRPO: a registry of reward functions, the built-ins, and the scorer.
 
-A reward function has TRL's signature, so TRL and open-r1 functions plug in unchanged:
-`fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]`, where None
-means "not applicable to this sample". The trainer calls
-`score(specs, prompts, completions, columns) -> ScoreResult` (see `scoring`).
+Reward functions are called as TRL's GRPOTrainer calls them, by keyword, so TRL's and
+open-r1's functions plug in unchanged: `fn(prompts=, completions=, completion_ids=, **columns,
+trainer_state=, log_extra=, log_metric=) -> list[float | None]` (a function gets the
+arguments it names, or all through **kwargs), where None means "not applicable to this
+sample". The trainer calls `score(specs, prompts, completions, columns, completion_ids=,
+trainer_state=) -> ScoreResult` (see `scoring`).
 
 Built-ins: `math_accuracy` (math-verify under a hard time limit), `code_tests` (programs run
 in a sandbox), and the shaping rewards `format`, `tag_count`, `soft_overlong`,
@@ -24,6 +26,8 @@ from moetune.rewards.scoring import (
     RewardError,
     RewardSpec,
     ScoreResult,
+    TrainerState,
+    completion_texts,
     report_timeout,
     score,
     score_async,
@@ -35,7 +39,9 @@ __all__ = [
     "RewardNotFound",
     "RewardSpec",
     "ScoreResult",
+    "TrainerState",
     "available_rewards",
+    "completion_texts",
     "get_reward",
     "register_reward",
     "report_timeout",

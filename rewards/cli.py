@@ -1,11 +1,15 @@
 """`moetune reward score`: score completions offline.
 
     moetune reward score --reward math_accuracy,format --input in.jsonl --output out.jsonl
+    moetune reward score --reward trl.rewards:get_soft_overlong_punishment \
+        --options '{"trl.rewards:get_soft_overlong_punishment": {"max_completion_len": 512,
+                    "soft_punish_cache": 64}}' --input in.jsonl --output out.jsonl
 
 Each input line is a JSON object with `prompt`, `completion` and any columns the rewards read
-(`answer`, `tests`, ...). Each output line is the input plus `rewards` (value per function)
-and `reward` (the weighted total). A summary (mean reward, errors, timeouts) follows the
-progress bar.
+(`answer`, `tests`, `completion_ids`, ...); a conversational `prompt` is a list of
+`{"role", "content"}` messages. Each output line is the input plus `rewards` (value per
+function), `reward` (the weighted total) and, where a function called `log_extra`, `extra`.
+A summary (mean reward, errors, timeouts, logged metrics) follows the progress bar.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ def add_subcommand(subparsers) -> None:
                              "path/to/file.py:function")
     parser.add_argument("--weights", metavar="W[,W...]",
                         help="one weight per reward (default: 1 each)")
+    parser.add_argument("--options", type=json.loads, default={}, metavar="JSON",
+                        help="options per reward, as a JSON object: {NAME: {option: value}}")
     parser.add_argument("--on-error", choices=("raise", "zero"), default="raise",
                         help="a failing sample stops scoring (raise) or scores 0 (zero)")
     parser.add_argument("--input", required=True, type=Path, help="JSONL file to score")
@@ -36,6 +42,7 @@ def add_subcommand(subparsers) -> None:
 def run_score(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from moetune.rewards.registry import RewardNotFound, get_reward
     from moetune.rewards.scoring import RewardError, RewardSpec, score
 
     names = [name.strip() for name in args.reward.split(",") if name.strip()]
@@ -43,7 +50,18 @@ def run_score(args: argparse.Namespace) -> int:
     if len(weights) != len(names):
         print(f"error: {len(names)} rewards but {len(weights)} weights", file=sys.stderr)
         return 2
-    specs = [RewardSpec(name, weight, on_error=args.on_error) for name, weight in zip(names, weights)]
+    unknown = sorted(set(args.options) - set(names))
+    if unknown:
+        print(f"error: --options names {', '.join(unknown)}, not among --reward", file=sys.stderr)
+        return 2
+    specs = [RewardSpec(name, weight, kwargs=args.options.get(name, {}), on_error=args.on_error)
+             for name, weight in zip(names, weights)]
+    try:  # every name and option resolves before any row is scored
+        for spec in specs:
+            get_reward(spec.name, **spec.kwargs)
+    except (RewardNotFound, TypeError) as error:
+        print(f"moetune reward score: {error}", file=sys.stderr)
+        return 2
     rows = _read_rows(args.input)
     summary = _Summary(names)
     with args.output.open("w") as output, tqdm(total=len(rows), unit="sample") as progress:
@@ -60,8 +78,9 @@ def run_score(args: argparse.Namespace) -> int:
                 return 1
             for i, row in enumerate(batch):
                 rewards = {name: result.values[name][i] for name in names}
-                output.write(json.dumps({**row, "rewards": rewards, "reward": result.totals[i]})
-                             + "\n")
+                extra = {column: values[i] for column, values in result.extra.items()}
+                output.write(json.dumps({**row, "rewards": rewards, "reward": result.totals[i]}
+                                        | ({"extra": extra} if extra else {}), default=str) + "\n")
             summary.add(result)
             progress.update(len(batch))
     print(summary.render())
@@ -89,9 +108,12 @@ class _Summary:
         self.values: dict[str, list[float]] = {name: [] for name in names}
         self.errors = dict.fromkeys(names, 0)
         self.timeouts = dict.fromkeys(names, 0)
+        self.metrics: dict[str, list[float]] = {}
 
     def add(self, result) -> None:
         self.totals += result.totals
+        for name, values in result.metrics.items():
+            self.metrics.setdefault(name, []).extend(values)
         for name in self.names:
             self.values[name] += [v for v in result.values[name] if v is not None]
             self.errors[name] += result.errors[name]
@@ -106,4 +128,5 @@ class _Summary:
             lines.append(f"  {name}: mean {mean(self.values[name])} over "
                          f"{len(self.values[name])} scored, errors {self.errors[name]}, "
                          f"timeouts {self.timeouts[name]}")
+        lines += [f"  logged {name}: mean {mean(values)}" for name, values in self.metrics.items()]
         return "\n".join(lines)

@@ -33,7 +33,7 @@ from moetune.rewards.sandbox import (
     ScriptJob,
     default_sandbox,
 )
-from moetune.rewards.scoring import report_timeout
+from moetune.rewards.scoring import completion_texts, report_timeout
 
 _PYTHON_BLOCK = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -41,7 +41,7 @@ _PYTHON_BLOCK = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re
 @register_reward("code_tests")
 def code_tests(
     prompts: list[str],
-    completions: list[str],
+    completions: list,
     tests: list[dict | str | None],
     *,
     binary: bool = False,
@@ -51,7 +51,7 @@ def code_tests(
 ) -> list[float | None]:
     """The fraction of each sample's cases its program passes; see the module docstring."""
     cases = []  # (sample index, job, expected stdout; None for an assert-style test)
-    for index, (completion, spec) in enumerate(zip(completions, tests)):
+    for index, (completion, spec) in enumerate(zip(completion_texts(completions), tests)):
         if spec is not None:
             code = extract_code(completion)
             cases += [(index, job, expected) for job, expected in build_cases(code, spec)]

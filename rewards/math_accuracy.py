@@ -22,7 +22,7 @@ import threading
 from typing import Literal
 
 from moetune.rewards.registry import register_reward
-from moetune.rewards.scoring import report_timeout
+from moetune.rewards.scoring import completion_texts, report_timeout
 from moetune.rewards.time_limit import CallFailed, TimeLimitExceeded, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ WORKER_MEMORY_MB = 4096
 @register_reward("math_accuracy")
 def math_accuracy(
     prompts: list[str],
-    completions: list[str],
+    completions: list,
     answer: list[str | None] | None = None,
     solution: list[str | None] | None = None,
     *,
@@ -51,7 +51,7 @@ def math_accuracy(
         raise ValueError("math_accuracy needs the gold answer in a column `answer` or `solution`")
     rewards: list[float | None] = [None if gold is None else 0.0 for gold in golds]
     pending = []
-    for index, (gold, completion) in enumerate(zip(golds, completions)):
+    for index, (gold, completion) in enumerate(zip(golds, completion_texts(completions))):
         gold_answer = None if gold is None else extract_answer(str(gold), fallback="whole")
         predicted = extract_answer(completion, fallback="last_number")
         if gold_answer is not None and predicted is not None:

@@ -7,8 +7,12 @@
    `[project.entry-points."moetune.rewards"] my_reward = "my_pkg.rewards:my_reward"`;
 3. a reference `package.module:function` or `path/to/file.py:function`;
 
-and returns the function with `kwargs` bound. A reward function has TRL's signature,
-`fn(prompts, completions, **columns) -> list[float | None]`, sync or async.
+and returns the function with `kwargs` bound. A reward function takes TRL's keyword
+arguments, `fn(prompts=, completions=, completion_ids=, **columns, trainer_state=, ...)`
+(those it names, or all through **kwargs) and returns `list[float | None]`, sync or async
+(see `scoring`). A function that names none of prompts, completions and completion_ids and
+takes no **kwargs is a factory, like TRL's `get_soft_overlong_punishment(max_completion_len,
+soft_punish_cache)`: it is called with `kwargs` and the reward function it returns is used.
 """
 
 from __future__ import annotations
@@ -53,11 +57,33 @@ def available_rewards() -> list[str]:
     return sorted({*_registry, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
 
 
+REWARD_INPUTS = ("prompts", "completions", "completion_ids")
+RUN_ARGUMENTS = ("trainer_state", "log_extra", "log_metric")  # passed on every call, as TRL does
+
+
 def get_reward(name: str, **kwargs) -> Callable:
-    """The reward function called `name`, with `kwargs` bound."""
+    """The reward function called `name`, with `kwargs` bound (or built from them, for a
+    factory)."""
     fn = _find(name)
-    _check_options(name, fn, kwargs)
-    return functools.partial(fn, **kwargs) if kwargs else fn
+    factory = _is_factory(fn)
+    _check_options(name, fn, kwargs, factory)
+    if not factory:
+        return functools.partial(fn, **kwargs) if kwargs else fn
+    reward = fn(**kwargs)
+    if not callable(reward):
+        raise TypeError(f"reward {name!r} takes none of {', '.join(REWARD_INPUTS)}, so it was "
+                        f"called as a factory, but it returned {type(reward).__name__}, "
+                        "not a function")
+    return reward
+
+
+def _is_factory(fn: Callable) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return not any(p.kind is inspect.Parameter.VAR_KEYWORD or name in REWARD_INPUTS
+                   for name, p in parameters.items())
 
 
 def _find(name: str) -> Callable:
@@ -112,21 +138,23 @@ def _load_file(path: Path):
     return sys.modules[module_name]
 
 
-def _check_options(name: str, fn: Callable, kwargs: dict) -> None:
-    """Require the options a function needs; reject, unless it takes **kwargs, ones it does not
-    take, naming the nearest."""
+def _check_options(name: str, fn: Callable, kwargs: dict, factory: bool) -> None:
+    """Require the options a function (or factory) needs; reject, unless it takes **kwargs,
+    ones it does not take, naming the nearest."""
     try:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return
+    option_kinds = ((inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                    if factory else (inspect.Parameter.KEYWORD_ONLY,))
     for parameter in parameters.values():
-        required = parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is (
-            inspect.Parameter.empty)
+        required = (parameter.kind in option_kinds and parameter.default is inspect.Parameter.empty
+                    and parameter.name not in REWARD_INPUTS + RUN_ARGUMENTS)
         if required and parameter.name not in kwargs:
             raise TypeError(f"reward {name!r} needs the option {parameter.name!r}")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
-    options = [p for p in parameters if p not in ("prompts", "completions")]
+    options = [p for p in parameters if p not in REWARD_INPUTS + RUN_ARGUMENTS]
     for key in kwargs:
         if key not in parameters:
             close = difflib.get_close_matches(key, options, n=1)

@@ -6,11 +6,23 @@
     result.values    # {"math_accuracy": [1.0, 0.0, None, ...], "format": [...]}
     result.errors    # {"math_accuracy": 0, "format": 1}: samples that failed (on_error="zero")
     result.timeouts  # {"math_accuracy": 1, ...}: samples that hit a time limit (scored 0.0)
+    result.metrics   # {"name": [value, ...]}: what the functions passed to log_metric
+    result.extra     # {"column": [one value per sample]}: what they passed to log_extra
 
 `score_async` is the same for callers inside an event loop. Each function is called once
-with the whole batch: `fn(prompts, completions, **columns)`, given every column if it takes
-**kwargs and otherwise only the columns it names. Async functions run concurrently; sync
-functions run one after another in a worker thread, alongside the async ones.
+with the whole batch, by keyword, as TRL's GRPOTrainer calls it:
+
+    fn(prompts=..., completions=..., completion_ids=..., **columns,
+       trainer_state=..., log_extra=..., log_metric=...)
+
+A function that takes **kwargs gets all of these; any other gets the ones it names. With
+conversational prompts (lists of `{"role", "content"}` messages) completions arrive in TRL's
+conversational form, `[{"role": "assistant", "content": text}]`; `completion_texts` gives
+the plain texts either way. `completion_ids` is passed when the caller has the token ids.
+`trainer_state` has `global_step`, `max_steps` and `epoch`. `log_metric(name, value)` and
+`log_extra(column, values)` land in `ScoreResult.metrics` and `ScoreResult.extra`. Async
+functions run concurrently; sync functions run one after another in a worker thread,
+alongside the async ones.
 
 A function that raises is called again sample by sample to find the failing samples. With
 `on_error="raise"` (the default) the first one stops scoring with a RewardError naming the
@@ -31,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moetune.rewards.registry import get_reward
+from moetune.rewards.registry import RUN_ARGUMENTS, get_reward
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +63,34 @@ class RewardSpec:
                              f"got {self.on_error!r}")
 
 
+@dataclass(frozen=True)
+class TrainerState:
+    """The run's progress, passed to reward functions as `trainer_state` (TRL passes its
+    transformers TrainerState, which has these fields)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+
+
 @dataclass
 class ScoreResult:
     values: dict[str, list[float | None]]
     totals: list[float]
     errors: dict[str, int]
     timeouts: dict[str, int]
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list] = field(default_factory=dict)
+
+
+def completion_texts(completions: list) -> list[str]:
+    """Plain texts of completions given as strings or in TRL's conversational form."""
+    return [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+
+
+def is_conversational(prompts: list) -> bool:
+    """Prompts given as message lists, as TRL's `is_conversational` tells them apart."""
+    return bool(prompts) and isinstance(prompts[0], list)
 
 
 class RewardError(RuntimeError):
@@ -81,74 +115,125 @@ def report_timeout(count: int = 1) -> None:
         counter[0] += count
 
 
-def score(specs: Sequence[RewardSpec], prompts: list[str], completions: list[str],
-          columns: dict[str, list] | None = None) -> ScoreResult:
+def score(specs: Sequence[RewardSpec], prompts: list, completions: list[str],
+          columns: dict[str, list] | None = None, *, completion_ids: list[list[int]] | None = None,
+          trainer_state: TrainerState | None = None) -> ScoreResult:
     """Score a batch; see the module docstring."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(score_async(specs, prompts, completions, columns))
+        return asyncio.run(score_async(specs, prompts, completions, columns,
+                                       completion_ids=completion_ids, trainer_state=trainer_state))
     raise RuntimeError("score() was called inside a running event loop; await score_async()")
 
 
-async def score_async(specs: Sequence[RewardSpec], prompts: list[str], completions: list[str],
-                      columns: dict[str, list] | None = None) -> ScoreResult:
-    columns = dict(columns or {})
-    _check_batch(specs, prompts, completions, columns)
-    sync_lock = asyncio.Lock()
-    outcomes = await asyncio.gather(*(
-        _run(spec, get_reward(spec.name, **spec.kwargs), prompts, completions, columns, sync_lock)
-        for spec in specs
-    ))
-    values = {spec.name: outcome[0] for spec, outcome in zip(specs, outcomes)}
-    totals = [
-        sum(spec.weight * v for spec in specs if (v := values[spec.name][i]) is not None)
-        for i in range(len(completions))
-    ]
-    return ScoreResult(
-        values=values,
-        totals=[float(total) for total in totals],
-        errors={spec.name: outcome[1] for spec, outcome in zip(specs, outcomes)},
-        timeouts={spec.name: outcome[2] for spec, outcome in zip(specs, outcomes)},
-    )
-
-
-def _check_batch(specs, prompts, completions, columns) -> None:
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    for name, column in columns.items():
-        if len(column) != len(completions):
-            raise ValueError(f"column {name!r} has {len(column)} rows for "
-                             f"{len(completions)} completions")
+async def score_async(specs: Sequence[RewardSpec], prompts: list, completions: list[str],
+                      columns: dict[str, list] | None = None, *,
+                      completion_ids: list[list[int]] | None = None,
+                      trainer_state: TrainerState | None = None) -> ScoreResult:
+    batch = _batch_arguments(prompts, completions, dict(columns or {}), completion_ids)
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"rewards listed twice: {', '.join(duplicates)}")
+    sync_lock = asyncio.Lock()
+    state = trainer_state or TrainerState()
+    outcomes = await asyncio.gather(*(
+        _run(spec, get_reward(spec.name, **spec.kwargs), batch, len(completions), state, sync_lock)
+        for spec in specs
+    ))
+    values = {spec.name: outcome.values for spec, outcome in zip(specs, outcomes)}
+    totals = [
+        sum(spec.weight * v for spec in specs if (v := values[spec.name][i]) is not None)
+        for i in range(len(completions))
+    ]
+    metrics: dict[str, list[float]] = {}
+    extra: dict[str, list] = {}
+    for outcome in outcomes:
+        for name, logged in outcome.log.metrics.items():
+            metrics.setdefault(name, []).extend(logged)
+        extra |= outcome.log.extra
+    return ScoreResult(
+        values=values,
+        totals=[float(total) for total in totals],
+        errors={spec.name: outcome.errors for spec, outcome in zip(specs, outcomes)},
+        timeouts={spec.name: outcome.timeouts for spec, outcome in zip(specs, outcomes)},
+        metrics=metrics, extra=extra,
+    )
 
 
-async def _run(spec: RewardSpec, fn: Callable, prompts, completions, columns,
-               sync_lock: asyncio.Lock) -> tuple[list[float | None], int, int]:
-    """(values, errors, timeouts) of one reward function over the batch."""
+def _batch_arguments(prompts, completions, columns, completion_ids) -> dict[str, list]:
+    """The per-sample keyword arguments of every call, checked to be one row per sample."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if is_conversational(prompts):
+        completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c
+                       for c in completions]
+    batch = {"prompts": prompts, "completions": completions}
+    if completion_ids is not None:
+        batch["completion_ids"] = completion_ids
+    for name, column in columns.items():
+        if name in batch or name in RUN_ARGUMENTS:
+            raise ValueError(f"column {name!r} clashes with the reward argument of that name")
+        batch[name] = column
+    for name, column in batch.items():
+        if len(column) != len(completions):
+            raise ValueError(f"{name!r} has {len(column)} rows for {len(completions)} completions")
+    return batch
+
+
+@dataclass
+class _Log:
+    """What one reward function passed to log_metric and log_extra."""
+
+    function: str
+    rows: int
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list] = field(default_factory=dict)
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics.setdefault(name, []).append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        if len(values) != self.rows:
+            raise ValueError(f"reward {self.function!r}: log_extra({column!r}) got {len(values)} "
+                             f"values for {self.rows} samples")
+        self.extra.setdefault(column, []).extend(values)
+
+
+@dataclass
+class _Outcome:
+    values: list[float | None]
+    errors: int
+    timeouts: int
+    log: _Log
+
+
+async def _run(spec: RewardSpec, fn: Callable, batch: dict[str, list], n: int,
+               state: TrainerState, sync_lock: asyncio.Lock) -> _Outcome:
+    """Values, errors, timeouts and logs of one reward function over the batch."""
     counter = [0]
     _timeouts.set(counter)  # each gathered task runs in its own copy of the context
-    columns = _accepted_columns(fn, columns)
-    n = len(completions)
+    accepted = _accepted(fn)
+    log = _Log(spec.name, n)
     try:
-        values = _validate(spec.name, await _call(fn, prompts, completions, columns, sync_lock), n)
-        return values, 0, counter[0]
+        values = _validate(spec.name, await _call(fn, batch, state, log, accepted, sync_lock), n)
+        return _Outcome(values, 0, counter[0], log)
     except _WrongCount as failure:  # no single sample is to blame
         if spec.on_error == "raise":
             raise RewardError(str(failure)) from None
         logger.warning("%s; scoring the batch 0.0", failure)
-        return [0.0] * n, n, counter[0]
+        return _Outcome([0.0] * n, n, counter[0], _Log(spec.name, n))
     except Exception as error:  # noqa: BLE001 -- any failure: find the samples to blame
         logger.debug("reward %r failed on the batch (%r); retrying sample by sample",
                      spec.name, error)
-    values, errors, counter[0] = [], 0, 0  # timeouts count again, sample by sample
+    values, errors, counter[0] = [], 0, 0  # timeouts and logs count again, sample by sample
+    log = _Log(spec.name, n)
     for i in range(n):
-        one = {name: column[i:i + 1] for name, column in columns.items()}
+        one = {name: column[i:i + 1] for name, column in batch.items()}
+        sample_log = _Log(spec.name, 1)
         try:
-            result = await _call(fn, prompts[i:i + 1], completions[i:i + 1], one, sync_lock)
+            result = await _call(fn, one, state, sample_log, accepted, sync_lock)
             values += _validate(spec.name, result, 1, first_index=i)
         except Exception as error:
             message = (str(error) if type(error) is _Failure else
@@ -158,29 +243,44 @@ async def _run(spec: RewardSpec, fn: Callable, prompts, completions, columns,
             logger.warning("%s; scoring it 0.0", message)
             values.append(0.0)
             errors += 1
+        _merge_sample_log(log, sample_log, i)
     if errors == 0 and spec.on_error == "raise":
         raise RewardError(f"reward {spec.name!r} failed on the batch of {n} samples, "
                           "though on no single sample")
-    return values, errors, counter[0]
+    return _Outcome(values, errors, counter[0], log)
 
 
-async def _call(fn: Callable, prompts, completions, columns, sync_lock: asyncio.Lock):
+def _merge_sample_log(log: _Log, sample: _Log, index: int) -> None:
+    """Add one sample's logs; an extra column it did not log gets None for it."""
+    for name, logged in sample.metrics.items():
+        log.metrics.setdefault(name, []).extend(logged)
+    for column in {*log.extra, *sample.extra}:
+        log.extra.setdefault(column, [None] * index).extend(sample.extra.get(column, [None]))
+
+
+async def _call(fn: Callable, batch: dict[str, list], state: TrainerState, log: _Log,
+                accepted: set[str] | None, sync_lock: asyncio.Lock):
+    arguments = {**batch, "trainer_state": state, "log_extra": log.log_extra,
+                 "log_metric": log.log_metric}
+    if accepted is not None:
+        arguments = {name: value for name, value in arguments.items() if name in accepted}
     if inspect.iscoroutinefunction(fn):
-        result = await fn(prompts, completions, **columns)
+        result = await fn(**arguments)
     else:
         async with sync_lock:  # sync functions run one at a time, off the event loop
-            result = await asyncio.to_thread(fn, prompts, completions, **columns)
+            result = await asyncio.to_thread(fn, **arguments)
     return await result if inspect.isawaitable(result) else result
 
 
-def _accepted_columns(fn: Callable, columns: dict[str, list]) -> dict[str, list]:
+def _accepted(fn: Callable) -> set[str] | None:
+    """The keyword arguments `fn` names, or None when it takes **kwargs (or cannot tell)."""
     try:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return columns
+        return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return columns
-    return {name: column for name, column in columns.items() if name in parameters}
+        return None
+    return {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
 
 
 def _validate(name: str, values, n: int, first_index: int = 0) -> list[float | None]:

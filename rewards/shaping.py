@@ -16,14 +16,15 @@ from __future__ import annotations
 import re
 
 from moetune.rewards.registry import register_reward
+from moetune.rewards.scoring import completion_texts
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _LAYOUT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
 
 @register_reward("format")
-def think_answer_format(prompts: list[str], completions: list[str]) -> list[float]:
-    return [1.0 if _has_layout(completion) else 0.0 for completion in completions]
+def think_answer_format(prompts: list, completions: list) -> list[float]:
+    return [1.0 if _has_layout(completion) else 0.0 for completion in completion_texts(completions)]
 
 
 def _has_layout(completion: str) -> bool:
@@ -32,14 +33,15 @@ def _has_layout(completion: str) -> bool:
 
 
 @register_reward("tag_count")
-def tag_count(prompts: list[str], completions: list[str]) -> list[float]:
-    return [sum(0.25 for tag in _TAGS if completion.count(tag) == 1) for completion in completions]
+def tag_count(prompts: list, completions: list) -> list[float]:
+    return [sum(0.25 for tag in _TAGS if completion.count(tag) == 1)
+            for completion in completion_texts(completions)]
 
 
 @register_reward("soft_overlong")
 def soft_overlong(
-    prompts: list[str],
-    completions: list[str],
+    prompts: list,
+    completions: list,
     completion_ids: list[list[int]] | None = None,
     *,
     max_length: int,
@@ -49,8 +51,8 @@ def soft_overlong(
         raise ValueError(f"soft_overlong needs 0 < cache_length < max_length, got "
                          f"cache_length={cache_length}, max_length={max_length}")
     if completion_ids is None:
-        raise ValueError("soft_overlong needs the token ids of each completion in a column "
-                         "`completion_ids`")
+        raise ValueError("soft_overlong needs the token ids of each completion "
+                         "(`completion_ids`, passed by the GRPO trainer or a column of that name)")
     safe_length = max_length - cache_length
     return [
         0.0 if len(ids) <= safe_length
@@ -62,12 +64,13 @@ def soft_overlong(
 
 @register_reward("repetition_penalty")
 def repetition_penalty(
-    prompts: list[str], completions: list[str], *, ngram_size: int = 3, max_penalty: float = -1.0
+    prompts: list, completions: list, *, ngram_size: int = 3, max_penalty: float = -1.0
 ) -> list[float]:
     if max_penalty > 0 or ngram_size < 1:
         raise ValueError(f"repetition_penalty needs max_penalty <= 0 and ngram_size >= 1, got "
                          f"max_penalty={max_penalty}, ngram_size={ngram_size}")
-    return [_repetition(completion, ngram_size) * max_penalty for completion in completions]
+    return [_repetition(completion, ngram_size) * max_penalty
+            for completion in completion_texts(completions)]
 
 
 def _repetition(text: str, n: int) -> float:

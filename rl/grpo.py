@@ -30,7 +30,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,7 +51,7 @@ from moetune.model.lora import adapters_disabled
 from moetune.model.moe import MoE
 from moetune.recipes.loader import RecipeError
 from moetune.recipes.schema import GRPORecipe
-from moetune.rewards import score
+from moetune.rewards import TrainerState, score
 from moetune.rl import algorithms
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
@@ -100,6 +100,7 @@ class Groups:
     generated_groups: int
     zero_std_groups: int
     rounds: int
+    logged: dict[str, list[float]] = field(default_factory=dict)  # log_metric calls, all rounds
 
 
 class GRPOTrainer:
@@ -161,15 +162,23 @@ class GRPOTrainer:
         texts = [render(p["prompt"], self.recipe.template, self.tokenizer, self.shots) for p in problems]
         return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
-    def rewards_of(self, problems: list[dict], rollouts: list[list[Rollout]]):
-        """(totals [G, n], {name: [G*n values]}) for the flattened groups."""
+    def trainer_state(self, step: int) -> TrainerState:
+        """Progress as TRL gives it to reward functions: steps completed before this one."""
+        stream = self.stream
+        return TrainerState(global_step=step - 1, max_steps=self.recipe.training.max_steps,
+                            epoch=stream.epoch + stream.cursor / len(stream.problems))
+
+    def rewards_of(self, problems: list[dict], rollouts: list[list[Rollout]], step: int):
+        """(totals [G, n], {name: [G*n values]}, {logged metric: [values]}) for the flattened
+        groups."""
         n = len(rollouts[0])
         flat = [r for group in rollouts for r in group]
         columns = {key: [p.get(key) for p in problems for _ in range(n)]
                    for key in sorted({k for p in problems for k in p} - {"prompt", "completion"})}
-        columns["completion_ids"] = [r.completion_ids for r in flat]
         result = score(self.recipe.rewards, [p["prompt"] for p in problems for _ in range(n)],
-                       [r.text for r in flat], columns)
+                       [r.text for r in flat], columns,
+                       completion_ids=[r.completion_ids for r in flat],
+                       trainer_state=self.trainer_state(step))
         totals = torch.tensor(result.totals, dtype=torch.float32)
         algorithm = self.recipe.algorithm
         if algorithm.overlong == "soft":
@@ -178,18 +187,21 @@ class GRPOTrainer:
                 lengths, self.recipe.rollout.max_new_tokens, algorithm.overlong_buffer)
         values = {metric_name(name): [0.0 if v is None else float(v) for v in vals]
                   for name, vals in result.values.items()}
-        return totals.view(len(problems), n), values
+        return totals.view(len(problems), n), values, result.metrics
 
     def collect(self, step: int) -> Groups:
         algorithm = self.recipe.algorithm
         wanted, n = self.local_prompts, algorithm.group_size
         kept_problems, kept_rollouts, kept_rewards = [], [], []
         per_function: dict[str, list[float]] = {}
+        logged: dict[str, list[float]] = {}
         generated = zero_std = rounds = 0
         while len(kept_problems) < wanted and rounds <= algorithm.max_refills:
             problems = self.stream.take(wanted - len(kept_problems))
             rollouts = self.pool.generate(self.encode(problems), n, self.sampling(step, rounds))
-            totals, values = self.rewards_of(problems, rollouts)
+            totals, values, round_logged = self.rewards_of(problems, rollouts, step)
+            for name, logged_values in round_logged.items():
+                logged.setdefault(name, []).extend(logged_values)
             rounds += 1
             generated += len(problems)
             flat = algorithms.zero_std_groups(totals.flatten(), n)
@@ -205,7 +217,8 @@ class GRPOTrainer:
             if not algorithm.dynamic_sampling:
                 break
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, n)
-        return Groups(kept_problems, kept_rollouts, rewards, per_function, generated, zero_std, rounds)
+        return Groups(kept_problems, kept_rollouts, rewards, per_function, generated, zero_std,
+                      rounds, logged)
 
     # 2. Policy update -------------------------------------------------------------------
     def update(self, groups: Groups) -> dict[str, float]:
@@ -363,6 +376,7 @@ class GRPOTrainer:
             "rollout_tokens_per_second": sum(lengths) / max(seconds, 1e-9),
         }
         metrics |= {f"reward/{name}": mean(values) for name, values in groups.per_function.items()}
+        metrics |= {f"reward_metric/{name}": mean(values) for name, values in groups.logged.items()}
         return metrics
 
     def balance(self, step: int) -> dict[str, float]:
@@ -378,11 +392,11 @@ class GRPOTrainer:
             self.model.reset_expert_load()
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """Greedy accuracy on the held-out problems, through the rollout engines."""
         problems = self.eval_problems
         groups = self.pool.generate(self.encode(problems), 1, self.sampling(0, 0, greedy=True))
-        totals, _ = self.rewards_of(problems, groups)
+        totals, _, _ = self.rewards_of(problems, groups, step)
         threshold = self.recipe.eval.pass_threshold
         return {"eval/accuracy": float((totals.flatten() >= threshold).float().mean())}
 
@@ -539,7 +553,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         for step in bar:
             metrics = trainer.step(step)
             if trainer.eval_problems and step % recipe.eval.every == 0 and main:
-                metrics |= trainer.evaluate()
+                metrics |= trainer.evaluate(step)
             if main and (step % recipe.training.logging_steps == 0 or step == recipe.training.max_steps):
                 metrics_file.write({"step": step, **metrics})
                 if writer:

@@ -177,3 +177,30 @@ def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(tmp
     assert abs(row["mismatch_kl"]) < 1e-6 and row["grad_norm"] > 0  # float32: routes agree
     assert main(["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "length"),
                  "algorithm.routing_replay=true", f"training.output_dir={tmp_path / 'vllm'}"]) == 2
+
+
+STEP_LOGGER = '''
+def logs_progress(completions, trainer_state, log_metric, **kwargs):
+    log_metric("seen_step", trainer_state.global_step)
+    return [0.0] * len(completions)
+'''
+
+
+def test_trl_rewards_run_unchanged_in_a_grpo_step(tmp_path):
+    """A TRL factory's reward gets the rollouts' token ids and gives what TRL's own call gives;
+    a reward's log_metric lands in the step's metrics, with TRL's trainer_state."""
+    import trl.rewards
+
+    (tmp_path / "progress.py").write_text(STEP_LOGGER)
+    repetition = "trl.rewards:get_repetition_penalty_reward"
+    trainer, pool = trainer_for(tmp_path, [
+        f"rewards=[{{name: '{repetition}', kwargs: {{ngram_size: 1, max_penalty: -1.0}}}},"
+        f" {{name: '{tmp_path}/progress.py:logs_progress'}}]", "algorithm.dynamic_sampling=false"])
+    with pool:
+        groups = trainer.collect(3)
+    ids = [r.completion_ids for group in groups.rollouts for r in group]
+    expected = trl.rewards.get_repetition_penalty_reward(1, -1.0)(completion_ids=ids)
+    assert groups.per_function["get_repetition_penalty_reward"] == pytest.approx(expected)
+    assert len(set(expected)) > 1
+    metrics = trainer.rollout_metrics(groups, seconds=1.0)
+    assert metrics["reward_metric/seen_step"] == 2.0  # two steps completed before step 3

@@ -122,8 +122,10 @@ def test_columns_reach_the_functions_that_take_them():
     columns = {"answer": ["1", "2", "3", "4"], "level": [1, 2, 3, 4]}
     score([RewardSpec("test_wants_answer"), RewardSpec("test_takes_everything")],
           PROMPTS, COMPLETIONS, columns)
-    assert seen == {"named": ["1", "2", "3", "4"], "all": ["answer", "level"]}
-    with pytest.raises(ValueError, match="column 'level' has 1 rows for 4 completions"):
+    # **columns takes everything TRL's trainer passes besides prompts and completions
+    assert seen == {"named": ["1", "2", "3", "4"],
+                    "all": ["answer", "level", "log_extra", "log_metric", "trainer_state"]}
+    with pytest.raises(ValueError, match="'level' has 1 rows for 4 completions"):
         score([RewardSpec("test_length")], PROMPTS, COMPLETIONS, {"level": [1]})
 
 

@@ -62,6 +62,19 @@ def check_files(recipe, dry_run: bool) -> None:
             raise RecipeError(f"{key}: {value}: no such file or folder")
 
 
+def check_rewards(recipe) -> None:
+    """Every reward resolves (found, imported, its options right) before any work."""
+    from moetune.rewards import RewardNotFound, get_reward
+
+    for index, spec in enumerate(getattr(recipe, "rewards", ())):
+        try:
+            get_reward(spec.name, **spec.kwargs)
+        except (RewardNotFound, TypeError, ImportError, SyntaxError) as error:
+            raise RecipeError(f"rewards[{index}] ({spec.name}): {type(error).__name__}: {error}"
+                              if isinstance(error, SyntaxError) else
+                              f"rewards[{index}]: {error}") from None
+
+
 def dry_run(recipe, name: str) -> int:
     """Print `moetune plan`'s report: parameters, memory per device, devices needed."""
     from moetune.recipes.plan import format_plan, plan_recipe
@@ -73,6 +86,7 @@ def dry_run(recipe, name: str) -> int:
 def run(args) -> int:
     recipe = load_recipe(resolve(args.recipe), args.overrides)
     check_files(recipe, args.dry_run)
+    check_rewards(recipe)
     if args.dry_run:
         if recipe.recipe == "eval":
             raise RecipeError("--dry-run plans training recipes (sft, grpo), not eval")

@@ -135,3 +135,18 @@ def test_run_errors_exit_2_naming_the_key_without_traceback(arguments, message, 
     assert main(["run", recipe, *arguments]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_dry_run_resolves_every_reward(tmp_path, capsys):
+    """A misspelt reward, a broken reward file or a missing option fails the dry run."""
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(prompts, completions:\n    pass\n")
+    cases = [("{name: math_acuracy}", "rewards[0]: unknown reward 'math_acuracy'. Did you mean "
+                                      "'math_accuracy'?"),
+             (f"{{name: '{broken}:f'}}", f"rewards[0] ({broken}:f): SyntaxError: '(' was never"),
+             ("{name: soft_overlong, kwargs: {cache_length: 4}}",
+              "rewards[0]: reward 'soft_overlong' needs the option 'max_length'")]
+    for reward, message in cases:
+        assert main(["run", "grpo/arith_tiny", f"rewards=[{reward}]", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

@@ -18,11 +18,12 @@ import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from moetune.kernels import dequantize_weight, quantize_weight
@@ -31,6 +32,24 @@ from moetune.model.expert_parallel import require_full_experts
 from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
 
 INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names the file."""
+
+
+@contextmanager
+def open_shard(file: Path, device: str = "cpu"):
+    """safe_open, with a truncated or foreign file reported as a CheckpointError naming it."""
+    try:
+        shard = safe_open(file, framework="pt", device=device)
+    except SafetensorError as error:
+        raise CheckpointError(f"{file}: invalid header (truncated or not a safetensors file): "
+                              f"{error}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: listed in the checkpoint's index but missing") from None
+    with shard:
+        yield shard
 FP8_EXPERT_TENSOR = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj)(_scale_inv)?$")
 FP8_MODES = (None, "frozen", "train")
 
@@ -124,7 +143,7 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
     filled: set[str] = set()
     problems: list[str] = []
     for file in sorted(set(weight_map.values())):
-        with safe_open(path / file, framework="pt", device=str(device)) as shard:
+        with open_shard(path / file, device=str(device)) as shard:
             for disk_name in shard.keys():
                 if disk_name in copies or (disk_name.endswith("_scale_inv") and disk_name not in layout):
                     continue  # shared copies; scales of weights that are dequantised on load
@@ -181,13 +200,13 @@ def locate_tensors(path: Path) -> dict[str, str]:
         return json.loads(index.read_text())["weight_map"]
     single = path / "model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor model.safetensors found")
-    with safe_open(single, framework="pt") as shard:
+        raise CheckpointError(f"{path}: neither {INDEX_FILE} nor model.safetensors found")
+    with open_shard(single) as shard:
         return dict.fromkeys(shard.keys(), single.name)
 
 
 def read_tensor(path: Path, file: str, name: str) -> torch.Tensor:
-    with safe_open(path / file, framework="pt") as shard:
+    with open_shard(path / file) as shard:
         return shard.get_tensor(name)
 
 
@@ -202,7 +221,7 @@ def read_tensors(path, names, weight_map: dict[str, str] | None = None,
     for name in names:
         by_file[weight_map[name]].append(name)
     for file, group in by_file.items():
-        with safe_open(path / file, framework="pt") as shard:
+        with open_shard(path / file) as shard:
             for name in group:
                 tensor = shard.get_tensor(name)
                 if dequantize_to is not None and tensor.dtype == torch.float8_e4m3fn:

@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand. A RecipeError (a bad recipe or override) prints one line naming
-    what is wrong and where and exits with code 2; a RewardError (a reward function failed)
-    prints its message, which names the function, and exits with code 1."""
+    """Run a subcommand. A RecipeError (a bad recipe or override) or a CheckpointError (an
+    unreadable checkpoint file) prints one line naming what is wrong and where and exits with
+    code 2; a RewardError (a reward function failed) prints its message, which names the
+    function, and exits with code 1."""
+    from moetune.model.checkpoint import CheckpointError
     from moetune.recipes.loader import RecipeError
     from moetune.rewards import RewardError
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except RecipeError as error:
+    except (RecipeError, CheckpointError) as error:
         print(f"moetune {args.command}: {error}", file=sys.stderr)
         return 2
     except RewardError as error:

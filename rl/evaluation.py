@@ -191,10 +191,15 @@ def run(args) -> int:
 
 def run_recipe(recipe) -> int:
     """Run an EvalRecipe: sample, score, report, write eval.json and samples.jsonl."""
-    if not recipe.model.path:
-        from moetune.recipes.loader import RecipeError
+    from moetune.recipes.loader import RecipeError
 
+    if not recipe.model.path:
         raise RecipeError("model.path: an eval needs a checkpoint folder")
+    for key, folder in (("model.path", recipe.model.path), ("model.adapter", recipe.model.adapter)):
+        if folder and not Path(folder).is_dir():
+            raise RecipeError(f"{key}: {folder}: no such folder")
+    if not (Path(recipe.model.path) / "config.json").exists():
+        raise RecipeError(f"model.path: {recipe.model.path}: no config.json (not a checkpoint folder)")
     problems = load_problems(recipe.data.source, recipe.data.limit, recipe.data.seed)
     settings = recipe.eval
     for folder in (recipe.model.adapter, recipe.model.path):
@@ -205,9 +210,12 @@ def run_recipe(recipe) -> int:
     if settings.backend == "vllm":
         report = evaluate_with_pool(recipe, problems, show)
     else:
-        sampler = native_sampler(recipe.model.path, recipe.model.adapter, settings.temperature,
-                                 settings.top_p, settings.max_new_tokens, recipe.data.seed,
-                                 recipe.model.dtype)
+        try:
+            sampler = native_sampler(recipe.model.path, recipe.model.adapter, settings.temperature,
+                                     settings.top_p, settings.max_new_tokens, recipe.data.seed,
+                                     recipe.model.dtype)
+        except FileNotFoundError as error:  # no tokenizer.json
+            raise RecipeError(str(error)) from None
         report = evaluate(problems, sampler, recipe.rewards, settings.n, settings.pass_threshold,
                           show=show)
     write_report(report, Path(settings.output_dir))

@@ -90,3 +90,18 @@ def test_eval_with_vllm_cpu_agrees_with_native_greedy_and_merges_adapters(tmp_pa
         rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
         summaries[backend] = [r["completions"] for r in rows]
     assert summaries["vllm"] == summaries["native"]
+
+
+def test_eval_of_a_bad_model_folder_prints_one_line_and_exits_2(tmp_path, capsys):
+    model = tmp_path / "model"
+    DeepseekV3ForCausalLM(v3_config()).save_pretrained(model)
+    char_tokenizer().save(str(model / "tokenizer.json"))
+    shard = model / "model-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5])  # a copy cut short
+    flags = ["--data", "builtin:arithmetic", "--reward", "math_accuracy", "--limit", "2"]
+    for folder, message in [(tmp_path / "none", f"model.path: {tmp_path / 'none'}: no such folder"),
+                            (tmp_path, f"model.path: {tmp_path}: no config.json"),
+                            (model, f"{shard}: invalid header (truncated or not a safetensors")]:
+        assert main(["eval", "--model", str(folder), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"moetune eval: {message}") and len(err.splitlines()) == 1

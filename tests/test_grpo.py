@@ -193,9 +193,9 @@ def test_trl_rewards_run_unchanged_in_a_grpo_step(tmp_path):
 
     (tmp_path / "progress.py").write_text(STEP_LOGGER)
     repetition = "trl.rewards:get_repetition_penalty_reward"
-    trainer, pool = trainer_for(tmp_path, [
-        f"rewards=[{{name: '{repetition}', kwargs: {{ngram_size: 1, max_penalty: -1.0}}}},"
-        f" {{name: '{tmp_path}/progress.py:logs_progress'}}]", "algorithm.dynamic_sampling=false"])
+    reward_list = (f"rewards=[{{name: '{repetition}', kwargs: {{ngram_size: 1, max_penalty: -1.0}}}},"
+                   f" {{name: '{tmp_path}/progress.py:logs_progress'}}]")
+    trainer, pool = trainer_for(tmp_path, [reward_list, "algorithm.dynamic_sampling=false"])
     with pool:
         groups = trainer.collect(3)
     ids = [r.completion_ids for group in groups.rollouts for r in group]

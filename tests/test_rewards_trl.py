@@ -6,9 +6,9 @@ import json
 
 import pytest
 import trl.rewards
+from test_rewards_cli import run_cli
 
 from moetune.rewards import RewardSpec, TrainerState, get_reward, register_reward, score
-from test_rewards_cli import run_cli
 
 CONVERSATIONAL_PROMPTS = [[{"role": "user", "content": "What is 1/3 + 0?"}]] * 3
 TEXTS = ["<think>\nadd nothing\n</think>\nIt is $\\boxed{\\frac{1}{3}}$",

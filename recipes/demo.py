@@ -21,31 +21,22 @@ from moetune.recipes.run import resolve
 SIGN_SLIP = 0.7  # share of negative SFT answers written without their minus sign
 
 
-def held_out_accuracy(model_dir: Path, recipe, limit: int) -> float:
-    """Greedy accuracy (math_accuracy == 1) on the first `limit` test-split problems, sampled
-    by the GRPO recipe's rollout engines."""
-    from moetune.finetune.model_loading import load_tokenizer
-    from moetune.finetune.prompt_template import few_shot_examples, render
-    from moetune.finetune.sft_data import arithmetic_spec
-    from moetune.recipes.schema import ModelSection
+def held_out_accuracy(model_dir: Path, run, limit: int, output: Path) -> float:
+    """Greedy pass@1 (math_accuracy) on the first `limit` held-out problems of the GRPO run
+    `run`, through `moetune eval`'s own path: `moetune eval --model DIR --reward
+    math_accuracy` with the run's recipe.yaml gives the same figure."""
     from moetune.rewards import RewardSpec
-    from moetune.rl.evaluation import evaluate, pool_sampler
-    from moetune.rl.problems import load_problems
-    from moetune.rl.rollout import RolloutPool, SamplingSpec
+    from moetune.rl.evaluation import evaluate_recipe, held_out_recipe
 
-    problems = load_problems("builtin:arithmetic", limit, 0, "test", arithmetic_spec(recipe.data.arithmetic))
-    rollout = recipe.rollout
-    with RolloutPool(model_dir, backend=rollout.backend, dtype=rollout.dtype,
-                     max_model_len=rollout.max_model_len, timeout_s=rollout.timeout_s) as pool:
-        eos = json.loads((model_dir / "config.json").read_text())["eos_token_id"]
-        sampling = SamplingSpec(temperature=0.0, max_new_tokens=rollout.max_new_tokens,
-                                stop_token_ids=eos if isinstance(eos, list) else [eos])
-        tokenizer = load_tokenizer(ModelSection(path=str(model_dir)))
-        shots = few_shot_examples(recipe.template, recipe.data.source, arithmetic_spec(recipe.data.arithmetic))
-        report = evaluate(problems, pool_sampler(pool, sampling), [RewardSpec("math_accuracy")], n=1,
-                          batch_size=len(problems),
-                          show=lambda prompt: render(prompt, recipe.template, tokenizer, shots))
-    return report.pass_at_1
+    recipe = held_out_recipe(run, str(model_dir), [RewardSpec("math_accuracy")], limit=limit,
+                             output=str(output))
+    return evaluate_recipe(recipe).pass_at_1
+
+
+def eval_command(grpo_dir: Path, run, limit: int) -> str:
+    """The `moetune eval` command that reproduces the demo's GRPO figure."""
+    flags = "" if limit == run.eval.limit else f" --limit {limit}"
+    return f"moetune eval --model {grpo_dir} --reward math_accuracy --n 1 --temperature 0{flags}"
 
 
 def plot_report(output: Path, grpo_dir: Path, sft_accuracy: float, grpo_accuracy: float) -> list[Path]:
@@ -83,8 +74,7 @@ def plot_report(output: Path, grpo_dir: Path, sft_accuracy: float, grpo_accuracy
 
 
 def run(args) -> int:
-    from moetune.finetune.sft import run_sft
-    from moetune.rl.grpo import run_grpo
+    from moetune.recipes.run import execute
 
     started = time.perf_counter()
     output = Path(args.output)
@@ -94,13 +84,13 @@ def run(args) -> int:
     sft = load_recipe(resolve("sft/arith_tiny.yaml"),
                       [f"training.output_dir={sft_dir}", f"data.arithmetic.sign_slip={SIGN_SLIP}",
                        *args.sft_overrides])
-    run_sft(sft)
+    execute(sft)
     grpo = load_recipe(resolve("grpo/arith_tiny.yaml"),
                        [f"model.path={sft_dir}", f"training.output_dir={grpo_dir}", *args.grpo_overrides])
-    sft_accuracy = held_out_accuracy(sft_dir, grpo, args.held_out)
+    sft_accuracy = held_out_accuracy(sft_dir, grpo, args.held_out, output / "eval_sft")
     print(f"held-out accuracy after SFT: {sft_accuracy:.1%}")
-    run_grpo(grpo)
-    grpo_accuracy = held_out_accuracy(grpo_dir, grpo, args.held_out)
+    execute(grpo)
+    grpo_accuracy = held_out_accuracy(grpo_dir, grpo, args.held_out, output / "eval_grpo")
     seconds = time.perf_counter() - started
     plots = plot_report(output, grpo_dir, sft_accuracy, grpo_accuracy)
     report = {"sft_accuracy": sft_accuracy, "grpo_accuracy": grpo_accuracy,
@@ -110,6 +100,7 @@ def run(args) -> int:
     (output / "report.json").write_text(json.dumps(report, indent=2))
     print(f"held-out accuracy: SFT {sft_accuracy:.1%} -> GRPO {grpo_accuracy:.1%}  "
           f"({seconds / 60:.1f} min; report {output / 'report.json'})")
+    print(f"check the GRPO figure: {eval_command(grpo_dir, grpo, args.held_out)}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Recipe files -> typed dataclasses, failing before any work on the first thing wrong.
 
 `load_recipe(path, overrides, schema)` reads YAML, applies `key.sub=value` overrides (values
-parsed as YAML), and builds the dataclass `schema`. Errors are `RecipeError`s that name the
+parsed as YAML), and builds the dataclass `schema`; `save_recipe` writes a built recipe back
+(a run's `recipe.yaml`, which `load_recipe` reads into the same dataclasses). Errors are `RecipeError`s that name the
 key's full path: an unknown key with the nearest valid one ("did you mean"), a wrong type
 with the expected and the given type, a missing required key, a missing file.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -44,6 +46,20 @@ def load_recipe(path: str | Path, overrides: list[str], schema: type | None = No
             raise RecipeError(f"recipe: expected one of {sorted(SCHEMAS)}, got {kind!r}")
         schema = SCHEMAS[kind]
     return build(schema, raw, "")
+
+
+RUN_RECIPE = "recipe.yaml"  # the resolved recipe a run leaves beside its checkpoint
+
+
+def save_recipe(recipe, folder: str | Path) -> Path:
+    """Write the resolved `recipe` (every default filled in) to folder/recipe.yaml,
+    atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path, partial = folder / RUN_RECIPE, folder / f".{RUN_RECIPE}.partial"
+    partial.write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    os.replace(partial, path)
+    return path
 
 
 def apply_override(raw: dict, override: str) -> None:

@@ -12,9 +12,10 @@ does (parameters, the trainable ones, memory per device, devices needed), then e
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
-from moetune.recipes.loader import RecipeError, load_recipe
+from moetune.recipes.loader import RecipeError, load_recipe, save_recipe
 
 SHIPPED = Path(__file__).resolve().parent
 RECIPE_FOLDERS = ("sft", "grpo", "eval")
@@ -91,10 +92,18 @@ def run(args) -> int:
         if recipe.recipe == "eval":
             raise RecipeError("--dry-run plans training recipes (sft, grpo), not eval")
         return dry_run(recipe, args.recipe)
-    module, function = RUNNERS[recipe.recipe].split(":")
-    result = getattr(importlib.import_module(module), function)(recipe)
+    result = execute(recipe)
     leave_process_group()
     return result if isinstance(result, int) else 0
+
+
+def execute(recipe):
+    """Run a checked recipe. A training run first leaves its resolved recipe in its output
+    folder (`recipe.yaml`), which `moetune eval --model` reads for the run's held-out split."""
+    if recipe.recipe != "eval" and int(os.environ.get("RANK", "0")) == 0:
+        save_recipe(recipe, recipe.training.output_dir)
+    module, function = RUNNERS[recipe.recipe].split(":")
+    return getattr(importlib.import_module(module), function)(recipe)
 
 
 def leave_process_group() -> None:

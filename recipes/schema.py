@@ -267,6 +267,8 @@ class DataSection:
     source: str
     limit: int | None = None  # first N problems
     seed: int = 0
+    split: str = "test"  # builtin:arithmetic's split
+    arithmetic: ArithmeticSection = field(default_factory=ArithmeticSection)
 
 
 @dataclass

@@ -2,7 +2,13 @@
 report pass@1 / pass@k (unbiased estimator), mean reward and mean length.
 
     moetune eval --model DIR [--adapter DIR] --data SOURCE --reward math_accuracy --n 8 [--backend vllm]
+    moetune eval --model RUN_DIR --reward math_accuracy  # the run's own held-out split, greedy
     moetune eval RECIPE.yaml [key.sub=value ...]        # recipe: eval (moetune.recipes.schema)
+
+Without --data, the problems are the held-out split of the run that trained --model, read
+from the `recipe.yaml` it left in its output folder (the model's folder or its parent): the
+same source, knobs, template, engine and token budget, one greedy sample per problem unless
+--n / --temperature say otherwise. `moetune demo` reports its accuracies this way.
 
 A sample passes when its weighted reward reaches --pass-threshold (1.0: fully correct).
 Writes `eval.json` (summary) and `samples.jsonl` (one row per problem) to --output.
@@ -142,8 +148,10 @@ def evaluate_with_pool(recipe, problems: list[dict], show: Callable[[str], str])
                             settings.pass_threshold, batch_size=64, show=show)
 
 
-def template_renderer(template, model_dir: str, source: str) -> Callable[[str], str]:
-    """prompt -> the text the model sees under `template` (the checkpoint's tokenizer)."""
+def template_renderer(template, model_dir: str, source: str,
+                      arithmetic=None) -> Callable[[str], str]:
+    """prompt -> the text the model sees under `template` (the checkpoint's tokenizer;
+    builtin:arithmetic's few-shot examples drawn with the ArithmeticSpec `arithmetic`)."""
     from moetune.finetune.prompt_template import few_shot_examples, render
 
     tokenizer = None
@@ -151,7 +159,7 @@ def template_renderer(template, model_dir: str, source: str) -> Callable[[str], 
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    shots = few_shot_examples(template, source)
+    shots = few_shot_examples(template, source, arithmetic)
     return lambda prompt: render(prompt, template, tokenizer, shots)
 
 
@@ -169,6 +177,10 @@ def format_summary(report: EvalReport) -> str:
                      else f"  {key:<{width}}  {value}" for key, value in s.items())
 
 
+FLAG_DEFAULTS = {"backend": "native", "n": 4, "temperature": 1.0, "max_new_tokens": 64,
+                 "pass_threshold": 1.0}
+
+
 def run(args) -> int:
     from moetune.recipes.schema import DataSection, EvalRecipe, EvalSection, ModelSection
 
@@ -176,21 +188,88 @@ def run(args) -> int:
         from moetune.recipes.loader import load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, EvalRecipe)
+    elif args.model and args.data is None and args.reward:
+        given = {key: getattr(args, key) for key in (*FLAG_DEFAULTS, "top_p", "limit", "seed",
+                                                     "adapter", "output")}
+        recipe = held_out_recipe(training_run(args.model), args.model, rewards_of(args.reward),
+                                 **{key: value for key, value in given.items() if value is not None})
     else:
         missing = [flag for flag in ("model", "data", "reward") if getattr(args, flag) is None]
         if missing:
             raise SystemExit(f"moetune eval: give a recipe, or --{', --'.join(missing)}")
+        given = {key: default if getattr(args, key) is None else getattr(args, key)
+                 for key, default in FLAG_DEFAULTS.items()}
         recipe = EvalRecipe(
             recipe="eval", model=ModelSection(path=args.model, adapter=args.adapter),
-            data=DataSection(args.data, args.limit, args.seed),
-            rewards=[RewardSpec(name) for name in args.reward.split(",")],
-            eval=EvalSection(args.backend, args.n, args.temperature, args.top_p,
-                             args.max_new_tokens, args.pass_threshold, args.output))
+            data=DataSection(args.data, args.limit, args.seed, args.split),
+            rewards=rewards_of(args.reward),
+            eval=EvalSection(given["backend"], given["n"], given["temperature"], args.top_p,
+                             given["max_new_tokens"], given["pass_threshold"], args.output))
     return run_recipe(recipe)
+
+
+def rewards_of(names: str) -> list[RewardSpec]:
+    return [RewardSpec(name.strip()) for name in names.split(",") if name.strip()]
+
+
+def training_run(model_dir: str):
+    """The recipe of the run that wrote `model_dir` (its recipe.yaml, or its parent's for a
+    checkpoint-N folder)."""
+    from moetune.recipes.loader import RUN_RECIPE, RecipeError, load_recipe
+
+    for folder in (Path(model_dir), Path(model_dir).parent):
+        if (folder / RUN_RECIPE).is_file():
+            return load_recipe(folder / RUN_RECIPE, [])
+    raise RecipeError(f"--model {model_dir}: no {RUN_RECIPE} of the run that trained it (in the "
+                      "folder or its parent); name the problems with --data")
+
+
+def held_out_recipe(run, model_dir: str, rewards: list[RewardSpec], **given):
+    """An EvalRecipe scoring `model_dir` on the held-out split of the training run `run` (an
+    SFT or GRPO recipe) with its template, data knobs, engine and token budget: one greedy
+    sample per problem. `given` overrides any of backend, n, temperature, top_p,
+    max_new_tokens, limit, pass_threshold, seed, adapter and output (the eval folder)."""
+    from moetune.recipes.loader import RecipeError
+    from moetune.recipes.schema import DataSection, EvalRecipe, EvalSection, ModelSection
+
+    if run.recipe == "grpo":
+        source, defaults = run.eval.source, dict(
+            limit=run.eval.limit, pass_threshold=run.eval.pass_threshold,
+            backend=run.rollout.backend, max_new_tokens=run.rollout.max_new_tokens)
+        dtype = run.rollout.dtype
+    else:
+        source, defaults, dtype = run.data.eval_source or run.data.source, {}, run.model.dtype
+        if not source.startswith("builtin:") and not run.data.eval_source:
+            raise RecipeError(f"--model {model_dir}: its run held out `data.eval_fraction` of "
+                              f"{source}, not a split eval can name; give --data")
+    settings = {"backend": "native", "n": 1, "temperature": 0.0, "top_p": 1.0,
+                "max_new_tokens": FLAG_DEFAULTS["max_new_tokens"], "limit": None,
+                "pass_threshold": 1.0, "seed": 0, "adapter": None, "output": "eval_out"}
+    unknown = set(given) - set(settings)
+    if unknown:
+        raise TypeError(f"held_out_recipe: unknown settings {sorted(unknown)}")
+    settings |= defaults | given
+    return EvalRecipe(
+        recipe="eval",
+        model=ModelSection(path=str(model_dir), adapter=settings["adapter"], dtype=dtype),
+        data=DataSection(source, settings["limit"], settings["seed"], "test", run.data.arithmetic),
+        rewards=rewards, template=run.template,
+        eval=EvalSection(settings["backend"], settings["n"], settings["temperature"],
+                         settings["top_p"], settings["max_new_tokens"],
+                         settings["pass_threshold"], settings["output"]))
 
 
 def run_recipe(recipe) -> int:
     """Run an EvalRecipe: sample, score, report, write eval.json and samples.jsonl."""
+    report = evaluate_recipe(recipe)
+    print(format_summary(report))
+    print(f"wrote {Path(recipe.eval.output_dir) / 'eval.json'} and samples.jsonl")
+    return 0
+
+
+def evaluate_recipe(recipe) -> EvalReport:
+    """Sample and score an EvalRecipe's problems; write eval.json and samples.jsonl."""
+    from moetune.finetune.sft_data import arithmetic_spec
     from moetune.recipes.loader import RecipeError
 
     if not recipe.model.path:
@@ -200,28 +279,27 @@ def run_recipe(recipe) -> int:
             raise RecipeError(f"{key}: {folder}: no such folder")
     if not (Path(recipe.model.path) / "config.json").exists():
         raise RecipeError(f"model.path: {recipe.model.path}: no config.json (not a checkpoint folder)")
-    problems = load_problems(recipe.data.source, recipe.data.limit, recipe.data.seed)
-    settings = recipe.eval
+    data, settings = recipe.data, recipe.eval
+    arithmetic = arithmetic_spec(data.arithmetic)
+    problems = load_problems(data.source, data.limit, data.seed, data.split, arithmetic)
     for folder in (recipe.model.adapter, recipe.model.path):
         if folder and warn_on_mismatch(folder, recipe.template):
             print(f"warning: {folder} was trained with another prompt template (see the log)")
             break
-    show = template_renderer(recipe.template, recipe.model.path, recipe.data.source)
+    show = template_renderer(recipe.template, recipe.model.path, data.source, arithmetic)
     if settings.backend == "vllm":
         report = evaluate_with_pool(recipe, problems, show)
     else:
         try:
             sampler = native_sampler(recipe.model.path, recipe.model.adapter, settings.temperature,
-                                     settings.top_p, settings.max_new_tokens, recipe.data.seed,
+                                     settings.top_p, settings.max_new_tokens, data.seed,
                                      recipe.model.dtype)
         except FileNotFoundError as error:  # no tokenizer.json
             raise RecipeError(str(error)) from None
         report = evaluate(problems, sampler, recipe.rewards, settings.n, settings.pass_threshold,
                           show=show)
     write_report(report, Path(settings.output_dir))
-    print(format_summary(report))
-    print(f"wrote {Path(settings.output_dir) / 'eval.json'} and samples.jsonl")
-    return 0
+    return report
 
 
 def add_subcommand(subparsers) -> None:
@@ -236,14 +314,18 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--data",
                         help="builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file")
     parser.add_argument("--reward", help="reward name(s), comma separated")
-    parser.add_argument("--backend", choices=("native", "vllm"), default="native",
-                        help="sampler: moetune's generate, or a vLLM engine (default native)")
-    parser.add_argument("--n", type=int, default=4, help="samples per problem = k (default 4)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--backend", choices=("native", "vllm"),
+                        help="sampler: moetune's generate, or a vLLM engine (default native; "
+                             "without --data, the run's rollout engine)")
+    parser.add_argument("--n", type=int,
+                        help="samples per problem = k (default 4; without --data, 1)")
+    parser.add_argument("--temperature", type=float, help="default 1.0; without --data, 0 (greedy)")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="default 64; without --data, the run's rollout.max_new_tokens")
     parser.add_argument("--limit", type=int, help="evaluate the first N problems")
-    parser.add_argument("--pass-threshold", type=float, default=1.0,
+    parser.add_argument("--split", default="test", help="builtin:arithmetic's split (default test)")
+    parser.add_argument("--pass-threshold", type=float,
                         help="weighted reward at which a sample counts as passing (default 1.0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="eval_out", help="folder for eval.json and samples.jsonl")

@@ -22,4 +22,11 @@ def test_demo_writes_the_report_and_plots(tmp_path, capsys):
         assert (Path(folder) / "config.json").exists() and (Path(folder) / "tokenizer.json").exists()
     for png in ("reward_curve.png", "accuracy.png", "expert_load.png"):
         assert (out / png).stat().st_size > 5_000, png
-    assert "held-out accuracy: SFT" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "held-out accuracy: SFT" in out_text
+    # the printed command reproduces the GRPO figure through moetune eval, from the run's recipe.yaml
+    command = out_text.split("check the GRPO figure: ")[1].splitlines()[0].split()
+    assert command[:3] == ["moetune", "eval", "--model"]
+    assert main([*command[1:], "--output", str(tmp_path / "check")]) == 0
+    check = json.loads((tmp_path / "check" / "eval.json").read_text())
+    assert check["pass@1"] == report["grpo_accuracy"] and check["problems"] == 4

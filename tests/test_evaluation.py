@@ -105,3 +105,37 @@ def test_eval_of_a_bad_model_folder_prints_one_line_and_exits_2(tmp_path, capsys
         assert main(["eval", "--model", str(folder), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"moetune eval: {message}") and len(err.splitlines()) == 1
+
+
+def test_eval_of_a_run_folder_uses_the_runs_held_out_split(tmp_path, capsys):
+    """`moetune eval --model RUN_DIR` reads the run's recipe.yaml: its arithmetic knobs, test
+    split, template and token budget, one greedy sample per problem."""
+    from moetune.finetune.sft_data import arithmetic_spec
+    from moetune.recipes.loader import load_recipe, save_recipe
+    from moetune.recipes.run import resolve
+
+    run_dir = tmp_path / "run"
+    model = DeepseekV3ForCausalLM(v3_config(num_nextn_predict_layers=0, vocab_size=128, eos_token_id=1))
+    model.save_pretrained(run_dir)
+    char_tokenizer().save(str(run_dir / "tokenizer.json"))
+    knobs = ["data.arithmetic.digits=1", "data.arithmetic.terms=3", "data.arithmetic.operations='-'",
+             "rollout.backend=native", "rollout.max_new_tokens=5", "eval.limit=3"]
+    run = load_recipe(resolve("grpo/arith_tiny"), knobs)
+    save_recipe(run, run_dir)
+    assert main(["eval", "--model", str(run_dir), "--reward", "math_accuracy",
+                 "--output", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert summary["problems"] == 3 and summary["k"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    spec = arithmetic_spec(run.data.arithmetic)
+    assert (spec.digits, spec.terms, spec.operations) == (1, 3, "-")
+    expected = load_problems("builtin:arithmetic", 3, 0, "test", spec)
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in expected]
+    assert all(len(r["completions"]) == 1 and len(r["completions"][0]) <= 5 for r in rows)
+    # a checkpoint-N folder finds the recipe in its parent; a folder of no run says what to do
+    model.save_pretrained(run_dir / "checkpoint-2")
+    char_tokenizer().save(str(run_dir / "checkpoint-2" / "tokenizer.json"))
+    assert main(["eval", "--model", str(run_dir / "checkpoint-2"), "--reward", "math_accuracy",
+                 "--output", str(tmp_path / "out2")]) == 0
+    assert main(["eval", "--model", str(tmp_path), "--reward", "math_accuracy"]) == 2
+    assert "no recipe.yaml of the run that trained it" in capsys.readouterr().err

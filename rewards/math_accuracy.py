@@ -1,16 +1,18 @@
 """`math_accuracy`: 1.0 when the completion's final answer equals the gold answer, else 0.0.
 
-The completion's answer is, in this order: the last `\\boxed{...}` (or `\\fbox{...}`), the
-last `<answer>...</answer>`, the last GSM8K `#### ...` line; without any of these, what
-math-verify's own extraction finds (its default LaTeX and expression configs: `$\\frac{10}{9}$`,
-`\\(\\sqrt3\\)`, "the final answer is 7", a number after a space or `=`); else the last number
-that stands alone (never one inside a word or an identifier: `AZYUK2A` has no answer). The gold
-(column `answer`, or `solution`) takes the same markers, else is taken whole. A marked or whole
-answer is parsed by math-verify as `\\boxed{...}` (LaTeX, numbers with thousands separators,
-percentages, sets, intervals, matrices), or, if it has `$`/`\\(`/`\\[` math in it, by
-math-verify's extraction. The two are compared with `verify(gold, predicted)`, gold first:
-math-verify's comparison is not symmetric. A gold with no parseable answer scores None, with a
-warning naming its row.
+The completion's answer is, in this order: its boxed answer (`\\boxed{...}` or `\\fbox{...}`:
+the last box, read by math-verify, which also joins boxes that are close together or joined
+by a comma, "and" or "or" into a set), the last `<answer>...</answer>`, the last GSM8K
+`#### ...` line; without any of these, what math-verify's own extraction finds (its default
+LaTeX and expression configs: `$\\frac{10}{9}$`, `\\(\\sqrt3\\)`, "the final answer is 7", a
+number after a space or `=`); else the last number that stands alone (never one inside a word
+or an identifier: `AZYUK2A` has no answer). The gold (column `answer`, or `solution`) takes the
+same markers, else is taken whole. A tagged, `####` or whole answer is parsed by math-verify as
+`\\boxed{...}` (LaTeX, numbers with thousands separators, percentages, sets, intervals,
+matrices), or by its extraction if it has `$`, `\\(` or `\\[` math in it. The two are compared
+with `verify(gold, predicted)`, gold first: math-verify's comparison is not symmetric. A gold
+that math-verify cannot parse is reported with its row: it scores None when nothing of it
+parses, and is compared as text when it parses as text only (as math-verify does).
 
 Parsing and verifying run in `time_limit.WorkerPool` processes (`workers` of them, default:
 the number of cores) under a hard wall-clock limit (`timeout_s`), so a pathological answer

@@ -185,7 +185,7 @@ def test_agrees_with_math_verify_test_cases():
 
 
 JUNK = ["AZYUK2A", "x2y", "v2.0 release", "abc2", "item_2", "item-2", "B2B", "see section 4.2.1",
-        "id=x2", "user_2 wrote", "H2O"]
+        "id=x2", "user_2 wrote", "H2O", "<answer>x2y</answer>", "#### item_2", r"\boxed{abc2}"]
 RIGHT = ["The answer is 2.", "... = 2", "2", "x = 2", "So we get $2$", "Result: (2)"]
 
 

@@ -1,5 +1,5 @@
 """Reward throughput: math_accuracy vs calling math-verify directly, and sandboxed programs vs
-unsandboxed subprocesses.
+unsandboxed subprocesses; math_accuracy's agreement with Math-Verify's own test cases.
 
 - Math: verifications/s through `math_accuracy` (answer extraction, a worker process under a
   hard time limit, IPC) against `verify(parse(gold), parse(completion))` in this process
@@ -9,6 +9,9 @@ unsandboxed subprocesses.
   rlimits, uid drop, forked from a warm launcher) against `subprocess.run([python, "-c",
   code])`, a fresh interpreter with no isolation at all, both at the same concurrency.
   Target: >= 25 programs/s on 2 cores.
+- Agreement: verdicts on the plain (gold, pred, expected) cases of Math-Verify's test suite
+  (tests/data/math_verify_cases.jsonl) from `math_accuracy` and from `verify(parse(gold),
+  parse(pred))`. Target: math_accuracy >= 95%.
 
     python bench/rewards.py [--math-items 300] [--programs 300] [--concurrency 2]
 """
@@ -16,16 +19,20 @@ unsandboxed subprocesses.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from moetune.rewards.code_tests import code_tests
 from moetune.rewards.math_accuracy import math_accuracy
 from moetune.rewards.sandbox import default_sandbox
+
+MATH_VERIFY_CASES = Path(__file__).parents[1] / "tests" / "data" / "math_verify_cases.jsonl"
 
 
 def math_items(count: int, seed: int) -> tuple[list[str], list[str]]:
@@ -76,6 +83,22 @@ def bench_math(count: int) -> None:
         print(f"  {name:34s} {rate:8.1f} /s  ratio {rate / base:.2f}  correct {correct:.0f}/{count}")
 
 
+def bench_agreement() -> None:
+    from math_verify import parse, verify
+
+    cases = [json.loads(line) for line in MATH_VERIFY_CASES.read_text().splitlines()]
+    golds, preds = [case["gold"] for case in cases], [case["pred"] for case in cases]
+    ours = math_accuracy([""] * len(cases), preds, answer=golds)
+    plain = [float(verify(parse(gold), parse(pred))) for gold, pred in zip(golds, preds)]
+
+    def agreed(rewards: list) -> int:
+        return sum(reward == case["expected"] for reward, case in zip(rewards, cases))
+
+    print(f"Math-Verify suite cases: math_accuracy {agreed(ours)}/{len(cases)} "
+          f"({100 * agreed(ours) / len(cases):.1f}%), "
+          f"math_verify.parse+verify {agreed(plain)}/{len(cases)}")
+
+
 def bench_code(count: int, concurrency: int) -> None:
     programs = [f"print({i} * 2)" for i in range(count)]
     tests = [{"inputs": [""], "outputs": [str(i * 2)]} for i in range(count)]
@@ -107,6 +130,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=os.cpu_count())
     args = parser.parse_args()
     bench_math(args.math_items)
+    bench_agreement()
     bench_code(args.programs, args.concurrency)
 
 

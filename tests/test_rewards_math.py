@@ -1,13 +1,19 @@
-"""math_accuracy against real math-verify: a table of gold/prediction pairs, the extraction
-rules, and the hard time limit from a thread and from a (daemonic) worker process."""
+"""math_accuracy against real math-verify: a table of gold/prediction pairs, agreement with
+Math-Verify's own test cases, no reward for junk around the right digits, golds that do not
+parse, and the hard time limit from a thread and from a (daemonic) worker process."""
 
+import json
+import logging
 import multiprocessing
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from moetune.rewards.math_accuracy import extract_answer, math_accuracy
+from moetune.rewards.math_accuracy import last_plain_number, math_accuracy
+
+MATH_VERIFY_CASES = Path(__file__).parent / "data" / "math_verify_cases.jsonl"
 
 GSM8K_GOLD = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -88,14 +94,35 @@ TABLE = [
     ("12", "She has 12 apples left.", 1.0),
     ("12", "After eating 3, she has 12 apples left, not 15.", 0.0),  # the last number counts
     ("5", "I don't know.", 0.0),
+    ("1234.5", "The answer is 1,234.5 dollars.", 1.0),
+    ("15%", "It grew by 15%.", 1.0),
+    ("-3", "Temperature fell to -3.", 1.0),
+    # LaTeX answers without a marker
+    ("10/9", r"So the ratio is $\frac{10}{9}$.", 1.0),
+    (r"\frac{1}{3}", r"We get $\dfrac{1}{3}$", 1.0),
+    (r"\sqrt{3}", r"The side is $\sqrt3$.", 1.0),
+    (r"\sqrt{3}", r"The side is $\sqrt2$.", 0.0),
+    ("x > 2", r"So the solution set is $x > 2$.", 1.0),
+    ("(0, 1]", r"The range is the interval $(0,1]$.", 1.0),
+    (r"\{1, 2\}", r"The roots are $\{1, 2\}$.", 1.0),
+    (r"\{1, 2\}", r"The roots are $\{1, 3\}$.", 0.0),
     # multiple boxed answers: the last one counts
-    ("4", r"First \boxed{3}, but correcting: \boxed{4}", 1.0),
-    ("3", r"First \boxed{3}, but correcting: \boxed{4}", 0.0),
+    ("4", r"First \boxed{3}. That is wrong. The answer is \boxed{4}", 1.0),
+    ("3", r"First \boxed{3}. That is wrong. The answer is \boxed{4}", 0.0),
+    ("3", r"\boxed{\frac{1}{2} and \boxed{3}", 1.0),
+    ("72", r"\boxed{} so 72", 0.0),  # an empty box is the answer: nothing
+    # as in math-verify, boxes close together or joined by a comma, "and" or "or" form a set
+    (r"\{3, 4\}", r"First \boxed{3}, but correcting: \boxed{4}", 1.0),
+    ("4", r"First \boxed{3}, but correcting: \boxed{4}", 0.0),
+    (r"\{1, 2\}", r"The roots are \boxed{1} and \boxed{2}.", 1.0),
+    (r"\{1, 2\}", r"The roots are \boxed{2}.", 0.0),
+    (r"Hence $n = \boxed{1,-2}.$", r"\boxed{-2}, \boxed{1}", 1.0),
     ("7", r"\boxed 7", 1.0),
     ("7", r"\fbox{7}", 1.0),
     # <answer> tags, GSM8K answers, MATH solutions as gold
     ("42", "<think>6*7</think><answer>42</answer>", 1.0),
     ("42", "<think>the answer is 42</think><answer>24</answer>", 0.0),
+    ("12", "<answer>\n 12 \n</answer>", 1.0),
     (r"\frac{1}{2}", r"<answer>\frac{1}{2}</answer>", 1.0),
     (GSM8K_GOLD, "48 + 24 = 72\n#### 72", 1.0),
     (GSM8K_GOLD, "So she sold 72 clips.", 1.0),
@@ -146,25 +173,52 @@ def test_solution_column_and_missing_gold():
         math_accuracy([""], ["1"])
 
 
+def test_agrees_with_math_verify_test_cases():
+    cases = [json.loads(line) for line in MATH_VERIFY_CASES.read_text().splitlines()]
+    rewards = math_accuracy([""] * len(cases), [case["pred"] for case in cases],
+                            answer=[case["gold"] for case in cases])
+    disagreements = [case for case, reward in zip(cases, rewards) if reward != case["expected"]]
+    agreed = len(cases) - len(disagreements)
+    print(f"Math-Verify test cases: math_accuracy agrees on {agreed}/{len(cases)}")
+    assert len(cases) == 135
+    assert agreed >= 0.95 * len(cases), disagreements
+
+
+JUNK = ["AZYUK2A", "x2y", "v2.0 release", "abc2", "item_2", "item-2", "B2B", "see section 4.2.1",
+        "id=x2", "user_2 wrote", "H2O", "<answer>x2y</answer>", "#### item_2", r"\boxed{abc2}"]
+RIGHT = ["The answer is 2.", "... = 2", "2", "x = 2", "So we get $2$", "Result: (2)"]
+
+
+def test_no_reward_for_junk_around_the_right_digits():
+    completions = JUNK + RIGHT
+    rewards = math_accuracy([""] * len(completions), completions, answer=["2"] * len(completions))
+    assert rewards == [0.0] * len(JUNK) + [1.0] * len(RIGHT)
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
-        (r"\boxed{\frac{a}{\sqrt{b}}} then \boxed{x^{2}}", "x^{2}"),
-        (r"\boxed{\frac{1}{2} and \boxed{3}", "3"),
-        (r"unbalanced \boxed{\frac{1}{2}", "2"),  # falls through to the last number
-        ("<answer>\n 12 \n</answer>", "12"),
         ("The answer is 1,234.5 dollars.", "1,234.5"),
         ("It grew by 15%.", "15%"),
         ("Temperature fell to -3.", "-3"),
+        ("Result: (2/3)", "2/3"),
+        ("x2y and v2.0, abc2, item_2 or item-2", None),
         ("no digits here", None),
     ],
 )
-def test_extract_answer(text, expected):
-    assert extract_answer(text, fallback="last_number") == expected
+def test_last_plain_number(text, expected):
+    assert last_plain_number(text) == expected
 
 
-def test_gold_without_marker_is_taken_whole():
-    assert extract_answer(r"\frac{1}{2}", fallback="whole") == r"\frac{1}{2}"
+def test_gold_that_does_not_parse_is_reported_with_its_row(caplog):
+    golds = ["2", "", r"\frac{"]
+    with caplog.at_level(logging.WARNING, logger="moetune.rewards.math_accuracy"):
+        rewards = math_accuracy([""] * 3, ["2"] * 3, answer=golds)
+    assert rewards == [1.0, None, 0.0]  # "\frac{" parses as text only: compared as text
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert "gold answer of row 1" in messages[0] and "scores None" in messages[0]
+    assert "gold answer of row 2" in messages[1] and "compared as text" in messages[1]
 
 
 def _timed_pathological(timeout_s: float) -> tuple[list, float]:

@@ -194,16 +194,25 @@ def sft_config(recipe: SFTRecipe, chat: bool) -> SFTConfig:
 
 
 def resume_checkpoint(recipe: SFTRecipe) -> str | None:
-    """The checkpoint folder to resume from: a path, or the latest one in output_dir."""
+    """The checkpoint folder to resume from: a path, or the latest complete one in
+    output_dir. The trainer writes trainer_state.json last, after the weights and every
+    rank's optimizer shard, so a folder without it is a save that crashed half way: skipped,
+    the last good checkpoint before it is taken."""
     value = recipe.training.resume_from_checkpoint
     if not value:
         return None
     if isinstance(value, str):
         return value
-    from transformers.trainer_utils import get_last_checkpoint
-
-    output = Path(recipe.training.output_dir)
-    return get_last_checkpoint(str(output)) if output.exists() else None
+    complete = []
+    for folder in Path(recipe.training.output_dir).glob("checkpoint-*"):
+        step = folder.name.removeprefix("checkpoint-")
+        if not step.isdigit():
+            continue
+        if (folder / "trainer_state.json").exists():
+            complete.append((int(step), str(folder)))
+        else:
+            log.warning("%s: no trainer_state.json (a save that did not finish): not resumed from", folder)
+    return max(complete)[1] if complete else None
 
 
 def run_sft(recipe: SFTRecipe, callbacks: Sequence[Callable[[MoESFTTrainer], TrainerCallback]] = ()

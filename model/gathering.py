@@ -36,8 +36,9 @@ def gathered(model: nn.Module, modules: list[nn.Module]):
     children's) are whole on every rank: ZeRO-3 parameters gathered, expert-parallel MoE
     layers' experts gathered (read DTensors with `whole`)."""
     with ExitStack() as stack:
-        partitioned = [p for m in modules for p in m.parameters(recurse=False) if hasattr(p, "ds_id")]
-        if partitioned:
+        partitioned = [p for m in modules for p in m.parameters(recurse=False)
+                       if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
+        if partitioned:  # (persistent or already gathered ones are whole)
             import deepspeed
 
             stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from moetune.finetune.expert_load import ExpertLoadHistory
+from moetune.finetune.launcher import check_launch, engage_fsdp
 from moetune.finetune.metrics_file import MetricsFile
 from moetune.finetune.model_loading import attach_lora, load_model, load_tokenizer
 from moetune.finetune.prompt_template import few_shot_examples, save_template, sft_row
@@ -32,7 +34,6 @@ from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.expert_parallel import clip_grad_norm_, expert_parallel_size, full_experts
 from moetune.model.lora import LoraSpec
 from moetune.model.moe import MoE
-from moetune.recipes.loader import RecipeError
 from moetune.recipes.schema import SFTRecipe, TemplateSection
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,10 @@ class MoESFTTrainer(SFTTrainer):
         self.base_path = base_path
         self.tokens_seen = 0  # this rank's training tokens
         super().__init__(*args, **kwargs)
-        if expert_parallel_size(self.model) > 1 and (self.is_deepspeed_enabled
-                                                     or self.is_fsdp_enabled):
-            raise RecipeError("model.expert_parallel: sharded experts train under DDP "
-                              "(recipes/accelerate/ddp.yaml or torchrun), not DeepSpeed or FSDP")
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self.is_fsdp_enabled = engage_fsdp(self.accelerator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -75,9 +76,19 @@ class MoESFTTrainer(SFTTrainer):
         return (loss, out) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        # Expert parallel: every rank gathers the experts, the main process writes them.
-        with full_experts(self.accelerator.unwrap_model(self.model)):
-            super().save_model(output_dir, _internal_call)
+        """The whole model (or the adapters) in moetune's format, layer by layer: every rank
+        takes part (ZeRO-3, FSDP2 and expert-parallel shards are gathered one block at a
+        time), the main process writes."""
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        write = self.args.should_save
+        if self.lora_spec is not None:
+            with full_experts(model):  # expert parallel: every rank gathers the expert adapters
+                save_adapter(model, self.lora_spec, output_dir, self.base_path, write=write)
+        else:
+            model.save_pretrained(output_dir, write=write)
+        if write and self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
 
     def _clip_grad_norm(self, model):
         if expert_parallel_size(model) == 1:
@@ -102,19 +113,9 @@ class MoESFTTrainer(SFTTrainer):
     def rank_optimizer_file(self, folder: str) -> Path:
         return Path(folder) / f"optimizer.rank{self.args.process_index}-of-{self.args.world_size}.pt"
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        if self.lora_spec is not None:
-            save_adapter(model, self.lora_spec, output_dir, self.base_path)
-        else:
-            model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled:  # the checkpoint's sharded (DCP) weights
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.accelerator.unwrap_model(model or self.model)
         with full_experts(model):  # expert parallel: load all experts, keep this rank's
             if self.lora_spec is not None:
@@ -193,20 +194,32 @@ def sft_config(recipe: SFTRecipe, chat: bool) -> SFTConfig:
 
 
 def resume_checkpoint(recipe: SFTRecipe) -> str | None:
-    """The checkpoint folder to resume from: a path, or the latest one in output_dir."""
+    """The checkpoint folder to resume from: a path, or the latest complete one in
+    output_dir. The trainer writes trainer_state.json last, after the weights and every
+    rank's optimizer shard, so a folder without it is a save that crashed half way: skipped,
+    the last good checkpoint before it is taken."""
     value = recipe.training.resume_from_checkpoint
     if not value:
         return None
     if isinstance(value, str):
         return value
-    from transformers.trainer_utils import get_last_checkpoint
+    complete = []
+    for folder in Path(recipe.training.output_dir).glob("checkpoint-*"):
+        step = folder.name.removeprefix("checkpoint-")
+        if not step.isdigit():
+            continue
+        if (folder / "trainer_state.json").exists():
+            complete.append((int(step), str(folder)))
+        else:
+            log.warning("%s: no trainer_state.json (a save that did not finish): not resumed from", folder)
+    return max(complete)[1] if complete else None
 
-    output = Path(recipe.training.output_dir)
-    return get_last_checkpoint(str(output)) if output.exists() else None
 
-
-def run_sft(recipe: SFTRecipe) -> dict:
-    """Train per the recipe; returns {"output_dir", "final_loss", "steps"}."""
+def run_sft(recipe: SFTRecipe, callbacks: Sequence[Callable[[MoESFTTrainer], TrainerCallback]] = ()
+            ) -> dict:
+    """Train per the recipe; returns {"output_dir", "final_loss", "steps"}. `callbacks` build
+    further trainer callbacks from the trainer."""
+    check_launch(recipe.model.expert_parallel)
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
     spec = attach_lora(model, recipe.lora, recipe.training.seed)
@@ -225,6 +238,8 @@ def run_sft(recipe: SFTRecipe) -> dict:
     resume_step = trainer_state_step(resume) if resume else None
     metrics = MetricsFile(Path(recipe.training.output_dir) / "metrics.jsonl", resume_step)
     trainer.add_callback(MoEBookkeeping(trainer, recipe.moe.bias_update_gamma, metrics))
+    for callback in callbacks:
+        trainer.add_callback(callback(trainer))
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(recipe.training.output_dir)
     if main_process:

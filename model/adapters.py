@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from moetune.model.checkpoint import to_disk_name
 from moetune.model.expert_parallel import require_full_experts
+from moetune.model.gathering import gathered, whole
 from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora
 
 PREFIX = "base_model.model."
@@ -32,16 +34,27 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         disk = to_disk_name(name, layers)
         if isinstance(module, LoraLinear):
-            tensors[f"{PREFIX}{disk}.lora_A.weight"] = module.lora_A.weight
-            tensors[f"{PREFIX}{disk}.lora_B.weight"] = module.lora_B.weight
+            tensors[f"{PREFIX}{disk}.lora_A.weight"] = whole(module.lora_A.weight)
+            tensors[f"{PREFIX}{disk}.lora_B.weight"] = whole(module.lora_B.weight)
         elif isinstance(module, ExpertLora):
             experts = disk.removesuffix(".lora")
             for slot, expert in enumerate(module.expert_ids.tolist()):
                 for short, proj in EXPERT_PROJECTIONS:
                     for half in ("A", "B"):
                         key = f"{PREFIX}{experts}.{expert}.{proj}.lora_{half}.weight"
-                        tensors[key] = getattr(module, f"{short}_{half}")[slot]
+                        tensors[key] = whole(getattr(module, f"{short}_{half}"))[slot]
     return tensors
+
+
+def adapter_modules(model) -> list[torch.nn.Module]:
+    """The modules that hold the adapter tensors themselves (not the base weights)."""
+    held = []
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            held += [module.lora_A, module.lora_B]
+        elif isinstance(module, ExpertLora):
+            held.append(module)
+    return held
 
 
 def peft_config(spec: LoraSpec, base_path: str | None) -> dict:
@@ -64,11 +77,19 @@ def peft_config(spec: LoraSpec, base_path: str | None) -> dict:
     }
 
 
-def save_adapter(model, spec: LoraSpec, path, base_path: str | None = None) -> None:
+def save_adapter(model, spec: LoraSpec, path, base_path: str | None = None, write: bool = True) -> None:
+    """Write the adapter folder (the weights file replaced atomically). A model sharded by
+    ZeRO-3 or FSDP2: every rank calls it (the adapters are gathered); the rank with `write`
+    writes."""
+    with gathered(model, adapter_modules(model)):
+        tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_tensors(model).items()}
+    if not write:
+        return
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_tensors(model).items()}
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    partial = path / ".adapter_model.safetensors.partial"
+    save_file(tensors, partial, metadata={"format": "pt"})
+    os.replace(partial, path / "adapter_model.safetensors")
     (path / "adapter_config.json").write_text(json.dumps(peft_config(spec, base_path), indent=2))
     (path / "moetune_adapter.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
 

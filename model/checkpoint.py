@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from moetune.kernels import dequantize_weight, quantize_weight
 from moetune.model.config import DeepseekV3Config, load_config
-from moetune.model.expert_parallel import require_full_experts
 from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
+from moetune.model.gathering import full_shapes, gathered, whole
+from moetune.model.safetensors_stream import SafetensorsStream, TensorEntry
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -63,21 +63,22 @@ class Slot:
 
 
 def checkpoint_layout(model: torch.nn.Module, config: DeepseekV3Config) -> dict[str, Slot]:
-    """Map every HF tensor name of the checkpoint to its in-memory slot."""
+    """Map every HF tensor name of the checkpoint to its in-memory slot. The shapes are the
+    whole tensors' (a model sharded by ZeRO-3, FSDP2 or expert parallelism maps as a whole)."""
     layout: dict[str, Slot] = {}
-    for name, tensor in model.state_dict().items():
+    for name, shape in full_shapes(model).items():
         disk = to_disk_name(name, config.num_hidden_layers)
         if name.endswith("experts.gate_up_proj"):
-            half = tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
+            half = shape[1] // 2
+            for e in range(shape[0]):
                 layout[f"{disk[:-len('gate_up_proj')]}{e}.gate_proj.weight"] = Slot(name, (e, slice(0, half)))
                 layout[f"{disk[:-len('gate_up_proj')]}{e}.up_proj.weight"] = Slot(name, (e, slice(half, None)))
         elif name.endswith("experts.down_proj"):
-            for e in range(tensor.shape[0]):
+            for e in range(shape[0]):
                 layout[f"{disk[:-len('down_proj')]}{e}.down_proj.weight"] = Slot(name, (e,))
         elif match := FP8_EXPERT_TENSOR.search(disk):  # FP8RoutedExperts: one tensor per projection
             prefix, proj, scale = disk[:match.start()], match.group(1), match.group(2) or ""
-            for e in range(tensor.shape[0]):
+            for e in range(shape[0]):
                 layout[f"{prefix}.experts.{e}.{proj}.weight{scale}"] = Slot(name, (e,))
         else:
             layout[disk] = Slot(name)
@@ -249,44 +250,130 @@ def disk_tensors(model: torch.nn.Module, config: DeepseekV3Config):
         yield disk_name, params[shared].clone()  # safetensors refuses shared storage
 
 
-def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**30,
+                    write: bool = True) -> None:
     """Write config.json, safetensors shards and the index atomically: files are written to
-    a temporary folder beside `path` and moved in only when all of them are complete."""
+    a temporary folder beside `path` and moved in only when all of them are complete.
+
+    Layer by layer: the tensors are read one block at a time (the embedding, norm and head;
+    then each decoder layer; then each MTP module) and streamed into the shards, so no more
+    than one block is ever held whole. A model sharded over ranks (DeepSpeed ZeRO-3, FSDP2,
+    expert parallelism) is saved the same way: every rank calls this (each block is gathered
+    collectively) and only the rank with `write` writes files."""
     config: DeepseekV3Config = model.config
-    require_full_experts(model, "save_pretrained")
     if any("lora" in name for name, _ in model.named_modules()):
         raise ValueError("the model carries LoRA adapters: save them with "
                          "moetune.model.adapters.save_adapter, or merge_lora() before save_pretrained")
+    tensors = model.state_dict(keep_vars=True)
+    blocks = save_blocks(model, config)
+    layout = checkpoint_layout(model, config)
+    shapes = full_shapes(model)
+    block_of = {param: i for i, (_, params) in enumerate(blocks) for param in params}
+    planned: list[list[tuple[TensorEntry, Slot]]] = [[] for _ in blocks]
+    for disk_name, slot in [*layout.items(), *((n, Slot(p)) for n, p in mtp_shared_copies(config).items())]:
+        shape = torch.empty(shapes[slot.param], device="meta")[slot.index or ()].shape
+        entry = TensorEntry(disk_name, tensors[slot.param].dtype, tuple(shape))
+        planned[block_of[slot.param]].append((entry, slot))
+    shards = pack_shards([entry for block in planned for entry, _ in block], max_shard_bytes)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = None
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        sizes = [0]
-        for name, tensor in disk_tensors(model, config):
-            nbytes = tensor.numel() * tensor.element_size()
-            if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
-                shards.append({})
-                sizes.append(0)
-            shards[-1][name] = tensor.detach().contiguous().cpu()
-            sizes[-1] += nbytes
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, staging / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-        config_dict = config.to_dict()
-        config_dict["architectures"] = [type(model).__name__.replace(
-            "DeepseekV3", "DeepseekV2" if config.model_type == "deepseek_v2" else "DeepseekV3")]
-        config_dict["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-        path.mkdir(exist_ok=True)
-        for stale in path.glob("model*.safetensors"):
-            if stale.name not in weight_map.values():
-                stale.unlink()
-        for file in staging.iterdir():
-            os.replace(file, path / file.name)
+        streams = ShardStreams(staging, shards) if write else None
+        for (modules, _), block in zip(blocks, planned):
+            with gathered(model, modules):
+                for entry, slot in block:
+                    tensor = whole(tensors[slot.param])
+                    if streams:
+                        streams.write(entry.name, tensor if slot.index is None else tensor[slot.index])
+        if streams:
+            streams.close()
+            finish_folder(model, config, staging, path, streams)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_blocks(model: torch.nn.Module, config: DeepseekV3Config
+                ) -> list[tuple[list[torch.nn.Module], set[str]]]:
+    """The blocks a save walks, in order, as (modules, names of the state_dict tensors they
+    hold): the tensors outside the decoder layers and MTP modules, then each of those."""
+    prefixes = [f"model.layers.{i}" for i in range(len(model.model.layers))]
+    prefixes += [f"model.mtp.{k}" for k in range(len(model.model.mtp))]
+    names = list(model.state_dict(keep_vars=True))
+    modules = dict(model.named_modules())
+
+    def inside(name: str, prefix: str) -> bool:
+        return name.startswith(prefix + ".")
+
+    rest = [n for n in names if not any(inside(n, p) for p in prefixes)]
+    owners = {n.rpartition(".")[0] for n in rest}
+    blocks = [([modules[o] for o in sorted(owners)], set(rest))]
+    for prefix in prefixes:
+        blocks.append(([m for n, m in modules.items() if n == prefix or inside(n, prefix)],
+                       {n for n in names if inside(n, prefix)}))
+    return blocks
+
+
+def pack_shards(entries: list[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    """Consecutive entries grouped into shards of at most max_shard_bytes (a bigger tensor
+    gets a shard of its own)."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+class ShardStreams:
+    """The shard files of a save, each opened when its first tensor comes."""
+
+    def __init__(self, folder: Path, shards: list[list[TensorEntry]]):
+        self.folder, self.shards, self.index = folder, shards, -1
+        self.stream: SafetensorsStream | None = None
+        self.remaining = 0
+        self.weight_map: dict[str, str] = {}
+        self.total_size = sum(e.nbytes for shard in shards for e in shard)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.remaining:
+            self.close()
+            self.index += 1
+            file = f"model-{self.index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            entries = self.shards[self.index]
+            self.stream = SafetensorsStream(self.folder / file, entries, {"format": "pt"})
+            self.weight_map.update(dict.fromkeys((e.name for e in entries), file))
+            self.remaining = len(entries)
+        self.stream.write(name, tensor)
+        self.remaining -= 1
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+def finish_folder(model, config: DeepseekV3Config, staging: Path, path: Path,
+                  streams: ShardStreams) -> None:
+    """Write the index and config.json into `staging`, then move its files into `path`
+    (shards first, the index and config last) and remove shards of an older save."""
+    weight_map = streams.weight_map
+    index = {"metadata": {"total_size": streams.total_size}, "weight_map": weight_map}
+    (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+    config_dict = config.to_dict()
+    config_dict["architectures"] = [type(model).__name__.replace(
+        "DeepseekV3", "DeepseekV2" if config.model_type == "deepseek_v2" else "DeepseekV3")]
+    config_dict["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+    path.mkdir(exist_ok=True)
+    for stale in path.glob("model*.safetensors"):
+        if stale.name not in weight_map.values():
+            stale.unlink()
+    for file in sorted(staging.iterdir(), key=lambda f: f.suffix != ".safetensors"):
+        os.replace(file, path / file.name)

@@ -25,8 +25,9 @@ as DDP leaves every other one, the mean over all ranks of each rank's loss gradi
 Gradient clipping must count every expert once: use `clip_grad_norm_` here. FSDP and
 DeepSpeed do not know of the sharding: EP composes with DDP (or none) only.
 
-Checkpoints: `save_pretrained`, `save_adapter`, `load_state_dict` and `apply_lora` need the
-full experts; run them inside `with full_experts(model):` on every rank (the collectives need
+Checkpoints: `save_pretrained` gathers one MoE layer's experts at a time itself (every rank
+calls it, one writes). `save_adapter`, `load_state_dict` and `apply_lora` need the full
+experts; run them inside `with full_experts(model):` on every rank (the collectives need
 all of them; let rank 0 alone write files). Within the block each rank holds every expert.
 Every forward is collective too: the ranks of an EP group run their forwards in step.
 """
@@ -237,13 +238,14 @@ def stacked_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 @contextmanager
-def full_experts(model: nn.Module):
-    """Within the block every rank holds every expert (and expert adapter) and the MoE
-    layers compute alone: for saving, loading, attaching LoRA. On exit each rank keeps its
-    slice of rank 0's tensors as they then are (so weights loaded and adapters attached
-    inside are kept); parameters keep their identity, so optimizer state stays valid.
-    Collective: every rank enters. No-op on an unsharded model."""
-    layers = sharded_layers(model)
+def full_experts(model: nn.Module, layers: list[MoE] | None = None):
+    """Within the block every rank holds every expert (and expert adapter) of `layers` (all
+    sharded MoE layers by default) and those layers compute alone: for saving, loading,
+    attaching LoRA. On exit each rank keeps its slice of rank 0's tensors as they then are
+    (so weights loaded and adapters attached inside are kept); parameters keep their
+    identity, so optimizer state stays valid. Collective: every rank enters. No-op on an
+    unsharded model."""
+    layers = sharded_layers(model) if layers is None else layers
     shards = [gather_slices(moe) for moe in layers]
     try:
         yield model

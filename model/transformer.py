@@ -268,10 +268,10 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
 
         return load_pretrained(cls, path, dtype=dtype, device=device, config=config, fp8=fp8)
 
-    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, **_):
+    def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, write: bool = True, **_):
         from moetune.model.checkpoint import save_pretrained
 
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, write=write)
 
     def generate(self, input_ids, **kwargs):
         from moetune.model.generation import generate

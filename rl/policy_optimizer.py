@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from moetune.finetune.launcher import deepspeed_launch, fsdp_launch
 from moetune.recipes.loader import RecipeError
 from moetune.recipes.schema import GRPOTrainingSection
 from moetune.rl.data_parallel import DataParallel
@@ -54,15 +55,6 @@ def finite_norm_step(adamw: torch.optim.AdamW, parameters: list, max_norm: float
         adamw.step()
     adamw.zero_grad(set_to_none=True)
     return norm if math.isfinite(norm) else float("nan")
-
-
-def deepspeed_launch() -> bool:
-    """True when the launcher (accelerate with a DeepSpeed config) asks for DeepSpeed."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def fsdp_launch() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 class LocalOptimizer:

@@ -131,14 +131,18 @@ def test_save_is_atomic_and_leaves_no_partial_files(tmp_path, monkeypatch):
     model = make_model()
     model.save_pretrained(target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    from moetune.model import checkpoint
+    from moetune.model.safetensors_stream import SafetensorsStream
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    written = SafetensorsStream.write
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    def crash(self, name, tensor):  # the disk fills up half way through the first shard
+        if self.next == len(self.entries) // 2:
+            raise OSError("disk full")
+        written(self, name, tensor)
+
+    monkeypatch.setattr(SafetensorsStream, "write", crash)
     with pytest.raises(OSError):
-        make_model().save_pretrained(target)
+        make_model().save_pretrained(target, max_shard_bytes=2**16)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 

@@ -19,6 +19,7 @@ from test_rollout_remote import KEY, Server
 from tiny_configs import save_biased_tiny_arith
 
 from moetune.finetune.model_loading import load_model, load_tokenizer
+from moetune.model import DeepseekV3ForCausalLM
 from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
 from moetune.rl.data_parallel import DataParallel
@@ -161,9 +162,10 @@ def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_p
 
 
 def launch(out: Path, *overrides: str) -> list[dict]:
-    """`accelerate launch` of grpo/arith_tiny with zero3.yaml on 2 CPU processes; the metrics."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true", DS_ACCELERATOR="cpu",
-               MOETUNE_ROLLOUT_KEY=KEY)
+    """`accelerate launch` of grpo/arith_tiny with zero3.yaml on 2 CPU processes (no
+    ACCELERATE_USE_CPU: the launcher's own DeepSpeed settings); the metrics."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MOETUNE_ROLLOUT_KEY=KEY)
+    env.pop("ACCELERATE_USE_CPU", None)
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
         [str(accelerate), "launch", "--config_file", "recipes/accelerate/zero3.yaml",
@@ -199,6 +201,13 @@ def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_pa
     assert all(abs(r["mismatch_kl"]) < 1e-4 and r["grad_norm"] > 0 for r in rows)
     state = torch.load(out / "checkpoint-1" / "trainer.pt", weights_only=False)
     assert [rank["stream"]["cursor"] for rank in state["ranks"]] == [2, 2]  # each rank's position
-    # every rank's shard of the optimizer state, in DeepSpeed's layout
-    assert len(list((out / "checkpoint-1" / "deepspeed").glob("*optim_states.pt"))) == 2
+    # every rank's shard of the optimizer state, in DeepSpeed's ZeRO-3 layout: each rank's fp32
+    # master weights are its half of the trained parameters (fewer than half of all: the
+    # router and MTP stay frozen), which one rank could not hold unpartitioned
+    shards = [torch.load(shard, weights_only=False)
+              for shard in sorted((out / "checkpoint-1" / "deepspeed").glob("*optim_states.pt"))]
+    assert len(shards) == 2 and all(s["ds_config"]["zero_optimization"]["stage"] == 3 for s in shards)
+    held = [sum(t.numel() for t in s["optimizer_state_dict"]["fp32_flat_groups"]) for s in shards]
+    total = sum(p.numel() for p in DeepseekV3ForCausalLM.from_pretrained(out).parameters())
+    assert held[0] == held[1] and 0 < held[0] <= total / 2, (held, total)
     assert (out / "model-00001-of-00001.safetensors").exists()

@@ -1,6 +1,6 @@
 """SFT through `moetune run`: loss falls, metrics and plots are written, resume is exact,
-LoRA trains adapters only, data formats and packing work, DDP and DeepSpeed ZeRO-3 on 2 CPU
-processes match one process and resume."""
+LoRA trains adapters only, data formats and packing work, DDP, DeepSpeed ZeRO-2/3 and FSDP2
+on 2 CPU processes match one process and resume."""
 
 import json
 import os
@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from moetune.finetune.model_loading import load_model
@@ -52,9 +53,12 @@ def test_full_sft_learns_logs_plots_and_resumes_exactly(tmp_path):
     assert DeepseekV3ForCausalLM.from_pretrained(first).config.vocab_size == 128
 
     # Resume from the step-12 checkpoint in a fresh folder: the same steps 13..24 follow.
+    # A later save that crashed half way (weights written, no trainer_state.json) is skipped.
     second = tmp_path / "second"
     second.mkdir()
     shutil.copytree(first / "checkpoint-12", second / "checkpoint-12")
+    shutil.copytree(first / "checkpoint-12", second / "checkpoint-18",
+                    ignore=shutil.ignore_patterns("trainer_state.json", "optimizer.pt"))
     assert main([*args, f"training.output_dir={second}", "training.resume_from_checkpoint=true"]) == 0
     resumed = [r for r in rows(second / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in resumed] == [16, 20, 24]
@@ -121,53 +125,104 @@ def test_data_errors_name_the_key(tmp_path):
                                          arithmetic=ArithmeticSection(operations="/")), seed=0)
 
 
+@pytest.mark.parametrize("env,key", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_config.fsdp_version: 1"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"},
+     "deepspeed_config.offload_param_device: nvme needs deepspeed_config.offload_param_nvme_path"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "model.expert_parallel: sharded experts train under DDP"),
+])
+def test_launch_configs_that_cannot_run_fail_before_training(tmp_path, monkeypatch, capsys, env, key):
+    """The environment `accelerate launch` sets from such a config: the run stops with the
+    config key before building the model or writing anything."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    extra = ["model.expert_parallel=2"] if key.startswith("model.") else []
+    assert main(["run", "sft/arith_tiny", *FAST, f"training.output_dir={out}", *extra]) == 2
+    assert key in capsys.readouterr().err
+    assert not out.exists()
+
+
 SCALE_OUT = [*FAST, "training.max_steps=4", "training.save_steps=2", "training.logging_steps=1",
              "training.learning_rate=3e-3", "data.max_length=64"]
+LORA = "lora={rank: 8, alpha: 16, components: [attention, shared_experts, routed_experts]}"
 
 
 def launch(config: str, out: Path, *overrides: str) -> list[dict]:
-    """`accelerate launch --num_processes 2` of sft/arith_tiny on CPU; the logged loss rows."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    """`accelerate launch --config_file recipes/accelerate/{config}.yaml --num_processes 2` of
+    sft/arith_tiny on CPU (gloo; DeepSpeed with DS_ACCELERATOR=cpu, and no ACCELERATE_USE_CPU,
+    which would turn every config into plain DDP). tests/sft_engine_check.py runs the recipe
+    and asserts inside each process, after the first step, that the config's engine holds
+    the model; the logged loss rows."""
+    engine = config
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_CPU", None)
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
         [str(accelerate), "launch", "--config_file", f"recipes/accelerate/{config}.yaml",
-         "--num_processes", "2", "--main_process_port", "29517", "-m", "moetune.recipes", "run",
+         "--num_processes", "2", "--main_process_port", "29517", "tests/sft_engine_check.py", engine,
          "sft/arith_tiny", *SCALE_OUT, "training.per_device_train_batch_size=4",
          f"training.output_dir={out}", *overrides],
         check=False, capture_output=True, text=True, timeout=400, env=env,
         cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished 4 steps") == 1  # printed by the main process only
+    checks = [line for line in done.stdout.splitlines() if line.startswith("engine check:")]
+    assert len(checks) == 2, done.stdout[-2000:]  # one per process
     return [r for r in rows(out / "metrics.jsonl") if "loss" in r]
 
 
 @pytest.fixture(scope="module")
-def one_process_losses(tmp_path_factory) -> list[float]:
-    """The losses of one process x 8 rows per step."""
-    single = tmp_path_factory.mktemp("single")
-    assert main(["run", "sft/arith_tiny", *SCALE_OUT, "training.per_device_train_batch_size=8",
-                 f"training.output_dir={single}"]) == 0
-    return [r["loss"] for r in rows(single / "metrics.jsonl") if "loss" in r]
+def one_process(tmp_path_factory) -> dict[str, Path]:
+    """Full and LoRA runs of one process x 8 rows per step: their output folders."""
+    outputs = {}
+    for kind, extra in (("full", []), ("lora", [LORA])):
+        outputs[kind] = tmp_path_factory.mktemp(f"single_{kind}")
+        assert main(["run", "sft/arith_tiny", *SCALE_OUT, "training.per_device_train_batch_size=8",
+                     f"training.output_dir={outputs[kind]}", *extra]) == 0
+    return outputs
 
 
-@pytest.mark.parametrize("config", ["ddp", "zero3", "fsdp2"])
-def test_two_processes_match_one_with_the_same_global_batch_and_resume(tmp_path, config,
-                                                                       one_process_losses):
-    """DDP, DeepSpeed ZeRO-3 and FSDP2 (gloo, 2 CPU processes x 4 rows) give the losses of
-    one process x 8 rows on the same seed and data; a run resumed from checkpoint-2 repeats
-    steps 3-4 and ends on the same weights."""
-    expected = one_process_losses
+def trained(folder: Path) -> dict[str, torch.Tensor]:
+    """A run's final tensors: the whole model, or the adapters of a LoRA run."""
+    adapter = folder / "adapter_model.safetensors"
+    return load_file(adapter) if adapter.exists() else weights(folder)
+
+
+@pytest.mark.parametrize("config,kind", [("ddp", "full"), ("zero2", "full"), ("zero3", "full"),
+                                         ("fsdp2", "full"), ("zero3", "lora"), ("fsdp2", "lora")])
+def test_two_processes_match_one_with_the_same_global_batch_and_resume(tmp_path, config, kind,
+                                                                       one_process):
+    """DDP, DeepSpeed ZeRO-2/3 and FSDP2, full fine-tuning and LoRA, on 2 CPU processes x 4
+    rows (the engine asserted inside the run) give the losses and final weights of one
+    process x 8 rows on the same seed and data (float32: losses within rel 1e-5, weights
+    within 1e-5); the final model loads in transformers with moetune's logits. With sharded
+    weights (ZeRO-3, FSDP2), a run resumed from checkpoint-2 repeats steps 3-4 exactly and
+    ends on the same weights (DDP and ZeRO-2 skip it to keep the suite short; ZeRO-2 resumes
+    through DeepSpeed's checkpoint as ZeRO-3 does)."""
+    extra = [LORA] if kind == "lora" else []
+    single = one_process[kind]
     out = tmp_path / config
-    logged = launch(config, out)
+    logged = launch(config, out, *extra)
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
-    assert [r["loss"] for r in logged] == pytest.approx(expected, rel=2e-3)
-    final = weights(out)
-
+    expected = [r["loss"] for r in rows(single / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] for r in logged] == pytest.approx(expected, rel=1e-5)
+    final = trained(out)
+    for name, tensor in trained(single).items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    if kind == "full":
+        ours = DeepseekV3ForCausalLM.from_pretrained(out).eval()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        ids = torch.randint(3, 99, (2, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+    if config in ("ddp", "zero2"):
+        return
     resumed_dir = tmp_path / f"{config}-resumed"
     resumed_dir.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed_dir / "checkpoint-2")
-    resumed = launch(config, resumed_dir, "training.resume_from_checkpoint=true")
+    resumed = launch(config, resumed_dir, *extra, "training.resume_from_checkpoint=true")
     assert [r["step"] for r in resumed] == [3, 4]
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in logged[2:]], rel=1e-4)
-    for name, tensor in weights(resumed_dir).items():
-        torch.testing.assert_close(tensor, final[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in logged[2:]]
+    for name, tensor in trained(resumed_dir).items():
+        torch.testing.assert_close(tensor, final[name], rtol=0, atol=0, msg=name)

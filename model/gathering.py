@@ -1,0 +1,53 @@
+"""Whole tensors of a model sharded over ranks, one block of modules at a time.
+
+Three shardings are known: DeepSpeed ZeRO-3 (parameters partitioned, `ds_id` / `ds_shape`),
+torch FSDP2 (parameters are DTensor shards) and moetune's expert parallelism (each MoE
+layer's routed experts split over the ranks). `gathered(model, modules)` makes the direct
+tensors of `modules` whole on every rank for the block, and `whole` reads one of them, so a
+save can walk a model layer by layer without any rank holding all of it. Collective: every
+rank makes the same calls in the same order. Plain tensors pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from moetune.model.expert_parallel import full_experts, sharded_layers, stacked_tensors
+from moetune.model.moe import MoE
+
+
+def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """The whole shape of every state_dict tensor, read without gathering anything."""
+    shapes = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        shapes[name] = torch.Size(getattr(tensor, "ds_shape", tensor.shape))  # ZeRO-3, DTensor, plain
+    for prefix, moe in ((n, m) for n, m in model.named_modules() if m in sharded_layers(model)):
+        for name, tensor in stacked_tensors(moe.experts):
+            shapes[f"{prefix}.experts.{name}"] = torch.Size((moe.expert_parallel.total, *tensor.shape[1:]))
+    return shapes
+
+
+@contextmanager
+def gathered(model: nn.Module, modules: list[nn.Module]):
+    """Within the block, the parameters and buffers that `modules` hold themselves (not their
+    children's) are whole on every rank: ZeRO-3 parameters gathered, expert-parallel MoE
+    layers' experts gathered (read DTensors with `whole`)."""
+    with ExitStack() as stack:
+        partitioned = [p for m in modules for p in m.parameters(recurse=False)
+                       if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
+        if partitioned:  # (persistent or already gathered ones are whole)
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None))
+        moe_layers = [m for m in modules if isinstance(m, MoE) and m.expert_parallel is not None]
+        if moe_layers:
+            stack.enter_context(full_experts(model, moe_layers))
+        yield
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's whole value inside `gathered`: an FSDP2 DTensor is all-gathered."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.data

@@ -100,6 +100,10 @@ def run(args) -> int:
 def execute(recipe):
     """Run a checked recipe. A training run first leaves its resolved recipe in its output
     folder (`recipe.yaml`), which `moetune eval --model` reads for the run's held-out split."""
+    if recipe.recipe == "sft":  # a launch config SFT cannot train under fails before any write
+        from moetune.finetune.launcher import check_launch
+
+        check_launch(recipe.model.expert_parallel)
     if recipe.recipe != "eval" and int(os.environ.get("RANK", "0")) == 0:
         save_recipe(recipe, recipe.training.output_dir)
     module, function = RUNNERS[recipe.recipe].split(":")

@@ -65,15 +65,12 @@ def check_files(recipe, dry_run: bool) -> None:
 
 def check_rewards(recipe) -> None:
     """Every reward resolves (found, imported, its options right) before any work."""
-    from moetune.rewards import RewardNotFound, get_reward
+    from moetune.rewards import RewardSpecError, resolve_rewards
 
-    for index, spec in enumerate(getattr(recipe, "rewards", ())):
-        try:
-            get_reward(spec.name, **spec.kwargs)
-        except (RewardNotFound, TypeError, ImportError, SyntaxError) as error:
-            raise RecipeError(f"rewards[{index}] ({spec.name}): {type(error).__name__}: {error}"
-                              if isinstance(error, SyntaxError) else
-                              f"rewards[{index}]: {error}") from None
+    try:
+        resolve_rewards(getattr(recipe, "rewards", ()))
+    except RewardSpecError as error:
+        raise RecipeError(str(error)) from None
 
 
 def dry_run(recipe, name: str) -> int:

@@ -25,10 +25,12 @@ from moetune.rewards.registry import (
 from moetune.rewards.scoring import (
     RewardError,
     RewardSpec,
+    RewardSpecError,
     ScoreResult,
     TrainerState,
     completion_texts,
     report_timeout,
+    resolve_rewards,
     score,
     score_async,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "RewardError",
     "RewardNotFound",
     "RewardSpec",
+    "RewardSpecError",
     "ScoreResult",
     "TrainerState",
     "available_rewards",
@@ -45,6 +48,7 @@ __all__ = [
     "get_reward",
     "register_reward",
     "report_timeout",
+    "resolve_rewards",
     "score",
     "score_async",
 ]

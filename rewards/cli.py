@@ -42,8 +42,13 @@ def add_subcommand(subparsers) -> None:
 def run_score(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from moetune.rewards.registry import RewardNotFound, get_reward
-    from moetune.rewards.scoring import RewardError, RewardSpec, score
+    from moetune.rewards.scoring import (
+        RewardError,
+        RewardSpec,
+        RewardSpecError,
+        resolve_rewards,
+        score,
+    )
 
     names = [name.strip() for name in args.reward.split(",") if name.strip()]
     weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(names)
@@ -57,9 +62,8 @@ def run_score(args: argparse.Namespace) -> int:
     specs = [RewardSpec(name, weight, kwargs=args.options.get(name, {}), on_error=args.on_error)
              for name, weight in zip(names, weights)]
     try:  # every name and option resolves before any row is scored
-        for spec in specs:
-            get_reward(spec.name, **spec.kwargs)
-    except (RewardNotFound, TypeError) as error:
+        resolve_rewards(specs)
+    except RewardSpecError as error:
         print(f"moetune reward score: {error}", file=sys.stderr)
         return 2
     rows = _read_rows(args.input)

@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -61,20 +62,26 @@ REWARD_INPUTS = ("prompts", "completions", "completion_ids")
 RUN_ARGUMENTS = ("trainer_state", "log_extra", "log_metric")  # passed on every call, as TRL does
 
 
+_built: dict[tuple[str, str], Callable] = {}  # (name, options) -> a factory's reward function
+
+
 def get_reward(name: str, **kwargs) -> Callable:
     """The reward function called `name`, with `kwargs` bound (or built from them, for a
-    factory)."""
+    factory: once per name and options, as TRL builds it once)."""
     fn = _find(name)
     factory = _is_factory(fn)
     _check_options(name, fn, kwargs, factory)
     if not factory:
         return functools.partial(fn, **kwargs) if kwargs else fn
-    reward = fn(**kwargs)
-    if not callable(reward):
-        raise TypeError(f"reward {name!r} takes none of {', '.join(REWARD_INPUTS)}, so it was "
-                        f"called as a factory, but it returned {type(reward).__name__}, "
-                        "not a function")
-    return reward
+    key = (name, json.dumps(kwargs, sort_keys=True, default=repr))
+    if key not in _built:
+        reward = fn(**kwargs)
+        if not callable(reward):
+            raise TypeError(f"reward {name!r} takes none of {', '.join(REWARD_INPUTS)}, so it was "
+                            f"called as a factory, but it returned {type(reward).__name__}, "
+                            "not a function")
+        _built[key] = reward
+    return _built[key]
 
 
 def _is_factory(fn: Callable) -> bool:
@@ -151,7 +158,10 @@ def _check_options(name: str, fn: Callable, kwargs: dict, factory: bool) -> None
         required = (parameter.kind in option_kinds and parameter.default is inspect.Parameter.empty
                     and parameter.name not in REWARD_INPUTS + RUN_ARGUMENTS)
         if required and parameter.name not in kwargs:
-            raise TypeError(f"reward {name!r} needs the option {parameter.name!r}")
+            how = (f" (it names none of {', '.join(REWARD_INPUTS)}, so it is taken for a factory "
+                   "called with its options; a reward function names the arguments TRL passes "
+                   "by keyword)" if factory else "")
+            raise TypeError(f"reward {name!r} needs the option {parameter.name!r}{how}")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     options = [p for p in parameters if p not in REWARD_INPUTS + RUN_ARGUMENTS]

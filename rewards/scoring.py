@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moetune.rewards.registry import RUN_ARGUMENTS, get_reward
+from moetune.rewards.registry import RUN_ARGUMENTS, RewardNotFound, get_reward
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,25 @@ class RewardError(RuntimeError):
     """A reward function failed; the message names it and, where known, the sample."""
 
 
+class RewardSpecError(ValueError):
+    """A listed reward cannot be used (not found, not importable, wrong options); the message
+    names its place in the list, `rewards[i]`."""
+
+
+def resolve_rewards(specs: Sequence[RewardSpec]) -> list[Callable]:
+    """The function of each spec, with its options bound, or a RewardSpecError naming the
+    first that fails. Run before any work by `moetune run` and `moetune reward score`."""
+    functions = []
+    for index, spec in enumerate(specs):
+        try:
+            functions.append(get_reward(spec.name, **spec.kwargs))
+        except (RewardNotFound, TypeError, ValueError, ImportError, SyntaxError) as error:
+            detail = (str(error) if isinstance(error, (RewardNotFound, TypeError))
+                      else f"{type(error).__name__}: {error}")
+            raise RewardSpecError(f"rewards[{index}] ({spec.name}): {detail}") from None
+    return functions
+
+
 class _Failure(Exception):
     """A failure, before on_error decides what it means."""
 
@@ -136,11 +155,14 @@ async def score_async(specs: Sequence[RewardSpec], prompts: list, completions: l
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"rewards listed twice: {', '.join(duplicates)}")
+    functions = resolve_rewards(specs)
+    for spec, fn in zip(specs, functions):
+        _check_arguments(spec.name, fn, {*batch, *RUN_ARGUMENTS})
     sync_lock = asyncio.Lock()
     state = trainer_state or TrainerState()
     outcomes = await asyncio.gather(*(
-        _run(spec, get_reward(spec.name, **spec.kwargs), batch, len(completions), state, sync_lock)
-        for spec in specs
+        _run(spec, fn, batch, len(completions), state, sync_lock)
+        for spec, fn in zip(specs, functions)
     ))
     values = {spec.name: outcome.values for spec, outcome in zip(specs, outcomes)}
     totals = [
@@ -149,10 +171,14 @@ async def score_async(specs: Sequence[RewardSpec], prompts: list, completions: l
     ]
     metrics: dict[str, list[float]] = {}
     extra: dict[str, list] = {}
-    for outcome in outcomes:
+    for spec, outcome in zip(specs, outcomes):
         for name, logged in outcome.log.metrics.items():
             metrics.setdefault(name, []).extend(logged)
-        extra |= outcome.log.extra
+        for column, logged in outcome.log.extra.items():
+            if column in extra:
+                raise RewardError(f"reward {spec.name!r} logs the extra column {column!r}, "
+                                  "which another reward logs too")
+            extra[column] = logged
     return ScoreResult(
         values=values,
         totals=[float(total) for total in totals],
@@ -198,7 +224,9 @@ class _Log:
         if len(values) != self.rows:
             raise ValueError(f"reward {self.function!r}: log_extra({column!r}) got {len(values)} "
                              f"values for {self.rows} samples")
-        self.extra.setdefault(column, []).extend(values)
+        if column in self.extra:
+            raise ValueError(f"reward {self.function!r}: log_extra({column!r}) called twice")
+        self.extra[column] = list(values)
 
 
 @dataclass
@@ -270,6 +298,26 @@ async def _call(fn: Callable, batch: dict[str, list], state: TrainerState, log: 
         async with sync_lock:  # sync functions run one at a time, off the event loop
             result = await asyncio.to_thread(fn, **arguments)
     return await result if inspect.isawaitable(result) else result
+
+
+def _check_arguments(name: str, fn: Callable, available: set[str]) -> None:
+    """Fail before any call when `fn` needs an argument no call gives it: most likely a
+    function written for positional calls (`fn(p, c)`), or a column the data lacks."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    missing = [p.name for p in parameters.values() if p.kind in kinds and (
+        p.default is inspect.Parameter.empty and p.name not in available
+        or p.kind is inspect.Parameter.POSITIONAL_ONLY)]
+    if missing:
+        raise RewardError(
+            f"reward {name!r} takes {', '.join(missing)}, which no call gives it: reward functions "
+            "are called by keyword, as TRL calls them, with prompts=, completions=, "
+            "completion_ids=, the data set's columns, trainer_state=, log_extra= and "
+            f"log_metric= (this batch has {', '.join(sorted(available))})")
 
 
 def _accepted(fn: Callable) -> set[str] | None:

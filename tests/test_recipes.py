@@ -141,11 +141,11 @@ def test_dry_run_resolves_every_reward(tmp_path, capsys):
     """A misspelt reward, a broken reward file or a missing option fails the dry run."""
     broken = tmp_path / "broken.py"
     broken.write_text("def f(prompts, completions:\n    pass\n")
-    cases = [("{name: math_acuracy}",
-              "rewards[0]: unknown reward 'math_acuracy'. Did you mean 'math_accuracy'?"),
+    cases = [("{name: math_acuracy}", ("rewards[0] (math_acuracy): unknown reward "
+                                      "'math_acuracy'. Did you mean 'math_accuracy'?")),
              (f"{{name: '{broken}:f'}}", f"rewards[0] ({broken}:f): SyntaxError: '(' was never"),
              ("{name: soft_overlong, kwargs: {cache_length: 4}}",
-              "rewards[0]: reward 'soft_overlong' needs the option 'max_length'")]
+              "rewards[0] (soft_overlong): reward 'soft_overlong' needs the option 'max_length'")]
     for reward, message in cases:
         assert main(["run", "grpo/arith_tiny", f"rewards=[{reward}]", "--dry-run"]) == 2
         err = capsys.readouterr().err

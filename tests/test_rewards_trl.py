@@ -126,3 +126,42 @@ def test_cli_runs_trl_rewards_unchanged(tmp_path, capsys):
     assert "--options names math_acuracy, not among --reward" in capsys.readouterr().err
     assert run_cli(["reward", "score", "--reward", overlong, *argv[6:]]) == 2
     assert "needs the option 'max_completion_len'" in capsys.readouterr().err
+
+
+def test_a_function_written_for_positional_calls_fails_before_scoring():
+    """`fn(p, c, **columns)` cannot receive keyword calls: one clear error, whatever on_error
+    says, never a batch silently scored 0."""
+    @register_reward("test_positional_names")
+    def positional(p, c, **columns):
+        return [1.0] * len(c)
+
+    from moetune.rewards import RewardError
+
+    with pytest.raises(RewardError, match=r"'test_positional_names' takes p, c, which no call "
+                                          r"gives it: reward functions are called by keyword"):
+        score([RewardSpec("test_positional_names", on_error="zero")], ["q"], ["a"])
+
+
+def test_factories_are_built_once_and_extra_columns_do_not_collide():
+    built = []
+
+    def counting_factory(scale: float):
+        built.append(scale)
+        return lambda completions, log_extra, **kwargs: (
+            log_extra("length", [len(c) for c in completions]) or [scale] * len(completions))
+
+    register_reward("test_counting_factory")(counting_factory)
+    spec = RewardSpec("test_counting_factory", kwargs={"scale": 2.0})
+    for _ in range(3):
+        assert score([spec], ["q"], ["abc"]).values["test_counting_factory"] == [2.0]
+    assert built == [2.0]  # as TRL builds its reward functions once
+
+    @register_reward("test_also_logs_length")
+    def also_logs_length(completions, log_extra):
+        log_extra("length", [0] * len(completions))
+        return [0.0] * len(completions)
+
+    from moetune.rewards import RewardError
+
+    with pytest.raises(RewardError, match="logs the extra column 'length', which another"):
+        score([spec, RewardSpec("test_also_logs_length")], ["q"], ["abc"])

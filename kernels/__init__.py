@@ -1,5 +1,6 @@
 """FP8 block-scaled kernels: quantisation, dequantisation, (grouped) GEMMs and weight
-transposes; the routed experts' fused SwiGLU lives in `moetune.kernels.swiglu`.
+transposes; the routed experts' fused row kernels (SwiGLU, combine) live in
+`moetune.kernels.expert_rows`.
 
 Imports with torch alone; Triton kernels load when their backend is used.
 """

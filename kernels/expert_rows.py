@@ -18,11 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moetune.kernels.gemm import triton_available
+
 
 def use_triton(t: torch.Tensor, backend: str) -> bool:
+    """backend "auto": the Triton kernels on CUDA tensors when triton is installed."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"expert-row kernel backend must be auto, torch or triton, not {backend!r}")
-    return backend == "triton" or (backend == "auto" and t.is_cuda)
+    return backend == "triton" or (backend == "auto" and t.is_cuda and triton_available(t.device))
 
 
 def swiglu(h: torch.Tensor, row_weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -23,6 +23,10 @@ from moetune.model.layers import RMSNorm
 from moetune.model.rope import apply_rope, softmax_scale
 
 
+def hopper_or_newer(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (9, 0)
+
+
 class MultiheadLatentAttention(nn.Module):
     def __init__(self, config: DeepseekV3Config, layer_idx: int):
         super().__init__()
@@ -91,10 +95,11 @@ class MultiheadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k_rope = k_rope[:, :, None].expand(-1, -1, self.num_heads, -1)
         k = torch.cat((k_nope, k_rope), dim=-1).transpose(1, 2)
-        # SDPA's CPU flash kernel needs equal q/k/v head dims: pad v with zeros and drop the
-        # padding from the output (2.7x faster than the math fallback). CUDA's cuDNN kernel
-        # takes v as it is, and its backward pays for padding (6.2 vs 3.9 ms, 4 layers, H200).
-        v = (v if v.is_cuda else F.pad(v, (0, q.shape[-1] - self.v_dim))).transpose(1, 2)
+        # SDPA's flash kernels need equal q/k/v head dims: pad v with zeros and drop the
+        # padding from the output (on CPU 2.7x faster than the math fallback). On Hopper,
+        # cuDNN's attention takes v as it is, and its backward pays for padding (6.2 vs 3.9 ms,
+        # 4 layers, H200); other GPUs keep the padding (FlashAttention-2 needs it).
+        v = (v if hopper_or_newer(v) else F.pad(v, (0, q.shape[-1] - self.v_dim))).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
         )

@@ -11,6 +11,7 @@ PNG plots (reward curve, accuracy, expert load) to --output.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -26,17 +27,19 @@ def held_out_accuracy(model_dir: Path, run, limit: int, output: Path) -> float:
     `run`, through `moetune eval`'s own path: `moetune eval --model DIR --reward
     math_accuracy` with the run's recipe.yaml gives the same figure."""
     from moetune.rewards import RewardSpec
-    from moetune.rl.evaluation import evaluate_recipe, held_out_recipe
+    from moetune.rl.evaluation import evaluate_recipe
+    from moetune.rl.held_out import held_out_recipe
 
     recipe = held_out_recipe(run, str(model_dir), [RewardSpec("math_accuracy")], limit=limit,
-                             output=str(output))
+                             output_dir=str(output))
     return evaluate_recipe(recipe).pass_at_1
 
 
 def eval_command(grpo_dir: Path, run, limit: int) -> str:
     """The `moetune eval` command that reproduces the demo's GRPO figure."""
     flags = "" if limit == run.eval.limit else f" --limit {limit}"
-    return f"moetune eval --model {grpo_dir} --reward math_accuracy --n 1 --temperature 0{flags}"
+    return (f"moetune eval --model {shlex.quote(str(grpo_dir))} --reward math_accuracy --n 1 "
+            f"--temperature 0{flags}")
 
 
 def plot_report(output: Path, grpo_dir: Path, sft_accuracy: float, grpo_accuracy: float) -> list[Path]:

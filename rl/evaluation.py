@@ -8,7 +8,8 @@ report pass@1 / pass@k (unbiased estimator), mean reward and mean length.
 Without --data, the problems are the held-out split of the run that trained --model, read
 from the `recipe.yaml` it left in its output folder (the model's folder or its parent): the
 same source, knobs, template, engine and token budget, one greedy sample per problem unless
---n / --temperature say otherwise. `moetune demo` reports its accuracies this way.
+--n / --temperature say otherwise (`moetune.rl.held_out`). `moetune demo` reports its
+accuracies this way.
 
 A sample passes when its weighted reward reaches --pass-threshold (1.0: fully correct).
 Writes `eval.json` (summary) and `samples.jsonl` (one row per problem) to --output.
@@ -111,7 +112,7 @@ def native_sampler(model_dir: str, adapter: str | None, temperature: float, top_
     generator = torch.Generator().manual_seed(seed)
 
     def sample(prompts: list[str], n: int) -> list[list[str]]:
-        ids = [tokenizer.encode(p).ids for p in prompts for _ in range(n)]
+        ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts for _ in range(n)]
         out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, stop_token_ids=stop, generator=generator)
         texts = [tokenizer.decode([t for t in seq if t not in stop]) for seq in out.sequences]
@@ -177,86 +178,36 @@ def format_summary(report: EvalReport) -> str:
                      else f"  {key:<{width}}  {value}" for key, value in s.items())
 
 
-FLAG_DEFAULTS = {"backend": "native", "n": 4, "temperature": 1.0, "max_new_tokens": 64,
-                 "pass_threshold": 1.0}
-
-
 def run(args) -> int:
     from moetune.recipes.schema import DataSection, EvalRecipe, EvalSection, ModelSection
 
+    flags = {key: value for key, value in (
+        ("backend", args.backend), ("n", args.n), ("temperature", args.temperature),
+        ("top_p", args.top_p), ("max_new_tokens", args.max_new_tokens),
+        ("pass_threshold", args.pass_threshold), ("output_dir", args.output)) if value is not None}
     if args.recipe:
         from moetune.recipes.loader import load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides, EvalRecipe)
     elif args.model and args.data is None and args.reward:
-        given = {key: getattr(args, key) for key in (*FLAG_DEFAULTS, "top_p", "limit", "seed",
-                                                     "adapter", "output")}
+        from moetune.rl.held_out import held_out_recipe, training_run
+
         recipe = held_out_recipe(training_run(args.model), args.model, rewards_of(args.reward),
-                                 **{key: value for key, value in given.items() if value is not None})
+                                 limit=args.limit, seed=args.seed, split=args.split,
+                                 adapter=args.adapter, **flags)
     else:
         missing = [flag for flag in ("model", "data", "reward") if getattr(args, flag) is None]
         if missing:
             raise SystemExit(f"moetune eval: give a recipe, or --{', --'.join(missing)}")
-        given = {key: default if getattr(args, key) is None else getattr(args, key)
-                 for key, default in FLAG_DEFAULTS.items()}
         recipe = EvalRecipe(
             recipe="eval", model=ModelSection(path=args.model, adapter=args.adapter),
             data=DataSection(args.data, args.limit, args.seed, args.split),
-            rewards=rewards_of(args.reward),
-            eval=EvalSection(given["backend"], given["n"], given["temperature"], args.top_p,
-                             given["max_new_tokens"], given["pass_threshold"], args.output))
+            rewards=rewards_of(args.reward), eval=EvalSection(**flags))
     return run_recipe(recipe)
 
 
 def rewards_of(names: str) -> list[RewardSpec]:
     return [RewardSpec(name.strip()) for name in names.split(",") if name.strip()]
-
-
-def training_run(model_dir: str):
-    """The recipe of the run that wrote `model_dir` (its recipe.yaml, or its parent's for a
-    checkpoint-N folder)."""
-    from moetune.recipes.loader import RUN_RECIPE, RecipeError, load_recipe
-
-    for folder in (Path(model_dir), Path(model_dir).parent):
-        if (folder / RUN_RECIPE).is_file():
-            return load_recipe(folder / RUN_RECIPE, [])
-    raise RecipeError(f"--model {model_dir}: no {RUN_RECIPE} of the run that trained it (in the "
-                      "folder or its parent); name the problems with --data")
-
-
-def held_out_recipe(run, model_dir: str, rewards: list[RewardSpec], **given):
-    """An EvalRecipe scoring `model_dir` on the held-out split of the training run `run` (an
-    SFT or GRPO recipe) with its template, data knobs, engine and token budget: one greedy
-    sample per problem. `given` overrides any of backend, n, temperature, top_p,
-    max_new_tokens, limit, pass_threshold, seed, adapter and output (the eval folder)."""
-    from moetune.recipes.loader import RecipeError
-    from moetune.recipes.schema import DataSection, EvalRecipe, EvalSection, ModelSection
-
-    if run.recipe == "grpo":
-        source, defaults = run.eval.source, dict(
-            limit=run.eval.limit, pass_threshold=run.eval.pass_threshold,
-            backend=run.rollout.backend, max_new_tokens=run.rollout.max_new_tokens)
-        dtype = run.rollout.dtype
-    else:
-        source, defaults, dtype = run.data.eval_source or run.data.source, {}, run.model.dtype
-        if not source.startswith("builtin:") and not run.data.eval_source:
-            raise RecipeError(f"--model {model_dir}: its run held out `data.eval_fraction` of "
-                              f"{source}, not a split eval can name; give --data")
-    settings = {"backend": "native", "n": 1, "temperature": 0.0, "top_p": 1.0,
-                "max_new_tokens": FLAG_DEFAULTS["max_new_tokens"], "limit": None,
-                "pass_threshold": 1.0, "seed": 0, "adapter": None, "output": "eval_out"}
-    unknown = set(given) - set(settings)
-    if unknown:
-        raise TypeError(f"held_out_recipe: unknown settings {sorted(unknown)}")
-    settings |= defaults | given
-    return EvalRecipe(
-        recipe="eval",
-        model=ModelSection(path=str(model_dir), adapter=settings["adapter"], dtype=dtype),
-        data=DataSection(source, settings["limit"], settings["seed"], "test", run.data.arithmetic),
-        rewards=rewards, template=run.template,
-        eval=EvalSection(settings["backend"], settings["n"], settings["temperature"],
-                         settings["top_p"], settings["max_new_tokens"],
-                         settings["pass_threshold"], settings["output"]))
 
 
 def run_recipe(recipe) -> int:
@@ -320,9 +271,9 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--n", type=int,
                         help="samples per problem = k (default 4; without --data, 1)")
     parser.add_argument("--temperature", type=float, help="default 1.0; without --data, 0 (greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, help="default 1.0")
     parser.add_argument("--max-new-tokens", type=int,
-                        help="default 64; without --data, the run's rollout.max_new_tokens")
+                        help="default 64; without --data, a GRPO run's rollout.max_new_tokens")
     parser.add_argument("--limit", type=int, help="evaluate the first N problems")
     parser.add_argument("--split", default="test", help="builtin:arithmetic's split (default test)")
     parser.add_argument("--pass-threshold", type=float,

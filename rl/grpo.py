@@ -162,13 +162,13 @@ class GRPOTrainer:
         texts = [render(p["prompt"], self.recipe.template, self.tokenizer, self.shots) for p in problems]
         return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
-    def trainer_state(self, step: int) -> TrainerState:
-        """Progress as TRL gives it to reward functions: steps completed before this one."""
+    def trainer_state(self, completed: int) -> TrainerState:
+        """Progress as TRL gives it to reward functions: `completed` optimizer steps."""
         stream = self.stream
-        return TrainerState(global_step=step - 1, max_steps=self.recipe.training.max_steps,
+        return TrainerState(global_step=completed, max_steps=self.recipe.training.max_steps,
                             epoch=stream.epoch + stream.cursor / len(stream.problems))
 
-    def rewards_of(self, problems: list[dict], rollouts: list[list[Rollout]], step: int):
+    def rewards_of(self, problems: list[dict], rollouts: list[list[Rollout]], completed: int):
         """(totals [G, n], {name: [G*n values]}, {logged metric: [values]}) for the flattened
         groups."""
         n = len(rollouts[0])
@@ -178,7 +178,7 @@ class GRPOTrainer:
         result = score(self.recipe.rewards, [p["prompt"] for p in problems for _ in range(n)],
                        [r.text for r in flat], columns,
                        completion_ids=[r.completion_ids for r in flat],
-                       trainer_state=self.trainer_state(step))
+                       trainer_state=self.trainer_state(completed))
         totals = torch.tensor(result.totals, dtype=torch.float32)
         algorithm = self.recipe.algorithm
         if algorithm.overlong == "soft":
@@ -199,7 +199,7 @@ class GRPOTrainer:
         while len(kept_problems) < wanted and rounds <= algorithm.max_refills:
             problems = self.stream.take(wanted - len(kept_problems))
             rollouts = self.pool.generate(self.encode(problems), n, self.sampling(step, rounds))
-            totals, values, round_logged = self.rewards_of(problems, rollouts, step)
+            totals, values, round_logged = self.rewards_of(problems, rollouts, step - 1)
             for name, logged_values in round_logged.items():
                 logged.setdefault(name, []).extend(logged_values)
             rounds += 1

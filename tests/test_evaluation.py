@@ -139,3 +139,22 @@ def test_eval_of_a_run_folder_uses_the_runs_held_out_split(tmp_path, capsys):
                  "--output", str(tmp_path / "out2")]) == 0
     assert main(["eval", "--model", str(tmp_path), "--reward", "math_accuracy"]) == 2
     assert "no recipe.yaml of the run that trained it" in capsys.readouterr().err
+
+
+def test_held_out_recipe_of_an_adapter_folder_and_of_a_run_without_held_out_problems(tmp_path):
+    from moetune.recipes.loader import RecipeError, load_recipe
+    from moetune.recipes.run import resolve
+    from moetune.rl.held_out import held_out_recipe
+
+    adapter = tmp_path / "adapter_run"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    run = load_recipe(resolve("grpo/arith_tiny"), [f"model.path={tmp_path / 'base'}"])
+    recipe = held_out_recipe(run, str(adapter), [RewardSpec("math_accuracy")])
+    assert (recipe.model.path, recipe.model.adapter) == (str(tmp_path / "base"), str(adapter))
+    assert (recipe.eval.n, recipe.eval.temperature, recipe.eval.backend) == (1, 0.0, run.rollout.backend)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n")
+    on_file = load_recipe(resolve("grpo/arith_tiny"), [f"data.source={data}", "eval.every=0"])
+    with pytest.raises(RecipeError, match="its run held out no problems"):
+        held_out_recipe(on_file, str(tmp_path), [RewardSpec("math_accuracy")])

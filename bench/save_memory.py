@@ -1,13 +1,14 @@
 """Host memory of SFT's final save under ZeRO-3 and FSDP2: does it stay flat as the model deepens?
 
 For each engine and depth, `accelerate launch` runs one step of sft/arith_tiny on 2 CPU
-processes (gloo) with a wider tiny model (hidden 512, 16 experts of 256, 8 heads) of the given
-number of layers, then samples each rank's RSS every 2 ms through the final
+processes (gloo) with its tiny model (`--width tiny`: hidden 128) or a wider one (`--width
+wide`: hidden 512, 16 experts of 256, 8 heads, no MTP) of the given number of layers, then samples each rank's RSS every 2 ms through the final
 `save_model` (layer-by-layer gathering, rank 0 writing). It prints, per rank, the RSS when
 training ended, the peak during the save and their difference, against the model's full size:
 a save that gathered the whole model would grow by about that size.
 
-    python bench/save_memory.py                     # zero3 and fsdp2 at 8 and 32 layers
+    python bench/save_memory.py                     # zero3 and fsdp2 at 8 and 32 layers, wide
+    python bench/save_memory.py --width tiny        # the recipe's own width
     python bench/save_memory.py --engines zero3 --layers 8 16
 """
 
@@ -72,9 +73,9 @@ def child(overrides: list[str]) -> None:
             callbacks=[lambda trainer: SaveMemory(trainer).callback])
 
 
-def measure(engine: str, layers: int, folder: Path) -> list[dict]:
+def measure(engine: str, layers: int, wide: bool, folder: Path) -> list[dict]:
     config = json.loads((ROOT / "recipes/configs/tiny_arith.json").read_text())
-    config |= WIDER | {"num_hidden_layers": layers}
+    config |= (WIDER if wide else {}) | {"num_hidden_layers": layers}
     config_file = folder / f"config_{layers}.json"
     config_file.write_text(json.dumps(config))
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -99,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", nargs="+", default=["zero3", "fsdp2"])
     parser.add_argument("--layers", nargs="+", type=int, default=[8, 32])
+    parser.add_argument("--width", choices=("tiny", "wide"), default="wide")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -108,7 +110,7 @@ def main() -> None:
             growth, peak = {}, {}
             for layers in args.layers:
                 started = time.perf_counter()
-                rows = measure(engine, layers, Path(folder))
+                rows = measure(engine, layers, args.width == "wide", Path(folder))
                 growth[layers] = max(row["peak_mb"] - row["before_mb"] for row in rows)
                 peak[layers] = max(row["peak_mb"] for row in rows)
                 for row in rows:

@@ -129,10 +129,10 @@ def test_moetune_recipes_lists_shipped_recipes(capsys):
      "lora.experts.profile: /no/experts.json: no such file or folder"),
     (["model.config=tiny_nope"], "model.config: 'tiny_nope' is neither a file nor a shipped config"),
 ])
-def test_run_errors_exit_2_naming_the_key_without_traceback(arguments, message, capsys):
+def test_run_errors_exit_2_naming_the_key_without_traceback(arguments, message, capsys, tmp_path):
     """In process (the CLI's own process is checked by test_cli_prints_recipe_errors_...)."""
     recipe = "sft/arith_tiny_lora" if "lora" in arguments[0] else "sft/arith_tiny"
-    assert main(["run", recipe, *arguments]) == 2
+    assert main(["run", recipe, *arguments, f"training.output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

@@ -24,23 +24,21 @@ import threading
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 ROOT = Path(__file__).resolve().parent.parent
 WIDER = {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 256,
          "num_attention_heads": 8, "num_key_value_heads": 8, "num_nextn_predict_layers": 0}
 
 
-class SaveMemory:
-    """A trainer callback: at the end of training, start sampling this process's RSS; at
-    exit, print the RSS then and the peak since (the final save runs in between)."""
+class SaveMemory(TrainerCallback):
+    """At the end of training, start sampling this process's RSS; at exit, print the RSS then
+    and the peak since (the final save runs in between)."""
 
     def __init__(self, trainer):
-        from transformers import TrainerCallback
-
         self.trainer, self.peak, self.start, self.stop = trainer, 0, 0, threading.Event()
-        self.callback = type("SaveMemoryCallback", (TrainerCallback,),
-                             {"on_train_end": lambda _, *a, **k: self.begin()})()
 
-    def begin(self) -> None:
+    def on_train_end(self, args, state, control, **kwargs):
         import atexit
 
         import psutil
@@ -57,7 +55,7 @@ class SaveMemory:
 
     def report(self) -> None:
         self.stop.set()
-        full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.trainer.model.parameters())
+        full = sum(getattr(p, "ds_numel", p.numel()) for p in self.trainer.model.parameters())
         rank = int(os.environ.get("RANK", "0"))
         print("save memory: " + json.dumps({"rank": rank, "before_mb": self.start / 2**20,
                                              "peak_mb": self.peak / 2**20,
@@ -70,7 +68,7 @@ def child(overrides: list[str]) -> None:
     from moetune.recipes.run import resolve
 
     run_sft(load_recipe(resolve("sft/arith_tiny"), overrides),
-            callbacks=[lambda trainer: SaveMemory(trainer).callback])
+            callbacks=[SaveMemory])
 
 
 def measure(engine: str, layers: int, wide: bool, folder: Path) -> list[dict]:

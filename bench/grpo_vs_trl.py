@@ -1,7 +1,7 @@
 """GRPO step time and reward: moetune's GRPO trainer against TRL's GRPOTrainer (the peer).
 
 Both sides start from the same checkpoint: `make demo`'s SFT model (the tiny DeepSeek-V3 of
-recipes/configs/tiny_arith.json after sft/arith_tiny.yaml on 1-digit, 3-term subtraction whose
+model/configs/tiny_arith.json after sft/arith_tiny.yaml on 1-digit, 3-term subtraction whose
 demonstrator drops 70% of minus signs; trained once and cached in --work, or --sft-model DIR
 such as runs/demo/sft) and run the demo's GRPO steps, float32 on CPU:
   16 prompts per step (the same prompts in the same order) x 8 samples = 128 completions,
@@ -59,9 +59,9 @@ def sft_checkpoint(work: Path) -> Path:
 
 def prompt_rows(steps: int, seed: int) -> list[dict]:
     """The problems moetune's trainer draws, in its order: TRL is fed the same ones."""
-    from moetune.finetune.arithmetic import ArithmeticSpec
+    from moetune.data.arithmetic import ArithmeticSpec
+    from moetune.data.problems import load_problems
     from moetune.rl.grpo import PromptStream
-    from moetune.rl.problems import load_problems
 
     problems = load_problems("builtin:arithmetic", None, seed, "train", ArithmeticSpec(**ARITHMETIC))
     return PromptStream(problems, seed).take(PROMPTS * steps)

@@ -27,7 +27,7 @@ def build(folder: str | None, dtype: torch.dtype) -> DeepseekV3ForCausalLM:
     if folder:
         return DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     torch.manual_seed(0)
-    config = load_config(files("moetune.recipes") / "configs" / "tiny_arith.json")
+    config = load_config(files("moetune.model") / "configs" / "tiny_arith.json")
     return DeepseekV3ForCausalLM(config).to(dtype).eval()
 
 

@@ -72,7 +72,7 @@ def child(overrides: list[str]) -> None:
 
 
 def measure(engine: str, layers: int, wide: bool, folder: Path) -> list[dict]:
-    config = json.loads((ROOT / "recipes/configs/tiny_arith.json").read_text())
+    config = json.loads((ROOT / "model/configs/tiny_arith.json").read_text())
     config |= (WIDER if wide else {}) | {"num_hidden_layers": layers}
     config_file = folder / f"config_{layers}.json"
     config_file.write_text(json.dumps(config))

@@ -1,1 +1,1 @@
-"""Fine-tuning: adapter merge/export (SFT and expert profiling arrive with their issue)."""
+"""Supervised fine-tuning on TRL's SFTTrainer with the native model (`sft`)."""

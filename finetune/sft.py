@@ -24,17 +24,17 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from moetune.finetune.expert_load import ExpertLoadHistory
-from moetune.finetune.launcher import check_launch, engage_fsdp
-from moetune.finetune.metrics_file import MetricsFile
-from moetune.finetune.model_loading import attach_lora, load_model, load_tokenizer
-from moetune.finetune.prompt_template import few_shot_examples, save_template, sft_row
-from moetune.finetune.sft_data import load_sft_datasets
+from moetune.config.schema import SFTRecipe, TemplateSection
+from moetune.data.prompt_template import few_shot_examples, save_template, sft_row
+from moetune.data.sft_data import load_sft_datasets
 from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.expert_parallel import clip_grad_norm_, expert_parallel_size, full_experts
 from moetune.model.lora import LoraSpec
 from moetune.model.moe import MoE
-from moetune.recipes.schema import SFTRecipe, TemplateSection
+from moetune.training.expert_load import ExpertLoadHistory
+from moetune.training.launcher import check_launch, engage_fsdp
+from moetune.training.metrics_file import MetricsFile
+from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def apply_template(dataset, recipe: SFTRecipe):
         return dataset
     import datasets
 
-    from moetune.finetune.sft_data import arithmetic_spec
+    from moetune.data.sft_data import arithmetic_spec
 
     shots = few_shot_examples(recipe.template, recipe.data.source, arithmetic_spec(recipe.data.arithmetic))
     return datasets.Dataset.from_list([sft_row(row, recipe.template, shots) for row in dataset])

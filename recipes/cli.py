@@ -16,10 +16,10 @@ SUBCOMMAND_MODULES = (
     "moetune.recipes.plan",
     "moetune.recipes.demo",
     "moetune.model.info",
-    "moetune.finetune.merge",
-    "moetune.finetune.expert_profile",
+    "moetune.training.merge",
+    "moetune.training.expert_profile",
     "moetune.rewards.cli",
-    "moetune.rl.evaluation",
+    "moetune.recipes.evaluate",
     "moetune.rl.rollout_server",
 )
 
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     unreadable checkpoint file) prints one line naming what is wrong and where and exits with
     code 2; a RewardError (a reward function failed) prints its message, which names the
     function, and exits with code 1."""
+    from moetune.config.build import RecipeError
     from moetune.model.checkpoint import CheckpointError
-    from moetune.recipes.loader import RecipeError
     from moetune.rewards import RewardError
 
     parser = build_parser()

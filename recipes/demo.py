@@ -26,9 +26,9 @@ def held_out_accuracy(model_dir: Path, run, limit: int, output: Path) -> float:
     """Greedy pass@1 (math_accuracy) on the first `limit` held-out problems of the GRPO run
     `run`, through `moetune eval`'s own path: `moetune eval --model DIR --reward
     math_accuracy` with the run's recipe.yaml gives the same figure."""
+    from moetune.recipes.held_out import held_out_recipe
     from moetune.rewards import RewardSpec
     from moetune.rl.evaluation import evaluate_recipe
-    from moetune.rl.held_out import held_out_recipe
 
     recipe = held_out_recipe(run, str(model_dir), [RewardSpec("math_accuracy")], limit=limit,
                              output_dir=str(output))

@@ -1,32 +1,26 @@
 """Recipe files -> typed dataclasses, failing before any work on the first thing wrong.
 
 `load_recipe(path, overrides, schema)` reads YAML, applies `key.sub=value` overrides (values
-parsed as YAML), and builds the dataclass `schema`; `save_recipe` writes a built recipe back
-(a run's `recipe.yaml`, which `load_recipe` reads into the same dataclasses). Errors are `RecipeError`s that name the
-key's full path: an unknown key with the nearest valid one ("did you mean"), a wrong type
-with the expected and the given type, a missing required key, a missing file.
+parsed as YAML), and builds the dataclass `schema` (moetune.config.build, whose
+`RecipeError`s name the key's full path); `save_recipe` writes a built recipe back (a run's
+`recipe.yaml`, which `load_recipe` reads into the same dataclasses).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal, Union
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe problem the user must fix; the CLI prints it and exits with code 2."""
+from moetune.config.build import RecipeError, build
+from moetune.config.schema import SCHEMAS
 
 
 def load_recipe(path: str | Path, overrides: list[str], schema: type | None = None):
     """The recipe at `path` with `overrides` applied, as the dataclass `schema`, or, when
-    schema is None, as the schema its `recipe:` key names (moetune.recipes.schema.SCHEMAS)."""
+    schema is None, as the schema its `recipe:` key names (moetune.config.schema.SCHEMAS)."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe {path}: no such file")
@@ -39,8 +33,6 @@ def load_recipe(path: str | Path, overrides: list[str], schema: type | None = No
     for override in overrides:
         apply_override(raw, override)
     if schema is None:
-        from moetune.recipes.schema import SCHEMAS
-
         kind = raw.get("recipe")
         if kind not in SCHEMAS:
             raise RecipeError(f"recipe: expected one of {sorted(SCHEMAS)}, got {kind!r}")
@@ -74,83 +66,3 @@ def apply_override(raw: dict, override: str) -> None:
         if not isinstance(node, dict):
             raise RecipeError(f"override {override!r}: {part!r} is not a section")
     node[leaf] = yaml.safe_load(value)
-
-
-def build(schema: type, data: Any, path: str):
-    """Construct dataclass `schema` from `data`, checking every key and type."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    hints = typing.get_type_hints(schema)
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {join(path, close[0])!r}?" if close else \
-                f"; valid keys: {', '.join(sorted(fields))}"
-            raise RecipeError(f"unknown key {join(path, key)!r}{hint}")
-    values = {}
-    for name, field in fields.items():
-        if name in data:
-            values[name] = convert(hints[name], data[name], join(path, name))
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"missing required key {join(path, name)!r}")
-    try:
-        return schema(**values)
-    except (TypeError, ValueError) as error:
-        raise RecipeError(f"{path or 'recipe'}: {error}") from None
-
-
-def convert(hint, value, path: str):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, path)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return convert(option, value, path)
-            except RecipeError as error:
-                errors.append(error)
-        raise errors[0] if len(options) == 1 else RecipeError(
-            f"{path}: expected {describe(hint)}, got {type(value).__name__} {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise RecipeError(f"{path}: expected one of {list(args)}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise RecipeError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-        item = args[0] if args else Any
-        items = [convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        key_type, value_type = args or (Any, Any)
-        return {convert(key_type, k, f"{path}.{k}"): convert(value_type, v, f"{path}.{k}")
-                for k, v in value.items()}
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # PyYAML (YAML 1.1) reads 3e-3, without a dot, as a string
-        except ValueError:
-            pass
-    if hint is int and isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)  # mapping keys in YAML overrides arrive as strings
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise RecipeError(f"{path}: expected {describe(hint)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def describe(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def join(path: str, key) -> str:
-    return f"{path}.{key}" if path else str(key)

@@ -29,7 +29,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moetune.finetune.memory_plan import (
+from moetune.config.build import RecipeError
+from moetune.model.info import human
+from moetune.recipes.loader import load_recipe
+from moetune.training.memory_plan import (
     HEADROOM,
     MemoryPlan,
     RolloutPlan,
@@ -38,8 +41,6 @@ from moetune.finetune.memory_plan import (
     plan_rollout,
     usable_bytes,
 )
-from moetune.model.info import human
-from moetune.recipes.loader import RecipeError, load_recipe
 
 
 @dataclass
@@ -111,9 +112,9 @@ class RecipePlan:
 
 def plan_recipe(recipe) -> RecipePlan:
     """The memory plan of an sft or grpo recipe (see the module docstring)."""
-    from moetune.finetune.model_loading import attach_lora, resolve_config
     from moetune.model import DeepseekV3ForCausalLM
     from moetune.model.info import count_parameters
+    from moetune.training.model_loading import attach_lora, resolve_config
 
     if recipe.recipe not in ("sft", "grpo"):
         raise RecipeError(f"recipe: {recipe.recipe}: moetune plan sizes training recipes (sft, grpo)")

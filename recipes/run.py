@@ -15,12 +15,13 @@ import importlib
 import os
 from pathlib import Path
 
-from moetune.recipes.loader import RecipeError, load_recipe, save_recipe
+from moetune.config.build import RecipeError
+from moetune.recipes.loader import load_recipe, save_recipe
 
 SHIPPED = Path(__file__).resolve().parent
 RECIPE_FOLDERS = ("sft", "grpo", "eval")
 RUNNERS = {"sft": "moetune.finetune.sft:run_sft", "grpo": "moetune.rl.grpo:run_grpo",
-           "eval": "moetune.rl.evaluation:run_recipe"}
+           "eval": "moetune.recipes.evaluate:run_recipe"}
 
 
 def resolve(name: str) -> Path:
@@ -98,7 +99,7 @@ def execute(recipe):
     """Run a checked recipe. A training run first leaves its resolved recipe in its output
     folder (`recipe.yaml`), which `moetune eval --model` reads for the run's held-out split."""
     if recipe.recipe == "sft":  # a launch config SFT cannot train under fails before any write
-        from moetune.finetune.launcher import check_launch
+        from moetune.training.launcher import check_launch
 
         check_launch(recipe.model.expert_parallel)
     if recipe.recipe != "eval" and int(os.environ.get("RANK", "0")) == 0:

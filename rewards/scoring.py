@@ -41,26 +41,11 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
+from moetune.config.schema import RewardSpec
 from moetune.rewards.registry import RUN_ARGUMENTS, RewardNotFound, get_reward
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    """One entry of a recipe's `rewards` list."""
-
-    name: str  # registered name, entry point, package.module:function or file.py:function
-    weight: float = 1.0
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    on_error: Literal["raise", "zero"] = "raise"
-
-    def __post_init__(self):
-        if self.on_error not in ("raise", "zero"):
-            raise ValueError(f"reward {self.name!r}: on_error must be 'raise' or 'zero', "
-                             f"got {self.on_error!r}")
 
 
 @dataclass(frozen=True)

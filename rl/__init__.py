@@ -1,1 +1,5 @@
-"""RL and evaluation: problem sources, pass@k, `moetune eval` (GRPO arrives with its issue)."""
+"""Reinforcement learning and evaluation: the GRPO trainer (`grpo`) with its pure losses and
+advantages (`algorithms`), rollout engines and weight sync (`rollout*`, `weight_group`),
+the policy optimizer engines (`policy_optimizer`), data-parallel collection
+(`data_parallel`), and pass@k evaluation (`evaluation`, `pass_at_k`).
+"""

@@ -1,18 +1,10 @@
-"""`moetune eval`: sample k completions per problem, score them with the training rewards,
+"""Evaluation: sample k completions per problem, score them with the training rewards,
 report pass@1 / pass@k (unbiased estimator), mean reward and mean length.
 
-    moetune eval --model DIR [--adapter DIR] --data SOURCE --reward math_accuracy --n 8 [--backend vllm]
-    moetune eval --model RUN_DIR --reward math_accuracy  # the run's own held-out split, greedy
-    moetune eval RECIPE.yaml [key.sub=value ...]        # recipe: eval (moetune.recipes.schema)
-
-Without --data, the problems are the held-out split of the run that trained --model, read
-from the `recipe.yaml` it left in its output folder (the model's folder or its parent): the
-same source, knobs, template, engine and token budget, one greedy sample per problem unless
---n / --temperature say otherwise (`moetune.rl.held_out`). `moetune demo` reports its
-accuracies this way.
-
-A sample passes when its weighted reward reaches --pass-threshold (1.0: fully correct).
-Writes `eval.json` (summary) and `samples.jsonl` (one row per problem) to --output.
+`evaluate_recipe(EvalRecipe)` loads the problems and the model and writes `eval.json`
+(summary) and `samples.jsonl` (one row per problem) to `eval.output_dir`; the `moetune eval`
+command (moetune.recipes.evaluate) composes that recipe from flags, a YAML file or a training
+run. A sample passes when its weighted reward reaches `pass_threshold` (1.0: fully correct).
 Completions come from a sampler `(prompts, n) -> [[completion] * n per prompt]`: moetune's own
 `generate` (native) or a vLLM RolloutPool engine, the one GRPO samples with.
 """
@@ -26,10 +18,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moetune.finetune.prompt_template import warn_on_mismatch
+from moetune.data.problems import load_problems
+from moetune.data.prompt_template import warn_on_mismatch
 from moetune.rewards import RewardSpec, score
 from moetune.rl.pass_at_k import pass_at_k
-from moetune.rl.problems import load_problems
 
 Sampler = Callable[[list[str], int], list[list[str]]]
 
@@ -126,9 +118,9 @@ def evaluate_with_pool(recipe, problems: list[dict], show: Callable[[str], str])
     checkpoint first (vLLM on CPU cannot apply LoRA)."""
     import tempfile
 
-    from moetune.finetune.merge import merge
     from moetune.model import load_config
     from moetune.rl.rollout import RolloutPool, SamplingSpec
+    from moetune.training.merge import merge
 
     settings = recipe.eval
     config = load_config(recipe.model.path)
@@ -153,7 +145,7 @@ def template_renderer(template, model_dir: str, source: str,
                       arithmetic=None) -> Callable[[str], str]:
     """prompt -> the text the model sees under `template` (the checkpoint's tokenizer;
     builtin:arithmetic's few-shot examples drawn with the ArithmeticSpec `arithmetic`)."""
-    from moetune.finetune.prompt_template import few_shot_examples, render
+    from moetune.data.prompt_template import few_shot_examples, render
 
     tokenizer = None
     if template.chat:
@@ -178,50 +170,10 @@ def format_summary(report: EvalReport) -> str:
                      else f"  {key:<{width}}  {value}" for key, value in s.items())
 
 
-def run(args) -> int:
-    from moetune.recipes.schema import DataSection, EvalRecipe, EvalSection, ModelSection
-
-    flags = {key: value for key, value in (
-        ("backend", args.backend), ("n", args.n), ("temperature", args.temperature),
-        ("top_p", args.top_p), ("max_new_tokens", args.max_new_tokens),
-        ("pass_threshold", args.pass_threshold), ("output_dir", args.output)) if value is not None}
-    if args.recipe:
-        from moetune.recipes.loader import load_recipe
-
-        recipe = load_recipe(args.recipe, args.overrides, EvalRecipe)
-    elif args.model and args.data is None and args.reward:
-        from moetune.rl.held_out import held_out_recipe, training_run
-
-        recipe = held_out_recipe(training_run(args.model), args.model, rewards_of(args.reward),
-                                 limit=args.limit, seed=args.seed, split=args.split,
-                                 adapter=args.adapter, **flags)
-    else:
-        missing = [flag for flag in ("model", "data", "reward") if getattr(args, flag) is None]
-        if missing:
-            raise SystemExit(f"moetune eval: give a recipe, or --{', --'.join(missing)}")
-        recipe = EvalRecipe(
-            recipe="eval", model=ModelSection(path=args.model, adapter=args.adapter),
-            data=DataSection(args.data, args.limit, args.seed, args.split),
-            rewards=rewards_of(args.reward), eval=EvalSection(**flags))
-    return run_recipe(recipe)
-
-
-def rewards_of(names: str) -> list[RewardSpec]:
-    return [RewardSpec(name.strip()) for name in names.split(",") if name.strip()]
-
-
-def run_recipe(recipe) -> int:
-    """Run an EvalRecipe: sample, score, report, write eval.json and samples.jsonl."""
-    report = evaluate_recipe(recipe)
-    print(format_summary(report))
-    print(f"wrote {Path(recipe.eval.output_dir) / 'eval.json'} and samples.jsonl")
-    return 0
-
-
 def evaluate_recipe(recipe) -> EvalReport:
     """Sample and score an EvalRecipe's problems; write eval.json and samples.jsonl."""
-    from moetune.finetune.sft_data import arithmetic_spec
-    from moetune.recipes.loader import RecipeError
+    from moetune.config.build import RecipeError
+    from moetune.data.sft_data import arithmetic_spec
 
     if not recipe.model.path:
         raise RecipeError("model.path: an eval needs a checkpoint folder")
@@ -251,33 +203,3 @@ def evaluate_recipe(recipe) -> EvalReport:
                           show=show)
     write_report(report, Path(settings.output_dir))
     return report
-
-
-def add_subcommand(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "eval", help="pass@k and mean reward of a model on held-out problems",
-        description=__doc__.split("\n\n")[0] + " Completions come from moetune's native "
-                    "generate or a vLLM engine (--backend).")
-    parser.add_argument("recipe", nargs="?", help="an eval recipe (YAML); or use the flags below")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value")
-    parser.add_argument("--model", help="checkpoint folder (with tokenizer.json)")
-    parser.add_argument("--adapter", help="LoRA adapter folder to apply")
-    parser.add_argument("--data",
-                        help="builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file")
-    parser.add_argument("--reward", help="reward name(s), comma separated")
-    parser.add_argument("--backend", choices=("native", "vllm"),
-                        help="sampler: moetune's generate, or a vLLM engine (default native; "
-                             "without --data, the run's rollout engine)")
-    parser.add_argument("--n", type=int,
-                        help="samples per problem = k (default 4; without --data, 1)")
-    parser.add_argument("--temperature", type=float, help="default 1.0; without --data, 0 (greedy)")
-    parser.add_argument("--top-p", type=float, help="default 1.0")
-    parser.add_argument("--max-new-tokens", type=int,
-                        help="default 64; without --data, a GRPO run's rollout.max_new_tokens")
-    parser.add_argument("--limit", type=int, help="evaluate the first N problems")
-    parser.add_argument("--split", default="test", help="builtin:arithmetic's split (default test)")
-    parser.add_argument("--pass-threshold", type=float,
-                        help="weighted reward at which a sample counts as passing (default 1.0)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="eval_out", help="folder for eval.json and samples.jsonl")
-    parser.set_defaults(func=run)

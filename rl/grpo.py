@@ -36,29 +36,29 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from moetune.finetune.expert_load import ExpertLoadHistory
-from moetune.finetune.metrics_file import MetricsFile
-from moetune.finetune.model_loading import attach_lora, load_model, load_tokenizer
-from moetune.finetune.prompt_template import (
+from moetune.config.build import RecipeError
+from moetune.config.schema import GRPORecipe
+from moetune.data.problems import load_problems
+from moetune.data.prompt_template import (
     few_shot_examples,
     render,
     save_template,
     warn_on_mismatch,
 )
-from moetune.finetune.sft_data import arithmetic_spec
+from moetune.data.sft_data import arithmetic_spec
 from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.lora import adapters_disabled
 from moetune.model.moe import MoE
-from moetune.recipes.loader import RecipeError
-from moetune.recipes.schema import GRPORecipe
 from moetune.rewards import TrainerState, score
 from moetune.rl import algorithms
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
 from moetune.rl.policy_optimizer import policy_optimizer
-from moetune.rl.problems import load_problems
 from moetune.rl.rollout import Rollout, RolloutPool, SamplingSpec, sync_weights
 from moetune.rl.rollout_remote import parse_address
+from moetune.training.expert_load import ExpertLoadHistory
+from moetune.training.metrics_file import MetricsFile
+from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from moetune.finetune.launcher import deepspeed_launch, fsdp_launch
-from moetune.recipes.loader import RecipeError
-from moetune.recipes.schema import GRPOTrainingSection
+from moetune.config.build import RecipeError
+from moetune.config.schema import GRPOTrainingSection
 from moetune.rl.data_parallel import DataParallel
+from moetune.training.launcher import deepspeed_launch, fsdp_launch
 
 
 def new_adamw(model: torch.nn.Module, training: GRPOTrainingSection) -> torch.optim.AdamW:

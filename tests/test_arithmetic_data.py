@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from moetune.finetune.arithmetic import ArithmeticSpec, arithmetic_problems, worked_steps
+from moetune.data.arithmetic import ArithmeticSpec, arithmetic_problems, worked_steps
 from moetune.model.char_tokenizer import char_tokenizer
 from moetune.rewards import RewardSpec, score
 

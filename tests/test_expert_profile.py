@@ -5,15 +5,15 @@ import json
 import torch
 from tiny_configs import v3_config
 
-from moetune.finetune.expert_profile import (
+from moetune.model import DeepseekV3ForCausalLM
+from moetune.model.lora import LoraSpec, apply_lora
+from moetune.recipes.cli import main
+from moetune.training.expert_profile import (
     ExpertProfile,
     profile_experts,
     read_profile,
     select_experts,
 )
-from moetune.model import DeepseekV3ForCausalLM
-from moetune.model.lora import LoraSpec, apply_lora
-from moetune.recipes.cli import main
 
 
 def test_profile_counts_match_the_routing_it_observes():

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moetune.finetune.model_loading import attach_lora, load_model, load_tokenizer
 from moetune.recipes.cli import main
 from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
 from moetune.rewards import RewardError
 from moetune.rl.grpo import GRPOTrainer, rollout_source
 from moetune.rl.rollout import RolloutPool
+from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
 
 REWARDS = '''
 def length(prompts, completions, **columns):

@@ -18,13 +18,13 @@ import torch.multiprocessing as mp
 from test_rollout_remote import KEY, Server
 from tiny_configs import save_biased_tiny_arith
 
-from moetune.finetune.model_loading import load_model, load_tokenizer
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.grpo import Groups, GRPOTrainer
 from moetune.rl.rollout import Rollout
+from moetune.training.model_loading import load_model, load_tokenizer
 
 ROOT = Path(__file__).parent.parent
 TINY = ["model.path=null", "model.config=tiny_arith", "model.tokenizer=char",

@@ -11,7 +11,7 @@ from moetune.model import DeepseekV3Config
 from moetune.model.info import build_on_meta, count_parameters
 from moetune.recipes.cli import main
 
-V3_CONFIG = str(files("moetune.recipes") / "configs" / "deepseek_v3.json")
+V3_CONFIG = str(files("moetune.model") / "configs" / "deepseek_v3.json")
 
 
 def test_deepseek_v3_counts_671b_total_37b_active_685b_with_mtp():

@@ -238,8 +238,8 @@ def test_expert_subset_ids_are_checked():
 def test_recipe_adapters_are_drawn_from_the_seed_alone():
     """attach_lora (SFT and GRPO recipes) draws the same adapters for the same seed whatever
     the global RNG state, and leaves that state alone."""
-    from moetune.finetune.model_loading import attach_lora
-    from moetune.recipes.schema import LoraSection
+    from moetune.config.schema import LoraSection
+    from moetune.training.model_loading import attach_lora
 
     def adapters(seed: int, noise: int) -> dict[str, torch.Tensor]:
         model = DeepseekV3ForCausalLM(v3_config())

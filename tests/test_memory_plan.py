@@ -10,21 +10,21 @@ import pytest
 import torch
 from tiny_configs import v2_lite_config, v3_config
 
-from moetune.finetune.memory_plan import (
-    activation_bytes,
-    block_activation_bytes,
-    plan_memory,
-    plan_rollout,
-    usable_bytes,
-)
 from moetune.model import DeepseekV3ForCausalLM, load_config
 from moetune.model.fp8 import FP8RoutedExperts, to_frozen_fp8
 from moetune.model.info import build_on_meta, count_parameters
 from moetune.model.lora import LoraSpec, apply_lora
 from moetune.recipes.cli import main
 from moetune.recipes.run import shipped_recipes
+from moetune.training.memory_plan import (
+    activation_bytes,
+    block_activation_bytes,
+    plan_memory,
+    plan_rollout,
+    usable_bytes,
+)
 
-V3_CONFIG = files("moetune.recipes") / "configs" / "deepseek_v3.json"
+V3_CONFIG = files("moetune.model") / "configs" / "deepseek_v3.json"
 GB = 10**9
 
 
@@ -243,7 +243,7 @@ def test_bad_arguments_are_named():
 
 def test_moetune_plan_json_counts_as_moetune_info(capsys):
     plan = plan_json(capsys, "sft/arith_tiny.yaml")
-    report = count_parameters(build_on_meta(str(files("moetune.recipes") / "configs" / "tiny_arith.json")))
+    report = count_parameters(build_on_meta(str(files("moetune.model") / "configs" / "tiny_arith.json")))
     counts = plan["parameters"]
     assert (counts["total"], counts["active"], counts["mtp"]) == (
         report.total_params, report.active_params, report.mtp_params)
@@ -269,7 +269,7 @@ def test_moetune_plan_of_deepseek_v3_fp8_lora(capsys):
 
 def test_moetune_plan_grpo_sizes_the_rollout_engines(capsys):
     plan = plan_json(capsys, "grpo/arith_tiny", "rollout.workers=2", "--devices", "2")
-    rollout, config = plan["rollout"], load_config(files("moetune.recipes") / "configs" / "tiny_arith.json")
+    rollout, config = plan["rollout"], load_config(files("moetune.model") / "configs" / "tiny_arith.json")
     assert (rollout["backend"], rollout["devices"], rollout["sequences_per_worker"]) == ("vllm", 2, 8 * 8)
     assert rollout["bytes_per_device"]["kv_cache"] == 64 * 96 * config.num_hidden_layers * (512 + 64) * 4
     assert rollout["fits"] and rollout["tensor_parallel_needed"] == 1

@@ -1,6 +1,7 @@
 """Prompt templates: the same text in SFT, GRPO and eval, and a warning when they differ."""
 
-from moetune.finetune.prompt_template import (
+from moetune.config.schema import TemplateSection
+from moetune.data.prompt_template import (
     few_shot_examples,
     render,
     save_template,
@@ -8,7 +9,6 @@ from moetune.finetune.prompt_template import (
     warn_on_mismatch,
 )
 from moetune.model.char_tokenizer import char_tokenizer_fast
-from moetune.recipes.schema import TemplateSection
 
 SHOTS = [{"prompt": "Compute: 1+2\nAnswer:", "completion": " 3"},
          {"prompt": "Compute: 5-4\nAnswer:", "completion": " 1"}]

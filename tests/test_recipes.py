@@ -7,12 +7,13 @@ import sys
 import pytest
 from tiny_configs import v3_config
 
+from moetune.config.build import RecipeError
+from moetune.config.schema import EvalRecipe
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.char_tokenizer import char_tokenizer
 from moetune.recipes.cli import main
-from moetune.recipes.loader import RecipeError, load_recipe
+from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import shipped_recipes
-from moetune.recipes.schema import EvalRecipe
 
 RECIPE = """\
 recipe: eval

@@ -19,9 +19,9 @@ import torch
 from test_grpo import FRESH
 from tiny_configs import save_biased_tiny_arith
 
+from moetune.config.build import RecipeError
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.recipes.cli import main
-from moetune.recipes.loader import RecipeError
 from moetune.rl import weight_group
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.grpo import remote_engines

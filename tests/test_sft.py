@@ -15,13 +15,13 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from moetune.finetune.model_loading import load_model
-from moetune.finetune.sft_data import load_sft_datasets
+from moetune.config.build import RecipeError
+from moetune.config.schema import ArithmeticSection, ModelSection, SFTDataSection
+from moetune.data.sft_data import load_sft_datasets
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.adapters import load_adapter
 from moetune.recipes.cli import main
-from moetune.recipes.loader import RecipeError
-from moetune.recipes.schema import ArithmeticSection, ModelSection, SFTDataSection
+from moetune.training.model_loading import load_model
 
 FAST = ["data.arithmetic.count=400", "data.eval_fraction=0", "training.per_device_train_batch_size=16",
         "training.disable_tqdm=true", "training.warmup_steps=2"]

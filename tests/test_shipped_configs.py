@@ -13,7 +13,7 @@ import pytest
 from moetune.model import load_config
 from moetune.recipes.cli import main
 
-CONFIGS = files("moetune.recipes") / "configs"
+CONFIGS = files("moetune.model") / "configs"
 
 
 def info_json(name: str, capsys) -> dict:

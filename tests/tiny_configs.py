@@ -8,7 +8,7 @@ import torch
 
 from moetune.model.config import DeepseekV2Config, DeepseekV3Config
 
-TINY_ARITH = Path(__file__).parents[1] / "recipes" / "configs" / "tiny_arith.json"
+TINY_ARITH = Path(__file__).parents[1] / "model" / "configs" / "tiny_arith.json"
 
 BASE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,

@@ -1,6 +1,6 @@
 """How a problem's `prompt` becomes the text the model sees, the same in SFT, GRPO and eval.
 
-A recipe's `template` section (moetune.recipes.schema.TemplateSection) picks:
+A recipe's `template` section (moetune.config.schema.TemplateSection) picks:
   chat: wrap the prompt as a user turn with the tokenizer's chat template (and the
         generation prompt); otherwise the raw prompt text;
   system_prompt: a system turn (chat) or a leading paragraph (raw);
@@ -18,7 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-from moetune.recipes.schema import TemplateSection
+from moetune.config.schema import TemplateSection
 
 FILE = "moetune_template.json"
 log = logging.getLogger(__name__)
@@ -29,11 +29,11 @@ def few_shot_examples(template: TemplateSection, source: str, arithmetic=None) -
     if not template.few_shot:
         return []
     if template.few_shot_source:
-        from moetune.rl.problems import load_problems
+        from moetune.data.problems import load_problems
 
         rows = load_problems(template.few_shot_source, template.few_shot)
     elif source == "builtin:arithmetic":
-        from moetune.finetune.arithmetic import ArithmeticSpec, arithmetic_problems
+        from moetune.data.arithmetic import ArithmeticSpec, arithmetic_problems
 
         rows = arithmetic_problems(template.few_shot, arithmetic or ArithmeticSpec(), "train",
                                    seed=10_007)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from moetune.recipes.loader import RecipeError
+from moetune.config.build import RecipeError
 
 
 def launch_env(name: str, default: str = "") -> str:

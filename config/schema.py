@@ -12,9 +12,7 @@ plain data (no torch), so the loader checks a recipe before anything heavy is im
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
-
-from moetune.rewards import RewardSpec
+from typing import Any, Literal
 
 
 @dataclass
@@ -63,7 +61,7 @@ class LoraSection:
 
 @dataclass
 class ArithmeticSection:
-    """Knobs of `builtin:arithmetic` (moetune.finetune.arithmetic.ArithmeticSpec)."""
+    """Knobs of `builtin:arithmetic` (moetune.data.arithmetic.ArithmeticSpec)."""
 
     digits: int = 2
     terms: int = 2
@@ -92,7 +90,7 @@ class SFTDataSection:
 @dataclass
 class TemplateSection:
     """How prompts are shown to the model, identical in SFT, GRPO and eval
-    (moetune.finetune.prompt_template)."""
+    (moetune.data.prompt_template)."""
 
     chat: bool = False  # the tokenizer's chat template around the prompt (a user turn)
     system_prompt: str | None = None
@@ -239,6 +237,22 @@ class PeriodicEvalSection:
     source: str = "builtin:arithmetic"
     limit: int = 100
     pass_threshold: float = 1.0
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One entry of a recipe's `rewards` list."""
+
+    name: str  # registered name, entry point, package.module:function or file.py:function
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    on_error: Literal["raise", "zero"] = "raise"
+
+    def __post_init__(self):
+        if self.on_error not in ("raise", "zero"):
+            raise ValueError(f"reward {self.name!r}: on_error must be 'raise' or 'zero', "
+                             f"got {self.on_error!r}")
+
 
 
 @dataclass

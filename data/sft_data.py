@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moetune.recipes.loader import RecipeError
-from moetune.recipes.schema import SFTDataSection
+from moetune.config.build import RecipeError
+from moetune.config.schema import SFTDataSection
 
 FORMATS = (("prompt", "completion"), ("messages",), ("text",))
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -38,7 +38,7 @@ def read_source(source: str, section: SFTDataSection, key: str, split: str = "tr
     import datasets
 
     if source == "builtin:arithmetic":
-        from moetune.finetune.arithmetic import arithmetic_problems
+        from moetune.data.arithmetic import arithmetic_problems
 
         try:
             spec = arithmetic_spec(section.arithmetic)
@@ -68,7 +68,7 @@ def read_source(source: str, section: SFTDataSection, key: str, split: str = "tr
 
 def arithmetic_spec(section):
     """The ArithmeticSpec of a recipe's `data.arithmetic` knobs."""
-    from moetune.finetune.arithmetic import ArithmeticSpec
+    from moetune.data.arithmetic import ArithmeticSpec
 
     return ArithmeticSpec(section.digits, section.terms, section.operations, section.test_fraction,
                           section.style, section.sign_slip)

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from moetune.recipes.loader import RUN_RECIPE, RecipeError, load_recipe
-from moetune.recipes.schema import DataSection, EvalRecipe, EvalSection, ModelSection
+from moetune.config.build import RecipeError
+from moetune.config.schema import DataSection, EvalRecipe, EvalSection, ModelSection
+from moetune.recipes.loader import RUN_RECIPE, load_recipe
 from moetune.rewards import RewardSpec
 
 SETTINGS = ("limit", "seed", "split", "adapter", *asdict(EvalSection()))  # what `given` may set

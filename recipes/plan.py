@@ -45,6 +45,8 @@ from moetune.training.memory_plan import (
 
 @dataclass
 class ParameterCounts:
+    """Parameters of the recipe's model as `moetune info` counts them, and those it trains."""
+
     total: int  # without MTP, as `moetune info`
     active: int  # per token, without MTP
     mtp: int  # MTP modules as stored on disk
@@ -54,6 +56,8 @@ class ParameterCounts:
 
 @dataclass
 class RolloutSizing:
+    """Memory per device of one GRPO rollout engine, and the tensor parallelism it needs."""
+
     backend: str
     max_model_len: int
     device_share: float  # of each device an engine may take (vLLM's gpu_memory_utilization)
@@ -68,6 +72,8 @@ class RolloutSizing:
 
 @dataclass
 class RecipePlan:
+    """`moetune plan`'s answer: memory per training device and the devices a recipe needs."""
+
     recipe: str  # sft | grpo
     model: str
     parameters: ParameterCounts

@@ -85,6 +85,8 @@ class CheckJob:
 
 @dataclass
 class RunResult:
+    """What became of one sandboxed job: how it ended, its output and the isolation it had."""
+
     status: Literal["ok", "timeout", "output_limit", "error"]
     exit_code: int | None = None  # ScriptJob: the program's (negative: killed by that signal)
     passed: bool | None = None  # CheckJob: check(candidate) returned

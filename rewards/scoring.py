@@ -60,6 +60,10 @@ class TrainerState:
 
 @dataclass
 class ScoreResult:
+    """Scores of one batch: `values[name]` per sample (None: not applicable), the weighted
+    `totals`, per-reward counts of `errors` and `timeouts`, what functions logged through
+    `log_metric` (`metrics`) and `log_extra` (`extra`)."""
+
     values: dict[str, list[float | None]]
     totals: list[float]
     errors: dict[str, int]

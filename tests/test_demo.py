@@ -3,7 +3,11 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from moetune.recipes.cli import main
+
+pytestmark = pytest.mark.integration  # the whole demo
 
 
 def test_demo_writes_the_report_and_plots(tmp_path, capsys):

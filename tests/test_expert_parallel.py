@@ -299,6 +299,7 @@ def outcomes(tmp_path_factory) -> dict[str, list[str]]:
     return {name: [ranks.get(name, "not run") for ranks in per_rank] for name in CHECKS}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_two_processes_match_one(outcomes, check):
     failures = [f"rank {r}:\n{text}" for r, text in enumerate(outcomes[check]) if text != "ok"]

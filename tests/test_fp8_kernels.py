@@ -159,6 +159,7 @@ def test_auto_backend_on_cpu_is_the_torch_reference():
         resolve_backend("cutlass", torch.device("cpu"))
 
 
+@pytest.mark.integration
 def test_triton_kernels_compile_for_hopper_with_wgmma_and_pipelined_loads(tmp_path):
     """The interpreter runs the kernels' logic, not their compiled form: build each kernel
     (FP8 and expert-row; every autotuned config) for sm_90 with Triton's compiler and ptxas,

@@ -16,6 +16,8 @@ from moetune.rl.grpo import GRPOTrainer, rollout_source
 from moetune.rl.rollout import RolloutPool
 from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
 
+pytestmark = pytest.mark.integration  # GRPO runs with vLLM or native rollout engines
+
 REWARDS = '''
 def length(prompts, completions, **columns):
     return [len(c) / 8 for c in completions]

@@ -26,6 +26,8 @@ from moetune.rl.grpo import Groups, GRPOTrainer
 from moetune.rl.rollout import Rollout
 from moetune.training.model_loading import load_model, load_tokenizer
 
+pytestmark = pytest.mark.integration  # accelerate launches
+
 ROOT = Path(__file__).parent.parent
 TINY = ["model.path=null", "model.config=tiny_arith", "model.tokenizer=char",
         "rollout.backend=native", "rollout.max_new_tokens=8", "rollout.max_model_len=64",

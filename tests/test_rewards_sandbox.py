@@ -74,6 +74,7 @@ def canary():
     directory.rmdir()
 
 
+@pytest.mark.integration
 def test_isolation_report(sandbox_factory):
     # What this project's machines (root, CAP_SYS_ADMIN) give; elsewhere the report differs:
     # network "blocked" by the audit hook, no namespaces, or no uid of its own.
@@ -82,6 +83,7 @@ def test_isolation_report(sandbox_factory):
     }
 
 
+@pytest.mark.integration
 def test_working_directory_is_fresh_and_limits_are_set(sandbox_factory):
     code = """
 import os, resource
@@ -103,6 +105,7 @@ print(os.getuid() != 0, sorted(os.environ))
         ]
 
 
+@pytest.mark.integration
 def test_a_run_never_silently_loses_its_namespaces():
     """Without CAP_SYS_ADMIN (a default container's root) unshare fails: a first run falls back
     and says so; a sandbox that found namespaces before refuses to run without them."""
@@ -118,11 +121,13 @@ def test_a_run_never_silently_loses_its_namespaces():
     assert "PermissionError: [Errno 1] unshare: Operation not permitted" in done.stderr
 
 
+@pytest.mark.integration
 def test_infinite_loop():
     reward, elapsed = score_program("while True:\n    pass\n")
     assert reward == 0.0 and elapsed < TIME_S + 1
 
 
+@pytest.mark.integration
 def test_fork_bomb_is_capped_by_the_sandbox_uid(sandbox_factory):
     sandbox = sandbox_factory(concurrency=1, uid_base=62000)
     limits = SandboxLimits(time_s=TIME_S, max_processes=8)
@@ -154,11 +159,13 @@ def test_fork_bomb_is_capped_by_the_sandbox_uid(sandbox_factory):
     "x = bytearray(1 << 40)\nprint('pwned')",
     "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 26))\n",
 ])
+@pytest.mark.integration
 def test_memory_bomb(code):
     reward, elapsed = score_program(code)
     assert reward == 0.0 and elapsed < TIME_S + 1
 
 
+@pytest.mark.integration
 def test_gigabytes_of_output(sandbox_factory):
     code = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(4096):\n    sys.stdout.write(chunk)\n"
     reward, elapsed = score_program(code, expected="x")
@@ -167,6 +174,7 @@ def test_gigabytes_of_output(sandbox_factory):
     assert run.status == "output_limit" and len(run.stdout) == SandboxLimits().max_output_bytes
 
 
+@pytest.mark.integration
 def test_writing_outside_the_working_directory(canary):
     escape = f"moetune-escape-{os.getpid()}"
     targets = [canary / "new.txt", f"/tmp/{escape}", f"../{escape}", Path(__file__).parent / escape]
@@ -188,6 +196,7 @@ print("pwned" if {str(canary / "new.txt")!r} in wrote else "blocked")
     assert not (Path(__file__).parent / escape).exists()
 
 
+@pytest.mark.integration
 def test_deleting_files(canary):
     code = f"""
 import os, shutil
@@ -204,6 +213,7 @@ print("pwned" if not os.path.exists({str(canary / "canary.txt")!r}) else "blocke
     assert (canary / "canary.txt").read_text() == "still here"
 
 
+@pytest.mark.integration
 def test_reading_the_parent_environment(monkeypatch, sandbox_factory):
     secret = f"secret-{os.getpid()}-{time.time_ns()}"
     monkeypatch.setenv("MOETUNE_TEST_SECRET", secret)
@@ -252,6 +262,7 @@ def assert_no_connection(server: socket.socket) -> None:
         server.accept()
 
 
+@pytest.mark.integration
 def test_opening_a_socket(listener):
     code = connect_program(listener.getsockname()[1])
     reward, elapsed = score_program(code)
@@ -259,6 +270,7 @@ def test_opening_a_socket(listener):
     assert_no_connection(listener)
 
 
+@pytest.mark.integration
 def test_opening_a_socket_without_a_network_namespace(listener, sandbox_factory):
     """The fallback: socket creation refused by an audit hook in the program's process."""
     sandbox = sandbox_factory(concurrency=1, network="block")
@@ -271,6 +283,7 @@ def test_opening_a_socket_without_a_network_namespace(listener, sandbox_factory)
     assert "pwned" not in escape.stdout and "os.system is not allowed" in escape.stderr
 
 
+@pytest.mark.integration
 def test_killing_the_parent():
     code = f"""
 import os
@@ -313,6 +326,7 @@ FORGERIES = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", FORGERIES)
 def test_a_program_cannot_fake_a_pass(name):
     tests = {"test": ADD_TEST, "entry_point": "add"}
@@ -323,6 +337,7 @@ def test_a_program_cannot_fake_a_pass(name):
     assert time.monotonic() - start < TIME_S + 1
 
 
+@pytest.mark.integration
 def test_the_program_never_holds_the_test(sandbox_factory):
     """The judge reads the test only after the program's process exists, so searching its own
     memory finds the program's marker but not the test's."""
@@ -339,6 +354,7 @@ def add():
     assert run.passed is True, run.detail
 
 
+@pytest.mark.integration
 def test_pool_runs_in_parallel_up_to_its_concurrency(sandbox_factory):
     sandbox = sandbox_factory(concurrency=2)
     start = time.monotonic()
@@ -349,6 +365,7 @@ def test_pool_runs_in_parallel_up_to_its_concurrency(sandbox_factory):
     assert {run.isolation["user"] for run in runs} == {61000, 61001}  # one uid per slot
 
 
+@pytest.mark.integration
 def test_a_dead_launcher_is_reported_and_replaced(sandbox_factory):
     sandbox = sandbox_factory(concurrency=1)
     assert sandbox.run(ScriptJob("print(1)")).stdout == "1\n"

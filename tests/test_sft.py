@@ -35,6 +35,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model-00001-of-00001.safetensors")
 
 
+@pytest.mark.integration
 def test_full_sft_learns_logs_plots_and_resumes_exactly(tmp_path):
     first = tmp_path / "first"
     args = ["run", "sft/arith_tiny", *FAST, "training.max_steps=24", "training.save_steps=12",
@@ -68,6 +69,7 @@ def test_full_sft_learns_logs_plots_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(tensor, final[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.integration
 def test_lora_sft_trains_adapters_only(tmp_path, capsys):
     out = tmp_path / "lora"
     assert main(["run", "sft/arith_tiny_lora", *FAST, "training.max_steps=6",
@@ -91,6 +93,7 @@ def test_lora_sft_trains_adapters_only(tmp_path, capsys):
             torch.testing.assert_close(base.state_dict()[name], tensor, msg=name)
 
 
+@pytest.mark.integration
 def test_chat_rows_and_packing_train(tmp_path):
     chat = [{"messages": [{"role": "user", "content": f"{a}+{b}"},
                           {"role": "assistant", "content": str(a + b)}]}
@@ -104,6 +107,7 @@ def test_chat_rows_and_packing_train(tmp_path):
         assert rows(out / "metrics.jsonl")[0]["loss"] > 0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
 def test_data_files_of_each_format(tmp_path, suffix):
     table = datasets.Dataset.from_list([{"prompt": f"{i}+1=", "completion": str(i + 1), "id": i}
@@ -189,6 +193,7 @@ def trained(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(adapter) if adapter.exists() else weights(folder)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("config,kind", [("ddp", "full"), ("zero2", "full"), ("zero3", "full"),
                                          ("fsdp2", "full"), ("zero3", "lora"), ("fsdp2", "lora")])
 def test_two_processes_match_one_with_the_same_global_batch_and_resume(tmp_path, config, kind,

@@ -15,6 +15,8 @@ from tiny_configs import v3_config
 
 from moetune.model import DeepseekV3ForCausalLM
 
+pytestmark = pytest.mark.integration  # vLLM engines
+
 pytest.importorskip("vllm", reason="vLLM is part of the cpu extra that `make test` installs")
 
 PROMPTS = [[5, 9, 17, 3, 44, 2, 8], [7, 1, 2], [100, 20, 30, 40, 50]]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 
 class MetricsFile:
+    """A run's metrics.jsonl at `path`; `resume_step` keeps the rows up to that step."""
+
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

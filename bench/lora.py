@@ -17,7 +17,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from profiling import print_top_kernels
-from train_step import CPU_SIZE, GPU_SIZE
+from train_step import CPU_SIZE, GPU_SIZE, time_steps
 
 from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM
 from moetune.model.lora import LoraSpec, apply_lora
@@ -47,20 +46,6 @@ def lora_step(model, optimizer, ids) -> None:
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-
-def step_times(models, optimizers, ids, steps: int, sync) -> list[list[float]]:
-    """Seconds per step for each model, alternating models every step; two warm-up rounds."""
-    times = [[] for _ in models]
-    for i in range(steps + 2):
-        for model, optimizer, samples in zip(models, optimizers, times):
-            sync()
-            start = time.perf_counter()
-            lora_step(model, optimizer, ids)
-            sync()
-            if i >= 2:
-                samples.append(time.perf_counter() - start)
-    return times
 
 
 def forward_loss(model, ids, embeds):
@@ -121,7 +106,7 @@ def main() -> None:
     with torch.no_grad():  # LoRA B starts at zero: every model computes its base
         losses = [forward_loss(model, ids, None).item() for model in models]
     optimizers = [optimizer_for(model) for model in models]
-    times = [statistics.median(t) for t in step_times(models, optimizers, ids, args.steps, sync)]
+    times = [statistics.median(t) for t in time_steps(models, optimizers, ids, args.steps, sync, step=lora_step)]
     print(f"LoRA step (fwd+bwd+AdamW), rank {RANK}, {size['n_routed_experts']} experts "
           f"top-{size['num_experts_per_tok']}, {batch} x {seq} tokens, {dtype}, {device}")
     print(f"  trainable parameters: moetune {ours_trainable[0]:,}, PEFT {peft_trainable:,}")

@@ -45,15 +45,15 @@ def train_step(model, optimizer, ids) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def time_steps(models, optimizers, ids, steps: int, sync) -> list[list[float]]:
-    """Seconds per training step for each model, alternating models every step so that
-    machine noise hits both alike; two warm-up rounds."""
+def time_steps(models, optimizers, ids, steps: int, sync, step=train_step) -> list[list[float]]:
+    """Seconds per `step(model, optimizer, ids)` for each model, alternating models every step
+    so that machine noise hits both alike; two warm-up rounds."""
     times = [[] for _ in models]
     for i in range(steps + 2):
         for model, optimizer, samples in zip(models, optimizers, times):
             sync()
             start = time.perf_counter()
-            train_step(model, optimizer, ids)
+            step(model, optimizer, ids)
             sync()
             if i >= 2:
                 samples.append(time.perf_counter() - start)

@@ -59,11 +59,12 @@ def sft_checkpoint(work: Path) -> Path:
 
 def prompt_rows(steps: int, seed: int) -> list[dict]:
     """The problems moetune's trainer draws, in its order: TRL is fed the same ones."""
-    from moetune.data.arithmetic import ArithmeticSpec
+    from moetune.config.schema import ArithmeticSection, DatasetSpec
     from moetune.data.problems import load_problems
     from moetune.rl.grpo import PromptStream
 
-    problems = load_problems("builtin:arithmetic", None, seed, "train", ArithmeticSpec(**ARITHMETIC))
+    problems = load_problems(DatasetSpec("builtin:arithmetic"), "data", "train", None, seed,
+                             ArithmeticSection(**ARITHMETIC))
     return PromptStream(problems, seed).take(PROMPTS * steps)
 
 

@@ -76,14 +76,45 @@ class ArithmeticSection:
 
 
 @dataclass
-class SFTDataSection:
-    """source: builtin:arithmetic, a .jsonl/.json/.parquet/.csv file, or a `save_to_disk`
-    folder. Rows hold `prompt` + `completion`, `messages` (chat), or `text`."""
+class DatasetSpec:
+    """One data set (moetune.data.sources). `source`: a hub data set id (`openai/gsm8k`), a
+    local file (.jsonl, .json, .parquet, .csv, .arrow), a folder (`save_to_disk`, or parquet
+    files laid out as on the hub), or `builtin:arithmetic` / `builtin:humaneval`."""
 
     source: str
-    eval_source: str | None = None  # held-out rows; else `eval_fraction` of `source`
-    eval_fraction: float = 0.0
+    subset: str | None = None  # the hub's config name (gsm8k: main | socratic)
+    split: str | None = None  # None: train for training data, test for held-out data
+    revision: str | None = None  # hub: a branch, tag or commit
+    # The set's column names -> ours (prompt, completion, messages, text, answer, tests),
+    # e.g. {question: prompt}; other columns pass through to the rewards.
+    columns: dict[str, str] = field(default_factory=dict)
+    # A format string over the row's columns that builds `prompt`, e.g. "{question} Answer
+    # after ####." (after `columns`); None: the `prompt` column as it is.
+    prompt_format: str | None = None
+    # How the gold `answer` is written: none (as is), gsm8k (after ####), boxed (the last
+    # \boxed{}), or a function `package.module:function` / `file.py:function` (text -> str).
+    answer_format: str = "none"
+
+
+@dataclass
+class MixtureEntry(DatasetSpec):
+    """A data set in a mixture (`source:` given as a list), as open-r1's dataset_mixture.
+    weight: the share of its rows used, in (0, 1]; streamed, its sampling probability."""
+
+    weight: float = 1.0
+
+
+@dataclass
+class SFTDataSection(DatasetSpec):
+    """SFT rows: one data set, or a mixture (`source` a list of data sets). Rows hold TRL's
+    formats: `prompt` + `completion`, `messages` (chat), or `text`."""
+
+    source: str | list[MixtureEntry]
+    eval_source: str | None = None  # held-out rows from another data set (its test split)
+    eval_split: str | None = None  # held-out rows: this split of `source` (e.g. test)
+    eval_fraction: float = 0.0  # else this share of the training rows
     limit: int | None = None  # first N training rows
+    streaming: bool = False  # read rows as training goes (needs training.max_steps)
     max_length: int = 256
     packing: bool = False
     completion_only_loss: bool = True  # loss on completions / assistant turns only
@@ -163,12 +194,13 @@ class SFTRecipe:
 
 
 @dataclass
-class PromptSection:
-    """GRPO prompts: builtin:arithmetic (train split) or a .jsonl/.json/.parquet file whose
-    rows hold `prompt` and the columns the rewards read (e.g. `answer`)."""
+class PromptSection(DatasetSpec):
+    """GRPO prompts: one data set or a mixture whose rows hold `prompt` (after `columns` and
+    `prompt_format`) and the columns the rewards read (e.g. `answer`)."""
 
-    source: str
-    limit: int | None = None
+    source: str | list[MixtureEntry]
+    limit: int | None = None  # first N prompts
+    streaming: bool = False  # read prompts as training goes, shuffled in a buffer
     arithmetic: ArithmeticSection = field(default_factory=ArithmeticSection)
 
 
@@ -238,11 +270,12 @@ class GRPOTrainingSection:
 
 
 @dataclass
-class PeriodicEvalSection:
-    """Greedy accuracy on held-out problems every `every` steps (0: never)."""
+class PeriodicEvalSection(DatasetSpec):
+    """Greedy accuracy on held-out problems (a data set, its test split by default) every
+    `every` steps (0: never)."""
 
-    every: int = 0
     source: str = "builtin:arithmetic"
+    every: int = 0
     limit: int = 100
     pass_threshold: float = 1.0
 
@@ -285,13 +318,12 @@ class GRPORecipe:
 
 
 @dataclass
-class DataSection:
-    """Evaluation problems: builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file."""
+class DataSection(DatasetSpec):
+    """Evaluation problems: one data set or a mixture (its test split by default)."""
 
-    source: str
+    source: str | list[MixtureEntry]
     limit: int | None = None  # first N problems
     seed: int = 0
-    split: str = "test"  # builtin:arithmetic's split
     arithmetic: ArithmeticSection = field(default_factory=ArithmeticSection)
 
 

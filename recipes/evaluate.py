@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moetune.config.build import RecipeError
 from moetune.config.schema import DataSection, EvalRecipe, EvalSection, ModelSection, RewardSpec
 
 
@@ -43,9 +44,21 @@ def run(args) -> int:
             raise SystemExit(f"moetune eval: give a recipe, or --{', --'.join(missing)}")
         recipe = EvalRecipe(
             recipe="eval", model=ModelSection(path=args.model, adapter=args.adapter),
-            data=DataSection(args.data, args.limit, args.seed, args.split),
+            data=DataSection(source=args.data, subset=args.subset, split=args.split,
+                             revision=args.revision, columns=column_mapping(args.columns),
+                             prompt_format=args.prompt_format, answer_format=args.answer_format,
+                             limit=args.limit, seed=args.seed),
             rewards=rewards_of(args.reward), eval=EvalSection(**flags))
     return run_recipe(recipe)
+
+
+def column_mapping(text: str | None) -> dict[str, str]:
+    """`question:prompt,solution:answer` -> {"question": "prompt", "solution": "answer"}."""
+    pairs = [item.split(":") for item in (text or "").split(",") if item.strip()]
+    if any(len(pair) != 2 or not all(part.strip() for part in pair) for pair in pairs):
+        raise RecipeError(f"--columns {text}: expected THEIRS:OURS[,THEIRS:OURS...], e.g. "
+                          "question:prompt")
+    return {theirs.strip(): ours.strip() for theirs, ours in pairs}
 
 
 def rewards_of(names: str) -> list[RewardSpec]:
@@ -71,8 +84,16 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value")
     parser.add_argument("--model", help="checkpoint folder (with tokenizer.json)")
     parser.add_argument("--adapter", help="LoRA adapter folder to apply")
-    parser.add_argument("--data",
-                        help="builtin:arithmetic, builtin:humaneval, or a .jsonl/.json/.parquet file")
+    parser.add_argument("--data", help="a hub data set id, a folder (hub layout or save_to_disk), a "
+                        ".jsonl/.json/.parquet/.csv/.arrow file, builtin:arithmetic or builtin:humaneval")
+    parser.add_argument("--subset", help="the data set's subset (hub config name), e.g. main")
+    parser.add_argument("--revision", help="the hub data set's branch, tag or commit")
+    parser.add_argument("--columns", help="rename the data set's columns onto ours (prompt, answer, "
+                        "tests), e.g. question:prompt,solution:answer")
+    parser.add_argument("--prompt-format", help="build each prompt from the row's columns, e.g. "
+                        "'{question} Give the answer after ####.'")
+    parser.add_argument("--answer-format", default="none", help="how the gold `answer` is written: "
+                        "none, gsm8k (after ####), boxed (last \\boxed{}), or module:function")
     parser.add_argument("--reward", help="reward name(s), comma separated")
     parser.add_argument("--backend", choices=("native", "vllm"),
                         help="sampler: moetune's generate, or a vLLM engine (default native; "
@@ -84,7 +105,8 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int,
                         help="default 64; without --data, a GRPO run's rollout.max_new_tokens")
     parser.add_argument("--limit", type=int, help="evaluate the first N problems")
-    parser.add_argument("--split", default="test", help="builtin:arithmetic's split (default test)")
+    parser.add_argument("--split", help="the data set's split (default test; without --data, the "
+                        "run's held-out split)")
     parser.add_argument("--pass-threshold", type=float,
                         help="weighted reward at which a sample counts as passing (default 1.0)")
     parser.add_argument("--seed", type=int, default=0)

@@ -10,15 +10,21 @@ both go through it, so they report the same figure.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from moetune.config.build import RecipeError
-from moetune.config.schema import DataSection, EvalRecipe, EvalSection, ModelSection
+from moetune.config.schema import DataSection, DatasetSpec, EvalRecipe, EvalSection, ModelSection
+from moetune.data.sources import with_split
 from moetune.recipes.loader import RUN_RECIPE, load_recipe
 from moetune.rewards import RewardSpec
 
 SETTINGS = ("limit", "seed", "split", "adapter", *asdict(EvalSection()))  # what `given` may set
+
+
+def dataset_fields(spec: DatasetSpec) -> dict:
+    """The DatasetSpec fields of a section (which may have more)."""
+    return {f.name: getattr(spec, f.name) for f in fields(DatasetSpec)}
 
 
 def training_run(model_dir: str):
@@ -44,15 +50,22 @@ def held_out_recipe(run, model_dir: str, rewards: list[RewardSpec], **given) -> 
         if run.eval.every == 0 and run.eval.source != run.data.source:
             raise RecipeError(f"--model {model_dir}: its run held out no problems (eval.every: "
                               "0, and its prompts are not a builtin set's train split); give --data")
-        source, dtype = run.eval.source, run.rollout.dtype
+        problems, dtype = dataset_fields(run.eval), run.rollout.dtype
         from_run = dict(limit=run.eval.limit, pass_threshold=run.eval.pass_threshold,
                         backend=run.rollout.backend, max_new_tokens=run.rollout.max_new_tokens)
     else:
-        source, dtype, from_run = run.data.eval_source or run.data.source, run.model.dtype, {}
-        if not (run.data.eval_source or source.startswith("builtin:")):
+        data, dtype, from_run = run.data, run.model.dtype, {}
+        if data.eval_source:
+            problems = dataset_fields(data) | {"source": data.eval_source, "subset": None,
+                                               "split": None, "revision": None}
+        elif data.eval_split or (isinstance(data.source, str) and data.source.startswith("builtin:")):
+            problems = dataset_fields(with_split(data, data.eval_split))
+        else:
             raise RecipeError(f"--model {model_dir}: its run held out "
-                              f"{'a random share' if run.data.eval_fraction else 'nothing'} of "
-                              f"{source}, not a split eval can name; give --data")
+                              f"{'a random share' if data.eval_fraction else 'nothing'} of "
+                              f"{data.source}, not a split eval can name; give --data")
+    if "split" in given:
+        problems = dataset_fields(with_split(DatasetSpec(**problems), given["split"]))
     settings = asdict(EvalSection()) | {"n": 1, "temperature": 0.0} | from_run | given
     path, adapter = str(model_dir), settings.get("adapter")
     if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
@@ -62,7 +75,8 @@ def held_out_recipe(run, model_dir: str, rewards: list[RewardSpec], **given) -> 
         path, adapter = run.model.path, adapter or path  # as the run named it (its working folder)
     return EvalRecipe(
         recipe="eval", model=ModelSection(path=path, adapter=adapter, dtype=dtype),
-        data=DataSection(source, settings.get("limit"), settings.get("seed", 0),
-                         settings.get("split", "test"), run.data.arithmetic),
+        data=DataSection(**problems,
+                         limit=settings.get("limit"), seed=settings.get("seed", 0),
+                         arithmetic=run.data.arithmetic),
         rewards=rewards, template=run.template,
         eval=EvalSection(**{key: settings[key] for key in asdict(EvalSection())}))

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import json
-import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import TypeVar
+
+from moetune.config.references import UnresolvedReference, is_reference, load_reference
 
 ENTRY_POINT_GROUP = "moetune.rewards"
 
@@ -98,8 +95,11 @@ def _find(name: str) -> Callable:
         return _registry[name]
     for entry_point in entry_points(group=ENTRY_POINT_GROUP, name=name):
         return entry_point.load()
-    if ":" in name:
-        return _load_reference(name)
+    if is_reference(name):
+        try:
+            return load_reference(name, "reward")
+        except UnresolvedReference as error:
+            raise RewardNotFound(str(error)) from None
     known = available_rewards()
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -108,41 +108,6 @@ def _find(name: str) -> Callable:
         "as package.module:function or path/to/file.py:function, or installed under the "
         f"entry point group {ENTRY_POINT_GROUP!r}."
     )
-
-
-def _load_reference(reference: str) -> Callable:
-    """`package.module:function` or `path/to/file.py:function`."""
-    module_ref, _, attribute = reference.rpartition(":")
-    if module_ref.endswith(".py"):
-        module = _load_file(Path(module_ref))
-    else:
-        try:
-            module = importlib.import_module(module_ref)
-        except ImportError as error:
-            raise RewardNotFound(f"reward {reference!r}: cannot import {module_ref!r}: {error}")
-    fn = getattr(module, attribute, None)
-    if not callable(fn):
-        raise RewardNotFound(f"reward {reference!r}: {module_ref!r} has no function {attribute!r}")
-    return fn
-
-
-def _load_file(path: Path):
-    """Import a .py file once per path, under a name derived from that path."""
-    path = path.resolve()
-    if not path.is_file():
-        raise RewardNotFound(f"reward file {str(path)!r} does not exist")
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    module_name = f"moetune_reward_file_{path.stem}_{digest}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[module_name]
-            raise
-    return sys.modules[module_name]
 
 
 def _check_options(name: str, fn: Callable, kwargs: dict, factory: bool) -> None:

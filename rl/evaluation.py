@@ -173,7 +173,7 @@ def format_summary(report: EvalReport) -> str:
 def evaluate_recipe(recipe) -> EvalReport:
     """Sample and score an EvalRecipe's problems; write eval.json and samples.jsonl."""
     from moetune.config.build import RecipeError
-    from moetune.data.sft_data import arithmetic_spec
+    from moetune.data.arithmetic import arithmetic_spec
 
     if not recipe.model.path:
         raise RecipeError("model.path: an eval needs a checkpoint folder")
@@ -184,7 +184,7 @@ def evaluate_recipe(recipe) -> EvalReport:
         raise RecipeError(f"model.path: {recipe.model.path}: no config.json (not a checkpoint folder)")
     data, settings = recipe.data, recipe.eval
     arithmetic = arithmetic_spec(data.arithmetic)
-    problems = load_problems(data.source, data.limit, data.seed, data.split, arithmetic)
+    problems = load_problems(data, "data", "test", data.limit, data.seed, data.arithmetic)
     for folder in (recipe.model.adapter, recipe.model.path):
         if folder and warn_on_mismatch(folder, recipe.template):
             print(f"warning: {folder} was trained with another prompt template (see the log)")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from moetune.config.build import RecipeError
 from moetune.config.schema import GRPORecipe
+from moetune.data.arithmetic import arithmetic_spec
 from moetune.data.problems import load_problems
 from moetune.data.prompt_template import (
     few_shot_examples,
@@ -45,7 +46,6 @@ from moetune.data.prompt_template import (
     save_template,
     warn_on_mismatch,
 )
-from moetune.data.sft_data import arithmetic_spec
 from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.lora import adapters_disabled
 from moetune.model.moe import MoE
@@ -134,14 +134,13 @@ class GRPOTrainer:
         self.stop_ids = eos if isinstance(eos, list) else [eos]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         data = recipe.data
-        problems = load_problems(data.source, data.limit, training.seed, "train",
-                                 arithmetic_spec(data.arithmetic))
+        problems = load_problems(data, "data", "train", data.limit, training.seed, data.arithmetic)
         self.stream = PromptStream(parallel.shard(problems), training.seed + parallel.rank)
         self.shots = few_shot_examples(recipe.template, data.source, arithmetic_spec(data.arithmetic))
         self.eval_problems = None
         if recipe.eval.every:
-            self.eval_problems = load_problems(recipe.eval.source, recipe.eval.limit, 0, "test",
-                                               arithmetic_spec(data.arithmetic))
+            self.eval_problems = load_problems(recipe.eval, "eval", "test", recipe.eval.limit, 0,
+                                               data.arithmetic)
         self.history = ExpertLoadHistory([i for i, layer in enumerate(model.model.layers)
                                           if isinstance(layer.mlp, MoE)])
         self.nonfinite_in_row = 0

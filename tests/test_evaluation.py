@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_configs import v3_config
 
+from moetune.config.schema import DatasetSpec
 from moetune.data.problems import load_problems
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.char_tokenizer import char_tokenizer
@@ -28,7 +29,7 @@ def test_pass_at_k_hand_computed():
 @pytest.mark.integration
 def test_humaneval_canonical_solutions_score_pass_at_1_of_one():
     """The canonical solutions go through the same sampler -> rewards -> pass@k path."""
-    problems = load_problems("builtin:humaneval")
+    problems = load_problems(DatasetSpec("builtin:humaneval"), "data", "test")
     assert len(problems) == 164
     canonical = {p["prompt"]: p["canonical_solution"] for p in problems}
     report = evaluate(problems, lambda prompts, n: [[canonical[p]] * n for p in prompts],
@@ -112,7 +113,7 @@ def test_eval_of_a_bad_model_folder_prints_one_line_and_exits_2(tmp_path, capsys
 def test_eval_of_a_run_folder_uses_the_runs_held_out_split(tmp_path, capsys):
     """`moetune eval --model RUN_DIR` reads the run's recipe.yaml: its arithmetic knobs, test
     split, template and token budget, one greedy sample per problem."""
-    from moetune.data.sft_data import arithmetic_spec
+    from moetune.data.arithmetic import arithmetic_spec
     from moetune.recipes.loader import load_recipe, save_recipe
     from moetune.recipes.run import resolve
 
@@ -131,7 +132,7 @@ def test_eval_of_a_run_folder_uses_the_runs_held_out_split(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     spec = arithmetic_spec(run.data.arithmetic)
     assert (spec.digits, spec.terms, spec.operations) == (1, 3, "-")
-    expected = load_problems("builtin:arithmetic", 3, 0, "test", spec)
+    expected = load_problems(DatasetSpec("builtin:arithmetic"), "data", "test", 3, 0, run.data.arithmetic)
     assert [r["prompt"] for r in rows] == [p["prompt"] for p in expected]
     assert all(len(r["completions"]) == 1 and len(r["completions"][0]) <= 5 for r in rows)
     # a checkpoint-N folder finds the recipe in its parent; a folder of no run says what to do

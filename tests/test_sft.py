@@ -122,7 +122,7 @@ def test_data_files_of_each_format(tmp_path, suffix):
 def test_data_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
-    with pytest.raises(RecipeError, match=r"data.source: rows have columns \['question', 'answer'\]"):
+    with pytest.raises(RecipeError, match=r"data.source: rows of .*bad.jsonl have columns \['question', 'answer'\]"):
         load_sft_datasets(SFTDataSection(source=str(bad)), seed=0)
     with pytest.raises(RecipeError, match="data.arithmetic: arithmetic.operations: '/'"):
         load_sft_datasets(SFTDataSection(source="builtin:arithmetic",

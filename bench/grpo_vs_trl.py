@@ -61,7 +61,7 @@ def prompt_rows(steps: int, seed: int) -> list[dict]:
     """The problems moetune's trainer draws, in its order: TRL is fed the same ones."""
     from moetune.config.schema import ArithmeticSection, DatasetSpec
     from moetune.data.problems import load_problems
-    from moetune.rl.grpo import PromptStream
+    from moetune.rl.prompt_stream import PromptStream
 
     problems = load_problems(DatasetSpec("builtin:arithmetic"), "data", "train", None, seed,
                              ArithmeticSection(**ARITHMETIC))
@@ -82,6 +82,8 @@ def run_moetune(model_dir: Path, out: Path, steps: int, seed: int) -> dict:
     from moetune.recipes.loader import load_recipe
     from moetune.recipes.run import resolve
     from moetune.rl import grpo
+    from moetune.rl.collector import Collector
+    from moetune.rl.policy_update import PolicyUpdater
 
     ends, phases = [], {"collect": [], "update": []}
     step = grpo.GRPOTrainer.step
@@ -92,8 +94,8 @@ def run_moetune(model_dir: Path, out: Path, steps: int, seed: int) -> dict:
         return metrics
 
     grpo.GRPOTrainer.step = stamped_step
-    for name, seconds in phases.items():
-        setattr(grpo.GRPOTrainer, name, timed(getattr(grpo.GRPOTrainer, name), seconds))
+    for owner, name in ((Collector, "collect"), (PolicyUpdater, "update")):
+        setattr(owner, name, timed(getattr(owner, name), phases[name]))
     recipe = load_recipe(resolve("grpo/arith_tiny"), [
         f"model.path={model_dir}", *(f"data.arithmetic.{k}={json.dumps(v)}" for k, v in ARITHMETIC.items()),
         "rollout.backend=vllm", f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",

@@ -1,5 +1,7 @@
-"""Reinforcement learning and evaluation: the GRPO trainer (`grpo`) with its pure losses and
-advantages (`algorithms`), rollout engines and weight sync (`rollout*`, `weight_group`),
-the policy optimizer engines (`policy_optimizer`), data-parallel collection
+"""Reinforcement learning and evaluation: the GRPO loop (`grpo`) composing its prompt order
+(`prompt_stream`), group sampling and scoring (`collector`), policy update (`policy_update`,
+on `policy_batch`) and checkpoints (`checkpoint`); its pure losses and advantages
+(`algorithms`), rollout engines and weight sync (`rollout*`, `weight_group`), the policy's
+training engines under each launcher (`policy_engine`), data-parallel collection
 (`data_parallel`), and pass@k evaluation (`evaluation`, `pass_at_k`).
 """

@@ -2,7 +2,8 @@
 
 - `group_advantages` (grpo / dr_grpo / leave_one_out) and `zero_std_groups`
 - `policy_loss` (grpo / dapo / dr_grpo / gspo) with an optional k3 KL penalty and truncated
-  importance sampling, returning the loss and `PolicyLossStats`
+  importance sampling, aggregated over the whole batch (`global_tokens`, `global_rows`: the
+  micro-batches' losses add up to the batch's), returning the loss and `PolicyLossStats`
 - `soft_overlong_penalty` and `overlong_mask` (DAPO's overlong handling)
 - `mismatch_kl` (sampler vs trainer logprobs) and `entropy_from_logits`
 
@@ -85,17 +86,24 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor, advantages: T
                 mask: Tensor, *, epsilon_low: float = 0.2, epsilon_high: float | None = None,
                 ref_logprobs: Tensor | None = None, beta: float = 0.0,
                 sampler_logprobs: Tensor | None = None, tis_cap: float | None = None,
-                max_completion_length: int | None = None) -> tuple[Tensor, PolicyLossStats]:
+                max_completion_length: int | None = None, global_tokens: int | None = None,
+                global_rows: int | None = None) -> tuple[Tensor, PolicyLossStats]:
     """Clipped policy-gradient loss. logprobs, old_logprobs, mask, ref/sampler_logprobs [B, T];
     advantages [B]. Returns (scalar loss, PolicyLossStats).
 
     Per token: -min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A), times the detached TIS
     weight min(exp(old - sampler), tis_cap) when sampler_logprobs is given, plus beta * k3 with
     k3 = exp(ref - logp) - (ref - logp) - 1 when beta != 0 and ref_logprobs is given.
-    epsilon_high defaults to epsilon_low (DAPO's clip-higher sets it larger). Aggregation:
-      grpo     r = exp(logp - old); mean over each sequence's tokens, then over sequences.
-      dapo     as grpo, but sum over all tokens / number of counted tokens in the batch.
-      dr_grpo  as grpo, but sum over all tokens / (B * max_completion_length).
+    epsilon_high defaults to epsilon_low (DAPO's clip-higher sets it larger).
+
+    The B rows may be one micro-batch (on one data-parallel rank) of a batch of `global_rows`
+    sequences holding `global_tokens` counted tokens (default: these B rows and the tokens
+    under `mask`): every kind divides by the whole batch's denominator, so the losses (and
+    gradients) of the micro-batches add up to the loss of the batch in one call. Aggregation:
+      grpo     r = exp(logp - old); each sequence's mean over its tokens, summed over
+               sequences / global_rows (the mean over the batch's sequences).
+      dapo     as grpo, but sum over all tokens / global_tokens (a token mean).
+      dr_grpo  as grpo, but sum over all tokens / (global_rows * max_completion_length).
       gspo     s_i = exp(mean_t(logp - old)) in GSPO-token form, r_t = sg[s_i] exp(logp_t -
                sg[logp_t]): every token's value is s_i, the gradient equals sequence-level
                GSPO's (with TIS, each token's gradient carries its own weight). Aggregated
@@ -111,7 +119,7 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor, advantages: T
     _check_shape("advantages", advantages, logprobs.shape[:1], "logprobs[:, 0]")
     if kind == "dr_grpo" and not max_completion_length:
         raise ValueError("policy_loss('dr_grpo') needs max_completion_length (its constant "
-                         "normaliser B * max_completion_length)")
+                         "normaliser global_rows * max_completion_length)")
     if sampler_logprobs is not None and tis_cap is None:
         raise ValueError("sampler_logprobs given without tis_cap: set the TIS cap C")
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -141,12 +149,14 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor, advantages: T
         token_loss = token_loss + beta * k3
 
     token_loss = token_loss * m
+    rows = max(logprobs.shape[0] if global_rows is None else global_rows, 1)
     if kind in ("grpo", "gspo"):
-        loss = (token_loss.sum(1) / tokens.clamp(min=1)).mean()
+        loss = (token_loss.sum(1) / tokens.clamp(min=1)).sum() / rows
     elif kind == "dapo":
-        loss = token_loss.sum() / m.sum().clamp(min=1)
+        loss = token_loss.sum() / (m.sum().clamp(min=1) if global_tokens is None
+                                   else max(global_tokens, 1))
     else:
-        loss = token_loss.sum() / (logprobs.shape[0] * max_completion_length)
+        loss = token_loss.sum() / (rows * max_completion_length)
 
     with torch.no_grad():
         if kind == "gspo":  # one ratio per sequence; counted = sequences with tokens

@@ -4,10 +4,10 @@ of the prompts; gradients are summed across ranks before each optimizer step. Wi
 
 Launched with `accelerate launch [--num_processes N] -m moetune.recipes run grpo/...` (or any
 launcher that sets RANK / WORLD_SIZE); alone, a single rank of 1. Loss denominators (tokens
-for `dapo`, sequences otherwise) are global, so the summed gradient equals the gradient of one
-process holding the whole batch, and the replicas stay identical step after step. Under
-DeepSpeed or FSDP (rl.policy_optimizer) the sharded engine reduces the gradients instead; the
-prompt shares, metrics and checkpointed positions are the same.
+for `dapo`, sequences otherwise: rl.algorithms.policy_loss) are global, so the summed gradient
+equals the gradient of one process holding the whole batch, and the replicas stay identical
+step after step. Under DeepSpeed or FSDP2 (rl.policy_engine) the sharded engine reduces the
+gradients instead; the prompt shares, metrics and checkpointed positions are the same.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_lora_grpo_trains_only_adapters_against_the_adapter_free_reference(tmp_p
                                            "algorithm.beta=0.1", "lora.rank=8",
                                            "lora.components=[attention, routed_experts]"])
     with pool:
-        assert trainer.reference is None  # the base with adapters disabled is the reference
+        assert trainer.updater.reference is None  # the base with adapters disabled is the reference
         frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
         first = trainer.step(1)
         second = trainer.step(2)
@@ -199,10 +199,10 @@ def test_trl_rewards_run_unchanged_in_a_grpo_step(tmp_path):
                    f" {{name: '{tmp_path}/progress.py:logs_progress'}}]")
     trainer, pool = trainer_for(tmp_path, [reward_list, "algorithm.dynamic_sampling=false"])
     with pool:
-        groups = trainer.collect(3)
+        groups = trainer.collector.collect(3)
     ids = [r.completion_ids for group in groups.rollouts for r in group]
     expected = trl.rewards.get_repetition_penalty_reward(1, -1.0)(completion_ids=ids)
     assert groups.per_function["get_repetition_penalty_reward"] == pytest.approx(expected)
     assert len(set(expected)) > 1
-    metrics = trainer.rollout_metrics(groups, seconds=1.0)
+    metrics = groups.metrics(seconds=1.0)
     assert metrics["reward_metric/seen_step"] == 2.0  # two steps completed before step 3

@@ -1,5 +1,5 @@
 """Data-parallel GRPO: two gloo ranks, each updating on its share of the groups, take the same
-optimizer steps as one process holding them all, with the local optimizer (DDP), DeepSpeed
+optimizer steps as one process holding them all, with the replicated engine (DDP), DeepSpeed
 ZeRO-2/3 and FSDP2, and their checkpoints restore exactly; `accelerate launch --num_processes 2`
 (zero3.yaml: the launcher's process group, DeepSpeed from its config) trains on remote rollout
 engines, writes once and checkpoints every rank's prompt position and optimizer shard. A resumed run repeating the
@@ -21,8 +21,9 @@ from tiny_configs import save_biased_tiny_arith
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
+from moetune.rl.collector import Groups
 from moetune.rl.data_parallel import DataParallel
-from moetune.rl.grpo import Groups, GRPOTrainer
+from moetune.rl.grpo import GRPOTrainer
 from moetune.rl.rollout import Rollout
 from moetune.training.model_loading import load_model, load_tokenizer
 
@@ -68,14 +69,14 @@ def share_of(groups: Groups, rows: slice) -> Groups:
 
 
 def full_weights(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
-    with trainer.optimizer.full_weights() as model:  # ZeRO-3 and FSDP2 hold shards
+    with trainer.engine.full_weights() as model:  # ZeRO-3 and FSDP2 hold shards
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def updated_weights(groups: Groups, parallel: DataParallel, loss: str) -> tuple[dict, dict]:
     """(weights, metrics) after one update on every world_size-th group from the rank."""
     trainer = new_trainer(parallel, loss)
-    metrics = trainer.update(share_of(groups, slice(parallel.rank, None, parallel.world_size)))
+    metrics = trainer.updater.update(share_of(groups, slice(parallel.rank, None, parallel.world_size)))
     return full_weights(trainer), metrics
 
 
@@ -88,12 +89,12 @@ def two_updates(parallel: DataParallel, rows: slice, folder: Path) -> dict:
     restored from the checkpoint took the second update."""
     share = share_of(fixed_groups(4, 4), rows)
     trainer = new_trainer(parallel, "dapo", KL)
-    trainer.update(share)
-    trainer.save(folder, 1)
-    result = {"metrics": trainer.update(share), "weights": full_weights(trainer)}
+    trainer.updater.update(share)
+    trainer.checkpointer.save(folder, 1)
+    result = {"metrics": trainer.updater.update(share), "weights": full_weights(trainer)}
     restored = new_trainer(parallel, "dapo", KL)
-    restored.load(folder)
-    restored.update(share)
+    restored.checkpointer.load(folder)
+    restored.updater.update(share)
     return result | {"resumed": full_weights(restored)}
 
 

@@ -103,6 +103,7 @@ OLD = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.3, -2.0]], dtype=F64)
 RATIOS = torch.tensor([[1.1, 0.7, 1.5], [0.5, 1.3, 3.0]], dtype=F64)  # 3.0 sits on padding
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
 ADV = torch.tensor([1.0, -2.0], dtype=F64)
+GSPO_LOG_RATIOS = torch.tensor([[0.3, -0.1, 0.1], [-0.2, 0.0, 7.0]], dtype=F64)  # log r of the gspo tests
 
 
 def batch(log_ratios=None):
@@ -139,15 +140,14 @@ def test_dr_grpo_loss_divides_by_a_constant():
 def test_gspo_loss_uses_the_sequence_ratio():
     # log-ratios row 0 [0.3, -0.1, 0.1] -> mean 0.1, s0 = e^0.1 = 1.1051709180756477
     #            row 1 [-0.2, 0.0, pad] -> mean -0.1, s1 = e^-0.1 = 0.9048374180359595
-    log_ratios = torch.tensor([[0.3, -0.1, 0.1], [-0.2, 0.0, 7.0]], dtype=F64)
     # epsilon 0.2: neither clips; (-1 * 1.10517... + 2 * 0.90483...) / 2
-    loss, stats = policy_loss("gspo", *batch(log_ratios))
+    loss, stats = policy_loss("gspo", *batch(GSPO_LOG_RATIOS))
     torch.testing.assert_close(loss, torch.tensor(0.35225195899813565, dtype=F64))
     assert stats.clip_fraction == 0.0
     assert stats.ratio_mean == pytest.approx(1.0050041680558036)  # (s0 + s1) / 2
     # GSPO's epsilons 3e-4 / 4e-4: s0 clips to 1.0004 (A > 0) and s1 to 0.9997 (A < 0):
     # (-1.0004 + 2 * 0.9997) / 2 = 0.4995, both sequences clipped.
-    loss, stats = policy_loss("gspo", *batch(log_ratios), epsilon_low=3e-4, epsilon_high=4e-4)
+    loss, stats = policy_loss("gspo", *batch(GSPO_LOG_RATIOS), epsilon_low=3e-4, epsilon_high=4e-4)
     torch.testing.assert_close(loss, torch.tensor(0.4995, dtype=F64))
     assert stats.clip_fraction == 1.0
 
@@ -193,8 +193,7 @@ def test_grpo_gradient_is_minus_advantage_times_ratio_over_tokens():
 def test_gspo_token_form_has_the_sequence_level_gradient():
     # d/d logp_t of -A_i s_i / B with s_i = exp(mean_t log-ratio) is -A_i s_i / n_i / B:
     # row 0: -1.1051709180756477 / 6 per token; row 1: 2 * 0.9048374180359595 / 4
-    log_ratios = torch.tensor([[0.3, -0.1, 0.1], [-0.2, 0.0, 7.0]], dtype=F64)
-    logp, old, adv, mask = batch(log_ratios)
+    logp, old, adv, mask = batch(GSPO_LOG_RATIOS)
     policy_loss("gspo", logp, old, adv, mask)[0].backward()
     a, b = -0.18419515301260795, 0.45241870901797976
     torch.testing.assert_close(logp.grad, torch.tensor([[a, a, a], [b, b, 0.0]], dtype=F64))
@@ -219,6 +218,69 @@ def test_empty_mask_rows_add_nothing_and_never_nan(kind):
     loss, stats = policy_loss(kind, logp, old, torch.tensor([1.0, -1.0], dtype=F64),
                               torch.zeros(2, 2), **kw)
     assert float(loss.detach()) == 0.0 and stats.clip_fraction == 0.0 and stats.kl == 0.0
+
+
+# Aggregation over micro-batches: the batch above split into row 0 and row 1, each call given
+# the whole batch's 5 counted tokens and 2 rows. Per kind, (row 0's loss, row 1's loss):
+#   grpo     row means -3.0 / 3 = -1.0 and 4.2 / 2 = 2.1, each / 2 rows: -0.5, 1.05 (sum 0.55)
+#   dapo     token sums / 5 tokens: -3.0 / 5 = -0.6, 4.2 / 5 = 0.84 (sum 0.24 = 1.2 / 5)
+#   dr_grpo  token sums / (2 rows * 4): -3.0 / 8 = -0.375, 4.2 / 8 = 0.525 (sum 0.15 = 1.2 / 8)
+#   gspo     (log-ratios of the gspo test) row means -s0 = -1.1051709180756477 and
+#            2 s1 = 1.809674836071919, each / 2: -0.5525854590378239, 0.9048374180359595
+#            (sum 0.35225195899813565)
+MICRO_LOSSES = {"grpo": (-0.5, 1.05, 0.55), "dapo": (-0.6, 0.84, 0.24),
+                "dr_grpo": (-0.375, 0.525, 0.15),
+                "gspo": (-0.5525854590378239, 0.9048374180359595, 0.35225195899813565)}
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dapo", "dr_grpo", "gspo"])
+def test_micro_batch_losses_over_global_denominators_add_up_to_the_batch_loss(kind):
+    logp, old, adv, mask = batch(GSPO_LOG_RATIOS if kind == "gspo" else None)
+    first, second, whole = MICRO_LOSSES[kind]
+    full, _ = policy_loss(kind, logp, old, adv, mask, max_completion_length=4)
+    torch.testing.assert_close(full, torch.tensor(whole, dtype=F64))
+    (full_grad,) = torch.autograd.grad(full, logp)
+    micro = [policy_loss(kind, logp[rows], old[rows], adv[rows], mask[rows],
+                         max_completion_length=4, global_tokens=5, global_rows=2)[0]
+             for rows in (slice(0, 1), slice(1, 2))]
+    torch.testing.assert_close(micro[0], torch.tensor(first, dtype=F64))
+    torch.testing.assert_close(micro[1], torch.tensor(second, dtype=F64))
+    torch.testing.assert_close(micro[0] + micro[1], full)
+    (micro_grad,) = torch.autograd.grad(micro[0] + micro[1], logp)
+    torch.testing.assert_close(micro_grad, full_grad)
+
+
+def test_without_global_denominators_a_micro_batch_is_its_own_batch():
+    # row 0 alone: dapo -3.0 / 3 tokens; dr_grpo -3.0 / (1 row * 4); grpo its row mean
+    logp, old, adv, mask = batch()
+    row = (logp[:1], old[:1], adv[:1], mask[:1])
+    for kind, expected in (("dapo", -1.0), ("dr_grpo", -0.75), ("grpo", -1.0)):
+        loss, _ = policy_loss(kind, *row, max_completion_length=4)
+        torch.testing.assert_close(loss, torch.tensor(expected, dtype=F64))
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dapo", "dr_grpo", "gspo"])
+def test_uneven_micro_batches_add_up_to_the_batch_loss_and_gradient(kind):
+    g = torch.Generator().manual_seed(5)
+    B, T = 5, 6
+    old = -torch.rand(B, T, generator=g, dtype=F64) * 3
+    logp = (old + torch.randn(B, T, generator=g, dtype=F64) * 0.3).requires_grad_()
+    ref = old + torch.randn(B, T, generator=g, dtype=F64) * 0.3
+    sampler = old + torch.randn(B, T, generator=g, dtype=F64) * 0.5
+    adv = torch.randn(B, generator=g, dtype=F64)
+    mask = (torch.rand(B, T, generator=g) < 0.7).long()
+    mask[3] = 0  # an empty row still counts in the rows
+    kw = dict(epsilon_high=0.28, ref_logprobs=ref, beta=0.05, sampler_logprobs=sampler,
+              tis_cap=1.3, max_completion_length=8)
+    full, _ = policy_loss(kind, logp, old, adv, mask, **kw)
+    (full_grad,) = torch.autograd.grad(full, logp)
+    tokens = int(mask.sum())
+    total = sum(policy_loss(kind, logp[rows], old[rows], adv[rows], mask[rows],
+                            **(kw | dict(ref_logprobs=ref[rows], sampler_logprobs=sampler[rows])),
+                            global_tokens=tokens, global_rows=B)[0]
+                for rows in (slice(0, 2), slice(2, 5)))
+    torch.testing.assert_close(total, full)
+    torch.testing.assert_close(torch.autograd.grad(total, logp)[0], full_grad)
 
 
 def test_policy_loss_errors_name_kind_and_shapes():

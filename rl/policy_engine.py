@@ -1,26 +1,27 @@
-"""The GRPO policy's optimizer under each launcher.
+"""The GRPO policy's training engine under each launcher: what owns the policy's backward,
+optimizer step, weight gathering and optimizer checkpoint (`policy_engine` picks one).
 
-- `LocalOptimizer`: AdamW on every rank's full replica, gradients summed over the
+- `ReplicatedEngine`: AdamW on every rank's full replica, gradients summed over the
   data-parallel ranks (rl.data_parallel) before the step: one process, or
   `accelerate launch` with recipes/accelerate/ddp.yaml (or torchrun).
-- `DeepSpeedOptimizer`: a DeepSpeed ZeRO-2/3 engine around the same AdamW, picked when the
+- `DeepSpeedZeroEngine`: a DeepSpeed ZeRO-2/3 engine around the same AdamW, picked when the
   launcher says DeepSpeed (`accelerate launch --config_file recipes/accelerate/zero3.yaml`):
   optimizer states and gradients (ZeRO-2) and the parameters too (ZeRO-3) are sharded over
   the ranks. The ZeRO stage and offload come from the accelerate config.
-- `FSDPOptimizer`: torch's FSDP2 (`fully_shard` per decoder layer) and AdamW on the shards,
+- `FSDP2Engine`: torch's FSDP2 (`fully_shard` per decoder layer) and AdamW on the shards,
   picked under recipes/accelerate/fsdp2.yaml (its reshard and offload settings apply).
 The clipping norm is always the recipe's training.max_grad_norm.
 
-The trainer asks the same of all three. Its micro-batch losses are already this rank's share of
-the global loss, so `backward` gives gradients whose sum over ranks is the whole batch's;
-`step` clips, updates and returns the gradient norm (nan: the update was skipped);
-`with full_weights() as model` gives a model with the full weights for a weight sync or a save
-(every rank must enter it); `save`/`load` write and restore the optimizer state (sharded: and
-the weights) inside a checkpoint folder.
+The trainer asks the same of all three. Its micro-batch losses are normalised by the whole
+batch's denominators (rl.algorithms.policy_loss), so `backward` gives gradients whose sum over
+micro-batches and ranks is the whole batch's; `step` clips, updates and returns the gradient
+norm (nan: the update was skipped); `with full_weights() as model` gives a model with the full
+weights for a weight sync or a save (every rank must enter it); `save`/`load` write and
+restore the optimizer state (sharded: and the weights) inside a checkpoint folder.
 
 Sharded, every rank must run the same number of forwards and backwards (parameters are
 gathered and gradients reduced collectively), so `lockstep` tells the trainer to pad a rank
-that has fewer micro-batches with idle passes. NaN/inf: the local and FSDP optimizers skip a
+that has fewer micro-batches with idle passes. NaN/inf: the replicated and FSDP2 engines skip a
 step whose gradient norm is not finite; DeepSpeed cannot take back a reduced gradient, so there
 a micro-batch whose loss is NaN/inf on any rank is left out on every rank (the step is skipped
 when none is left), and a non-finite norm after a step stops the run.
@@ -57,8 +58,9 @@ def finite_norm_step(adamw: torch.optim.AdamW, parameters: list, max_norm: float
     return norm if math.isfinite(norm) else float("nan")
 
 
-class LocalOptimizer:
-    """AdamW with gradients summed over data-parallel ranks; `policy` is the model itself."""
+class ReplicatedEngine:
+    """AdamW on this rank's full replica, gradients summed over data-parallel ranks; `policy`
+    is the model itself."""
 
     lockstep = False
     checkpoint_holds_weights = False  # `save` writes the optimizer state only
@@ -91,9 +93,10 @@ class LocalOptimizer:
         self.adamw.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
 
 
-class DeepSpeedOptimizer:
+class DeepSpeedZeroEngine:
     """A DeepSpeed ZeRO engine around `adamw` (accumulation left to the trainer: DeepSpeed's
-    `managed_gradient_accumulation: false`); `policy` is the engine, which runs the forwards."""
+    `managed_gradient_accumulation: false`); `policy` is DeepSpeed's engine, which runs the
+    forwards."""
 
     lockstep = True
     checkpoint_holds_weights = True  # DeepSpeed's checkpoint restores the trained weights too
@@ -172,7 +175,7 @@ class DeepSpeedOptimizer:
                                     load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
-class FSDPOptimizer:
+class FSDP2Engine:
     """FSDP2: every decoder layer (and the rest, at the root) sharded with `fully_shard`, AdamW
     on the shards; `policy` is the sharded model. Weight syncs and saves read an unsharded CPU
     replica that `full_weights` refreshes tensor by tensor (the rollout engines' weights are
@@ -254,13 +257,13 @@ def zero_config() -> dict:
     return concrete(DeepSpeedPlugin().deepspeed_config["zero_optimization"])
 
 
-def policy_optimizer(model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
-    """The optimizer the launcher asks for: DeepSpeed or FSDP under their accelerate configs,
-    else local."""
+def policy_engine(model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
+    """The engine the launcher asks for: DeepSpeed ZeRO or FSDP2 under their accelerate
+    configs, else replicated."""
     if deepspeed_launch():
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        return DeepSpeedOptimizer(model, training, parallel)
+        return DeepSpeedZeroEngine(model, training, parallel)
     if fsdp_launch():
-        return FSDPOptimizer(model, training, parallel)
-    return LocalOptimizer(model, training, parallel)
+        return FSDP2Engine(model, training, parallel)
+    return ReplicatedEngine(model, training, parallel)

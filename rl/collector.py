@@ -1,0 +1,146 @@
+"""What one GRPO step learns from: prompts drawn from the stream, `group_size` completions
+sampled for each from the RolloutPool, scored by the recipe's rewards (plus DAPO's soft
+overlong penalty). With dynamic sampling, groups whose rewards all agree are dropped and new
+prompts refill them, for at most `max_refills` more sampling rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moetune.config.schema import GRPORecipe
+from moetune.data.arithmetic import arithmetic_spec
+from moetune.data.prompt_template import few_shot_examples, render
+from moetune.rewards import TrainerState, score
+from moetune.rl import algorithms
+from moetune.rl.prompt_stream import PromptStream
+from moetune.rl.rollout import Rollout, RolloutPool, SamplingSpec
+
+
+@dataclass
+class Groups:
+    """What one step learns from: G groups of n rollouts and their rewards."""
+
+    problems: list[dict]
+    rollouts: list[list[Rollout]]  # [G][n]
+    rewards: torch.Tensor  # [G, n] weighted total per sample (after overlong shaping)
+    per_function: dict[str, list[float]]  # reward name -> values of the kept samples
+    generated_groups: int
+    zero_std_groups: int
+    rounds: int
+    logged: dict[str, list[float]] = field(default_factory=dict)  # log_metric calls, all rounds
+
+    def metrics(self, seconds: float) -> dict[str, float]:
+        """Rewards, lengths and filtering of the groups, sampled in `seconds`."""
+        flat = [r for group in self.rollouts for r in group]
+        lengths = [len(r.completion_ids) for r in flat] or [0]
+        rewards = self.rewards.flatten()
+        metrics = {
+            "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "zero_std_fraction": self.zero_std_groups / max(self.generated_groups, 1),
+            "groups_used": float(len(self.problems)), "refill_rounds": float(self.rounds - 1),
+            "completion_length_mean": sum(lengths) / len(lengths),
+            "completion_length_max": float(max(lengths)),
+            "clipped_fraction": sum(r.finish_reason == "length" for r in flat) / max(len(flat), 1),
+            "rollout_tokens_per_second": sum(lengths) / max(seconds, 1e-9),
+        }
+        metrics |= {f"reward/{name}": mean(values) for name, values in self.per_function.items()}
+        metrics |= {f"reward_metric/{name}": mean(values) for name, values in self.logged.items()}
+        return metrics
+
+
+class Collector:
+    """Samples and scores this rank's groups: `local_prompts` prompts a step from `stream`,
+    through `pool`; sampling seeds derive from (training.seed, step, round, rank)."""
+
+    def __init__(self, recipe: GRPORecipe, tokenizer, pool: RolloutPool, stream: PromptStream,
+                 local_prompts: int, rank: int, stop_ids: list[int]):
+        self.recipe, self.tokenizer, self.pool, self.stream = recipe, tokenizer, pool, stream
+        self.local_prompts, self.rank, self.stop_ids = local_prompts, rank, stop_ids
+        data = recipe.data
+        self.shots = few_shot_examples(recipe.template, data.source, arithmetic_spec(data.arithmetic))
+
+    def sampling(self, step: int, round_: int, greedy: bool = False) -> SamplingSpec:
+        rollout = self.recipe.rollout
+        seed = (((self.recipe.training.seed * 100_003 + step) * 17 + round_) * 1_009
+                + self.rank) * 1_000_003
+        return SamplingSpec(temperature=0.0 if greedy else rollout.temperature,
+                            top_p=rollout.top_p, top_k=rollout.top_k,
+                            max_new_tokens=rollout.max_new_tokens,
+                            stop_token_ids=self.stop_ids, seed=seed % 2**31)
+
+    def encode(self, problems: list[dict]) -> list[list[int]]:
+        """Token ids of each problem's prompt shown through the recipe's template."""
+        texts = [render(p["prompt"], self.recipe.template, self.tokenizer, self.shots) for p in problems]
+        return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    def trainer_state(self, completed: int) -> TrainerState:
+        """Progress as TRL gives it to reward functions: `completed` optimizer steps."""
+        return TrainerState(global_step=completed, max_steps=self.recipe.training.max_steps,
+                            epoch=self.stream.progress)
+
+    def rewards(self, problems: list[dict], rollouts: list[list[Rollout]], completed: int):
+        """(totals [G, n], {name: [G*n values]}, {logged metric: [values]}) for the flattened
+        groups."""
+        n = len(rollouts[0])
+        flat = [r for group in rollouts for r in group]
+        columns = {key: [p.get(key) for p in problems for _ in range(n)]
+                   for key in sorted({k for p in problems for k in p} - {"prompt", "completion"})}
+        result = score(self.recipe.rewards, [p["prompt"] for p in problems for _ in range(n)],
+                       [r.text for r in flat], columns,
+                       completion_ids=[r.completion_ids for r in flat],
+                       trainer_state=self.trainer_state(completed))
+        totals = torch.tensor(result.totals, dtype=torch.float32)
+        algorithm = self.recipe.algorithm
+        if algorithm.overlong == "soft":
+            lengths = torch.tensor([len(r.completion_ids) for r in flat])
+            totals += algorithms.soft_overlong_penalty(
+                lengths, self.recipe.rollout.max_new_tokens, algorithm.overlong_buffer)
+        values = {metric_name(name): [0.0 if v is None else float(v) for v in vals]
+                  for name, vals in result.values.items()}
+        return totals.view(len(problems), n), values, result.metrics
+
+    def collect(self, step: int) -> Groups:
+        """The groups of `step` (rewards see step - 1 completed steps)."""
+        algorithm = self.recipe.algorithm
+        wanted, n = self.local_prompts, algorithm.group_size
+        kept_problems, kept_rollouts, kept_rewards = [], [], []
+        per_function: dict[str, list[float]] = {}
+        logged: dict[str, list[float]] = {}
+        generated = zero_std = rounds = 0
+        while len(kept_problems) < wanted and rounds <= algorithm.max_refills:
+            problems = self.stream.take(wanted - len(kept_problems))
+            rollouts = self.pool.generate(self.encode(problems), n, self.sampling(step, rounds))
+            totals, values, round_logged = self.rewards(problems, rollouts, step - 1)
+            for name, logged_values in round_logged.items():
+                logged.setdefault(name, []).extend(logged_values)
+            rounds += 1
+            generated += len(problems)
+            flat = algorithms.zero_std_groups(totals.flatten(), n)
+            zero_std += int(flat.sum())
+            for g, problem in enumerate(problems):
+                if algorithm.dynamic_sampling and flat[g]:
+                    continue
+                kept_problems.append(problem)
+                kept_rollouts.append(rollouts[g])
+                kept_rewards.append(totals[g])
+                for name, vals in values.items():
+                    per_function.setdefault(name, []).extend(vals[g * n:(g + 1) * n])
+            if not algorithm.dynamic_sampling:
+                break
+        rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, n)
+        return Groups(kept_problems, kept_rollouts, rewards, per_function, generated, zero_std,
+                      rounds, logged)
+
+
+def metric_name(reward: str) -> str:
+    """A reward's name in metrics: `pkg.module:fn` and `path/file.py:fn` shorten to `fn`."""
+    return reward.rsplit(":", 1)[-1]
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0

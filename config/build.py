@@ -57,7 +57,8 @@ def convert(hint, value, path: str):
                 return convert(option, value, path)
             except RecipeError as error:
                 errors.append(error)
-        raise errors[0] if len(options) == 1 else RecipeError(
+        shaped = [error for option, error in zip(options, errors) if same_shape(option, value)]
+        raise shaped[0] if len(shaped) == 1 else RecipeError(
             f"{path}: expected {describe(hint)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         if value not in args:
@@ -89,6 +90,17 @@ def convert(hint, value, path: str):
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise RecipeError(f"{path}: expected {describe(hint)}, got {type(value).__name__} {value!r}")
     return value
+
+
+def same_shape(hint, value) -> bool:
+    """Whether `value` is the kind of YAML node `hint` is built from (a list for a list, a
+    mapping for a dataclass or dict, else a scalar): the one option of a union worth naming."""
+    origin = typing.get_origin(hint) or hint
+    if isinstance(value, list):
+        return origin in (list, tuple)
+    if isinstance(value, dict):
+        return origin is dict or dataclasses.is_dataclass(hint)
+    return origin not in (list, tuple, dict) and not dataclasses.is_dataclass(hint)
 
 
 def describe(hint) -> str:

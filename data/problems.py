@@ -23,16 +23,29 @@ def load_problems(spec: DatasetSpec, key: str, default_split: str, limit: int | 
                   seed: int = 0, arithmetic=None) -> list[dict]:
     """The first `limit` problems of `spec` (builtin:arithmetic draws `limit`, default 100,
     with `seed` and the recipe's `arithmetic` knobs). `key` names the spec in errors."""
-    dataset = load_rows(spec, key, default_split, seed=seed, count=limit or 100,
-                        arithmetic=arithmetic)
-    if "prompt" not in column_names(dataset):
-        raise RecipeError(f"{key}: rows of {spec.source} have no `prompt` column; they have "
-                          f"{', '.join(column_names(dataset))} (map one with {key}.columns, or "
-                          f"build it with {key}.prompt_format)")
+    dataset = problem_rows(spec, key, default_split, limit, seed, arithmetic, streaming=False)
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))
     require_rows(dataset, key, spec.source)
     return dataset.to_list()
+
+
+def stream_problems(spec: DatasetSpec, key: str, default_split: str, limit: int | None = None,
+                    seed: int = 0, arithmetic=None):
+    """`load_problems` as a `datasets.IterableDataset`, read as it is consumed."""
+    dataset = problem_rows(spec, key, default_split, limit, seed, arithmetic, streaming=True)
+    return dataset.take(limit) if limit else dataset
+
+
+def problem_rows(spec: DatasetSpec, key: str, default_split: str, limit: int | None, seed: int,
+                 arithmetic, streaming: bool):
+    dataset = load_rows(spec, key, default_split, seed=seed, count=limit or 100,
+                        arithmetic=arithmetic, streaming=streaming)
+    if "prompt" not in column_names(dataset):
+        raise RecipeError(f"{key}: rows of {spec.source} have no `prompt` column; they have "
+                          f"{', '.join(column_names(dataset))} (map one with {key}.columns, or "
+                          f"build it with {key}.prompt_format)")
+    return dataset
 
 
 def humaneval_problems() -> list[dict]:

@@ -158,8 +158,11 @@ def open_source(spec: DatasetSpec, key: str, default_split: str, streaming: bool
         if spec.subset or spec.split:
             raise RecipeError(f"{key}.{'subset' if spec.subset else 'split'}: {source} is one "
                               "file, one split; name another file for other rows")
-        return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path),
-                                     split="train", streaming=streaming)
+        try:
+            return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path),
+                                         split="train", streaming=streaming)
+        except ValueError as error:  # e.g. 'Instruction "train" corresponds to no data'
+            raise RecipeError(f"{key}.source: {source}: no rows ({error})") from None
     if path.is_dir() and saved_to_disk(path):
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):

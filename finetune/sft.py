@@ -24,9 +24,11 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from moetune.config.build import RecipeError
 from moetune.config.schema import SFTRecipe, TemplateSection
 from moetune.data.prompt_template import few_shot_examples, save_template, sft_row
 from moetune.data.sft_data import load_sft_datasets
+from moetune.data.sources import column_names
 from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.expert_parallel import clip_grad_norm_, expert_parallel_size, full_experts
 from moetune.model.lora import LoraSpec
@@ -220,6 +222,9 @@ def run_sft(recipe: SFTRecipe, callbacks: Sequence[Callable[[MoESFTTrainer], Tra
     """Train per the recipe; returns {"output_dir", "final_loss", "steps"}. `callbacks` build
     further trainer callbacks from the trainer."""
     check_launch(recipe.model.expert_parallel)
+    if recipe.data.streaming and recipe.training.max_steps <= 0:
+        raise RecipeError("training.max_steps: a streamed data set (data.streaming) has no "
+                          "length to count epochs in; set the number of steps")
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
     spec = attach_lora(model, recipe.lora, recipe.training.seed)
@@ -229,7 +234,7 @@ def run_sft(recipe: SFTRecipe, callbacks: Sequence[Callable[[MoESFTTrainer], Tra
     train, evaluation = (apply_template(d, recipe) for d in (train, evaluation))
     resume = resume_checkpoint(recipe)
     trainer = MoESFTTrainer(
-        model=model, args=sft_config(recipe, "messages" in train.column_names), train_dataset=train, eval_dataset=evaluation,
+        model=model, args=sft_config(recipe, "messages" in column_names(train)), train_dataset=train, eval_dataset=evaluation,
         processing_class=tokenizer, lora_spec=spec, base_path=recipe.model.path)
     main_process = trainer.is_world_process_zero()
     if main_process:
@@ -255,13 +260,15 @@ def run_sft(recipe: SFTRecipe, callbacks: Sequence[Callable[[MoESFTTrainer], Tra
 def apply_template(dataset, recipe: SFTRecipe):
     """Prompt + completion rows shown through the recipe's template (chat turns, system
     prompt, few-shot examples); other row formats and the default template pass unchanged."""
-    if dataset is None or "prompt" not in dataset.column_names or recipe.template == TemplateSection():
+    if dataset is None or "prompt" not in column_names(dataset) or recipe.template == TemplateSection():
         return dataset
     import datasets
 
     from moetune.data.arithmetic import arithmetic_spec
 
     shots = few_shot_examples(recipe.template, recipe.data.source, arithmetic_spec(recipe.data.arithmetic))
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.map(lambda row: sft_row(row, recipe.template, shots))
     return datasets.Dataset.from_list([sft_row(row, recipe.template, shots) for row in dataset])
 
 

@@ -23,7 +23,7 @@ from moetune.data.prompt_template import save_template
 from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.policy_update import PolicyUpdater
-from moetune.rl.prompt_stream import PromptStream
+from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
 
 
 class Checkpointer:
@@ -32,7 +32,7 @@ class Checkpointer:
     `save`, `save_weights` and `load` (sharded engines gather or write collectively)."""
 
     def __init__(self, recipe: GRPORecipe, model, tokenizer, lora_spec, engine, scheduler,
-                 stream: PromptStream, updater: PolicyUpdater, parallel: DataParallel):
+                 stream: PromptStream | StreamedPrompts, updater: PolicyUpdater, parallel: DataParallel):
         self.recipe, self.model, self.tokenizer, self.lora_spec = recipe, model, tokenizer, lora_spec
         self.engine, self.scheduler, self.stream, self.updater = engine, scheduler, stream, updater
         self.parallel = parallel

@@ -15,7 +15,7 @@ from moetune.data.arithmetic import arithmetic_spec
 from moetune.data.prompt_template import few_shot_examples, render
 from moetune.rewards import TrainerState, score
 from moetune.rl import algorithms
-from moetune.rl.prompt_stream import PromptStream
+from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
 from moetune.rl.rollout import Rollout, RolloutPool, SamplingSpec
 
 
@@ -56,7 +56,7 @@ class Collector:
     """Samples and scores this rank's groups: `local_prompts` prompts a step from `stream`,
     through `pool`; sampling seeds derive from (training.seed, step, round, rank)."""
 
-    def __init__(self, recipe: GRPORecipe, tokenizer, pool: RolloutPool, stream: PromptStream,
+    def __init__(self, recipe: GRPORecipe, tokenizer, pool: RolloutPool, stream: PromptStream | StreamedPrompts,
                  local_prompts: int, rank: int, stop_ids: list[int]):
         self.recipe, self.tokenizer, self.pool, self.stream = recipe, tokenizer, pool, stream
         self.local_prompts, self.rank, self.stop_ids = local_prompts, rank, stop_ids

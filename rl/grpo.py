@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from moetune.config.build import RecipeError
 from moetune.config.schema import GRPORecipe
-from moetune.data.problems import load_problems
+from moetune.data.problems import load_problems, stream_problems
 from moetune.data.prompt_template import warn_on_mismatch
 from moetune.model.moe import MoE
 from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
@@ -36,7 +36,7 @@ from moetune.rl.collector import Collector
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.policy_engine import policy_engine
 from moetune.rl.policy_update import PolicyUpdater
-from moetune.rl.prompt_stream import PromptStream
+from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
 from moetune.rl.rollout import RolloutPool, sync_weights
 from moetune.rl.rollout_remote import parse_address
 from moetune.training.expert_load import ExpertLoadHistory
@@ -91,8 +91,14 @@ class GRPOTrainer:
         stop_ids = eos if isinstance(eos, list) else [eos]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         data = recipe.data
-        problems = load_problems(data, "data", "train", data.limit, training.seed, data.arithmetic)
-        stream = PromptStream(parallel.shard(problems), training.seed + parallel.rank)
+        if data.streaming:
+            stream = StreamedPrompts(stream_problems(data, "data", "train", data.limit,
+                                                     training.seed, data.arithmetic),
+                                     training.seed, parallel.rank, parallel.world_size)
+        else:
+            problems = load_problems(data, "data", "train", data.limit, training.seed,
+                                     data.arithmetic)
+            stream = PromptStream(parallel.shard(problems), training.seed + parallel.rank)
         self.collector = Collector(recipe, tokenizer, pool, stream,
                                    training.prompts_per_step // parallel.world_size,
                                    parallel.rank, stop_ids)

@@ -79,10 +79,17 @@ def test_grpo_steps_with_vllm_train_and_resync(tmp_path, reward_file):
     assert (out / "expert_load.png").exists()
 
 
-def test_resume_repeats_the_uninterrupted_run(tmp_path, reward_file):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_repeats_the_uninterrupted_run(tmp_path, reward_file, streaming):
+    """Also with prompts streamed from a file (data.streaming): the stream resumes mid-epoch."""
     common = ["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "length"),
               "rollout.backend=native", "algorithm.dynamic_sampling=false", "training.max_steps=4",
               "training.save_steps=2"]
+    if streaming:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": f"Compute: {i}+{i % 7}\nAnswer:"}) + "\n"
+                                   for i in range(11)))
+        common += [f"data.source={prompts}", "data.streaming=true"]
     first, second = tmp_path / "first", tmp_path / "second"
     assert main([*common, f"training.output_dir={first}"]) == 0
     second.mkdir()

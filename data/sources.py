@@ -171,7 +171,7 @@ def open_source(spec: DatasetSpec, key: str, default_split: str, streaming: bool
                                   f"{', '.join(dataset)}")
             dataset = dataset[split]
         return dataset.to_iterable_dataset() if streaming else dataset
-    if not path.is_dir() and (path.suffix in FILE_BUILDERS or source.startswith(("/", ".", "~"))):
+    if names_a_missing_path(source):
         raise RecipeError(f"{key}.source: {source}: no such file or folder")
     return load_hub_layout(spec, key, split, streaming)
 
@@ -199,6 +199,20 @@ def load_hub_layout(spec: DatasetSpec, key: str, split: str, streaming: bool):
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise RecipeError(f"{key}.source: {source}: not a local file or folder, and no data set "
                           f"the hub gives ({type(error).__name__}: {error})") from None
+
+
+def names_a_missing_path(source: str) -> bool:
+    """Whether `source` reads as a local path (a file suffix, or /, ., ~ first) that is not
+    there, rather than as a hub data set id."""
+    path = Path(source).expanduser()
+    looks_local = path.suffix in FILE_BUILDERS or source.startswith(("/", ".", "~"))
+    return looks_local and not path.exists()
+
+
+def local_sources(spec: DatasetSpec) -> list[str]:
+    """The sources of `spec` (one, or each of a mixture) that are not builtin sets."""
+    sources = [e.source for e in spec.source] if isinstance(spec.source, list) else [spec.source]
+    return [source for source in sources if not source.startswith("builtin:")]
 
 
 def saved_to_disk(folder: Path) -> bool:

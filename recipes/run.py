@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from moetune.config.build import RecipeError
+from moetune.data.sources import local_sources, names_a_missing_path
 from moetune.recipes.loader import load_recipe, save_recipe
 
 SHIPPED = Path(__file__).resolve().parent
@@ -53,8 +54,13 @@ def check_files(recipe, dry_run: bool) -> None:
     named = []
     if not dry_run:
         named += [("model.path", model.path), ("model.adapter", model.adapter),
-                  ("model.tokenizer", model.tokenizer if model.tokenizer != "char" else None),
-                  ("data.source", data.source), ("data.eval_source", getattr(data, "eval_source", None))]
+                  ("model.tokenizer", model.tokenizer if model.tokenizer != "char" else None)]
+        sources = [("data.source", source) for source in local_sources(data)]
+        if getattr(data, "eval_source", None):
+            sources.append(("data.eval_source", data.eval_source))
+        for key, source in sources:
+            if names_a_missing_path(source):
+                raise RecipeError(f"{key}: {source}: no such file or folder")
     elif not model.config:
         named.append(("model.path", model.path))
     if lora is not None and lora.experts != "all":

@@ -165,6 +165,33 @@ def test_adapter_saves_in_peft_format_and_reloads_to_identical_logits(tmp_path):
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+def test_peft_loads_attention_and_routed_expert_adapters_on_transformers_model(tmp_path):
+    """PEFT's own loader on transformers' DeepseekV3ForCausalLM reproduces moetune's adapted
+    logits. (PEFT 0.21 reads `gate_proj`/`up_proj`/`down_proj` targets of a DeepSeek-V3 model as
+    the fused routed experts: it drops dense-MLP and shared-expert adapters, and sizes the
+    experts' rank from the global `r`, so per-component ranks do not load there. vLLM and
+    moetune load both; README, "Expert-aware LoRA".)"""
+    import peft
+    import transformers
+
+    from moetune.model.adapters import save_adapter
+
+    model = DeepseekV3ForCausalLM(v3_config(num_nextn_predict_layers=0)).eval()
+    model.save_pretrained(tmp_path / "base")
+    spec = LoraSpec(rank=4, components=("attention", "routed_experts"))
+    apply_lora(model, spec)
+    randomize_adapters(model)
+    save_adapter(model, spec, tmp_path / "adapter", base_path=str(tmp_path / "base"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(theirs.eval(), tmp_path / "adapter").eval()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        ours, peft_logits = model(ids).logits, theirs(ids).logits
+        adapted = (ours - DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base")(ids).logits).abs().max()
+    assert adapted > 1e-2  # the adapters change the output, and PEFT applies the same change
+    torch.testing.assert_close(peft_logits, ours, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_cli_writes_a_checkpoint_equal_to_base_plus_adapter(tmp_path):
     from moetune.model.adapters import save_adapter
     from moetune.recipes.cli import main

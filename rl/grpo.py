@@ -34,10 +34,11 @@ from moetune.model.moe import MoE
 from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
 from moetune.rl.collector import Collector
 from moetune.rl.data_parallel import DataParallel
+from moetune.rl.engine_weights import sync_weights
 from moetune.rl.policy_engine import policy_engine
 from moetune.rl.policy_update import PolicyUpdater
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
-from moetune.rl.rollout import RolloutPool, sync_weights
+from moetune.rl.rollout import RolloutPool
 from moetune.rl.rollout_remote import parse_address
 from moetune.training.expert_load import ExpertLoadHistory
 from moetune.training.metrics_file import MetricsFile

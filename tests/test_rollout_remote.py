@@ -24,8 +24,9 @@ from moetune.model import DeepseekV3ForCausalLM
 from moetune.recipes.cli import main
 from moetune.rl import weight_group
 from moetune.rl.data_parallel import DataParallel
+from moetune.rl.engine_weights import sync_weights
 from moetune.rl.grpo import remote_engines
-from moetune.rl.rollout import RolloutPool, SamplingSpec, sync_weights
+from moetune.rl.rollout import RolloutPool, SamplingSpec
 from moetune.rl.rollout_worker import completion_logprobs
 
 KEY = "remote-test-key"

@@ -1,0 +1,113 @@
+"""One local rollout engine process and the pipe to it.
+
+Each engine runs in its own process (and process group, so that killing it takes its
+tensor-parallel workers too), forked by a multiprocessing "forkserver" that has imported torch
+and moetune already, so a start or restart does not import them again; it never touches CUDA,
+and each worker takes the pool's environment. `receive` raises WorkerFailure when the engine
+dies or falls silent; the pool restarts it (moetune.rl.rollout).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from multiprocessing.connection import wait
+
+import torch
+
+from moetune.rl.rollout_worker import EngineSpec, WorkerFailure, serve
+
+
+class WorkerProcess:
+    """One engine process (its own process group) and the pipe to it."""
+
+    def __init__(self, index: int, spec: EngineSpec):
+        self.index, self.spec = index, spec
+        self.process = self.conn = None
+
+    @property
+    def label(self) -> str:
+        return self.spec.backend
+
+    @property
+    def down(self) -> bool:
+        return self.process is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def start(self, restore: str | None) -> None:
+        context = worker_context()
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve, args=(child, self.spec, restore, dict(os.environ)),
+                                       name=f"rollout-worker-{self.index}")
+        self.process.start()
+        child.close()
+
+    def send(self, method: str, *args) -> None:
+        try:
+            self.conn.send((method, args))
+        except OSError:
+            pass  # a dead worker: receive() reports it
+
+    def receive(self, timeout: float):
+        """The worker's next answer. Raises WorkerFailure if it dies or is silent for
+        `timeout` seconds, RuntimeError if its engine raised."""
+        ready = wait([self.conn, self.process.sentinel], timeout)
+        if self.conn in ready:
+            try:
+                status, value = self.conn.recv()
+            except (EOFError, OSError):
+                status, value = None, None
+            if status == "error":
+                raise RuntimeError(f"rollout worker {self.index} ({self.spec.backend}) failed:\n{value}")
+            if status is not None:
+                return value
+        if ready:
+            self.process.join(1)
+            raise WorkerFailure(f"died (exit code {self.process.exitcode})")
+        raise WorkerFailure(f"did not answer within {timeout:.1f} s")
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group (its own tensor-parallel workers included)."""
+        if self.process is None:
+            return
+        try:  # before join(): the unreaped pid cannot name anyone else's group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # no group: gone, or it had not made it yet
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+        self.process = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the worker to exit; kill it if it has not within `timeout` seconds."""
+        if self.process is not None and self.process.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.process.join(timeout)
+        self.kill()
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The forkserver context whose server preloads the worker module (torch, moetune.model)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["moetune.rl.rollout_worker"])
+    return context
+
+
+def visible_devices(worker: int, workers: int, tensor_parallel_size: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a worker: its own block of tensor_parallel_size GPUs, taken in
+    turn from those this process sees (wrapping round when the workers outnumber them). Under a
+    multi-process launcher the blocks of local rank r's `workers` come after those of ranks
+    0..r-1, so with one engine per rank each shares its trainer's GPU (cuda:LOCAL_RANK)."""
+    if not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    first = (int(os.environ.get("LOCAL_RANK", "0")) * workers + worker) * tensor_parallel_size
+    return ",".join(ids[(first + k) % len(ids)] for k in range(tensor_parallel_size))

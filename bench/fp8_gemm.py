@@ -63,7 +63,9 @@ def dense_rows(shapes, device, dtype, sync, repeats):
         for backend in backends:
             out = fp8_gemm(a, a_s, b, b_s, torch.bfloat16, backend=backend)
             check(out, reference, backend)
-            seconds = timed(fp8_gemm, repeats, sync, a, a_s, b, b_s, torch.bfloat16, backend=backend)
+            seconds = timed(
+                fp8_gemm, repeats, sync, a, a_s, b, b_s, torch.bfloat16, backend=backend
+            )
             row.append(f"fp8 {backend} {flops / seconds / 1e12:8.3f}")
         print("  " + " | ".join(row) + " TFLOPS")
 
@@ -76,20 +78,29 @@ def grouped_row(device, dtype, sync, repeats, experts, rows, hidden, inter):
     bf16 = timed(torch._grouped_mm, repeats, sync, xb, wb, offs=offsets)
     backend = "torch" if device == "cpu" else "triton"
     reference = fp8_grouped_gemm(a, a_s, b, b_s, offsets, torch.float32, backend="torch")
-    check(fp8_grouped_gemm(a, a_s, b, b_s, offsets, torch.bfloat16, backend=backend), reference, "grouped")
-    ours = timed(fp8_grouped_gemm, repeats, sync, a, a_s, b, b_s, offsets, torch.bfloat16,
-                 backend=backend)
-    print(f"  grouped {experts} experts, {rows} rows, {hidden} -> 2x{inter}: {dtype_name(dtype)} _grouped_mm "
-          f"{flops / bf16 / 1e12:.3f} | fp8 {backend} {flops / ours / 1e12:.3f} TFLOPS "
-          f"(fp8 / {dtype_name(dtype)} = {bf16 / ours:.2f}x)")
+    check(
+        fp8_grouped_gemm(a, a_s, b, b_s, offsets, torch.bfloat16, backend=backend),
+        reference,
+        "grouped",
+    )
+    ours = timed(
+        fp8_grouped_gemm, repeats, sync, a, a_s, b, b_s, offsets, torch.bfloat16, backend=backend
+    )
+    print(
+        f"  grouped {experts} experts, {rows} rows, {hidden} -> 2x{inter}: {dtype_name(dtype)} _grouped_mm "
+        f"{flops / bf16 / 1e12:.3f} | fp8 {backend} {flops / ours / 1e12:.3f} TFLOPS "
+        f"(fp8 / {dtype_name(dtype)} = {bf16 / ours:.2f}x)"
+    )
     if device != "cpu":
         from moetune.kernels import triton_fp8
 
         print(f"  autotuned tile: {triton_fp8._fp8_grouped_gemm_kernel.best_config}")
         try:
             rowwise = timed(scaled_grouped_rowwise, repeats, sync, *rowwise_operands(x, w), offsets)
-            print(f"  torch._scaled_grouped_mm rowwise {flops / rowwise / 1e12:.3f} TFLOPS "
-                  f"(moetune blockwise / rowwise = {rowwise / ours:.2f}x)")
+            print(
+                f"  torch._scaled_grouped_mm rowwise {flops / rowwise / 1e12:.3f} TFLOPS "
+                f"(moetune blockwise / rowwise = {rowwise / ours:.2f}x)"
+            )
         except (RuntimeError, AttributeError) as error:
             print(f"  torch._scaled_grouped_mm rowwise: unavailable ({error})")
 
@@ -105,7 +116,9 @@ def rowwise_operands(x, w):
 
 
 def scaled_grouped_rowwise(x_q, w_q, x_scale, w_scale, offsets):
-    return torch._scaled_grouped_mm(x_q, w_q, x_scale, w_scale, offs=offsets, out_dtype=torch.bfloat16)
+    return torch._scaled_grouped_mm(
+        x_q, w_q, x_scale, w_scale, offs=offsets, out_dtype=torch.bfloat16
+    )
 
 
 def dtype_name(dtype) -> str:
@@ -115,15 +128,23 @@ def dtype_name(dtype) -> str:
 def main() -> None:
     if torch.cuda.is_available():
         sync = torch.cuda.synchronize
-        print(f"device: {torch.cuda.get_device_name()}; moetune's dense backend (auto): "
-              f"{resolve_backend('auto', torch.device('cuda'))}")
+        print(
+            f"device: {torch.cuda.get_device_name()}; moetune's dense backend (auto): "
+            f"{resolve_backend('auto', torch.device('cuda'))}"
+        )
         dense_rows(GPU_SHAPES, "cuda", torch.bfloat16, sync, repeats=20)
-        grouped_row("cuda", torch.bfloat16, sync, 20, experts=64, rows=49152, hidden=2048, inter=1408)
+        grouped_row(
+            "cuda", torch.bfloat16, sync, 20, experts=64, rows=49152, hidden=2048, inter=1408
+        )
     else:
-        print("no GPU: timing the CPU reference path (dequantise + float32 GEMM) at small sizes; "
-              "the float32 matmul column is its peer")
+        print(
+            "no GPU: timing the CPU reference path (dequantise + float32 GEMM) at small sizes; "
+            "the float32 matmul column is its peer"
+        )
         dense_rows(CPU_SHAPES, "cpu", torch.float32, lambda: None, repeats=5)
-        grouped_row("cpu", torch.float32, lambda: None, 5, experts=8, rows=1024, hidden=512, inter=256)
+        grouped_row(
+            "cpu", torch.float32, lambda: None, 5, experts=8, rows=1024, hidden=512, inter=256
+        )
 
 
 if __name__ == "__main__":

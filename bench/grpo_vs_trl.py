@@ -44,8 +44,13 @@ from moetune.recipes.demo import SIGN_SLIP
 
 PROMPTS, GROUP, NEW_TOKENS, LR = 16, 8, 64, 2e-5
 ARITHMETIC = {"digits": 1, "terms": 3, "operations": "-", "style": "think"}  # as the demo's
-SFT = ["sft/arith_tiny.yaml", f"data.arithmetic.sign_slip={SIGN_SLIP}", "training.disable_tqdm=true",
-       "training.report_to=[]", "training.resume_from_checkpoint=true"]
+SFT = [
+    "sft/arith_tiny.yaml",
+    f"data.arithmetic.sign_slip={SIGN_SLIP}",
+    "training.disable_tqdm=true",
+    "training.report_to=[]",
+    "training.resume_from_checkpoint=true",
+]
 
 
 def sft_checkpoint(work: Path) -> Path:
@@ -53,7 +58,9 @@ def sft_checkpoint(work: Path) -> Path:
     interrupted SFT resumes from its latest checkpoint."""
     folder = work / "sft_demo"
     if not (folder / "config.json").exists() or not (folder / "tokenizer.json").exists():
-        subprocess.run([sys.executable, __file__, "--side", "sft", "--out", str(folder)], check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--side", "sft", "--out", str(folder)], check=True
+        )
     return folder
 
 
@@ -63,18 +70,26 @@ def prompt_rows(steps: int, seed: int) -> list[dict]:
     from moetune.data.problems import load_problems
     from moetune.rl.prompt_stream import PromptStream
 
-    problems = load_problems(DatasetSpec("builtin:arithmetic"), "data", "train", None, seed,
-                             ArithmeticSection(**ARITHMETIC))
+    problems = load_problems(
+        DatasetSpec("builtin:arithmetic"),
+        "data",
+        "train",
+        None,
+        seed,
+        ArithmeticSection(**ARITHMETIC),
+    )
     return PromptStream(problems, seed).take(PROMPTS * steps)
 
 
 def timed(method, seconds: list):
     """`method`, appending the wall seconds of each call to `seconds`."""
+
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         result = method(*args, **kwargs)
         seconds.append(time.perf_counter() - start)
         return result
+
     return wrapper
 
 
@@ -96,19 +111,38 @@ def run_moetune(model_dir: Path, out: Path, steps: int, seed: int) -> dict:
     grpo.GRPOTrainer.step = stamped_step
     for owner, name in ((Collector, "collect"), (PolicyUpdater, "update")):
         setattr(owner, name, timed(getattr(owner, name), phases[name]))
-    recipe = load_recipe(resolve("grpo/arith_tiny"), [
-        f"model.path={model_dir}", *(f"data.arithmetic.{k}={json.dumps(v)}" for k, v in ARITHMETIC.items()),
-        "rollout.backend=vllm", f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
-        f"training.prompts_per_step={PROMPTS}", f"algorithm.group_size={GROUP}",
-        "algorithm.dynamic_sampling=false", "algorithm.beta=0.0", "algorithm.loss=dapo",
-        f"training.learning_rate={LR}", f"training.max_steps={steps}", f"training.micro_batch_size={PROMPTS * GROUP}",
-        "training.save_steps=1000000", "training.disable_tqdm=true", "training.report_to=[]",
-        "eval.every=0", f"training.seed={seed}", f"training.output_dir={out}"])
+    recipe = load_recipe(
+        resolve("grpo/arith_tiny"),
+        [
+            f"model.path={model_dir}",
+            *(f"data.arithmetic.{k}={json.dumps(v)}" for k, v in ARITHMETIC.items()),
+            "rollout.backend=vllm",
+            f"rollout.max_new_tokens={NEW_TOKENS}",
+            "rollout.temperature=1.0",
+            f"training.prompts_per_step={PROMPTS}",
+            f"algorithm.group_size={GROUP}",
+            "algorithm.dynamic_sampling=false",
+            "algorithm.beta=0.0",
+            "algorithm.loss=dapo",
+            f"training.learning_rate={LR}",
+            f"training.max_steps={steps}",
+            f"training.micro_batch_size={PROMPTS * GROUP}",
+            "training.save_steps=1000000",
+            "training.disable_tqdm=true",
+            "training.report_to=[]",
+            "eval.every=0",
+            f"training.seed={seed}",
+            f"training.output_dir={out}",
+        ],
+    )
     grpo.run_grpo(recipe)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"ends": ends, "reward": [r["reward_mean"] for r in rows],
-            "accuracy": [r["reward/math_accuracy"] for r in rows],
-            "phases": phases | {"sync": [r["sync_seconds"] for r in rows]}}
+    return {
+        "ends": ends,
+        "reward": [r["reward_mean"] for r in rows],
+        "accuracy": [r["reward/math_accuracy"] for r in rows],
+        "phases": phases | {"sync": [r["sync_seconds"] for r in rows]},
+    }
 
 
 def trl_rewards():
@@ -144,23 +178,56 @@ def run_trl(model_dir: Path, out: Path, steps: int, seed: int, use_vllm: bool = 
         if name.endswith("mlp.gate.weight"):  # the routers, frozen as in moetune's GRPO
             param.requires_grad_(False)
     config = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
-        num_generations=GROUP, max_completion_length=NEW_TOKENS, temperature=1.0, learning_rate=LR,
-        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, loss_type="dapo", beta=0.0,
-        epsilon=0.2, epsilon_high=0.28, num_iterations=1, scale_rewards="group", reward_weights=[1.0, 0.2],
-        max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
-        shuffle_dataset=False, seed=seed, use_cpu=True, bf16=False, use_vllm=use_vllm,
-        vllm_mode="colocate", vllm_max_model_length=96, vllm_enable_sleep_mode=False)
+        output_dir=str(out),
+        per_device_train_batch_size=PROMPTS * GROUP,
+        gradient_accumulation_steps=1,
+        num_generations=GROUP,
+        max_completion_length=NEW_TOKENS,
+        temperature=1.0,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        loss_type="dapo",
+        beta=0.0,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        num_iterations=1,
+        scale_rewards="group",
+        reward_weights=[1.0, 0.2],
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        shuffle_dataset=False,
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        use_vllm=use_vllm,
+        vllm_mode="colocate",
+        vllm_max_model_length=96,
+        vllm_enable_sleep_mode=False,
+    )
     rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in prompt_rows(steps, seed)]
-    trainer = GRPOTrainer(model=model, reward_funcs=trl_rewards(), args=config,
-                          train_dataset=Dataset.from_list(rows), callbacks=[Clock()],
-                          processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=trl_rewards(),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        callbacks=[Clock()],
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
     for method, name in (("_generate_single_turn", "generate"), ("_calculate_rewards", "rewards")):
         setattr(trainer, method, timed(getattr(trainer, method), phases[name]))
     trainer.train()
     records = [entry for entry in records if "reward" in entry]
-    return {"ends": ends, "reward": [e["reward"] for e in records],
-            "accuracy": [e["rewards/math_accuracy/mean"] for e in records], "phases": phases}
+    return {
+        "ends": ends,
+        "reward": [e["reward"] for e in records],
+        "accuracy": [e["rewards/math_accuracy/mean"] for e in records],
+        "phases": phases,
+    }
 
 
 def wait_for_quiet_cpu(limit: float = 1.5, patience_s: float = 600) -> float:
@@ -175,9 +242,25 @@ def side(name: str, model_dir: Path, work: Path, steps: int, seed: int) -> dict:
     load = wait_for_quiet_cpu()
     result = work / f"{name}.json"
     result.unlink(missing_ok=True)
-    subprocess.run([sys.executable, __file__, "--side", name, "--model", str(model_dir),
-                    "--total-steps", str(steps), "--seed", str(seed), "--out", str(work / f"{name}_run"),
-                    "--result", str(result)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--side",
+            name,
+            "--model",
+            str(model_dir),
+            "--total-steps",
+            str(steps),
+            "--seed",
+            str(seed),
+            "--out",
+            str(work / f"{name}_run"),
+            "--result",
+            str(result),
+        ],
+        check=True,
+    )
     return json.loads(result.read_text()) | {"load": load}
 
 
@@ -185,10 +268,14 @@ def summary(result: dict, warmup: int, last: int) -> dict:
     ends = result["ends"]
     timed = len(ends) - warmup
     phases = {k: sum(v[warmup:]) / max(len(v[warmup:]), 1) for k, v in result["phases"].items()}
-    return {"s_per_step": (ends[-1] - ends[warmup - 1]) / timed, "phases": phases,
-            "reward": sum(result["reward"][-last:]) / last,
-            "accuracy": sum(result["accuracy"][-last:]) / last,
-            "first_reward": sum(result["reward"][:last]) / last, "load": result["load"]}
+    return {
+        "s_per_step": (ends[-1] - ends[warmup - 1]) / timed,
+        "phases": phases,
+        "reward": sum(result["reward"][-last:]) / last,
+        "accuracy": sum(result["accuracy"][-last:]) / last,
+        "first_reward": sum(result["reward"][:last]) / last,
+        "load": result["load"],
+    }
 
 
 def main() -> None:
@@ -196,14 +283,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--last", type=int, default=5, help="reward: mean over these last steps")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="runs per side; repeat r uses seed --seed + r, the order alternates")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs per side; repeat r uses seed --seed + r, the order alternates",
+    )
     parser.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed")
     parser.add_argument("--work", type=Path, default=Path("/tmp/moetune-bench-grpo"))
-    parser.add_argument("--sft-model", type=Path,
-                        help="start from this SFT checkpoint (e.g. runs/demo/sft) instead of training one")
-    parser.add_argument("--check-trl-vllm", action="store_true",
-                        help="only try TRL with use_vllm=True, vllm_mode='colocate' for 2 steps")
+    parser.add_argument(
+        "--sft-model",
+        type=Path,
+        help="start from this SFT checkpoint (e.g. runs/demo/sft) instead of training one",
+    )
+    parser.add_argument(
+        "--check-trl-vllm",
+        action="store_true",
+        help="only try TRL with use_vllm=True, vllm_mode='colocate' for 2 steps",
+    )
     parser.add_argument("--side", choices=["sft", "moetune", "trl"], help=argparse.SUPPRESS)
     for hidden in ("--model", "--out", "--result", "--total-steps"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -230,23 +327,31 @@ def main() -> None:
     total = args.warmup + args.steps
     runs = {"moetune": [], "trl": []}
     for repeat in range(args.repeats):
-        for name in (["moetune", "trl"] if repeat % 2 == 0 else ["trl", "moetune"]):
+        for name in ["moetune", "trl"] if repeat % 2 == 0 else ["trl", "moetune"]:
             result = side(name, model_dir, args.work, total, args.seed + repeat)
             runs[name].append(summary(result, args.warmup, args.last))
             s = runs[name][-1]
             phases = ", ".join(f"{k} {v:.2f} s" for k, v in s["phases"].items())
-            print(f"{name:8s} seed {args.seed + repeat}: {s['s_per_step']:.2f} s/step ({phases}); "
-                  f"reward first {args.last} steps {s['first_reward']:.3f}, last {args.last} "
-                  f"{s['reward']:.3f} (math_accuracy {s['accuracy']:.3f}); 1-min load at start "
-                  f"{s['load']:.2f}", flush=True)
+            print(
+                f"{name:8s} seed {args.seed + repeat}: {s['s_per_step']:.2f} s/step ({phases}); "
+                f"reward first {args.last} steps {s['first_reward']:.3f}, last {args.last} "
+                f"{s['reward']:.3f} (math_accuracy {s['accuracy']:.3f}); 1-min load at start "
+                f"{s['load']:.2f}",
+                flush=True,
+            )
     keys = ("s_per_step", "first_reward", "reward", "accuracy")
-    ours, peer = ({k: sum(s[k] for s in runs[n]) / len(runs[n]) for k in keys} for n in ("moetune", "trl"))
-    print(f"moetune {ours['s_per_step']:.2f} s/step vs TRL {peer['s_per_step']:.2f} s/step: "
-          f"{peer['s_per_step'] / ours['s_per_step']:.2f}x faster; reward after {total} steps (mean of "
-          f"the last {args.last}, {args.repeats} seeds): moetune {ours['reward']:.3f} vs TRL "
-          f"{peer['reward']:.3f} (first {args.last}: {ours['first_reward']:.3f} vs "
-          f"{peer['first_reward']:.3f}; math_accuracy last {args.last}: {ours['accuracy']:.3f} vs "
-          f"{peer['accuracy']:.3f})")
+    ours, peer = (
+        {k: sum(s[k] for s in runs[n]) / len(runs[n]) for k in keys} for n in ("moetune", "trl")
+    )
+    print(
+        f"moetune {ours['s_per_step']:.2f} s/step vs TRL {peer['s_per_step']:.2f} s/step: "
+        f"{peer['s_per_step'] / ours['s_per_step']:.2f}x faster; reward after {total} steps (mean of "
+        f"the last {args.last}, {args.repeats} seeds): moetune {ours['reward']:.3f} vs TRL "
+        f"{peer['reward']:.3f} (first {args.last}: {ours['first_reward']:.3f} vs "
+        f"{peer['first_reward']:.3f}; math_accuracy last {args.last}: {ours['accuracy']:.3f} vs "
+        f"{peer['accuracy']:.3f})"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -64,25 +64,38 @@ def forward_loss(model, ids, embeds):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", action="store_true", help="the H200 size of bench/train_step.py, bf16, cuda")
-    parser.add_argument("--fp8", action="store_true",
-                        help="also time moetune's LoRA on a frozen FP8 base (fp8='frozen')")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--gpu", action="store_true", help="the H200 size of bench/train_step.py, bf16, cuda"
+    )
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="also time moetune's LoRA on a frozen FP8 base (fp8='frozen')",
+    )
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--experts", type=int, help="routed experts per MoE layer")
     parser.add_argument("--top-k", type=int)
-    parser.add_argument("--profile", action="store_true", help="with --gpu: print each step's top kernels")
+    parser.add_argument(
+        "--profile", action="store_true", help="with --gpu: print each step's top kernels"
+    )
     args = parser.parse_args()
     device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
     sync = torch.cuda.synchronize if args.gpu else (lambda: None)
     size = GPU_SIZE if args.gpu else CPU_SIZE
-    size = size | {"n_routed_experts": args.experts or size["n_routed_experts"],
-                   "num_experts_per_tok": args.top_k or size["num_experts_per_tok"]}
+    size = size | {
+        "n_routed_experts": args.experts or size["n_routed_experts"],
+        "num_experts_per_tok": args.top_k or size["num_experts_per_tok"],
+    }
     batch, seq = args.batch or (2 if args.gpu else 4), args.seq or (4096 if args.gpu else 256)
     torch.manual_seed(0)
-    config = DeepseekV3Config(**size, num_nextn_predict_layers=0, max_position_embeddings=max(seq, 4096))
+    config = DeepseekV3Config(
+        **size, num_nextn_predict_layers=0, max_position_embeddings=max(seq, 4096)
+    )
     with torch.device(device):
         base = DeepseekV3ForCausalLM(config).to(dtype)
     names, models = ["frozen base (fwd+bwd to the inputs)", "moetune expert LoRA"], [base]
@@ -91,26 +104,48 @@ def main() -> None:
         models.append(DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, device=device))
         if args.fp8:
             names.append("moetune expert LoRA, frozen FP8 base")
-            models.append(DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, device=device,
-                                                                fp8="frozen"))
-        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
+            models.append(
+                DeepseekV3ForCausalLM.from_pretrained(
+                    folder, dtype=dtype, device=device, fp8="frozen"
+                )
+            )
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
+            folder, dtype=dtype, device_map=device
+        )
     base.requires_grad_(False)
-    ours_trainable = [apply_lora(model, LoraSpec(rank=RANK, alpha=2 * RANK)) for model in models[1:]]
+    ours_trainable = [
+        apply_lora(model, LoraSpec(rank=RANK, alpha=2 * RANK)) for model in models[1:]
+    ]
     names.append("PEFT target_parameters on transformers")
-    models.append(get_peft_model(hf, LoraConfig(
-        r=RANK, lora_alpha=2 * RANK, target_modules=ATTENTION + ["gate_proj", "up_proj", "down_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])))
+    models.append(
+        get_peft_model(
+            hf,
+            LoraConfig(
+                r=RANK,
+                lora_alpha=2 * RANK,
+                target_modules=ATTENTION + ["gate_proj", "up_proj", "down_proj"],
+                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            ),
+        )
+    )
     peft_trainable = sum(p.numel() for p in models[-1].parameters() if p.requires_grad)
     models = [model.train() for model in models]
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     with torch.no_grad():  # LoRA B starts at zero: every model computes its base
         losses = [forward_loss(model, ids, None).item() for model in models]
     optimizers = [optimizer_for(model) for model in models]
-    times = [statistics.median(t) for t in time_steps(models, optimizers, ids, args.steps, sync, step=lora_step)]
-    print(f"LoRA step (fwd+bwd+AdamW), rank {RANK}, {size['n_routed_experts']} experts "
-          f"top-{size['num_experts_per_tok']}, {batch} x {seq} tokens, {dtype}, {device}")
+    times = [
+        statistics.median(t)
+        for t in time_steps(models, optimizers, ids, args.steps, sync, step=lora_step)
+    ]
+    print(
+        f"LoRA step (fwd+bwd+AdamW), rank {RANK}, {size['n_routed_experts']} experts "
+        f"top-{size['num_experts_per_tok']}, {batch} x {seq} tokens, {dtype}, {device}"
+    )
     print(f"  trainable parameters: moetune {ours_trainable[0]:,}, PEFT {peft_trainable:,}")
-    print("  first losses: " + ", ".join(f"{loss:.5f}" for loss in losses) + " (in the order below)")
+    print(
+        "  first losses: " + ", ".join(f"{loss:.5f}" for loss in losses) + " (in the order below)"
+    )
     for name, seconds in zip(names, times):
         print(f"  {name + ':':42s} {seconds * 1e3:8.1f} ms  ({seconds / times[0]:.2f}x base)")
     for name, seconds in zip(names[1:-1], times[1:-1]):

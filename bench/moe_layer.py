@@ -29,9 +29,14 @@ from moetune.model.moe import MoE
 
 def layer_config(args) -> DeepseekV3Config:
     return DeepseekV3Config(
-        hidden_size=args.hidden, moe_intermediate_size=args.intermediate,
-        n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_group=args.groups,
-        topk_group=args.topk_groups, n_shared_experts=args.shared, first_k_dense_replace=0,
+        hidden_size=args.hidden,
+        moe_intermediate_size=args.intermediate,
+        n_routed_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        n_group=args.groups,
+        topk_group=args.topk_groups,
+        n_shared_experts=args.shared,
+        first_k_dense_replace=0,
     )
 
 
@@ -42,7 +47,9 @@ def copy_weights(ours: MoE, theirs: DeepseekV3MoE) -> None:
         theirs.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
         theirs.experts.down_proj.copy_(ours.experts.down_proj)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(theirs.shared_experts, name).weight.copy_(getattr(ours.shared_experts, name).weight)
+            getattr(theirs.shared_experts, name).weight.copy_(
+                getattr(ours.shared_experts, name).weight
+            )
 
 
 def gradient_differences(ours: MoE, theirs: DeepseekV3MoE, x, grad) -> dict[str, float]:
@@ -53,8 +60,13 @@ def gradient_differences(ours: MoE, theirs: DeepseekV3MoE, x, grad) -> dict[str,
         x.grad = None
         layer.zero_grad(set_to_none=True)
         layer(x).backward(grad)
-        grads.append({"input": x.grad.float(), "gate_up_proj": layer.experts.gate_up_proj.grad.float(),
-                      "down_proj": layer.experts.down_proj.grad.float()})
+        grads.append(
+            {
+                "input": x.grad.float(),
+                "gate_up_proj": layer.experts.gate_up_proj.grad.float(),
+                "down_proj": layer.experts.down_proj.grad.float(),
+            }
+        )
     x.grad = None
     diffs = {name: ((grads[0][name] - g).norm() / g.norm()).item() for name, g in grads[1].items()}
     if max(diffs.values()) > 2e-2:
@@ -118,7 +130,9 @@ def gemm_floor(layer: MoE, x: torch.Tensor, repeats: int, sync) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gpu", action="store_true", help="H200 sizes, bf16, on cuda")
     parser.add_argument("--tokens", type=int)
     parser.add_argument("--hidden", type=int)
@@ -129,10 +143,15 @@ def main() -> None:
     parser.add_argument("--topk-groups", type=int, default=1)
     parser.add_argument("--shared", type=int)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--profile", action="store_true", help="with --gpu: print each layer's top kernels")
+    parser.add_argument(
+        "--profile", action="store_true", help="with --gpu: print each layer's top kernels"
+    )
     args = parser.parse_args()
-    sizes = (dict(tokens=8192, hidden=2048, intermediate=1408, experts=64, top_k=6, shared=2)
-             if args.gpu else dict(tokens=2048, hidden=512, intermediate=256, experts=32, top_k=4, shared=1))
+    sizes = (
+        dict(tokens=8192, hidden=2048, intermediate=1408, experts=64, top_k=6, shared=2)
+        if args.gpu
+        else dict(tokens=2048, hidden=512, intermediate=256, experts=32, top_k=4, shared=1)
+    )
     for key, value in sizes.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -144,8 +163,13 @@ def main() -> None:
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.02)
-    hf_config = transformers.DeepseekV3Config(**{k: v for k, v in config.to_dict().items()
-                                                  if k in transformers.DeepseekV3Config.__dataclass_fields__})
+    hf_config = transformers.DeepseekV3Config(
+        **{
+            k: v
+            for k, v in config.to_dict().items()
+            if k in transformers.DeepseekV3Config.__dataclass_fields__
+        }
+    )
     hf_config._experts_implementation = "grouped_mm"
     theirs = DeepseekV3MoE(hf_config)
     copy_weights(ours, theirs)
@@ -158,18 +182,26 @@ def main() -> None:
     ours_ms, theirs_ms = time_steps([ours, theirs], x, grad, args.repeats, sync)
     t_ours, t_theirs = statistics.median(ours_ms), statistics.median(theirs_ms)
     t_floor = gemm_floor(ours, x, args.repeats, sync)
-    print(f"MoE layer fwd+bwd, {args.tokens} tokens, hidden {args.hidden}, {args.experts} experts "
-          f"top-{args.top_k}, intermediate {args.intermediate}, {args.shared} shared, {dtype}, {device}")
-    print(f"  output max abs diff: {diff:.2e}; gradients' relative difference: "
-          + ", ".join(f"{name} {value:.2e}" for name, value in grad_diffs.items()))
+    print(
+        f"MoE layer fwd+bwd, {args.tokens} tokens, hidden {args.hidden}, {args.experts} experts "
+        f"top-{args.top_k}, intermediate {args.intermediate}, {args.shared} shared, {dtype}, {device}"
+    )
+    print(
+        f"  output max abs diff: {diff:.2e}; gradients' relative difference: "
+        + ", ".join(f"{name} {value:.2e}" for name, value in grad_diffs.items())
+    )
     print(f"  transformers grouped_mm: {t_theirs:8.2f} ms (median of {args.repeats})")
     print(f"  moetune:                 {t_ours:8.2f} ms")
     print(f"  speedup: {t_theirs / t_ours:.2f}x")
-    print(f"  its matrix products alone: {t_floor:8.2f} ms (no layer can beat this; "
-          f"transformers / products = {t_theirs / t_floor:.2f}x)")
+    print(
+        f"  its matrix products alone: {t_floor:8.2f} ms (no layer can beat this; "
+        f"transformers / products = {t_theirs / t_floor:.2f}x)"
+    )
     if args.profile and args.gpu:
         for name, layer in (("moetune", ours), ("transformers grouped_mm", theirs)):
-            print_top_kernels(f"{name} MoE layer fwd+bwd", lambda layer=layer: layer(x).backward(grad))
+            print_top_kernels(
+                f"{name} MoE layer fwd+bwd", lambda layer=layer: layer(x).backward(grad)
+            )
 
 
 if __name__ == "__main__":

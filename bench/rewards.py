@@ -70,9 +70,11 @@ def bench_math(count: int) -> None:
         return lambda g, c: math_accuracy([""] * len(c), c, answer=g, workers=workers)
 
     rows = []
-    for name, run in (("math-verify direct, in-process", direct),
-                      ("math_accuracy, 1 worker", ours(1)),
-                      (f"math_accuracy, {os.cpu_count()} workers", ours(None))):
+    for name, run in (
+        ("math-verify direct, in-process", direct),
+        ("math_accuracy, 1 worker", ours(1)),
+        (f"math_accuracy, {os.cpu_count()} workers", ours(None)),
+    ):
         run(warm_golds, warm_completions)
         start = time.perf_counter()
         rewards = run(golds, completions)
@@ -80,7 +82,9 @@ def bench_math(count: int) -> None:
     base = rows[0][1]
     print(f"math: {count} distinct verifications")
     for name, rate, correct in rows:
-        print(f"  {name:34s} {rate:8.1f} /s  ratio {rate / base:.2f}  correct {correct:.0f}/{count}")
+        print(
+            f"  {name:34s} {rate:8.1f} /s  ratio {rate / base:.2f}  correct {correct:.0f}/{count}"
+        )
 
 
 def bench_agreement() -> None:
@@ -94,9 +98,11 @@ def bench_agreement() -> None:
     def agreed(rewards: list) -> int:
         return sum(reward == case["expected"] for reward, case in zip(rewards, cases))
 
-    print(f"Math-Verify suite cases: math_accuracy {agreed(ours)}/{len(cases)} "
-          f"({100 * agreed(ours) / len(cases):.1f}%), "
-          f"math_verify.parse+verify {agreed(plain)}/{len(cases)}")
+    print(
+        f"Math-Verify suite cases: math_accuracy {agreed(ours)}/{len(cases)} "
+        f"({100 * agreed(ours) / len(cases):.1f}%), "
+        f"math_verify.parse+verify {agreed(plain)}/{len(cases)}"
+    )
 
 
 def bench_code(count: int, concurrency: int) -> None:
@@ -115,10 +121,14 @@ def bench_code(count: int, concurrency: int) -> None:
         start = time.perf_counter()
         assert all(pool.map(bare, programs))
         unsandboxed = count / (time.perf_counter() - start)
-    print(f"code: {count} trivial programs, concurrency {concurrency}, "
-          f"isolation {default_sandbox(concurrency).isolation()}")
-    print(f"  {'code_tests, sandboxed':40s} {sandboxed:8.1f} programs/s  "
-          f"passed {sum(rewards):.0f}/{count}")
+    print(
+        f"code: {count} trivial programs, concurrency {concurrency}, "
+        f"isolation {default_sandbox(concurrency).isolation()}"
+    )
+    print(
+        f"  {'code_tests, sandboxed':40s} {sandboxed:8.1f} programs/s  "
+        f"passed {sum(rewards):.0f}/{count}"
+    )
     print(f"  {'subprocess.run(python -c), no isolation':40s} {unsandboxed:8.1f} programs/s")
     print(f"  ratio sandboxed / unsandboxed {sandboxed / unsandboxed:.2f}")
 

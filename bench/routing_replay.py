@@ -35,11 +35,22 @@ def sample(model, prompts: int, n: int, max_new_tokens: int) -> list[Rollout]:
     rollouts = []
     vocab = model.config.vocab_size
     for seed in range(prompts):
-        prompt = torch.randint(3, vocab, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
-        out = model.generate([prompt] * n, max_new_tokens=max_new_tokens, temperature=1.0,
-                             record_routes=True, generator=torch.Generator().manual_seed(seed))
-        rollouts += [Rollout(prompt, ids, "", reason, logprobs, routes) for ids, logprobs, reason, routes
-                     in zip(out.sequences, out.logprobs, out.finish_reasons, out.routed_experts)]
+        prompt = torch.randint(
+            3, vocab, (12,), generator=torch.Generator().manual_seed(seed)
+        ).tolist()
+        out = model.generate(
+            [prompt] * n,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            record_routes=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        rollouts += [
+            Rollout(prompt, ids, "", reason, logprobs, routes)
+            for ids, logprobs, reason, routes in zip(
+                out.sequences, out.logprobs, out.finish_reasons, out.routed_experts
+            )
+        ]
     return rollouts
 
 
@@ -55,8 +66,12 @@ def flipped_routes(model, batch) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint folder (default: tiny_arith with fresh weights)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", help="checkpoint folder (default: tiny_arith with fresh weights)"
+    )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--n", type=int, default=8)
@@ -64,8 +79,10 @@ def main() -> None:
     args = parser.parse_args()
     model = build(args.model, getattr(torch, args.dtype))
     rollouts = sample(model, args.prompts, args.n, args.max_new_tokens)
-    print(f"{len(rollouts)} samples ({args.prompts} prompts x {args.n}), {args.dtype}, "
-          f"{sum(len(r.completion_ids) for r in rollouts)} completion tokens")
+    print(
+        f"{len(rollouts)} samples ({args.prompts} prompts x {args.n}), {args.dtype}, "
+        f"{sum(len(r.completion_ids) for r in rollouts)} completion tokens"
+    )
     flips = flipped_routes(model, build_batch(rollouts, pad_id=0, with_routes=True))
     results = {}
     for replay in (False, True):
@@ -75,7 +92,9 @@ def main() -> None:
         results[replay] = mismatch_kl(logprobs, batch.sampler_logprobs, batch.completion_mask)
     print(f"routes that differ between sampler and trainer: {flips:.2%} of (token, layer) pairs")
     print(f"mismatch_kl without replay  {results[False]:.3e}")
-    print(f"mismatch_kl with replay     {results[True]:.3e}   ratio {results[True] / results[False]:.3f}")
+    print(
+        f"mismatch_kl with replay     {results[True]:.3e}   ratio {results[True] / results[False]:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,14 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
-WIDER = {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 256,
-         "num_attention_heads": 8, "num_key_value_heads": 8, "num_nextn_predict_layers": 0}
+WIDER = {
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "moe_intermediate_size": 256,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "num_nextn_predict_layers": 0,
+}
 
 
 class SaveMemory(TrainerCallback):
@@ -57,9 +63,18 @@ class SaveMemory(TrainerCallback):
         self.stop.set()
         full = sum(getattr(p, "ds_numel", p.numel()) for p in self.trainer.model.parameters())
         rank = int(os.environ.get("RANK", "0"))
-        print("save memory: " + json.dumps({"rank": rank, "before_mb": self.start / 2**20,
-                                             "peak_mb": self.peak / 2**20,
-                                             "model_mb": full * 4 / 2**20}), flush=True)
+        print(
+            "save memory: "
+            + json.dumps(
+                {
+                    "rank": rank,
+                    "before_mb": self.start / 2**20,
+                    "peak_mb": self.peak / 2**20,
+                    "model_mb": full * 4 / 2**20,
+                }
+            ),
+            flush=True,
+        )
 
 
 def child(overrides: list[str]) -> None:
@@ -67,8 +82,7 @@ def child(overrides: list[str]) -> None:
     from moetune.recipes.loader import load_recipe
     from moetune.recipes.run import resolve
 
-    run_sft(load_recipe(resolve("sft/arith_tiny"), overrides),
-            callbacks=[SaveMemory])
+    run_sft(load_recipe(resolve("sft/arith_tiny"), overrides), callbacks=[SaveMemory])
 
 
 def measure(engine: str, layers: int, wide: bool, folder: Path) -> list[dict]:
@@ -80,22 +94,46 @@ def measure(engine: str, layers: int, wide: bool, folder: Path) -> list[dict]:
     env.pop("ACCELERATE_USE_CPU", None)  # it would turn every config into plain DDP
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
-        [str(accelerate), "launch", "--config_file", f"recipes/accelerate/{engine}.yaml",
-         "--num_processes", "2", "--main_process_port", "29531", __file__, "--child",
-         f"model.config={config_file}", "training.max_steps=1", "training.save_steps=1000",
-         "training.per_device_train_batch_size=2", "data.arithmetic.count=64",
-         "data.eval_fraction=0", "training.report_to=[]", "training.disable_tqdm=true",
-         f"training.output_dir={folder / f'{engine}_{layers}'}"],
-        capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+        [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            f"recipes/accelerate/{engine}.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29531",
+            __file__,
+            "--child",
+            f"model.config={config_file}",
+            "training.max_steps=1",
+            "training.save_steps=1000",
+            "training.per_device_train_batch_size=2",
+            "data.arithmetic.count=64",
+            "data.eval_fraction=0",
+            "training.report_to=[]",
+            "training.disable_tqdm=true",
+            f"training.output_dir={folder / f'{engine}_{layers}'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
     if done.returncode:
         raise SystemExit(f"{engine} at {layers} layers failed:\n{done.stderr[-3000:]}")
     lines = [line for line in done.stdout.splitlines() if line.startswith("save memory: ")]
-    return sorted((json.loads(line.removeprefix("save memory: ")) for line in lines),
-                  key=lambda row: row["rank"])
+    return sorted(
+        (json.loads(line.removeprefix("save memory: ")) for line in lines),
+        key=lambda row: row["rank"],
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--engines", nargs="+", default=["zero3", "fsdp2"])
     parser.add_argument("--layers", nargs="+", type=int, default=[8, 32])
     parser.add_argument("--width", choices=("tiny", "wide"), default="wide")
@@ -112,14 +150,18 @@ def main() -> None:
                 growth[layers] = max(row["peak_mb"] - row["before_mb"] for row in rows)
                 peak[layers] = max(row["peak_mb"] for row in rows)
                 for row in rows:
-                    print(f"{engine} {layers:3d} layers rank {row['rank']}: RSS {row['before_mb']:7.0f} MB "
-                          f"at train end, peak {row['peak_mb']:7.0f} MB during the save "
-                          f"(+{row['peak_mb'] - row['before_mb']:6.1f} MB; full model "
-                          f"{row['model_mb']:6.0f} MB fp32) [{time.perf_counter() - started:.0f} s]")
+                    print(
+                        f"{engine} {layers:3d} layers rank {row['rank']}: RSS {row['before_mb']:7.0f} MB "
+                        f"at train end, peak {row['peak_mb']:7.0f} MB during the save "
+                        f"(+{row['peak_mb'] - row['before_mb']:6.1f} MB; full model "
+                        f"{row['model_mb']:6.0f} MB fp32) [{time.perf_counter() - started:.0f} s]"
+                    )
             deepest, shallowest = max(growth), min(growth)
-            print(f"{engine}: peak RSS during the save {peak[deepest]:.0f} MB at {deepest} layers vs "
-                  f"{peak[shallowest]:.0f} MB at {shallowest} ({peak[deepest] / peak[shallowest]:.2f}x); "
-                  f"growth over the save {growth[deepest]:.1f} vs {growth[shallowest]:.1f} MB")
+            print(
+                f"{engine}: peak RSS during the save {peak[deepest]:.0f} MB at {deepest} layers vs "
+                f"{peak[shallowest]:.0f} MB at {shallowest} ({peak[deepest] / peak[shallowest]:.2f}x); "
+                f"growth over the save {growth[deepest]:.1f} vs {growth[shallowest]:.1f} MB"
+            )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ def build(schema: type, data: Any, path: str):
     for key in data:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {join(path, close[0])!r}?" if close else \
-                f"; valid keys: {', '.join(sorted(fields))}"
+            hint = (
+                f"; did you mean {join(path, close[0])!r}?"
+                if close
+                else f"; valid keys: {', '.join(sorted(fields))}"
+            )
             raise RecipeError(f"unknown key {join(path, key)!r}{hint}")
     values = {}
     for name, field in fields.items():
@@ -58,8 +61,13 @@ def convert(hint, value, path: str):
             except RecipeError as error:
                 errors.append(error)
         shaped = [error for option, error in zip(options, errors) if same_shape(option, value)]
-        raise shaped[0] if len(shaped) == 1 else RecipeError(
-            f"{path}: expected {describe(hint)}, got {type(value).__name__} {value!r}")
+        raise (
+            shaped[0]
+            if len(shaped) == 1
+            else RecipeError(
+                f"{path}: expected {describe(hint)}, got {type(value).__name__} {value!r}"
+            )
+        )
     if origin is Literal:
         if value not in args:
             raise RecipeError(f"{path}: expected one of {list(args)}, got {value!r}")
@@ -74,8 +82,10 @@ def convert(hint, value, path: str):
         if not isinstance(value, dict):
             raise RecipeError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
         key_type, value_type = args or (Any, Any)
-        return {convert(key_type, k, f"{path}.{k}"): convert(value_type, v, f"{path}.{k}")
-                for k, v in value.items()}
+        return {
+            convert(key_type, k, f"{path}.{k}"): convert(value_type, v, f"{path}.{k}")
+            for k, v in value.items()
+        }
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -88,7 +98,9 @@ def convert(hint, value, path: str):
     if hint is int and isinstance(value, str) and value.lstrip("-").isdigit():
         return int(value)  # mapping keys in YAML overrides arrive as strings
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise RecipeError(f"{path}: expected {describe(hint)}, got {type(value).__name__} {value!r}")
+        raise RecipeError(
+            f"{path}: expected {describe(hint)}, got {type(value).__name__} {value!r}"
+        )
     return value
 
 

@@ -28,10 +28,14 @@ def load_reference(reference: str, what: str) -> Callable:
         try:
             module = importlib.import_module(module_ref)
         except ImportError as error:
-            raise UnresolvedReference(f"{what} {reference!r}: cannot import {module_ref!r}: {error}")
+            raise UnresolvedReference(
+                f"{what} {reference!r}: cannot import {module_ref!r}: {error}"
+            )
     fn = getattr(module, attribute, None)
     if not callable(fn):
-        raise UnresolvedReference(f"{what} {reference!r}: {module_ref!r} has no function {attribute!r}")
+        raise UnresolvedReference(
+            f"{what} {reference!r}: {module_ref!r} has no function {attribute!r}"
+        )
     return fn
 
 

@@ -55,8 +55,9 @@ class LoraSection:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    components: list[Literal["attention", "dense_mlp", "shared_experts", "routed_experts"]] = \
-        field(default_factory=lambda: ["attention", "dense_mlp", "shared_experts", "routed_experts"])
+    components: list[Literal["attention", "dense_mlp", "shared_experts", "routed_experts"]] = field(
+        default_factory=lambda: ["attention", "dense_mlp", "shared_experts", "routed_experts"]
+    )
     ranks: dict[str, int] = field(default_factory=dict)  # per component, e.g. routed_experts: 8
     layers: list[int] | None = None  # [first, last) decoder layers; None = all
     experts: Literal["all"] | ExpertSelection = "all"
@@ -291,9 +292,9 @@ class RewardSpec:
 
     def __post_init__(self):
         if self.on_error not in ("raise", "zero"):
-            raise ValueError(f"reward {self.name!r}: on_error must be 'raise' or 'zero', "
-                             f"got {self.on_error!r}")
-
+            raise ValueError(
+                f"reward {self.name!r}: on_error must be 'raise' or 'zero', got {self.on_error!r}"
+            )
 
 
 @dataclass
@@ -357,8 +358,10 @@ class EvalRecipe:
 
 def sft_only_expert_parallel(model: ModelSection, recipe: str) -> None:
     if model.expert_parallel != 1:
-        raise ValueError(f"model.expert_parallel: {model.expert_parallel}: expert parallelism is "
-                         f"for sft recipes so far; a {recipe} recipe needs 1")
+        raise ValueError(
+            f"model.expert_parallel: {model.expert_parallel}: expert parallelism is "
+            f"for sft recipes so far; a {recipe} recipe needs 1"
+        )
 
 
 SCHEMAS = {"sft": SFTRecipe, "grpo": GRPORecipe, "eval": EvalRecipe}

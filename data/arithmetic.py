@@ -38,9 +38,13 @@ class ArithmeticSpec:
 
     def __post_init__(self):
         if self.digits < 1 or self.terms < 2:
-            raise ValueError(f"arithmetic: digits >= 1 and terms >= 2 (got {self.digits}, {self.terms})")
+            raise ValueError(
+                f"arithmetic: digits >= 1 and terms >= 2 (got {self.digits}, {self.terms})"
+            )
         if not self.operations or set(self.operations) - set(OPERATIONS):
-            raise ValueError(f"arithmetic.operations: {self.operations!r} must use only {OPERATIONS!r}")
+            raise ValueError(
+                f"arithmetic.operations: {self.operations!r} must use only {OPERATIONS!r}"
+            )
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"arithmetic.test_fraction: {self.test_fraction} must be in (0, 1)")
         if not 0 <= self.sign_slip <= 1:
@@ -74,20 +78,29 @@ def worked_steps(operands: list[int], ops: list[str]) -> list[tuple[str, int]]:
     return steps or [(str(total), total)]
 
 
-def problem(operands: list[int], ops: list[str], style: str = "plain") -> tuple[str, dict[str, str]]:
+def problem(
+    operands: list[int], ops: list[str], style: str = "plain"
+) -> tuple[str, dict[str, str]]:
     expression = str(operands[0]) + "".join(f"{o}{x}" for o, x in zip(ops, operands[1:]))
     steps = worked_steps(operands, ops)
     answer = str(steps[-1][1])
     if style == "think":
         work = " ".join(text for text, _ in steps)
-        return expression, {"prompt": f"Compute: {expression}\n", "answer": answer,
-                            "completion": f"<think>{work}</think><answer>{answer}</answer>"}
-    return expression, {"prompt": f"Compute: {expression}\nAnswer:", "answer": answer,
-                        "completion": f" {answer}"}
+        return expression, {
+            "prompt": f"Compute: {expression}\n",
+            "answer": answer,
+            "completion": f"<think>{work}</think><answer>{answer}</answer>",
+        }
+    return expression, {
+        "prompt": f"Compute: {expression}\nAnswer:",
+        "answer": answer,
+        "completion": f" {answer}",
+    }
 
 
-def arithmetic_problems(count: int, spec: ArithmeticSpec = ArithmeticSpec(), split: str = "train",
-                        seed: int = 0) -> list[dict[str, str]]:
+def arithmetic_problems(
+    count: int, spec: ArithmeticSpec = ArithmeticSpec(), split: str = "train", seed: int = 0
+) -> list[dict[str, str]]:
     """`count` distinct problems of `split`, the same for the same arguments."""
     if split not in SPLITS:
         raise ValueError(f"arithmetic split must be one of {SPLITS}, not {split!r}")
@@ -98,17 +111,24 @@ def arithmetic_problems(count: int, spec: ArithmeticSpec = ArithmeticSpec(), spl
     while len(problems) < count:
         attempts += 1
         if attempts > 100 * count + 1000:
-            raise ValueError(f"arithmetic: cannot draw {count} distinct {split} problems with {spec}")
+            raise ValueError(
+                f"arithmetic: cannot draw {count} distinct {split} problems with {spec}"
+            )
         operands = [rng.randint(0, 10**spec.digits - 1) for _ in range(spec.terms)]
         ops = [rng.choice(spec.operations) for _ in range(spec.terms - 1)]
         expression, item = problem(operands, ops, spec.style)
         if expression in seen or split_of(expression, spec.test_fraction) != split:
             continue
-        if (spec.sign_slip and split == "train" and item["answer"].startswith("-")
-                and rng.random() < spec.sign_slip):
+        if (
+            spec.sign_slip
+            and split == "train"
+            and item["answer"].startswith("-")
+            and rng.random() < spec.sign_slip
+        ):
             slipped = item["answer"][1:]
             item["completion"] = item["completion"][::-1].replace(
-                item["answer"][::-1], slipped[::-1], 1)[::-1]  # the last occurrence: the answer
+                item["answer"][::-1], slipped[::-1], 1
+            )[::-1]  # the last occurrence: the answer
         seen.add(expression)
         problems.append(item)
     return problems
@@ -116,5 +136,11 @@ def arithmetic_problems(count: int, spec: ArithmeticSpec = ArithmeticSpec(), spl
 
 def arithmetic_spec(section) -> ArithmeticSpec:
     """The ArithmeticSpec of a recipe's `arithmetic` knobs (config.schema.ArithmeticSection)."""
-    return ArithmeticSpec(section.digits, section.terms, section.operations, section.test_fraction,
-                          section.style, section.sign_slip)
+    return ArithmeticSpec(
+        section.digits,
+        section.terms,
+        section.operations,
+        section.test_fraction,
+        section.style,
+        section.sign_slip,
+    )

@@ -22,24 +22,36 @@ def load_sft_datasets(section: SFTDataSection, seed: int):
     Streamed (`streaming`), train is an IterableDataset."""
     held_out = [key for key in ("eval_source", "eval_split") if getattr(section, key)]
     if len(held_out) + bool(section.eval_fraction) > 1:
-        raise RecipeError(f"data: give one of eval_source, eval_split, eval_fraction "
-                          f"(got {', '.join(held_out + ['eval_fraction'] * bool(section.eval_fraction))})")
+        raise RecipeError(
+            f"data: give one of eval_source, eval_split, eval_fraction "
+            f"(got {', '.join(held_out + ['eval_fraction'] * bool(section.eval_fraction))})"
+        )
     if section.streaming and section.eval_fraction:
-        raise RecipeError("data.eval_fraction: a streamed data set has no length to split; give "
-                          "data.eval_split or data.eval_source")
+        raise RecipeError(
+            "data.eval_fraction: a streamed data set has no length to split; give "
+            "data.eval_split or data.eval_source"
+        )
     count = section.arithmetic.count
     train = sft_rows(section, "data.source", "train", count, section.streaming)
     if section.limit:
-        train = train.take(section.limit) if section.streaming else \
-            train.select(range(min(section.limit, len(train))))
+        train = (
+            train.take(section.limit)
+            if section.streaming
+            else train.select(range(min(section.limit, len(train))))
+        )
     require_rows(train, "data", section.source)
     evaluation = None
     if section.eval_source:
         other = replace(section, source=section.eval_source, subset=None, split=None, revision=None)
         evaluation = sft_rows(other, "data.eval_source", "test", max(count // 10, 1), False)
     elif section.eval_split:
-        evaluation = sft_rows(with_split(section, section.eval_split), "data.eval_split",
-                              section.eval_split, max(count // 10, 1), False)
+        evaluation = sft_rows(
+            with_split(section, section.eval_split),
+            "data.eval_split",
+            section.eval_split,
+            max(count // 10, 1),
+            False,
+        )
     elif section.eval_fraction:
         if not 0 < section.eval_fraction < 1:
             raise RecipeError(f"data.eval_fraction: {section.eval_fraction} must be in (0, 1)")
@@ -51,11 +63,14 @@ def load_sft_datasets(section: SFTDataSection, seed: int):
 
 
 def sft_rows(section: SFTDataSection, key: str, split: str, count: int, streaming: bool):
-    dataset = load_rows(section, "data", split, streaming=streaming, count=count,
-                        arithmetic=section.arithmetic)
+    dataset = load_rows(
+        section, "data", split, streaming=streaming, count=count, arithmetic=section.arithmetic
+    )
     names = column_names(dataset)
     for columns in FORMATS:
         if all(c in names for c in columns):
             return dataset.select_columns(list(columns))
-    raise RecipeError(f"{key}: rows of {section.source} have columns {names}; expected prompt + "
-                      "completion, messages, or text (map yours with data.columns)")
+    raise RecipeError(
+        f"{key}: rows of {section.source} have columns {names}; expected prompt + "
+        "completion, messages, or text (map yours with data.columns)"
+    )

@@ -45,8 +45,9 @@ class MoESFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is the model's (LM + MTP + aux) and whose checkpoints hold
     LoRA adapters in PEFT format when `lora_spec` is given."""
 
-    def __init__(self, *args, lora_spec: LoraSpec | None = None, base_path: str | None = None,
-                 **kwargs):
+    def __init__(
+        self, *args, lora_spec: LoraSpec | None = None, base_path: str | None = None, **kwargs
+    ):
         self.lora_spec = lora_spec
         self.base_path = base_path
         self.tokens_seen = 0  # this rank's training tokens
@@ -58,8 +59,12 @@ class MoESFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                    position_ids=inputs.get("position_ids"), labels=labels)
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"),
+            labels=labels,
+        )
         loss = out.loss
         mode = "train" if model.training else "eval"
         if num_items_in_batch is not None:
@@ -108,12 +113,16 @@ class MoESFTTrainer(SFTTrainer):
         if checkpoint and expert_parallel_size(self.model) > 1:
             file = self.rank_optimizer_file(checkpoint)
             if not file.exists():
-                raise FileNotFoundError(f"{file}: an expert-parallel run resumes on as many ranks "
-                                        "as saved the checkpoint, with the same model.expert_parallel")
+                raise FileNotFoundError(
+                    f"{file}: an expert-parallel run resumes on as many ranks "
+                    "as saved the checkpoint, with the same model.expert_parallel"
+                )
             self.optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
 
     def rank_optimizer_file(self, folder: str) -> Path:
-        return Path(folder) / f"optimizer.rank{self.args.process_index}-of-{self.args.world_size}.pt"
+        return (
+            Path(folder) / f"optimizer.rank{self.args.process_index}-of-{self.args.world_size}.pt"
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled:  # the checkpoint's sharded (DCP) weights
@@ -123,8 +132,9 @@ class MoESFTTrainer(SFTTrainer):
             if self.lora_spec is not None:
                 load_adapter_weights(model, resume_from_checkpoint)
                 return
-            saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype,
-                                                config=model.config)
+            saved = type(model).from_pretrained(
+                resume_from_checkpoint, dtype=model.dtype, config=model.config
+            )
             model.load_state_dict(saved.state_dict())
 
 
@@ -137,8 +147,9 @@ class MoEBookkeeping(TrainerCallback):
         model = trainer.accelerator.unwrap_model(trainer.model)
         self.trainer = trainer
         self.gamma = 0.0 if trainer.lora_spec is not None else gamma
-        self.history = ExpertLoadHistory([i for i, layer in enumerate(model.model.layers)
-                                          if isinstance(layer.mlp, MoE)])
+        self.history = ExpertLoadHistory(
+            [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
+        )
         self.metrics = metrics
         self.clock = (time.perf_counter(), 0)
 
@@ -163,11 +174,17 @@ class MoEBookkeeping(TrainerCallback):
             started, before = self.clock
             # This rank's count times the ranks: data-parallel ranks see equal batches.
             processed = (tokens - before) * args.world_size
-            record |= {"loss": logs["loss"], "lr": logs.get("learning_rate"),
-                       "tokens_per_second": processed / max(now - started, 1e-9)}
+            record |= {
+                "loss": logs["loss"],
+                "lr": logs.get("learning_rate"),
+                "tokens_per_second": processed / max(now - started, 1e-9),
+            }
             self.clock = (now, tokens)
-        record |= {k: v for k, v in logs.items()
-                   if k not in ("loss", "learning_rate") and isinstance(v, (int, float))}
+        record |= {
+            k: v
+            for k, v in logs.items()
+            if k not in ("loss", "learning_rate") and isinstance(v, (int, float))
+        }
         self.metrics.write(record)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -188,7 +205,9 @@ def sft_config(recipe: SFTRecipe, chat: bool) -> SFTConfig:
     return SFTConfig(
         **fields,
         eval_strategy="steps" if has_eval and training.eval_steps else "no",
-        logging_first_step=True, max_length=data.max_length, packing=data.packing,
+        logging_first_step=True,
+        max_length=data.max_length,
+        packing=data.packing,
         completion_only_loss=data.completion_only_loss,
         assistant_only_loss=data.completion_only_loss and chat,
         use_cpu=not torch.cuda.is_available(),
@@ -213,18 +232,23 @@ def resume_checkpoint(recipe: SFTRecipe) -> str | None:
         if (folder / "trainer_state.json").exists():
             complete.append((int(step), str(folder)))
         else:
-            log.warning("%s: no trainer_state.json (a save that did not finish): not resumed from", folder)
+            log.warning(
+                "%s: no trainer_state.json (a save that did not finish): not resumed from", folder
+            )
     return max(complete)[1] if complete else None
 
 
-def run_sft(recipe: SFTRecipe, callbacks: Sequence[Callable[[MoESFTTrainer], TrainerCallback]] = ()
-            ) -> dict:
+def run_sft(
+    recipe: SFTRecipe, callbacks: Sequence[Callable[[MoESFTTrainer], TrainerCallback]] = ()
+) -> dict:
     """Train per the recipe; returns {"output_dir", "final_loss", "steps"}. `callbacks` build
     further trainer callbacks from the trainer."""
     check_launch(recipe.model.expert_parallel)
     if recipe.data.streaming and recipe.training.max_steps <= 0:
-        raise RecipeError("training.max_steps: a streamed data set (data.streaming) has no "
-                          "length to count epochs in; set the number of steps")
+        raise RecipeError(
+            "training.max_steps: a streamed data set (data.streaming) has no "
+            "length to count epochs in; set the number of steps"
+        )
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
     spec = attach_lora(model, recipe.lora, recipe.training.seed)
@@ -234,12 +258,20 @@ def run_sft(recipe: SFTRecipe, callbacks: Sequence[Callable[[MoESFTTrainer], Tra
     train, evaluation = (apply_template(d, recipe) for d in (train, evaluation))
     resume = resume_checkpoint(recipe)
     trainer = MoESFTTrainer(
-        model=model, args=sft_config(recipe, "messages" in column_names(train)), train_dataset=train, eval_dataset=evaluation,
-        processing_class=tokenizer, lora_spec=spec, base_path=recipe.model.path)
+        model=model,
+        args=sft_config(recipe, "messages" in column_names(train)),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        lora_spec=spec,
+        base_path=recipe.model.path,
+    )
     main_process = trainer.is_world_process_zero()
     if main_process:
-        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-              + (" - LoRA adapters only" if spec else ""))
+        print(
+            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+            + (" - LoRA adapters only" if spec else "")
+        )
     resume_step = trainer_state_step(resume) if resume else None
     metrics = MetricsFile(Path(recipe.training.output_dir) / "metrics.jsonl", resume_step)
     trainer.add_callback(MoEBookkeeping(trainer, recipe.moe.bias_update_gamma, metrics))
@@ -250,23 +282,34 @@ def run_sft(recipe: SFTRecipe, callbacks: Sequence[Callable[[MoESFTTrainer], Tra
     if main_process:
         save_template(recipe.training.output_dir, recipe.template)
     if main_process:
-            print(f"finished {result.global_step} steps, mean training loss "
-              f"{result.training_loss:.4f}; {'adapter' if spec else 'model'}, metrics.jsonl and "
-              f"expert_load.png in {recipe.training.output_dir}")
-    return {"output_dir": recipe.training.output_dir, "final_loss": result.training_loss,
-            "steps": result.global_step}
+        print(
+            f"finished {result.global_step} steps, mean training loss "
+            f"{result.training_loss:.4f}; {'adapter' if spec else 'model'}, metrics.jsonl and "
+            f"expert_load.png in {recipe.training.output_dir}"
+        )
+    return {
+        "output_dir": recipe.training.output_dir,
+        "final_loss": result.training_loss,
+        "steps": result.global_step,
+    }
 
 
 def apply_template(dataset, recipe: SFTRecipe):
     """Prompt + completion rows shown through the recipe's template (chat turns, system
     prompt, few-shot examples); other row formats and the default template pass unchanged."""
-    if dataset is None or "prompt" not in column_names(dataset) or recipe.template == TemplateSection():
+    if (
+        dataset is None
+        or "prompt" not in column_names(dataset)
+        or recipe.template == TemplateSection()
+    ):
         return dataset
     import datasets
 
     from moetune.data.arithmetic import arithmetic_spec
 
-    shots = few_shot_examples(recipe.template, recipe.data.source, arithmetic_spec(recipe.data.arithmetic))
+    shots = few_shot_examples(
+        recipe.template, recipe.data.source, arithmetic_spec(recipe.data.arithmetic)
+    )
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.map(lambda row: sft_row(row, recipe.template, shots))
     return datasets.Dataset.from_list([sft_row(row, recipe.template, shots) for row in dataset])

@@ -8,5 +8,12 @@ Imports with torch alone; Triton kernels load when their backend is used.
 from moetune.kernels.gemm import fp8_gemm, fp8_grouped_gemm, quantize_act, transpose_fp8
 from moetune.kernels.quantize import dequantize_act, dequantize_weight, quantize_weight
 
-__all__ = ["dequantize_act", "dequantize_weight", "fp8_gemm", "fp8_grouped_gemm",
-           "quantize_act", "quantize_weight", "transpose_fp8"]
+__all__ = [
+    "dequantize_act",
+    "dequantize_weight",
+    "fp8_gemm",
+    "fp8_grouped_gemm",
+    "quantize_act",
+    "quantize_weight",
+    "transpose_fp8",
+]

@@ -24,7 +24,9 @@ from moetune.kernels.gemm import triton_available
 def use_triton(t: torch.Tensor, backend: str) -> bool:
     """backend "auto": the Triton kernels on CUDA tensors when triton is installed."""
     if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"expert-row kernel backend must be auto, torch or triton, not {backend!r}")
+        raise ValueError(
+            f"expert-row kernel backend must be auto, torch or triton, not {backend!r}"
+        )
     return backend == "triton" or (backend == "auto" and t.is_cuda and triton_available(t.device))
 
 
@@ -38,8 +40,9 @@ def swiglu(h: torch.Tensor, row_weight: torch.Tensor, backend: str = "auto") -> 
     return F.silu(gate).mul_(up).mul_(row_weight[:, None].to(h.dtype))
 
 
-def swiglu_backward(h: torch.Tensor, row_weight: torch.Tensor, grad_act: torch.Tensor,
-                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(
+    h: torch.Tensor, row_weight: torch.Tensor, grad_act: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of `swiglu` given grad_act [N, I] = d loss / d act:
     (grad_h [N, 2I] in h's dtype, grad_row_weight [N] in h's dtype)."""
     if use_triton(h, backend):

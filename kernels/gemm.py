@@ -28,16 +28,23 @@ def check_operands(a, a_scale, b, b_scale) -> None:
     if b.shape[-1] != K:
         raise ValueError(f"fp8 GEMM: a has K={K} but b {tuple(b.shape)} has K={b.shape[-1]}")
     if tuple(a_scale.shape) != (*a.shape[:-1], K // 128):
-        raise ValueError(f"a_scale {tuple(a_scale.shape)} does not match a {tuple(a.shape)} (1x128 tiles)")
+        raise ValueError(
+            f"a_scale {tuple(a_scale.shape)} does not match a {tuple(a.shape)} (1x128 tiles)"
+        )
     expected = (*b.shape[:-2], -(-b.shape[-2] // 128), K // 128)
     if tuple(b_scale.shape) != expected:
-        raise ValueError(f"b_scale {tuple(b_scale.shape)} does not match b {tuple(b.shape)} "
-                         f"(128x128 blocks: want {expected})")
+        raise ValueError(
+            f"b_scale {tuple(b_scale.shape)} does not match b {tuple(b.shape)} "
+            f"(128x128 blocks: want {expected})"
+        )
 
 
 def scaled_mm_available(device: torch.device) -> bool:
-    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "_scaled_mm")
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    )
 
 
 def triton_available(device: torch.device) -> bool:
@@ -60,8 +67,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-def quantize_act(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None,
-                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_act(
+    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (x_q float8_e4m3fn, scale [..., K/128]) per 1x128 tile, as
     `moetune.kernels.quantize.quantize_act`. backend "auto": the one-pass Triton kernel on
     CUDA, else "torch"."""
@@ -85,10 +93,14 @@ def transpose_fp8(w: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
-    return (dequantize_act(a, a_scale) @ dequantize_weight(b, b_scale, dtype=torch.float32).T).to(out_dtype)
+    return (dequantize_act(a, a_scale) @ dequantize_weight(b, b_scale, dtype=torch.float32).T).to(
+        out_dtype
+    )
 
 
-def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "auto") -> torch.Tensor:
+def fp8_gemm(
+    a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "auto"
+) -> torch.Tensor:
     """a [M, K] fp8 with a_scale [M, K/128]; b [N, K] fp8 with b_scale [ceil(N/128), K/128]
     -> a @ b.T [M, N] in out_dtype."""
     check_operands(a, a_scale, b, b_scale)
@@ -102,18 +114,21 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "a
 
         return triton_fp8.fp8_gemm(a, a_scale, b, b_scale, out_dtype)
     # torch._scaled_mm blockwise: scale_a [M, K/128] column-major, scale_b [K/128, N/128].
-    return torch._scaled_mm(a, b.t(), scale_a=a_scale.t().contiguous().t(),
-                            scale_b=b_scale.t(), out_dtype=out_dtype)
+    return torch._scaled_mm(
+        a, b.t(), scale_a=a_scale.t().contiguous().t(), scale_b=b_scale.t(), out_dtype=out_dtype
+    )
 
 
 def fp8_grouped_gemm_reference(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16):
     w = dequantize_weight(b, b_scale, dtype=torch.float32)
-    return torch._grouped_mm(dequantize_act(a, a_scale), w.transpose(-2, -1),
-                             offs=offsets).to(out_dtype)
+    return torch._grouped_mm(dequantize_act(a, a_scale), w.transpose(-2, -1), offs=offsets).to(
+        out_dtype
+    )
 
 
-def fp8_grouped_gemm(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16,
-                     backend: str = "auto") -> torch.Tensor:
+def fp8_grouped_gemm(
+    a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16, backend: str = "auto"
+) -> torch.Tensor:
     """Expert GEMM on expert-sorted rows, `torch._grouped_mm`'s contract: rows of a [R, K]
     in groups ending at offsets [E] (int32) times b [E, N, K] transposed -> [R, N].
     a_scale [R, K/128]; b_scale [E, ceil(N/128), K/128]."""

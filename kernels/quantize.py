@@ -26,21 +26,28 @@ def round_scale(scale: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(scale)))
 
 
-def quantize_act(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_act(
+    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (x_q float8_e4m3fn [..., K], scale float32 [..., K/block]) per 1 x block tile.
     K must be a multiple of block_size."""
     if x.shape[-1] % block_size:
-        raise ValueError(f"quantize_act: last dim {x.shape[-1]} is not a multiple of {block_size}; "
-                         f"pad K to a multiple of {block_size}")
+        raise ValueError(
+            f"quantize_act: last dim {x.shape[-1]} is not a multiple of {block_size}; "
+            f"pad K to a multiple of {block_size}"
+        )
     tiles = x.float().unflatten(-1, (-1, block_size))
     scale = round_scale(tiles.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / FP8_MAX, scale_fmt)
     x_q = (tiles / scale[..., None]).to(torch.float8_e4m3fn).flatten(-2)
     return x_q, scale
 
 
-def dequantize_act(x_q: torch.Tensor, scale: torch.Tensor, block_size: int = 128,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_act(
+    x_q: torch.Tensor,
+    scale: torch.Tensor,
+    block_size: int = 128,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Inverse of quantize_act: x_q [..., K], scale [..., K/block] -> x [..., K] in `dtype`."""
     return (x_q.float().unflatten(-1, (-1, block_size)) * scale[..., None]).flatten(-2).to(dtype)
 
@@ -52,19 +59,30 @@ def expand_block_scale(scale: torch.Tensor, shape: torch.Size, block_size: int) 
     return full[..., :rows, :cols]
 
 
-def dequantize_weight(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128,
-                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize_weight(
+    w_fp8: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block_size: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """W_q [..., M, N] float8 and scale_inv [..., ceil(M/b), ceil(N/b)] -> W in `dtype`."""
-    expected = (*w_fp8.shape[:-2], -(-w_fp8.shape[-2] // block_size), -(-w_fp8.shape[-1] // block_size))
+    expected = (
+        *w_fp8.shape[:-2],
+        -(-w_fp8.shape[-2] // block_size),
+        -(-w_fp8.shape[-1] // block_size),
+    )
     if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight "
-                         f"{tuple(w_fp8.shape)} with {block_size}x{block_size} blocks (want {expected})")
+        raise ValueError(
+            f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight "
+            f"{tuple(w_fp8.shape)} with {block_size}x{block_size} blocks (want {expected})"
+        )
     scale = expand_block_scale(scale_inv.float(), w_fp8.shape, block_size)
     return (w_fp8.float() * scale).to(dtype)
 
 
-def quantize_weight(w: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    w: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """W [..., M, N] -> (W_q float8_e4m3fn, scale_inv float32 [..., ceil(M/b), ceil(N/b)])."""
     rows, cols = w.shape[-2:]
     pad_r, pad_c = -rows % block_size, -cols % block_size

@@ -25,8 +25,18 @@ def _swiglu_kernel(h_ptr, w_ptr, act_ptr, I, stride_h, stride_act, BLOCK: tl.con
 
 
 @triton.jit
-def _swiglu_backward_kernel(h_ptr, w_ptr, grad_act_ptr, grad_h_ptr, grad_w_ptr, I, stride_h,
-                            stride_grad_act, stride_grad_h, BLOCK: tl.constexpr):
+def _swiglu_backward_kernel(
+    h_ptr,
+    w_ptr,
+    grad_act_ptr,
+    grad_h_ptr,
+    grad_w_ptr,
+    I,
+    stride_h,
+    stride_grad_act,
+    stride_grad_h,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     weight = tl.load(w_ptr + row).to(tl.float32)
     grad_w = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -48,8 +58,16 @@ def _swiglu_backward_kernel(h_ptr, w_ptr, grad_act_ptr, grad_h_ptr, grad_w_ptr, 
 
 
 @triton.jit
-def _combine_kernel(rows_ptr, token_rows_ptr, out_ptr, D, stride_rows, stride_out,
-                    K: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(
+    rows_ptr,
+    token_rows_ptr,
+    out_ptr,
+    D,
+    stride_rows,
+    stride_out,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < D
@@ -66,8 +84,9 @@ def swiglu(h: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
     rows, inter = h.shape[0], h.shape[1] // 2
     act = torch.empty(rows, inter, dtype=h.dtype, device=h.device)
     if rows:
-        _swiglu_kernel[(rows,)](h, row_weight, act, inter, h.stride(0), act.stride(0),
-                                BLOCK=SWIGLU_BLOCK)
+        _swiglu_kernel[(rows,)](
+            h, row_weight, act, inter, h.stride(0), act.stride(0), BLOCK=SWIGLU_BLOCK
+        )
     return act
 
 
@@ -79,8 +98,17 @@ def swiglu_backward(h: torch.Tensor, row_weight: torch.Tensor, grad_act: torch.T
     grad_row_weight = torch.empty(rows, dtype=h.dtype, device=h.device)
     if rows:
         _swiglu_backward_kernel[(rows,)](
-            h, row_weight, grad_act, grad_h, grad_row_weight, inter, h.stride(0),
-            grad_act.stride(0), grad_h.stride(0), BLOCK=SWIGLU_BLOCK)
+            h,
+            row_weight,
+            grad_act,
+            grad_h,
+            grad_row_weight,
+            inter,
+            h.stride(0),
+            grad_act.stride(0),
+            grad_h.stride(0),
+            BLOCK=SWIGLU_BLOCK,
+        )
     return grad_h, grad_row_weight
 
 
@@ -91,5 +119,6 @@ def combine(rows: torch.Tensor, token_rows: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tokens, width, dtype=rows.dtype, device=rows.device)
     if tokens and width:
         _combine_kernel[(tokens, triton.cdiv(width, COMBINE_BLOCK))](
-            rows, token_rows, out, width, rows.stride(0), out.stride(0), K=k, BLOCK=COMBINE_BLOCK)
+            rows, token_rows, out, width, rows.stride(0), out.stride(0), K=k, BLOCK=COMBINE_BLOCK
+        )
     return out

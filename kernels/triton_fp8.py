@@ -17,8 +17,9 @@ BLOCK = 128  # scale granularity along K (and along N for weights)
 
 
 @triton.jit
-def _quantize_act_kernel(x_ptr, q_ptr, s_ptr, n_tiles, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
-                         UE8M0: tl.constexpr):
+def _quantize_act_kernel(
+    x_ptr, q_ptr, s_ptr, n_tiles, BLOCK_K: tl.constexpr, TILES: tl.constexpr, UE8M0: tl.constexpr
+):
     """TILES consecutive 1 x BLOCK_K tiles per program, one pass over memory."""
     tiles = tl.program_id(0) * TILES + tl.arange(0, TILES)
     ok = tiles < n_tiles
@@ -31,18 +32,25 @@ def _quantize_act_kernel(x_ptr, q_ptr, s_ptr, n_tiles, BLOCK_K: tl.constexpr, TI
     tl.store(s_ptr + tiles, scale, mask=ok)
 
 
-def quantize_act(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = None,
-                 tiles_per_program: int = 16):
+def quantize_act(
+    x: torch.Tensor,
+    block_size: int = BLOCK,
+    scale_fmt: str | None = None,
+    tiles_per_program: int = 16,
+):
     """Same contract as moetune.kernels.quantize.quantize_act."""
     if block_size != BLOCK or x.shape[-1] % BLOCK:
-        raise ValueError(f"triton quantize_act needs block_size {BLOCK} and K a multiple of {BLOCK}")
+        raise ValueError(
+            f"triton quantize_act needs block_size {BLOCK} and K a multiple of {BLOCK}"
+        )
     x = x.contiguous()
     q = torch.empty_like(x, dtype=torch.float8_e4m3fn)
     scale = torch.empty(*x.shape[:-1], x.shape[-1] // BLOCK, dtype=torch.float32, device=x.device)
     n_tiles = scale.numel()
     if n_tiles:
         _quantize_act_kernel[(triton.cdiv(n_tiles, tiles_per_program),)](
-            x, q, scale, n_tiles, BLOCK_K=BLOCK, TILES=tiles_per_program, UE8M0=scale_fmt == "ue8m0")
+            x, q, scale, n_tiles, BLOCK_K=BLOCK, TILES=tiles_per_program, UE8M0=scale_fmt == "ue8m0"
+        )
     return q, scale
 
 
@@ -52,10 +60,15 @@ def _transpose_kernel(x_ptr, y_ptr, R, C, BLOCK: tl.constexpr):
     base = tl.program_id(2).to(tl.int64) * R * C
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    tile = tl.load(x_ptr + base + rows[:, None] * C + cols[None, :],
-                   mask=(rows[:, None] < R) & (cols[None, :] < C))
-    tl.store(y_ptr + base + cols[:, None] * R + rows[None, :], tl.trans(tile),
-             mask=(cols[:, None] < C) & (rows[None, :] < R))
+    tile = tl.load(
+        x_ptr + base + rows[:, None] * C + cols[None, :],
+        mask=(rows[:, None] < R) & (cols[None, :] < C),
+    )
+    tl.store(
+        y_ptr + base + cols[:, None] * R + rows[None, :],
+        tl.trans(tile),
+        mask=(cols[:, None] < C) & (rows[None, :] < R),
+    )
 
 
 def transpose(x: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -68,14 +81,30 @@ def transpose(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     matrices = x.numel() // max(R * C, 1)
     if x.numel():
         _transpose_kernel[(triton.cdiv(R, block), triton.cdiv(C, block), matrices)](
-            x.view(torch.uint8), y.view(torch.uint8), R, C, BLOCK=block)
+            x.view(torch.uint8), y.view(torch.uint8), R, C, BLOCK=block
+        )
     return y
 
 
 @triton.jit
-def _fp8_gemm_tile(a_ptr, b_ptr, a_s_ptr, b_s_ptr, row_start, row_end, n_start, N, K,
-                   stride_am, stride_bn, stride_asm, stride_bsn,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemm_tile(
+    a_ptr,
+    b_ptr,
+    a_s_ptr,
+    b_s_ptr,
+    row_start,
+    row_end,
+    n_start,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_asm,
+    stride_bsn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """fp32 [BLOCK_M, BLOCK_N] tile of (a * a_s) @ (b * b_s).T over rows [row_start, row_end)."""
     rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x stride may pass 2^31
     cols = n_start + tl.arange(0, BLOCK_N)
@@ -94,25 +123,68 @@ def _fp8_gemm_tile(a_ptr, b_ptr, a_s_ptr, b_s_ptr, row_start, row_end, n_start, 
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K,
-                     stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_s_ptr,
+    b_s_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    stride_asm,
+    stride_bsn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     row_start = tl.program_id(0) * BLOCK_M
     acc, rows, cols, row_ok, col_ok = _fp8_gemm_tile(
-        a_ptr, b_ptr, a_s_ptr, b_s_ptr, row_start, M, tl.program_id(1) * BLOCK_N, N, K,
-        stride_am, stride_bn, stride_asm, stride_bsn, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        a_ptr,
+        b_ptr,
+        a_s_ptr,
+        b_s_ptr,
+        row_start,
+        M,
+        tl.program_id(1) * BLOCK_N,
+        N,
+        K,
+        stride_am,
+        stride_bn,
+        stride_asm,
+        stride_bsn,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+    )
+    tl.store(
+        c_ptr + rows[:, None] * stride_cm + cols[None, :],
+        acc.to(c_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 def grouped_gemm_configs() -> list[triton.Config]:
     """Autotuned on GPUs (once per N, K, expert count); one small config under the interpreter."""
     if triton.knobs.runtime.interpret:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
-    shapes = [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3),
-              (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-            for m, n, warps, stages in shapes]
+    shapes = [
+        (64, 64, 4, 4),
+        (64, 128, 4, 3),
+        (64, 128, 4, 4),
+        (64, 256, 4, 3),
+        (128, 64, 4, 4),
+        (128, 128, 8, 3),
+        (128, 128, 8, 4),
+        (128, 256, 8, 3),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        for m, n, warps, stages in shapes
+    ]
 
 
 @triton.jit
@@ -133,10 +205,28 @@ def _expert_tile(offsets_ptr, tile, E, E_PAD: tl.constexpr, BLOCK_M: tl.constexp
 
 @triton.autotune(configs=grouped_gemm_configs(), key=["N", "K", "E"])
 @triton.jit
-def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, offsets_ptr, N, K, E,
-                             stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse,
-                             stride_bsn, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_grouped_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_s_ptr,
+    b_s_ptr,
+    offsets_ptr,
+    N,
+    K,
+    E,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_cm,
+    stride_asm,
+    stride_bse,
+    stride_bsn,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # One grid axis (no 65,535 limit), N tiles varying fastest: the programs running together
     # share a row tile and one expert's weight, which stay in L2. The row tiles are found
     # from the offsets here, so the launch needs no host sync.
@@ -147,11 +237,28 @@ def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, offsets_ptr,
         return
     expert = expert.to(tl.int64)
     acc, rows, cols, row_ok, col_ok = _fp8_gemm_tile(
-        a_ptr, b_ptr + expert * stride_be, a_s_ptr, b_s_ptr + expert * stride_bse,
-        row_start, row_end, n_tile * BLOCK_N, N, K,
-        stride_am, stride_bn, stride_asm, stride_bsn, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        a_ptr,
+        b_ptr + expert * stride_be,
+        a_s_ptr,
+        b_s_ptr + expert * stride_bse,
+        row_start,
+        row_end,
+        n_tile * BLOCK_N,
+        N,
+        K,
+        stride_am,
+        stride_bn,
+        stride_asm,
+        stride_bsn,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+    )
+    tl.store(
+        c_ptr + rows[:, None] * stride_cm + cols[None, :],
+        acc.to(c_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, block_m=64, block_n=64):
@@ -160,14 +267,30 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, block_m=64, block
     (M, K), N = a.shape, b.shape[0]
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _fp8_gemm_kernel[grid](a, b, c, a_scale, b_scale, M, N, K, a.stride(0), b.stride(0),
-                           c.stride(0), a_scale.stride(0), b_scale.stride(0),
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK)
+    _fp8_gemm_kernel[grid](
+        a,
+        b,
+        c,
+        a_scale,
+        b_scale,
+        M,
+        N,
+        K,
+        a.stride(0),
+        b.stride(0),
+        c.stride(0),
+        a_scale.stride(0),
+        b_scale.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=BLOCK,
+    )
     return c
 
 
-def fp8_grouped_gemm(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16,
-                     tiles: tuple[int, int] | None = None):
+def fp8_grouped_gemm(
+    a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16, tiles: tuple[int, int] | None = None
+):
     """Rows of a [R, K] (fp8, sorted by expert; scales [R, K/128]) in groups ending at
     offsets [E], times b [E, N, K] (fp8; scales [E, ceil(N/128), K/128]) transposed -> [R, N]
     (rows past offsets[-1] are not written). Tile sizes, warps and stages are autotuned, or
@@ -183,7 +306,24 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, offsets, out_dtype=torch.bfloat16,
     if tiles is not None:
         kernel, fixed = kernel.fn, {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
     kernel[grid](
-        a, b, c, a_scale, b_scale, offsets.to(torch.int32).contiguous(), N, K, E, a.stride(0),
-        b.stride(0), b.stride(1), c.stride(0), a_scale.stride(0), b_scale.stride(0),
-        b_scale.stride(1), E_PAD=triton.next_power_of_2(E), BLOCK_K=BLOCK, **fixed)
+        a,
+        b,
+        c,
+        a_scale,
+        b_scale,
+        offsets.to(torch.int32).contiguous(),
+        N,
+        K,
+        E,
+        a.stride(0),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        a_scale.stride(0),
+        b_scale.stride(0),
+        b_scale.stride(1),
+        E_PAD=triton.next_power_of_2(E),
+        BLOCK_K=BLOCK,
+        **fixed,
+    )
     return c

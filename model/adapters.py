@@ -58,26 +58,44 @@ def adapter_modules(model) -> list[torch.nn.Module]:
 
 
 def peft_config(spec: LoraSpec, base_path: str | None) -> dict:
-    targets = sorted({"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
-                     if "attention" in spec.components else set())
+    targets = sorted(
+        {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+        if "attention" in spec.components
+        else set()
+    )
     if set(spec.components) & {"dense_mlp", "shared_experts", "routed_experts"}:
         targets += ["down_proj", "gate_proj", "up_proj"]
     rank_pattern = {}
-    patterns = {"attention": r"self_attn\.\w+", "shared_experts": r"shared_experts\.\w+",
-                "routed_experts": r"experts\.\d+\.\w+", "dense_mlp": r"mlp\.(gate|up|down)_proj"}
+    patterns = {
+        "attention": r"self_attn\.\w+",
+        "shared_experts": r"shared_experts\.\w+",
+        "routed_experts": r"experts\.\d+\.\w+",
+        "dense_mlp": r"mlp\.(gate|up|down)_proj",
+    }
     for component, rank in spec.ranks.items():
         rank_pattern[patterns[component]] = rank
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
-        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-        "target_modules": targets, "rank_pattern": rank_pattern,
-        "alpha_pattern": dict.fromkeys(rank_pattern, spec.alpha), "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None,
-        "inference_mode": True, "init_lora_weights": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": targets,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict.fromkeys(rank_pattern, spec.alpha),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "init_lora_weights": True,
     }
 
 
-def save_adapter(model, spec: LoraSpec, path, base_path: str | None = None, write: bool = True) -> None:
+def save_adapter(
+    model, spec: LoraSpec, path, base_path: str | None = None, write: bool = True
+) -> None:
     """Write the adapter folder (the weights file replaced atomically). A model sharded by
     ZeRO-3 or FSDP2: every rank calls it (the adapters are gathered); the rank with `write`
     writes."""
@@ -122,8 +140,10 @@ def load_adapter_weights(model, path) -> None:
     problems += [f"unexpected adapter tensor {k!r}" for k in sorted(saved.keys() - expected.keys())]
     for key in sorted(expected.keys() & saved.keys()):
         if expected[key].shape != saved[key].shape:
-            problems.append(f"shape mismatch for {key!r}: adapter {tuple(saved[key].shape)}, "
-                            f"model {tuple(expected[key].shape)}")
+            problems.append(
+                f"shape mismatch for {key!r}: adapter {tuple(saved[key].shape)}, "
+                f"model {tuple(expected[key].shape)}"
+            )
         else:
             expected[key].copy_(saved[key])
     if problems:

@@ -43,6 +43,11 @@ def char_tokenizer_fast():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=char_tokenizer(), bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[1],
-        pad_token=SPECIAL_TOKENS[2], unk_token=SPECIAL_TOKENS[2], chat_template=CHAT_TEMPLATE,
-        model_max_length=256)
+        tokenizer_object=char_tokenizer(),
+        bos_token=SPECIAL_TOKENS[0],
+        eos_token=SPECIAL_TOKENS[1],
+        pad_token=SPECIAL_TOKENS[2],
+        unk_token=SPECIAL_TOKENS[2],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=256,
+    )

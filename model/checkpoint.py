@@ -44,12 +44,15 @@ def open_shard(file: Path, device: str = "cpu"):
     try:
         shard = safe_open(file, framework="pt", device=device)
     except SafetensorError as error:
-        raise CheckpointError(f"{file}: invalid header (truncated or not a safetensors file): "
-                              f"{error}") from None
+        raise CheckpointError(
+            f"{file}: invalid header (truncated or not a safetensors file): {error}"
+        ) from None
     except FileNotFoundError:
         raise CheckpointError(f"{file}: listed in the checkpoint's index but missing") from None
     with shard:
         yield shard
+
+
 FP8_EXPERT_TENSOR = re.compile(r"\.experts\.(gate_proj|up_proj|down_proj)(_scale_inv)?$")
 FP8_MODES = (None, "frozen", "train")
 
@@ -71,13 +74,17 @@ def checkpoint_layout(model: torch.nn.Module, config: DeepseekV3Config) -> dict[
         if name.endswith("experts.gate_up_proj"):
             half = shape[1] // 2
             for e in range(shape[0]):
-                layout[f"{disk[:-len('gate_up_proj')]}{e}.gate_proj.weight"] = Slot(name, (e, slice(0, half)))
-                layout[f"{disk[:-len('gate_up_proj')]}{e}.up_proj.weight"] = Slot(name, (e, slice(half, None)))
+                layout[f"{disk[: -len('gate_up_proj')]}{e}.gate_proj.weight"] = Slot(
+                    name, (e, slice(0, half))
+                )
+                layout[f"{disk[: -len('gate_up_proj')]}{e}.up_proj.weight"] = Slot(
+                    name, (e, slice(half, None))
+                )
         elif name.endswith("experts.down_proj"):
             for e in range(shape[0]):
-                layout[f"{disk[:-len('down_proj')]}{e}.down_proj.weight"] = Slot(name, (e,))
+                layout[f"{disk[: -len('down_proj')]}{e}.down_proj.weight"] = Slot(name, (e,))
         elif match := FP8_EXPERT_TENSOR.search(disk):  # FP8RoutedExperts: one tensor per projection
-            prefix, proj, scale = disk[:match.start()], match.group(1), match.group(2) or ""
+            prefix, proj, scale = disk[: match.start()], match.group(1), match.group(2) or ""
             for e in range(shape[0]):
                 layout[f"{prefix}.experts.{e}.{proj}.weight{scale}"] = Slot(name, (e,))
         else:
@@ -122,8 +129,10 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
     first_mtp = f"model.layers.{config.num_hidden_layers}."
     if config.num_nextn_predict_layers and not any(n.startswith(first_mtp) for n in weight_map):
         # transformers saves DeepSeek models without their MTP modules.
-        warnings.warn(f"{path} holds no MTP weights ({first_mtp}*): loading without MTP "
-                      f"(num_nextn_predict_layers {config.num_nextn_predict_layers} -> 0)")
+        warnings.warn(
+            f"{path} holds no MTP weights ({first_mtp}*): loading without MTP "
+            f"(num_nextn_predict_layers {config.num_nextn_predict_layers} -> 0)"
+        )
         config.num_nextn_predict_layers = 0
     with torch.device("meta"):
         model = cls(config).to(dtype)
@@ -146,7 +155,9 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
     for file in sorted(set(weight_map.values())):
         with open_shard(path / file, device=str(device)) as shard:
             for disk_name in shard.keys():
-                if disk_name in copies or (disk_name.endswith("_scale_inv") and disk_name not in layout):
+                if disk_name in copies or (
+                    disk_name.endswith("_scale_inv") and disk_name not in layout
+                ):
                     continue  # shared copies; scales of weights that are dequantised on load
                 if disk_name in layout:
                     slot, covers = layout[disk_name], [disk_name]
@@ -169,14 +180,18 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
                     scale = read_scale(path, weight_map, shard, file, disk_name)
                     tensor = dequantize_weight(tensor, scale, dtype=dtype)
                 if tuple(target.shape) != tuple(tensor.shape):
-                    problems.append(f"shape mismatch for {disk_name!r}: checkpoint "
-                                    f"{tuple(tensor.shape)}, model {tuple(target.shape)}")
+                    problems.append(
+                        f"shape mismatch for {disk_name!r}: checkpoint "
+                        f"{tuple(tensor.shape)}, model {tuple(target.shape)}"
+                    )
                     continue
                 target.copy_(tensor)
                 filled.update(covers)
     missing = sorted(set(layout) - filled)
-    problems += [f"missing tensor {name!r} (model shape {tuple(slot_shape(params, layout[name]))})"
-                 for name in missing]
+    problems += [
+        f"missing tensor {name!r} (model shape {tuple(slot_shape(params, layout[name]))})"
+        for name in missing
+    ]
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -211,8 +226,9 @@ def read_tensor(path: Path, file: str, name: str) -> torch.Tensor:
         return shard.get_tensor(name)
 
 
-def read_tensors(path, names, weight_map: dict[str, str] | None = None,
-                 dequantize_to: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def read_tensors(
+    path, names, weight_map: dict[str, str] | None = None, dequantize_to: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for the named tensors of a checkpoint folder, one shard open at a time.
     With `dequantize_to`, FP8 weights come dequantised to that dtype through their
     `weight_scale_inv` (read from whichever shard holds it)."""
@@ -236,7 +252,11 @@ def read_tensors(path, names, weight_map: dict[str, str] | None = None,
 def read_scale(path: Path, weight_map: dict[str, str], shard, file: str, name: str) -> torch.Tensor:
     """FP8 tensor `name`'s `weight_scale_inv`, from the open `shard` (file `file`) if it is there."""
     scale_name, scale_file = name + "_scale_inv", weight_map[name + "_scale_inv"]
-    return shard.get_tensor(scale_name) if scale_file == file else read_tensor(path, scale_file, scale_name)
+    return (
+        shard.get_tensor(scale_name)
+        if scale_file == file
+        else read_tensor(path, scale_file, scale_name)
+    )
 
 
 def disk_tensors(model: torch.nn.Module, config: DeepseekV3Config):
@@ -250,8 +270,9 @@ def disk_tensors(model: torch.nn.Module, config: DeepseekV3Config):
         yield disk_name, params[shared].clone()  # safetensors refuses shared storage
 
 
-def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**30,
-                    write: bool = True) -> None:
+def save_pretrained(
+    model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**30, write: bool = True
+) -> None:
     """Write config.json, safetensors shards and the index atomically: files are written to
     a temporary folder beside `path` and moved in only when all of them are complete.
 
@@ -262,15 +283,20 @@ def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**
     collectively) and only the rank with `write` writes files."""
     config: DeepseekV3Config = model.config
     if any("lora" in name for name, _ in model.named_modules()):
-        raise ValueError("the model carries LoRA adapters: save them with "
-                         "moetune.model.adapters.save_adapter, or merge_lora() before save_pretrained")
+        raise ValueError(
+            "the model carries LoRA adapters: save them with "
+            "moetune.model.adapters.save_adapter, or merge_lora() before save_pretrained"
+        )
     tensors = model.state_dict(keep_vars=True)
     blocks = save_blocks(model, config)
     layout = checkpoint_layout(model, config)
     shapes = full_shapes(model)
     block_of = {param: i for i, (_, params) in enumerate(blocks) for param in params}
     planned: list[list[tuple[TensorEntry, Slot]]] = [[] for _ in blocks]
-    for disk_name, slot in [*layout.items(), *((n, Slot(p)) for n, p in mtp_shared_copies(config).items())]:
+    for disk_name, slot in [
+        *layout.items(),
+        *((n, Slot(p)) for n, p in mtp_shared_copies(config).items()),
+    ]:
         shape = torch.empty(shapes[slot.param], device="meta")[slot.index or ()].shape
         entry = TensorEntry(disk_name, tensors[slot.param].dtype, tuple(shape))
         planned[block_of[slot.param]].append((entry, slot))
@@ -287,7 +313,9 @@ def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**
                 for entry, slot in block:
                     tensor = whole(tensors[slot.param])
                     if streams:
-                        streams.write(entry.name, tensor if slot.index is None else tensor[slot.index])
+                        streams.write(
+                            entry.name, tensor if slot.index is None else tensor[slot.index]
+                        )
         if streams:
             streams.close()
             finish_folder(model, config, staging, path, streams)
@@ -296,8 +324,9 @@ def save_pretrained(model: torch.nn.Module, path, max_shard_bytes: int = 5 * 2**
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_blocks(model: torch.nn.Module, config: DeepseekV3Config
-                ) -> list[tuple[list[torch.nn.Module], set[str]]]:
+def save_blocks(
+    model: torch.nn.Module, config: DeepseekV3Config
+) -> list[tuple[list[torch.nn.Module], set[str]]]:
     """The blocks a save walks, in order, as (modules, names of the state_dict tensors they
     hold): the tensors outside the decoder layers and MTP modules, then each of those."""
     prefixes = [f"model.layers.{i}" for i in range(len(model.model.layers))]
@@ -312,8 +341,12 @@ def save_blocks(model: torch.nn.Module, config: DeepseekV3Config
     owners = {n.rpartition(".")[0] for n in rest}
     blocks = [([modules[o] for o in sorted(owners)], set(rest))]
     for prefix in prefixes:
-        blocks.append(([m for n, m in modules.items() if n == prefix or inside(n, prefix)],
-                       {n for n in names if inside(n, prefix)}))
+        blocks.append(
+            (
+                [m for n, m in modules.items() if n == prefix or inside(n, prefix)],
+                {n for n in names if inside(n, prefix)},
+            )
+        )
     return blocks
 
 
@@ -359,16 +392,20 @@ class ShardStreams:
             self.stream = None
 
 
-def finish_folder(model, config: DeepseekV3Config, staging: Path, path: Path,
-                  streams: ShardStreams) -> None:
+def finish_folder(
+    model, config: DeepseekV3Config, staging: Path, path: Path, streams: ShardStreams
+) -> None:
     """Write the index and config.json into `staging`, then move its files into `path`
     (shards first, the index and config last) and remove shards of an older save."""
     weight_map = streams.weight_map
     index = {"metadata": {"total_size": streams.total_size}, "weight_map": weight_map}
     (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
     config_dict = config.to_dict()
-    config_dict["architectures"] = [type(model).__name__.replace(
-        "DeepseekV3", "DeepseekV2" if config.model_type == "deepseek_v2" else "DeepseekV3")]
+    config_dict["architectures"] = [
+        type(model).__name__.replace(
+            "DeepseekV3", "DeepseekV2" if config.model_type == "deepseek_v2" else "DeepseekV3"
+        )
+    ]
     config_dict["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
     path.mkdir(exist_ok=True)

@@ -47,6 +47,7 @@ class DeepseekV3Config(HFDeepseekV3Config):
 
     def validate_moe(self) -> None:
         """Fail on inconsistent MoE/attention fields, naming the field."""
+
         def fail(field: str, why: str):
             raise ValueError(f"config field `{field}`={getattr(self, field)!r}: {why}")
 
@@ -69,7 +70,10 @@ class DeepseekV3Config(HFDeepseekV3Config):
             if self.topk_method != "greedy" and self.num_experts_per_tok > reachable:
                 fail("num_experts_per_tok", f"exceeds the {reachable} experts in topk_group groups")
         if self.topk_method == "noaux_tc" and self.n_routed_experts // n_group < 2:
-            fail("n_group", "noaux_tc scores a group by its top-2 experts: need >= 2 experts per group")
+            fail(
+                "n_group",
+                "noaux_tc scores a group by its top-2 experts: need >= 2 experts per group",
+            )
         if self.first_k_dense_replace is not None and self.first_k_dense_replace < 0:
             fail("first_k_dense_replace", "must be >= 0")
         if self.moe_layer_freq < 1:
@@ -126,11 +130,16 @@ def config_from_dict(raw: dict, source: str = "config") -> DeepseekV3Config:
     """Build the config class named by `model_type` (deepseek_v3, kimi_k2 or deepseek_v2)."""
     raw = dict(raw)
     model_type = raw.pop("model_type", "deepseek_v3")
-    classes = {"deepseek_v3": DeepseekV3Config, "kimi_k2": DeepseekV3Config,
-               "deepseek_v2": DeepseekV2Config}
+    classes = {
+        "deepseek_v3": DeepseekV3Config,
+        "kimi_k2": DeepseekV3Config,
+        "deepseek_v2": DeepseekV2Config,
+    }
     if model_type not in classes:
-        raise ValueError(f"{source}: model_type {model_type!r} is not a DeepSeek-V3-family model "
-                         f"(expected one of {sorted(classes)})")
+        raise ValueError(
+            f"{source}: model_type {model_type!r} is not a DeepSeek-V3-family model "
+            f"(expected one of {sorted(classes)})"
+        )
     for key in ("architectures", "auto_map", "transformers_version", "torch_dtype", "dtype"):
         raw.pop(key, None)
     return classes[model_type](**raw)

@@ -67,8 +67,9 @@ def group_ranks(world_size: int, ep_size: int) -> tuple[list[list[int]], list[li
     """(EP groups, DP groups) as lists of global ranks. EP groups are blocks of consecutive
     ranks, so that the per-layer all_to_all stays within a machine when N <= its GPUs."""
     if ep_size < 1 or world_size % ep_size:
-        raise ValueError(f"expert parallel size {ep_size} must be >= 1 and divide the world "
-                         f"size {world_size}")
+        raise ValueError(
+            f"expert parallel size {ep_size} must be >= 1 and divide the world size {world_size}"
+        )
     ep = [list(range(start, start + ep_size)) for start in range(0, world_size, ep_size)]
     dp = [list(range(position, world_size, ep_size)) for position in range(ep_size)]
     return ep, dp
@@ -77,8 +78,10 @@ def group_ranks(world_size: int, ep_size: int) -> tuple[list[list[int]], list[li
 def expert_parallel_groups(ep_size: int) -> ExpertParallelGroups:
     """Build the EP and DP groups of an initialised world. Collective: every rank calls it."""
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"expert parallel size {ep_size} needs torch.distributed: launch with "
-                           "torchrun or accelerate launch, then init_process_group")
+        raise RuntimeError(
+            f"expert parallel size {ep_size} needs torch.distributed: launch with "
+            "torchrun or accelerate launch, then init_process_group"
+        )
     world, rank = dist.get_world_size(), dist.get_rank()
     ep_ranks, dp_ranks = group_ranks(world, ep_size)
     ep = dp = None
@@ -122,8 +125,9 @@ class ExpertShard:
     count: int
     total: int
 
-    def dispatch(self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
+    def dispatch(
+        self, experts: nn.Module, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """x [T, hidden], expert_ids [T, k] (global ids), weights [T, k] ->
         sum_k weights * expert(x) [T, hidden], the experts living on the EP group's ranks."""
         watch_gradients(experts, self.groups)
@@ -137,8 +141,13 @@ class ExpertShard:
         # rows to send to / receive from each rank (one host sync)
         send, recv = torch.stack((sent, received)).view(2, ranks, self.count).sum(2).tolist()
         # The routing weight travels as one more column of its row: a single exchange.
-        pairs = torch.cat((x.index_select(0, order // k),
-                           weights.flatten().index_select(0, order).to(x.dtype)[:, None]), 1)
+        pairs = torch.cat(
+            (
+                x.index_select(0, order // k),
+                weights.flatten().index_select(0, order).to(x.dtype)[:, None],
+            ),
+            1,
+        )
         rows = AllToAll.apply(pairs, send, recv, group)
         local_ids = torch.arange(self.count, device=x.device).repeat(ranks)
         local_ids = local_ids.repeat_interleave(received)
@@ -167,9 +176,11 @@ def expert_parallel_size(model: nn.Module) -> int:
 def require_full_experts(model: nn.Module, action: str) -> None:
     """Refuse `action` on a model whose experts are sharded over ranks."""
     if sharded_layers(model):
-        raise RuntimeError(f"{action}: the routed experts are sharded over ranks (expert "
-                           "parallelism); call it inside `with moetune.model.expert_parallel."
-                           "full_experts(model):` on every rank")
+        raise RuntimeError(
+            f"{action}: the routed experts are sharded over ranks (expert "
+            "parallelism); call it inside `with moetune.model.expert_parallel."
+            "full_experts(model):` on every rank"
+        )
 
 
 def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> nn.Module:
@@ -181,8 +192,10 @@ def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> nn.Module:
         raise ValueError("shard_experts: the experts are already sharded")
     for moe in layers:
         if moe.experts.num_experts % groups.ep_size:
-            raise ValueError(f"expert parallel size {groups.ep_size} must divide n_routed_experts "
-                             f"{moe.experts.num_experts}")
+            raise ValueError(
+                f"expert parallel size {groups.ep_size} must divide n_routed_experts "
+                f"{moe.experts.num_experts}"
+            )
     for moe in layers:
         count = moe.experts.num_experts // groups.ep_size
         keep_slice(moe, ExpertShard(groups, groups.ep_rank * count, count, moe.experts.num_experts))
@@ -197,8 +210,10 @@ def keep_slice(moe: MoE, shard: ExpertShard) -> None:
     experts, first, end = moe.experts, shard.first, shard.first + shard.count
     for name, tensor in stacked_tensors(experts):
         if tensor.shape[0] != shard.total:
-            raise ValueError(f"cannot shard {type(experts).__name__}.{name} {tuple(tensor.shape)}: "
-                             f"not stacked per expert ({shard.total} first)")
+            raise ValueError(
+                f"cannot shard {type(experts).__name__}.{name} {tuple(tensor.shape)}: "
+                f"not stacked per expert ({shard.total} first)"
+            )
     for _, tensor in stacked_tensors(experts):
         tensor.data = from_rank0(tensor.data)[first:end].clone()
     experts.num_experts = shard.count
@@ -272,8 +287,9 @@ def watch_gradients(experts: nn.Module, groups: ExpertParallelGroups) -> None:
     forward, so parameters unfrozen or adapters attached after sharding are covered."""
     for param in experts.parameters():
         if param.requires_grad and not hasattr(param, "expert_parallel_hook"):
-            param.expert_parallel_hook = param.register_hook(partial(reduce_expert_grad,
-                                                                     groups=groups))
+            param.expert_parallel_hook = param.register_hook(
+                partial(reduce_expert_grad, groups=groups)
+            )
 
 
 def reduce_expert_grad(grad: torch.Tensor, groups: ExpertParallelGroups) -> torch.Tensor:

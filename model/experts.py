@@ -76,9 +76,26 @@ class RoutedExpertsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, gemms: ExpertGemms, offsets, row_token, token_rows,
-                row_weight, gate_A=None, up_A=None, down_A=None, gate_B=None, up_B=None,
-                down_B=None, lora_rows=None, lora_offsets=None, scaling=1.0):
+    def forward(
+        ctx,
+        x,
+        gate_up,
+        down,
+        gemms: ExpertGemms,
+        offsets,
+        row_token,
+        token_rows,
+        row_weight,
+        gate_A=None,
+        up_A=None,
+        down_A=None,
+        gate_B=None,
+        up_B=None,
+        down_B=None,
+        lora_rows=None,
+        lora_offsets=None,
+        scaling=1.0,
+    ):
         """x [T, hidden]; gate_up [E, 2I, hidden] or None; down [E, hidden, I] or None;
         offsets [E] int32 (cumulative rows per expert); row_token [N]; token_rows [T, k];
         row_weight [N]. -> [T, hidden]."""
@@ -89,10 +106,18 @@ class RoutedExpertsFunction(torch.autograd.Function):
         u_in = u_out = None
         if lora:
             rank = gate_A.shape[1]
-            u_in = grouped_mm(select_rows(rows, lora_rows),
-                              torch.cat((gate_A, up_A), 1).transpose(-2, -1), lora_offsets)
-            delta = torch.cat((grouped_mm(u_in[:, :rank], gate_B.transpose(-2, -1), lora_offsets),
-                               grouped_mm(u_in[:, rank:], up_B.transpose(-2, -1), lora_offsets)), 1)
+            u_in = grouped_mm(
+                select_rows(rows, lora_rows),
+                torch.cat((gate_A, up_A), 1).transpose(-2, -1),
+                lora_offsets,
+            )
+            delta = torch.cat(
+                (
+                    grouped_mm(u_in[:, :rank], gate_B.transpose(-2, -1), lora_offsets),
+                    grouped_mm(u_in[:, rank:], up_B.transpose(-2, -1), lora_offsets),
+                ),
+                1,
+            )
             add_rows(h, lora_rows, delta.mul_(scaling))
         act = swiglu(h, row_weight)
         out_rows = gemms.down(act, offsets)
@@ -100,16 +125,47 @@ class RoutedExpertsFunction(torch.autograd.Function):
             u_out = grouped_mm(select_rows(act, lora_rows), down_A.transpose(-2, -1), lora_offsets)
             delta = grouped_mm(u_out, down_B.transpose(-2, -1), lora_offsets)
             add_rows(out_rows, lora_rows, delta.mul_(scaling))
-        ctx.save_for_backward(rows, offsets, row_token, token_rows, row_weight, h,
-                              gate_A, up_A, down_A, gate_B, up_B, down_B, lora_rows, lora_offsets,
-                              u_in, u_out)
+        ctx.save_for_backward(
+            rows,
+            offsets,
+            row_token,
+            token_rows,
+            row_weight,
+            h,
+            gate_A,
+            up_A,
+            down_A,
+            gate_B,
+            up_B,
+            down_B,
+            lora_rows,
+            lora_offsets,
+            u_in,
+            u_out,
+        )
         ctx.gemms, ctx.scaling = gemms, scaling
         return combine(out_rows, token_rows)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (rows, offsets, row_token, token_rows, row_weight, h, gate_A, up_A, down_A, gate_B,
-         up_B, down_B, lora_rows, lora_offsets, u_in, u_out) = ctx.saved_tensors
+        (
+            rows,
+            offsets,
+            row_token,
+            token_rows,
+            row_weight,
+            h,
+            gate_A,
+            up_A,
+            down_A,
+            gate_B,
+            up_B,
+            down_B,
+            lora_rows,
+            lora_offsets,
+            u_in,
+            u_out,
+        ) = ctx.saved_tensors
         lora, s, gemms = gate_A is not None, ctx.scaling, ctx.gemms
         needs_x, needs_gate_up, needs_down = ctx.needs_input_grad[:3]
         grad_rows_out = grad_out.index_select(0, row_token)
@@ -120,8 +176,9 @@ class RoutedExpertsFunction(torch.autograd.Function):
             grad_sel = select_rows(grad_rows_out, lora_rows)
             grad_u_out = grouped_mm(grad_sel, down_B, lora_offsets).mul_(s)
             lora_grads[5] = grouped_mm(grad_sel.t(), u_out, lora_offsets).mul_(s)  # down_B
-            lora_grads[2] = grouped_mm(grad_u_out.t(), select_rows(act_weighted, lora_rows),
-                                       lora_offsets)  # down_A
+            lora_grads[2] = grouped_mm(
+                grad_u_out.t(), select_rows(act_weighted, lora_rows), lora_offsets
+            )  # down_A
             add_rows(grad_act, lora_rows, grouped_mm(grad_u_out, down_A, lora_offsets))
         grad_down = grouped_mm(grad_rows_out.t(), act_weighted, offsets) if needs_down else None
         grad_h, grad_row_weight = swiglu_backward(h, row_weight, grad_act)
@@ -132,16 +189,32 @@ class RoutedExpertsFunction(torch.autograd.Function):
             g_gate, g_up = grad_h_sel[:, :inter], grad_h_sel[:, inter:]
             lora_grads[3] = grouped_mm(g_gate.t(), u_in[:, :rank], lora_offsets).mul_(s)  # gate_B
             lora_grads[4] = grouped_mm(g_up.t(), u_in[:, rank:], lora_offsets).mul_(s)  # up_B
-            grad_u_in = torch.cat((grouped_mm(g_gate, gate_B, lora_offsets),
-                                   grouped_mm(g_up, up_B, lora_offsets)), 1).mul_(s)
+            grad_u_in = torch.cat(
+                (grouped_mm(g_gate, gate_B, lora_offsets), grouped_mm(g_up, up_B, lora_offsets)), 1
+            ).mul_(s)
             grad_a = grouped_mm(grad_u_in.t(), select_rows(rows, lora_rows), lora_offsets)
             lora_grads[0], lora_grads[1] = grad_a[:, :rank], grad_a[:, rank:]  # gate_A, up_A
-            add_rows(grad_rows, lora_rows,
-                     grouped_mm(grad_u_in, torch.cat((gate_A, up_A), 1), lora_offsets))
+            add_rows(
+                grad_rows,
+                lora_rows,
+                grouped_mm(grad_u_in, torch.cat((gate_A, up_A), 1), lora_offsets),
+            )
         grad_x = combine(grad_rows, token_rows) if needs_x else None
         grad_gate_up = grouped_mm(grad_h.t(), rows, offsets) if needs_gate_up else None
-        return (grad_x, grad_gate_up, grad_down, None, None, None, None, grad_row_weight,
-                *lora_grads, None, None, None)
+        return (
+            grad_x,
+            grad_gate_up,
+            grad_down,
+            None,
+            None,
+            None,
+            None,
+            grad_row_weight,
+            *lora_grads,
+            None,
+            None,
+            None,
+        )
 
 
 class RoutedExperts(nn.Module):
@@ -151,11 +224,15 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size)
+        )
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.lora = None  # an ExpertLora once adapters are attached (moetune.model.lora)
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """x [T, hidden], expert_ids [T, k], weights [T, k] -> sum_k weights * expert(x) [T, hidden]."""
         return route(self, x, expert_ids, weights, self.gemms(), self.gate_up_proj, self.down_proj)
 
@@ -163,8 +240,15 @@ class RoutedExperts(nn.Module):
         return ExpertGemms(self.gate_up_proj, self.down_proj)
 
 
-def route(experts: nn.Module, x, expert_ids, weights, gemms: ExpertGemms,
-          gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> torch.Tensor:
+def route(
+    experts: nn.Module,
+    x,
+    expert_ids,
+    weights,
+    gemms: ExpertGemms,
+    gate_up: torch.Tensor | None = None,
+    down: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sort the (token, expert) pairs by expert and run the grouped-expert function through
     `gemms` (and the adapters in `experts.lora`, if any); gate_up and down, when given, get
     weight gradients. Shared by RoutedExperts and the FP8 experts, which differ only in how
@@ -178,6 +262,13 @@ def route(experts: nn.Module, x, expert_ids, weights, gemms: ExpertGemms,
     if experts.lora is not None:
         adapters = experts.lora.arguments(counts, flat_ids.index_select(0, order))
     return RoutedExpertsFunction.apply(
-        x, gate_up, down, gemms, offsets, order // expert_ids.shape[-1], token_rows,
-        weights.flatten().index_select(0, order), *adapters,
+        x,
+        gate_up,
+        down,
+        gemms,
+        offsets,
+        order // expert_ids.shape[-1],
+        token_rows,
+        weights.flatten().index_select(0, order),
+        *adapters,
     )

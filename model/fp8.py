@@ -34,8 +34,12 @@ from moetune.kernels import (
 )
 from moetune.model.experts import ExpertGemms, RoutedExperts, route
 
-QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                       "weight_block_size": [128, 128]}
+QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
 
 
 def pad_k(t: torch.Tensor) -> torch.Tensor:
@@ -69,8 +73,11 @@ def block_linears(model: nn.Module):
     are left out: they stay in high precision, as in DeepSeek-V3's recipe."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if (type(child) is nn.Linear and child.bias is None
-                    and name not in ("lm_head", "eh_proj")):
+            if (
+                type(child) is nn.Linear
+                and child.bias is None
+                and name not in ("lm_head", "eh_proj")
+            ):
                 yield parent, name, child
 
 
@@ -98,7 +105,9 @@ def to_fp8_training(model: nn.Module, fp8_wgrad: bool = False) -> nn.Module:
     return model
 
 
-def fp8_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+def fp8_input_grad(
+    grad_out: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor
+) -> torch.Tensor:
     """grad_out [..., out] @ W [out, in] -> [..., in] via the FP8 GEMM: the gradient quantised
     per 1x128 tile, W (float8 with 128x128 scales) as its blocks transposed (no re-quantisation)."""
     g_q, g_scale = quantize_act(pad_k(grad_out.reshape(-1, grad_out.shape[-1])))
@@ -124,22 +133,35 @@ class FrozenFP8LinearFunction(torch.autograd.Function):
 class FrozenFP8Linear(KeepsFP8Buffers, nn.Module):
     """A bias-free linear layer with a frozen FP8 weight [out, in] and its block scales."""
 
-    def __init__(self, in_features: int, out_features: int, device=None,
-                 compute_dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        device=None,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight", torch.empty(out_features, in_features,
-                                                   dtype=torch.float8_e4m3fn, device=device))
-        self.register_buffer("weight_scale_inv", torch.empty(
-            math.ceil(out_features / 128), math.ceil(in_features / 128), device=device))
+        self.register_buffer(
+            "weight",
+            torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device),
+        )
+        self.register_buffer(
+            "weight_scale_inv",
+            torch.empty(math.ceil(out_features / 128), math.ceil(in_features / 128), device=device),
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> FrozenFP8Linear:
         if linear.bias is not None:
             raise ValueError("FrozenFP8Linear holds bias-free layers only")
-        module = cls(linear.in_features, linear.out_features, device=linear.weight.device,
-                     compute_dtype=linear.weight.dtype)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            device=linear.weight.device,
+            compute_dtype=linear.weight.dtype,
+        )
         if linear.weight.device.type != "meta":
             module.weight, module.weight_scale_inv = quantize_weight(linear.weight.detach())
         return module
@@ -219,8 +241,9 @@ class FP8ExpertGemms(ExpertGemms):
 
     def gate_up(self, rows, offsets):
         quantized = quantize_rows(rows)  # once for every part
-        return torch.cat([grouped_fp8(quantized, part, offsets, rows.dtype)
-                          for part in self.gate_up_parts], 1)
+        return torch.cat(
+            [grouped_fp8(quantized, part, offsets, rows.dtype) for part in self.gate_up_parts], 1
+        )
 
     def down(self, act, offsets):
         return grouped_fp8(quantize_rows(act), self.down_weight, offsets, act.dtype)
@@ -231,8 +254,10 @@ class FP8ExpertGemms(ExpertGemms):
     def gate_up_input_grad(self, grad_h, offsets):
         widths = [weight.shape[1] for weight, _ in self.gate_up_parts]
         grads = zip(grad_h.split(widths, dim=1), self.gate_up_parts)
-        return sum(grouped_fp8(quantize_rows(grad), transposed(part), offsets, grad_h.dtype)
-                   for grad, part in grads)
+        return sum(
+            grouped_fp8(quantize_rows(grad), transposed(part), offsets, grad_h.dtype)
+            for grad, part in grads
+        )
 
 
 def quantize_rows(rows: torch.Tensor) -> FP8Tensor:
@@ -240,8 +265,9 @@ def quantize_rows(rows: torch.Tensor) -> FP8Tensor:
     return quantize_act(pad_k(rows.contiguous()))
 
 
-def grouped_fp8(rows: FP8Tensor, weight: FP8Tensor, offsets: torch.Tensor,
-                out_dtype: torch.dtype) -> torch.Tensor:
+def grouped_fp8(
+    rows: FP8Tensor, weight: FP8Tensor, offsets: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     """Quantised expert-sorted rows [N, in] times each row's expert weight [E, out, in]
     transposed -> [N, out] in out_dtype, via the grouped FP8 GEMM."""
     (rows_q, rows_scale), (w, scale) = rows, weight
@@ -282,13 +308,22 @@ class FP8RoutedExperts(KeepsFP8Buffers, nn.Module):
         self.compute_dtype = experts.down_proj.dtype
         inter = experts.intermediate_size
         device = experts.down_proj.device
-        weights = {"gate_proj": experts.gate_up_proj[:, :inter], "up_proj": experts.gate_up_proj[:, inter:],
-                   "down_proj": experts.down_proj}
+        weights = {
+            "gate_proj": experts.gate_up_proj[:, :inter],
+            "up_proj": experts.gate_up_proj[:, inter:],
+            "down_proj": experts.down_proj,
+        }
         for name, w in weights.items():
             rows, cols = w.shape[1:]
-            self.register_buffer(name, torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=device))
-            self.register_buffer(f"{name}_scale_inv", torch.empty(
-                self.num_experts, math.ceil(rows / 128), math.ceil(cols / 128), device=device))
+            self.register_buffer(
+                name, torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=device)
+            )
+            self.register_buffer(
+                f"{name}_scale_inv",
+                torch.empty(
+                    self.num_experts, math.ceil(rows / 128), math.ceil(cols / 128), device=device
+                ),
+            )
             if device.type != "meta":
                 q, s = quantize_weight(w.detach())
                 getattr(self, name).copy_(q)
@@ -298,17 +333,19 @@ class FP8RoutedExperts(KeepsFP8Buffers, nn.Module):
     def stored(self, name: str) -> FP8Tensor:
         return getattr(self, name), getattr(self, f"{name}_scale_inv")
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """As RoutedExperts.forward, through the grouped FP8 GEMM on the stored weights."""
-        gemms = FP8ExpertGemms([self.stored("gate_proj"), self.stored("up_proj")],
-                               self.stored("down_proj"))
+        gemms = FP8ExpertGemms(
+            [self.stored("gate_proj"), self.stored("up_proj")], self.stored("down_proj")
+        )
         return route(self, x, expert_ids, weights, gemms)
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a (possibly FP8-stored) linear or experts module computes in."""
-    return getattr(module, "compute_dtype", None) or next(
-        t.dtype for t in module.parameters())
+    return getattr(module, "compute_dtype", None) or next(t.dtype for t in module.parameters())
 
 
 def dense_weight(linear: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -23,10 +23,14 @@ def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
     """The whole shape of every state_dict tensor, read without gathering anything."""
     shapes = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        shapes[name] = torch.Size(getattr(tensor, "ds_shape", tensor.shape))  # ZeRO-3, DTensor, plain
+        shapes[name] = torch.Size(
+            getattr(tensor, "ds_shape", tensor.shape)
+        )  # ZeRO-3, DTensor, plain
     for prefix, moe in ((n, m) for n, m in model.named_modules() if m in sharded_layers(model)):
         for name, tensor in stacked_tensors(moe.experts):
-            shapes[f"{prefix}.experts.{name}"] = torch.Size((moe.expert_parallel.total, *tensor.shape[1:]))
+            shapes[f"{prefix}.experts.{name}"] = torch.Size(
+                (moe.expert_parallel.total, *tensor.shape[1:])
+            )
     return shapes
 
 
@@ -36,8 +40,12 @@ def gathered(model: nn.Module, modules: list[nn.Module]):
     children's) are whole on every rank: ZeRO-3 parameters gathered, expert-parallel MoE
     layers' experts gathered (read DTensors with `whole`)."""
     with ExitStack() as stack:
-        partitioned = [p for m in modules for p in m.parameters(recurse=False)
-                       if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
+        partitioned = [
+            p
+            for m in modules
+            for p in m.parameters(recurse=False)
+            if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"
+        ]
         if partitioned:  # (persistent or already gathered ones are whole)
             import deepspeed
 

@@ -66,12 +66,19 @@ def generate(
     tokens = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros(batch, longest + max_new_tokens, dtype=torch.long, device=device)
     for i, prompt in enumerate(prompts):
-        tokens[i, longest - len(prompt):] = torch.tensor(prompt, device=device)
-        mask[i, longest - len(prompt):longest] = 1
+        tokens[i, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[i, longest - len(prompt) : longest] = 1
     config = model.config
     dtype = next(model.parameters()).dtype
-    cache = LatentCache(config.num_hidden_layers, batch, longest + max_new_tokens,
-                        config.kv_lora_rank, config.qk_rope_head_dim, dtype, device)
+    cache = LatentCache(
+        config.num_hidden_layers,
+        batch,
+        longest + max_new_tokens,
+        config.kv_lora_rank,
+        config.qk_rope_head_dim,
+        dtype,
+        device,
+    )
     stop = set(stop_token_ids or [])
     out = GenerationOutput([[] for _ in prompts], [[] for _ in prompts], ["length"] * batch)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -104,24 +111,31 @@ def generate(
             step_input = next_ids[:, None]
     model.train(was_training)
     if record_routes:
-        out.routed_experts = sequence_routes(recorded, [len(p) for p in prompts], longest,
-                                             [len(s) for s in out.sequences])
+        out.routed_experts = sequence_routes(
+            recorded, [len(p) for p in prompts], longest, [len(s) for s in out.sequences]
+        )
     return out
 
 
-def sequence_routes(recorded: list[list[torch.Tensor]], prompt_lengths: list[int], longest: int,
-                    generated: list[int]) -> list[torch.Tensor]:
+def sequence_routes(
+    recorded: list[list[torch.Tensor]],
+    prompt_lengths: list[int],
+    longest: int,
+    generated: list[int],
+) -> list[torch.Tensor]:
     """Per-layer lists of forward chunks ([B * tokens, k]: the left-padded prefill, then one
     token per row per step) -> per sequence [num_moe_layers, prompt + generated, k]."""
     batch = len(prompt_lengths)
-    layers = torch.stack([torch.cat([c.view(batch, -1, c.shape[-1]) for c in chunks], 1)
-                          for chunks in recorded]).to(torch.int16)  # [L, B, fed, k]
+    layers = torch.stack(
+        [torch.cat([c.view(batch, -1, c.shape[-1]) for c in chunks], 1) for chunks in recorded]
+    ).to(torch.int16)  # [L, B, fed, k]
     routes = []
     for i, (prompt, completion) in enumerate(zip(prompt_lengths, generated)):
         start = longest - prompt
-        route = torch.full((layers.shape[0], prompt + completion, layers.shape[-1]), -1,
-                           dtype=torch.int16)
-        fed = layers[:, i, start:start + prompt + completion]
-        route[:, :fed.shape[1]] = fed
+        route = torch.full(
+            (layers.shape[0], prompt + completion, layers.shape[-1]), -1, dtype=torch.int16
+        )
+        fed = layers[:, i, start : start + prompt + completion]
+        route[:, : fed.shape[1]] = fed
         routes.append(route)
     return routes

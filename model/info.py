@@ -16,8 +16,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-COMPONENTS = ("embedding", "attention", "dense_mlp", "router", "shared_experts",
-              "routed_experts", "norms", "head")
+COMPONENTS = (
+    "embedding",
+    "attention",
+    "dense_mlp",
+    "router",
+    "shared_experts",
+    "routed_experts",
+    "norms",
+    "head",
+)
 
 
 @dataclass
@@ -100,16 +108,21 @@ def human(n: float) -> str:
 
 def format_report(report: ParameterReport, path: str) -> str:
     with_mtp = report.total_params + report.mtp_params
-    counts = [("total parameters (without MTP)", report.total_params),
-              ("activated per token", report.active_params),
-              ("MTP parameters", report.mtp_params), ("total with MTP", with_mtp)]
+    counts = [
+        ("total parameters (without MTP)", report.total_params),
+        ("activated per token", report.active_params),
+        ("MTP parameters", report.mtp_params),
+        ("total with MTP", with_mtp),
+    ]
     lines = [path] + [f"  {label + ':':<32}{n:>18,} ({human(n)})" for label, n in counts]
     lines.append("  by component (without MTP):")
     for name, n in report.components.items():
         share = 100 * n / max(report.total_params, 1)
         lines.append(f"    {name:<16} {n:>18,} ({human(n):>8}, {share:5.1f}%)")
-    lines += [f"  weights in bf16: {report.bf16_bytes / 1e9:,.1f} GB",
-              f"  weights in FP8 (128x128 blocks): {report.fp8_bytes / 1e9:,.1f} GB"]
+    lines += [
+        f"  weights in bf16: {report.bf16_bytes / 1e9:,.1f} GB",
+        f"  weights in FP8 (128x128 blocks): {report.fp8_bytes / 1e9:,.1f} GB",
+    ]
     return "\n".join(lines)
 
 
@@ -121,10 +134,12 @@ def run(args) -> int:
 
 def add_subcommand(subparsers) -> None:
     parser = subparsers.add_parser(
-        "info", help="parameter counts and weight memory of a checkpoint or config.json",
+        "info",
+        help="parameter counts and weight memory of a checkpoint or config.json",
         description="Build the model on the meta device from PATH (a checkpoint folder or a "
-                    "config.json) and print total, activated-per-token and MTP parameter "
-                    "counts, a per-component breakdown, and bf16/FP8 weight memory.")
+        "config.json) and print total, activated-per-token and MTP parameter "
+        "counts, a per-component breakdown, and bf16/FP8 weight memory.",
+    )
     parser.add_argument("path", help="checkpoint folder or config.json")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)

@@ -10,9 +10,19 @@ class LatentCache:
     positions. Layers append in order; `advance(n)` moves the shared write position after
     all layers of a step have appended n tokens."""
 
-    def __init__(self, num_layers: int, batch: int, max_len: int, kv_lora_rank: int,
-                 rope_dim: int, dtype: torch.dtype, device: torch.device | str):
-        self.latent = torch.zeros(num_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        max_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.latent = torch.zeros(
+            num_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device
+        )
         self.k_rope = torch.zeros(num_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
         self.length = 0
 
@@ -25,8 +35,8 @@ class LatentCache:
         end = self.length + latent.shape[1]
         if end > self.max_len:
             raise ValueError(f"LatentCache holds {self.max_len} positions; {end} requested")
-        self.latent[layer, :, self.length:end] = latent
-        self.k_rope[layer, :, self.length:end] = k_rope
+        self.latent[layer, :, self.length : end] = latent
+        self.k_rope[layer, :, self.length : end] = k_rope
         return self.latent[layer, :, :end], self.k_rope[layer, :, :end]
 
     def advance(self, n: int) -> None:

@@ -49,7 +49,9 @@ class LoraSpec:
     def __post_init__(self):
         unknown = set(self.components) - set(COMPONENTS)
         if unknown:
-            raise ValueError(f"lora.components: unknown {sorted(unknown)}; choose from {COMPONENTS}")
+            raise ValueError(
+                f"lora.components: unknown {sorted(unknown)}; choose from {COMPONENTS}"
+            )
         unknown = set(self.ranks) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"lora.ranks: unknown {sorted(unknown)}; choose from {COMPONENTS}")
@@ -87,8 +89,13 @@ class LoraLinear(nn.Module):
         """The base linear with the update folded in (an FP8 base is dequantised first)."""
         with torch.no_grad():
             weight = self.dense_weight()
-        merged = nn.Linear(self.base_layer.in_features, self.base_layer.out_features, bias=False,
-                           device=weight.device, dtype=weight.dtype)
+        merged = nn.Linear(
+            self.base_layer.in_features,
+            self.base_layer.out_features,
+            bias=False,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         merged.weight.data.copy_(weight)
         return merged
 
@@ -104,12 +111,17 @@ class ExpertLora(nn.Module):
         hidden, inter = experts.down_proj.shape[1], experts.intermediate_size
         dtype = compute_dtype(experts)
         if rank * dtype.itemsize % 16:
-            raise ValueError(f"routed-expert LoRA rank {rank} in {dtype}: grouped "
-                             f"GEMMs need rows of a multiple of 16 bytes; use a rank multiple of 8")
+            raise ValueError(
+                f"routed-expert LoRA rank {rank} in {dtype}: grouped "
+                f"GEMMs need rows of a multiple of 16 bytes; use a rank multiple of 8"
+            )
         if len(set(expert_ids)) != len(expert_ids) or not all(
-                0 <= e < experts.num_experts for e in expert_ids):
-            raise ValueError(f"lora.experts: {sorted(expert_ids)} must be distinct expert ids in "
-                             f"[0, {experts.num_experts})")
+            0 <= e < experts.num_experts for e in expert_ids
+        ):
+            raise ValueError(
+                f"lora.experts: {sorted(expert_ids)} must be distinct expert ids in "
+                f"[0, {experts.num_experts})"
+            )
         count = len(expert_ids)
         like = dict(device=experts.down_proj.device, dtype=dtype)
         self.gate_A = nn.Parameter(torch.empty(count, rank, hidden, **like))
@@ -121,8 +133,9 @@ class ExpertLora(nn.Module):
         for a in (self.gate_A, self.up_A, self.down_A):
             for slot in range(count if a.device.type != "meta" else 0):  # meta: shapes only
                 nn.init.kaiming_uniform_(a[slot], a=math.sqrt(5))
-        self.register_buffer("expert_ids", torch.tensor(sorted(expert_ids), device=like["device"]),
-                             persistent=False)
+        self.register_buffer(
+            "expert_ids", torch.tensor(sorted(expert_ids), device=like["device"]), persistent=False
+        )
         self.all_experts = count == experts.num_experts
         self.scaling = scaling
 
@@ -136,8 +149,17 @@ class ExpertLora(nn.Module):
             selected = torch.zeros_like(counts, dtype=torch.bool)
             selected[self.expert_ids] = True
             rows = selected[row_expert].nonzero().flatten()
-        return (self.gate_A, self.up_A, self.down_A, self.gate_B, self.up_B, self.down_B,
-                rows, offsets, self.scaling)
+        return (
+            self.gate_A,
+            self.up_A,
+            self.down_A,
+            self.gate_B,
+            self.up_B,
+            self.down_B,
+            rows,
+            offsets,
+            self.scaling,
+        )
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
@@ -158,14 +180,21 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
             wrap_linears(mlp, ("gate_proj", "up_proj", "down_proj"), spec, "dense_mlp")
         if isinstance(mlp, MoE):  # routed experts: RoutedExperts or FP8RoutedExperts
             if mlp.shared_experts is not None and "shared_experts" in spec.components:
-                wrap_linears(mlp.shared_experts, ("gate_proj", "up_proj", "down_proj"), spec,
-                             "shared_experts")
+                wrap_linears(
+                    mlp.shared_experts,
+                    ("gate_proj", "up_proj", "down_proj"),
+                    spec,
+                    "shared_experts",
+                )
             if "routed_experts" in spec.components:
                 chosen = (spec.experts or {}).get(index, range(mlp.experts.num_experts))
                 if len(chosen):
                     mlp.experts.lora = ExpertLora(
-                        mlp.experts, list(chosen), spec.rank_of("routed_experts"),
-                        spec.scaling("routed_experts"))
+                        mlp.experts,
+                        list(chosen),
+                        spec.rank_of("routed_experts"),
+                        spec.scaling("routed_experts"),
+                    )
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -173,8 +202,11 @@ def wrap_linears(parent: nn.Module, names, spec: LoraSpec, component: str) -> No
     for name in names:
         base = getattr(parent, name, None)
         if isinstance(base, (nn.Linear, FrozenFP8Linear)):
-            setattr(parent, name, LoraLinear(base, spec.rank_of(component), spec.scaling(component),
-                                             spec.dropout))
+            setattr(
+                parent,
+                name,
+                LoraLinear(base, spec.rank_of(component), spec.scaling(component), spec.dropout),
+            )
 
 
 @contextmanager
@@ -200,7 +232,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if isinstance(child, LoraLinear):
                 setattr(parent, name, child.merged())
         if isinstance(parent, FP8RoutedExperts) and parent.lora is not None:
-            raise ValueError("merge into FP8 experts is not supported: load the base in bf16 to merge")
+            raise ValueError(
+                "merge into FP8 experts is not supported: load the base in bf16 to merge"
+            )
         if isinstance(parent, RoutedExperts) and parent.lora is not None:
             lora, inter = parent.lora, parent.intermediate_size
             ids = lora.expert_ids

@@ -24,7 +24,8 @@ class MoE(nn.Module):
         )
         self.shared_experts = (
             GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
-            if config.n_shared_experts else None
+            if config.n_shared_experts
+            else None
         )
         self.compute_balance_loss = config.aux_loss_alpha > 0
         self.balance_loss: torch.Tensor | None = None

@@ -36,7 +36,9 @@ def rope_frequencies(dim: int, theta: float, yarn: dict | None) -> tuple[torch.T
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(
+        0, 1
+    )
     extrapolated = 1 - ramp
     inv_freq = inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
     mscale, mscale_all_dim = yarn.get("mscale"), yarn.get("mscale_all_dim")

@@ -100,8 +100,10 @@ class Router(nn.Module):
     def replayed(self, chosen: torch.Tensor) -> torch.Tensor:
         """The replayed expert ids where given (>= 0), this router's choice elsewhere."""
         if self.replay.shape != chosen.shape:
-            raise ValueError(f"routing replay: routes of shape {tuple(self.replay.shape)} for "
-                             f"{tuple(chosen.shape)} routed tokens [tokens, top_k]")
+            raise ValueError(
+                f"routing replay: routes of shape {tuple(self.replay.shape)} for "
+                f"{tuple(chosen.shape)} routed tokens [tokens, top_k]"
+            )
         replay = self.replay.to(chosen.device, chosen.dtype)
         return torch.where(replay >= 0, replay, chosen)
 
@@ -114,7 +116,9 @@ class Router(nn.Module):
         self.load.zero_()
 
 
-def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor, batch: int) -> torch.Tensor:
+def sequence_balance_loss(
+    scores: torch.Tensor, expert_ids: torch.Tensor, batch: int
+) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss sum_i f_i P_i, averaged over sequences.
 
     scores [B*S, E] (unnormalised affinities), expert_ids [B*S, k]. Per sequence:
@@ -124,7 +128,8 @@ def sequence_balance_loss(scores: torch.Tensor, expert_ids: torch.Tensor, batch:
     scores = scores.unflatten(0, (batch, -1))
     seq_len = scores.shape[1]
     counts = torch.zeros_like(scores[:, 0]).scatter_add_(
-        1, expert_ids.unflatten(0, (batch, -1)).flatten(1),
+        1,
+        expert_ids.unflatten(0, (batch, -1)).flatten(1),
         torch.ones(batch, seq_len * top_k, device=scores.device, dtype=scores.dtype),
     )
     f = counts * num_experts / (top_k * seq_len)

@@ -39,8 +39,9 @@ def replaying_routes(model, routes: torch.Tensor | None) -> Iterator[None]:
     no replay). Activation-checkpoint recomputation inside the block replays them too."""
     routers = model.routers()
     if routes is not None and routes.shape[0] != len(routers):
-        raise ValueError(f"routing replay: routes for {routes.shape[0]} MoE layers, the model "
-                         f"has {len(routers)}")
+        raise ValueError(
+            f"routing replay: routes for {routes.shape[0]} MoE layers, the model has {len(routers)}"
+        )
     for i, router in enumerate(routers):
         router.replay = None if routes is None else routes[i].flatten(0, 1)
     try:

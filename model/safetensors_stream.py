@@ -17,9 +17,18 @@ from pathlib import Path
 import torch
 
 DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -40,12 +49,17 @@ class SafetensorsStream:
     """Writes `entries` to `path` in their order: the header on opening, then `write` each
     tensor in turn; `close` checks that all came."""
 
-    def __init__(self, path: Path, entries: list[TensorEntry], metadata: dict[str, str] | None = None):
+    def __init__(
+        self, path: Path, entries: list[TensorEntry], metadata: dict[str, str] | None = None
+    ):
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset = 0
         for entry in entries:
-            header[entry.name] = {"dtype": DTYPE_NAMES[entry.dtype], "shape": list(entry.shape),
-                                  "data_offsets": [offset, offset + entry.nbytes]}
+            header[entry.name] = {
+                "dtype": DTYPE_NAMES[entry.dtype],
+                "shape": list(entry.shape),
+                "data_offsets": [offset, offset + entry.nbytes],
+            }
             offset += entry.nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # as safetensors pads it: the data start 8-byte aligned
@@ -56,8 +70,10 @@ class SafetensorsStream:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         entry = self.entries[self.next]
         if (name, tensor.dtype, tuple(tensor.shape)) != (entry.name, entry.dtype, entry.shape):
-            raise ValueError(f"expected {entry.name} {entry.dtype} {list(entry.shape)}, got "
-                             f"{name} {tensor.dtype} {list(tensor.shape)}")
+            raise ValueError(
+                f"expected {entry.name} {entry.dtype} {list(entry.shape)}, got "
+                f"{name} {tensor.dtype} {list(tensor.shape)}"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self.file.write(memoryview(data.numpy()))
         self.next += 1
@@ -65,5 +81,7 @@ class SafetensorsStream:
     def close(self) -> None:
         self.file.close()
         if self.next != len(self.entries):
-            raise ValueError(f"{self.file.name}: {len(self.entries) - self.next} tensors never written "
-                             f"(next: {self.entries[self.next].name})")
+            raise ValueError(
+                f"{self.file.name}: {len(self.entries) - self.next} tensors never written "
+                f"(next: {self.entries[self.next].name})"
+            )

@@ -33,7 +33,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiheadLatentAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = (
-            MoE(config) if config.is_moe_layer(layer_idx)
+            MoE(config)
+            if config.is_moe_layer(layer_idx)
             else GatedMLP(config.hidden_size, config.intermediate_size)
         )
 
@@ -115,8 +116,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         rope = config.rope_parameters or {}
-        self.rotary = RotaryEmbedding(config.qk_rope_head_dim, rope.get("rope_theta", 10000.0),
-                                      config.yarn)
+        self.rotary = RotaryEmbedding(
+            config.qk_rope_head_dim, rope.get("rope_theta", 10000.0), config.yarn
+        )
         self.mtp = nn.ModuleList(
             MTPModule(config, config.num_hidden_layers + k)
             for k in range(config.num_nextn_predict_layers)
@@ -140,11 +142,15 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 position_ids = torch.arange(past, past + x.shape[1], device=x.device)[None]
                 position_ids = position_ids.expand(x.shape[0], -1)
         cos, sin = self.rotary(position_ids)
-        documents = packed_documents(position_ids) if attention_mask is None and cache is None else None
+        documents = (
+            packed_documents(position_ids) if attention_mask is None and cache is None else None
+        )
         if documents is not None:
             mask = build_document_mask(documents)
         else:
-            mask = build_attention_mask(attention_mask, x.shape[1], past, x.device, cache is not None)
+            mask = build_attention_mask(
+                attention_mask, x.shape[1], past, x.device, cache is not None
+            )
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, mask)
@@ -212,17 +218,31 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                cache: LatentCache | None = None, logits_to_keep: int = 0, **hf_kwargs):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        cache: LatentCache | None = None,
+        logits_to_keep: int = 0,
+        **hf_kwargs,
+    ):
         """input_ids [B, S]; labels [B, S] (unshifted, -100 ignored) -> CausalLMOutput.
 
         Flags that HF trainers pass (use_cache, return_dict, num_items_in_batch, ...) are
         accepted and ignored; inputs that would change the result are refused."""
-        unsupported = [k for k in ("inputs_embeds", "past_key_values") if hf_kwargs.get(k) is not None]
+        unsupported = [
+            k for k in ("inputs_embeds", "past_key_values") if hf_kwargs.get(k) is not None
+        ]
         if unsupported:
-            raise ValueError(f"DeepseekV3ForCausalLM.forward does not take {unsupported}; pass "
-                             "input_ids (and a LatentCache as `cache` for decoding)")
-        hidden, cos, sin, mask, documents = self.model(input_ids, attention_mask, position_ids, cache)
+            raise ValueError(
+                f"DeepseekV3ForCausalLM.forward does not take {unsupported}; pass "
+                "input_ids (and a LatentCache as `cache` for decoding)"
+            )
+        hidden, cos, sin, mask, documents = self.model(
+            input_ids, attention_mask, position_ids, cache
+        )
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         out = CausalLMOutput(logits=logits, hidden_states=hidden)
         if labels is None:
@@ -232,8 +252,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         if len(self.model.mtp) and self.config.mtp_loss_weight:
             out.mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, mask, documents)
             out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
-        balance = [m.mlp.balance_loss for m in self.model.layers
-                   if isinstance(m.mlp, MoE) and m.mlp.balance_loss is not None]
+        balance = [
+            m.mlp.balance_loss
+            for m in self.model.layers
+            if isinstance(m.mlp, MoE) and m.mlp.balance_loss is not None
+        ]
         if balance and self.training:
             out.aux_loss = torch.stack(balance).sum()
             out.loss = out.loss + self.config.aux_loss_alpha * out.aux_loss
@@ -278,8 +301,14 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
 
     # Checkpoints and generation live in their own modules ------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu",
-                        fp8: str | None = None, config=None):
+    def from_pretrained(
+        cls,
+        path,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        fp8: str | None = None,
+        config=None,
+    ):
         """Load a checkpoint folder. fp8="frozen" keeps (or makes) the decoder's linears and
         routed experts FP8, for a frozen base under LoRA; fp8="train" trains the decoder's
         linears through FP8 GEMMs; see moetune.model.checkpoint."""
@@ -298,8 +327,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         return generate(self, input_ids, **kwargs)
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, shift: int,
-                    documents: torch.Tensor | None = None) -> torch.Tensor:
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, shift: int, documents: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of logits[:, i] against labels[:, i + shift] over non -100 labels
     (and, for packed rows, over targets in the same sequence as position i)."""
     logits = logits[:, : logits.shape[1] - shift]

@@ -33,8 +33,10 @@ def training_run(model_dir: str):
     for folder in (Path(model_dir), Path(model_dir).parent):
         if (folder / RUN_RECIPE).is_file():
             return load_recipe(folder / RUN_RECIPE, [])
-    raise RecipeError(f"--model {model_dir}: no {RUN_RECIPE} of the run that trained it (in the "
-                      "folder or its parent); name the problems with --data")
+    raise RecipeError(
+        f"--model {model_dir}: no {RUN_RECIPE} of the run that trained it (in the "
+        "folder or its parent); name the problems with --data"
+    )
 
 
 def held_out_recipe(run, model_dir: str, rewards: list[RewardSpec], **given) -> EvalRecipe:
@@ -48,35 +50,57 @@ def held_out_recipe(run, model_dir: str, rewards: list[RewardSpec], **given) -> 
         raise TypeError(f"held_out_recipe: unknown settings {sorted(unknown)}")
     if run.recipe == "grpo":
         if run.eval.every == 0 and run.eval.source != run.data.source:
-            raise RecipeError(f"--model {model_dir}: its run held out no problems (eval.every: "
-                              "0, and its prompts are not a builtin set's train split); give --data")
+            raise RecipeError(
+                f"--model {model_dir}: its run held out no problems (eval.every: "
+                "0, and its prompts are not a builtin set's train split); give --data"
+            )
         problems, dtype = dataset_fields(run.eval), run.rollout.dtype
-        from_run = dict(limit=run.eval.limit, pass_threshold=run.eval.pass_threshold,
-                        backend=run.rollout.backend, max_new_tokens=run.rollout.max_new_tokens)
+        from_run = dict(
+            limit=run.eval.limit,
+            pass_threshold=run.eval.pass_threshold,
+            backend=run.rollout.backend,
+            max_new_tokens=run.rollout.max_new_tokens,
+        )
     else:
         data, dtype, from_run = run.data, run.model.dtype, {}
         if data.eval_source:
-            problems = dataset_fields(data) | {"source": data.eval_source, "subset": None,
-                                               "split": None, "revision": None}
-        elif data.eval_split or (isinstance(data.source, str) and data.source.startswith("builtin:")):
+            problems = dataset_fields(data) | {
+                "source": data.eval_source,
+                "subset": None,
+                "split": None,
+                "revision": None,
+            }
+        elif data.eval_split or (
+            isinstance(data.source, str) and data.source.startswith("builtin:")
+        ):
             problems = dataset_fields(with_split(data, data.eval_split))
         else:
-            raise RecipeError(f"--model {model_dir}: its run held out "
-                              f"{'a random share' if data.eval_fraction else 'nothing'} of "
-                              f"{data.source}, not a split eval can name; give --data")
+            raise RecipeError(
+                f"--model {model_dir}: its run held out "
+                f"{'a random share' if data.eval_fraction else 'nothing'} of "
+                f"{data.source}, not a split eval can name; give --data"
+            )
     if "split" in given:
         problems = dataset_fields(with_split(DatasetSpec(**problems), given["split"]))
     settings = asdict(EvalSection()) | {"n": 1, "temperature": 0.0} | from_run | given
     path, adapter = str(model_dir), settings.get("adapter")
     if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
         if not run.model.path:
-            raise RecipeError(f"--model {model_dir}: an adapter on a base built from model.config "
-                              f"{run.model.config}, not a checkpoint folder eval can load")
+            raise RecipeError(
+                f"--model {model_dir}: an adapter on a base built from model.config "
+                f"{run.model.config}, not a checkpoint folder eval can load"
+            )
         path, adapter = run.model.path, adapter or path  # as the run named it (its working folder)
     return EvalRecipe(
-        recipe="eval", model=ModelSection(path=path, adapter=adapter, dtype=dtype),
-        data=DataSection(**problems,
-                         limit=settings.get("limit"), seed=settings.get("seed", 0),
-                         arithmetic=run.data.arithmetic),
-        rewards=rewards, template=run.template,
-        eval=EvalSection(**{key: settings[key] for key in asdict(EvalSection())}))
+        recipe="eval",
+        model=ModelSection(path=path, adapter=adapter, dtype=dtype),
+        data=DataSection(
+            **problems,
+            limit=settings.get("limit"),
+            seed=settings.get("seed", 0),
+            arithmetic=run.data.arithmetic,
+        ),
+        rewards=rewards,
+        template=run.template,
+        eval=EvalSection(**{key: settings[key] for key in asdict(EvalSection())}),
+    )

@@ -94,25 +94,41 @@ class RecipePlan:
     def as_dict(self) -> dict:
         memory = self.memory
         plan = {
-            "recipe": self.recipe, "model": self.model, "parameters": asdict(self.parameters),
+            "recipe": self.recipe,
+            "model": self.model,
+            "parameters": asdict(self.parameters),
             "trainer": {
-                "devices": memory.devices, "zero_stage": memory.zero_stage,
+                "devices": memory.devices,
+                "zero_stage": memory.zero_stage,
                 "expert_parallel": memory.expert_parallel,
-                "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len,
+                "micro_batch_size": self.micro_batch_size,
+                "seq_len": self.seq_len,
                 "gradient_checkpointing": self.gradient_checkpointing,
-                "device_memory_gb": self.device_memory_gb, "headroom": HEADROOM,
-                "usable_bytes": self.usable, "bytes_per_device": memory.as_dict(),
-                "fits": self.fits, "devices_needed": self.devices_needed, "no_fit": self.no_fit},
-            "rollout": None}
+                "device_memory_gb": self.device_memory_gb,
+                "headroom": HEADROOM,
+                "usable_bytes": self.usable,
+                "bytes_per_device": memory.as_dict(),
+                "fits": self.fits,
+                "devices_needed": self.devices_needed,
+                "no_fit": self.no_fit,
+            },
+            "rollout": None,
+        }
         if self.rollout is not None:
             sizing, rollout = self.rollout, self.rollout.memory
             plan["rollout"] = {
-                "backend": sizing.backend, "workers": rollout.workers,
-                "tensor_parallel_size": rollout.tensor_parallel_size, "devices": rollout.devices,
-                "sequences_per_worker": rollout.sequences, "max_model_len": sizing.max_model_len,
-                "device_share": sizing.device_share, "usable_bytes": sizing.usable,
-                "bytes_per_device": rollout.as_dict(), "fits": sizing.fits,
-                "tensor_parallel_needed": sizing.tensor_parallel_needed}
+                "backend": sizing.backend,
+                "workers": rollout.workers,
+                "tensor_parallel_size": rollout.tensor_parallel_size,
+                "devices": rollout.devices,
+                "sequences_per_worker": rollout.sequences,
+                "max_model_len": sizing.max_model_len,
+                "device_share": sizing.device_share,
+                "usable_bytes": sizing.usable,
+                "bytes_per_device": rollout.as_dict(),
+                "fits": sizing.fits,
+                "tensor_parallel_needed": sizing.tensor_parallel_needed,
+            }
         return plan
 
 
@@ -123,7 +139,9 @@ def plan_recipe(recipe) -> RecipePlan:
     from moetune.training.model_loading import attach_lora, resolve_config
 
     if recipe.recipe not in ("sft", "grpo"):
-        raise RecipeError(f"recipe: {recipe.recipe}: moetune plan sizes training recipes (sft, grpo)")
+        raise RecipeError(
+            f"recipe: {recipe.recipe}: moetune plan sizes training recipes (sft, grpo)"
+        )
     section, training, plan = recipe.model, recipe.training, recipe.plan
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(resolve_config(section)).to(getattr(torch, section.dtype))
@@ -142,12 +160,18 @@ def plan_recipe(recipe) -> RecipePlan:
         checkpointing, reference = False, recipe.algorithm.beta > 0 and recipe.lora is None
     try:
         memory = plan_memory(
-            model, devices=plan.devices, zero_stage=plan.zero_stage,
-            expert_parallel=section.expert_parallel, micro_batch_size=batch, seq_len=seq_len,
+            model,
+            devices=plan.devices,
+            zero_stage=plan.zero_stage,
+            expert_parallel=section.expert_parallel,
+            micro_batch_size=batch,
+            seq_len=seq_len,
             gradient_checkpointing=checkpointing,
             optimizer="sgd" if recipe.recipe == "sft" and training.optim == "sgd" else "adamw",
-            master_weights_fp32=plan.zero_stage >= 1, train_mtp=recipe.recipe == "sft",
-            reference_copy=reference)
+            master_weights_fp32=plan.zero_stage >= 1,
+            train_mtp=recipe.recipe == "sft",
+            reference_copy=reference,
+        )
     except ValueError as error:
         raise RecipeError(f"plan: {error}") from None
     usable = usable_bytes(plan.device_memory_gb)
@@ -158,16 +182,29 @@ def plan_recipe(recipe) -> RecipePlan:
         no_fit = str(error)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts = ParameterCounts(
-        total=report.total_params, active=report.active_params, mtp=report.mtp_params,
-        trainable=trainable, trainable_percent=100 * trainable / held)
+        total=report.total_params,
+        active=report.active_params,
+        mtp=report.mtp_params,
+        trainable=trainable,
+        trainable_percent=100 * trainable / held,
+    )
     rollout = None
     if recipe.recipe == "grpo":
         rollout = size_rollout(recipe, model)
     return RecipePlan(
-        recipe=recipe.recipe, model=section.path or section.config, parameters=counts,
-        micro_batch_size=batch, seq_len=seq_len, gradient_checkpointing=checkpointing,
-        device_memory_gb=plan.device_memory_gb, usable=usable, memory=memory,
-        devices_needed=needed, no_fit=no_fit, rollout=rollout)
+        recipe=recipe.recipe,
+        model=section.path or section.config,
+        parameters=counts,
+        micro_batch_size=batch,
+        seq_len=seq_len,
+        gradient_checkpointing=checkpointing,
+        device_memory_gb=plan.device_memory_gb,
+        usable=usable,
+        memory=memory,
+        devices_needed=needed,
+        no_fit=no_fit,
+        rollout=rollout,
+    )
 
 
 def size_rollout(recipe, model) -> RolloutSizing:
@@ -180,19 +217,28 @@ def size_rollout(recipe, model) -> RolloutSizing:
     group = recipe.algorithm.group_size
     sequences = math.ceil(training.prompts_per_step / rollout.workers) * group if vllm else group
     memory = plan_rollout(
-        model, backend=rollout.backend, workers=rollout.workers,
+        model,
+        backend=rollout.backend,
+        workers=rollout.workers,
         tensor_parallel_size=rollout.tensor_parallel_size,
-        dtype_bytes=getattr(torch, rollout.dtype).itemsize, sequences=sequences,
-        max_model_len=rollout.max_model_len)
+        dtype_bytes=getattr(torch, rollout.dtype).itemsize,
+        sequences=sequences,
+        max_model_len=rollout.max_model_len,
+    )
     share = GPU_MEMORY_UTILIZATION if vllm else 1.0
     usable = usable_bytes(recipe.plan.device_memory_gb, share)
     if vllm:
         needed = memory.tensor_parallel_needed(usable, model.config.num_attention_heads)
     else:
         needed = 1 if memory.total <= usable else None
-    return RolloutSizing(backend=rollout.backend, max_model_len=rollout.max_model_len,
-                         device_share=share, memory=memory, usable=usable,
-                         tensor_parallel_needed=needed)
+    return RolloutSizing(
+        backend=rollout.backend,
+        max_model_len=rollout.max_model_len,
+        device_share=share,
+        memory=memory,
+        usable=usable,
+        tensor_parallel_needed=needed,
+    )
 
 
 def count(n: int) -> str:
@@ -206,30 +252,45 @@ def format_plan(plan: RecipePlan, name: str) -> str:
     needed = str(plan.devices_needed) if plan.no_fit is None else f"none: {plan.no_fit}"
     lines = [
         f"{name}: recipe {plan.recipe}, model {plan.model}",
-        (f"parameters: {count(counts.total)} without MTP  active per token: "
-         f"{count(counts.active)}  MTP: {count(counts.mtp)}  trainable: "
-         f"{count(counts.trainable)} ({counts.trainable_percent:.3f}%)"),
-        (f"trainer memory per device ({memory.devices} devices, ZeRO-{memory.zero_stage}"
-         f"{parallel}, micro-batch {plan.micro_batch_size} x {plan.seq_len} tokens, "
-         f"gradient checkpointing {checkpointing}):"),
+        (
+            f"parameters: {count(counts.total)} without MTP  active per token: "
+            f"{count(counts.active)}  MTP: {count(counts.mtp)}  trainable: "
+            f"{count(counts.trainable)} ({counts.trainable_percent:.3f}%)"
+        ),
+        (
+            f"trainer memory per device ({memory.devices} devices, ZeRO-{memory.zero_stage}"
+            f"{parallel}, micro-batch {plan.micro_batch_size} x {plan.seq_len} tokens, "
+            f"gradient checkpointing {checkpointing}):"
+        ),
         memory.table(),
-        (f"{'fits' if plan.fits else 'does NOT fit'} in {plan.device_memory_gb:g} GB per device "
-         f"({plan.usable / 1e9:,.1f} GB usable with {HEADROOM:.0%} headroom); devices needed "
-         f"at ZeRO-{memory.zero_stage}: {needed}")]
+        (
+            f"{'fits' if plan.fits else 'does NOT fit'} in {plan.device_memory_gb:g} GB per device "
+            f"({plan.usable / 1e9:,.1f} GB usable with {HEADROOM:.0%} headroom); devices needed "
+            f"at ZeRO-{memory.zero_stage}: {needed}"
+        ),
+    ]
     if plan.rollout is not None:
         sizing, rollout = plan.rollout, plan.rollout.memory
         tp = sizing.tensor_parallel_needed
-        needed = (f"{rollout.workers * tp} (tensor_parallel_size {tp})" if tp
-                  else "none: shorten rollout.max_model_len or sample fewer sequences at once")
+        needed = (
+            f"{rollout.workers * tp} (tensor_parallel_size {tp})"
+            if tp
+            else "none: shorten rollout.max_model_len or sample fewer sequences at once"
+        )
         lines += [
-            (f"rollout memory per device ({rollout.workers} {sizing.backend} engine(s) x "
-             f"tensor_parallel_size {rollout.tensor_parallel_size} = {rollout.devices} "
-             f"device(s) beside the trainer's; {rollout.sequences} sequences x "
-             f"{sizing.max_model_len} tokens cached per engine):"),
+            (
+                f"rollout memory per device ({rollout.workers} {sizing.backend} engine(s) x "
+                f"tensor_parallel_size {rollout.tensor_parallel_size} = {rollout.devices} "
+                f"device(s) beside the trainer's; {rollout.sequences} sequences x "
+                f"{sizing.max_model_len} tokens cached per engine):"
+            ),
             format_parts(rollout.as_dict()),
-            (f"{'fits' if sizing.fits else 'does NOT fit'} in {sizing.device_share:g} x "
-             f"{plan.device_memory_gb:g} GB per device ({sizing.usable / 1e9:,.1f} GB usable); "
-             f"rollout devices needed: {needed}")]
+            (
+                f"{'fits' if sizing.fits else 'does NOT fit'} in {sizing.device_share:g} x "
+                f"{plan.device_memory_gb:g} GB per device ({sizing.usable / 1e9:,.1f} GB usable); "
+                f"rollout devices needed: {needed}"
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -250,13 +311,18 @@ def run(args) -> int:
 
 def add_subcommand(subparsers) -> None:
     parser = subparsers.add_parser(
-        "plan", help="memory per device and devices needed for a recipe (sft, grpo)",
+        "plan",
+        help="memory per device and devices needed for a recipe (sft, grpo)",
         description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name")
     parser.add_argument("overrides", nargs="*", help="key.sub=value (values parsed as YAML)")
     parser.add_argument("--devices", type=int, help="training devices (overrides plan.devices)")
-    parser.add_argument("--device-memory-gb", type=float,
-                        help="memory of one device in GB (overrides plan.device_memory_gb)")
+    parser.add_argument(
+        "--device-memory-gb",
+        type=float,
+        help="memory of one device in GB (overrides plan.device_memory_gb)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=run)

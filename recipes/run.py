@@ -21,8 +21,11 @@ from moetune.recipes.loader import load_recipe, save_recipe
 
 SHIPPED = Path(__file__).resolve().parent
 RECIPE_FOLDERS = ("sft", "grpo", "eval")
-RUNNERS = {"sft": "moetune.finetune.sft:run_sft", "grpo": "moetune.rl.grpo:run_grpo",
-           "eval": "moetune.recipes.evaluate:run_recipe"}
+RUNNERS = {
+    "sft": "moetune.finetune.sft:run_sft",
+    "grpo": "moetune.rl.grpo:run_grpo",
+    "eval": "moetune.recipes.evaluate:run_recipe",
+}
 
 
 def resolve(name: str) -> Path:
@@ -33,8 +36,9 @@ def resolve(name: str) -> Path:
     for candidate in (SHIPPED / name, SHIPPED / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
-    raise RecipeError(f"recipe {name}: no such file, and not a shipped recipe "
-                      "(`moetune recipes` lists them)")
+    raise RecipeError(
+        f"recipe {name}: no such file, and not a shipped recipe (`moetune recipes` lists them)"
+    )
 
 
 def shipped_recipes() -> list[tuple[str, str]]:
@@ -53,8 +57,11 @@ def check_files(recipe, dry_run: bool) -> None:
     model, data, lora = recipe.model, recipe.data, getattr(recipe, "lora", None)
     named = []
     if not dry_run:
-        named += [("model.path", model.path), ("model.adapter", model.adapter),
-                  ("model.tokenizer", model.tokenizer if model.tokenizer != "char" else None)]
+        named += [
+            ("model.path", model.path),
+            ("model.adapter", model.adapter),
+            ("model.tokenizer", model.tokenizer if model.tokenizer != "char" else None),
+        ]
         sources = [("data.source", source) for source in local_sources(data)]
         if getattr(data, "eval_source", None):
             sources.append(("data.eval_source", data.eval_source))
@@ -136,11 +143,15 @@ def list_recipes(args) -> int:
 
 def add_subcommand(subparsers) -> None:
     parser = subparsers.add_parser(
-        "run", help="run a recipe (sft, grpo, eval)", description=__doc__.split("\n\n")[1])
+        "run", help="run a recipe (sft, grpo, eval)", description=__doc__.split("\n\n")[1]
+    )
     parser.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name")
     parser.add_argument("overrides", nargs="*", help="key.sub=value (values parsed as YAML)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="build on the meta device, print parameters and memory, exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build on the meta device, print parameters and memory, exit",
+    )
     parser.set_defaults(func=run)
     listing = subparsers.add_parser("recipes", help="list the shipped recipes")
     listing.set_defaults(func=list_recipes)

@@ -24,15 +24,28 @@ def add_subcommand(subparsers) -> None:
     reward = subparsers.add_parser("reward", help="Work with reward functions.")
     actions = reward.add_subparsers(dest="reward_command", metavar="ACTION", required=True)
     parser = actions.add_parser("score", help="Score a JSONL file of completions.")
-    parser.add_argument("--reward", required=True, metavar="NAME[,NAME...]",
-                        help="registered names, entry points, package.module:function or "
-                             "path/to/file.py:function")
-    parser.add_argument("--weights", metavar="W[,W...]",
-                        help="one weight per reward (default: 1 each)")
-    parser.add_argument("--options", type=json.loads, default={}, metavar="JSON",
-                        help="options per reward, as a JSON object: {NAME: {option: value}}")
-    parser.add_argument("--on-error", choices=("raise", "zero"), default="raise",
-                        help="a failing sample stops scoring (raise) or scores 0 (zero)")
+    parser.add_argument(
+        "--reward",
+        required=True,
+        metavar="NAME[,NAME...]",
+        help="registered names, entry points, package.module:function or path/to/file.py:function",
+    )
+    parser.add_argument(
+        "--weights", metavar="W[,W...]", help="one weight per reward (default: 1 each)"
+    )
+    parser.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="options per reward, as a JSON object: {NAME: {option: value}}",
+    )
+    parser.add_argument(
+        "--on-error",
+        choices=("raise", "zero"),
+        default="raise",
+        help="a failing sample stops scoring (raise) or scores 0 (zero)",
+    )
     parser.add_argument("--input", required=True, type=Path, help="JSONL file to score")
     parser.add_argument("--output", required=True, type=Path, help="JSONL file to write")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per scoring call")
@@ -59,8 +72,10 @@ def run_score(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: --options names {', '.join(unknown)}, not among --reward", file=sys.stderr)
         return 2
-    specs = [RewardSpec(name, weight, kwargs=args.options.get(name, {}), on_error=args.on_error)
-             for name, weight in zip(names, weights)]
+    specs = [
+        RewardSpec(name, weight, kwargs=args.options.get(name, {}), on_error=args.on_error)
+        for name, weight in zip(names, weights)
+    ]
     try:  # every name and option resolves before any row is scored
         resolve_rewards(specs)
     except RewardSpecError as error:
@@ -70,21 +85,29 @@ def run_score(args: argparse.Namespace) -> int:
     summary = _Summary(names)
     with args.output.open("w") as output, tqdm(total=len(rows), unit="sample") as progress:
         for start in range(0, len(rows), args.batch_size):
-            batch = rows[start:start + args.batch_size]
+            batch = rows[start : start + args.batch_size]
             keys = {key for row in batch for key in row} - {"prompt", "completion"}
             columns = {key: [row.get(key) for row in batch] for key in sorted(keys)}
             try:
-                result = score(specs, [r["prompt"] for r in batch],
-                               [r["completion"] for r in batch], columns)
+                result = score(
+                    specs, [r["prompt"] for r in batch], [r["completion"] for r in batch], columns
+                )
             except RewardError as error:
-                print(f"error: {error} (in the batch starting at line {start + 1})",
-                      file=sys.stderr)
+                print(
+                    f"error: {error} (in the batch starting at line {start + 1})", file=sys.stderr
+                )
                 return 1
             for i, row in enumerate(batch):
                 rewards = {name: result.values[name][i] for name in names}
                 extra = {column: values[i] for column, values in result.extra.items()}
-                output.write(json.dumps({**row, "rewards": rewards, "reward": result.totals[i]}
-                                        | ({"extra": extra} if extra else {}), default=str) + "\n")
+                output.write(
+                    json.dumps(
+                        {**row, "rewards": rewards, "reward": result.totals[i]}
+                        | ({"extra": extra} if extra else {}),
+                        default=str,
+                    )
+                    + "\n"
+                )
             summary.add(result)
             progress.update(len(batch))
     print(summary.render())
@@ -129,8 +152,10 @@ class _Summary:
 
         lines = [f"samples: {len(self.totals)}  mean reward: {mean(self.totals)}"]
         for name in self.names:
-            lines.append(f"  {name}: mean {mean(self.values[name])} over "
-                         f"{len(self.values[name])} scored, errors {self.errors[name]}, "
-                         f"timeouts {self.timeouts[name]}")
+            lines.append(
+                f"  {name}: mean {mean(self.values[name])} over "
+                f"{len(self.values[name])} scored, errors {self.errors[name]}, "
+                f"timeouts {self.timeouts[name]}"
+            )
         lines += [f"  logged {name}: mean {mean(values)}" for name, values in self.metrics.items()]
         return "\n".join(lines)

@@ -88,14 +88,18 @@ def build_cases(code: str, spec: dict | str) -> list[tuple[ScriptJob | CheckJob,
     if "inputs" in spec and "outputs" in spec:
         inputs, outputs = spec["inputs"], spec["outputs"]
         if not inputs or len(inputs) != len(outputs):
-            raise ValueError(f"tests have {len(inputs)} inputs and {len(outputs)} outputs; "
-                             "they need at least one of each, as many inputs as outputs")
+            raise ValueError(
+                f"tests have {len(inputs)} inputs and {len(outputs)} outputs; "
+                "they need at least one of each, as many inputs as outputs"
+            )
         return [(ScriptJob(code, _text(i)), _text(o)) for i, o in zip(inputs, outputs)]
     if "test" in spec and "entry_point" in spec:
         job = CheckJob(code, spec["test"], spec["entry_point"], spec.get("prefix") or "")
         return [(job, None)]
-    raise ValueError("tests must hold 'inputs' and 'outputs', or 'test' and 'entry_point'; "
-                     f"got keys {sorted(spec)}")
+    raise ValueError(
+        "tests must hold 'inputs' and 'outputs', or 'test' and 'entry_point'; "
+        f"got keys {sorted(spec)}"
+    )
 
 
 def _text(value: str | list) -> str:

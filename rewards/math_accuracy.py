@@ -78,9 +78,13 @@ def _reward(index: int, call: tuple[str, str], outcome) -> float | None:
         return 0.0
     verdict, gold_is_math = outcome
     if not gold_is_math:
-        logger.warning("math_accuracy: math-verify cannot parse the gold answer of row %d, so "
-                       "the row %s; check the data: %r", index,
-                       "scores None" if verdict is None else "was compared as text", call[0])
+        logger.warning(
+            "math_accuracy: math-verify cannot parse the gold answer of row %d, so "
+            "the row %s; check the data: %r",
+            index,
+            "scores None" if verdict is None else "was compared as text",
+            call[0],
+        )
     return verdict
 
 
@@ -165,7 +169,7 @@ def _last_boxed(text: str) -> str | None:
     starts = [match.end() for match in _BOXED.finditer(text)]
     if not starts:
         return None
-    rest = text[starts[-1]:].lstrip()
+    rest = text[starts[-1] :].lstrip()
     if not rest.startswith("{"):
         word = rest.split(maxsplit=1)
         return word[0].rstrip("$.") if word else None

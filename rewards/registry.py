@@ -42,8 +42,10 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
     def register(fn: RewardFn) -> RewardFn:
         if _registry.get(name, fn) is not fn:
-            raise ValueError(f"reward {name!r} is already registered by "
-                             f"{_registry[name].__module__}.{_registry[name].__qualname__}")
+            raise ValueError(
+                f"reward {name!r} is already registered by "
+                f"{_registry[name].__module__}.{_registry[name].__qualname__}"
+            )
         _registry[name] = fn
         return fn
 
@@ -74,9 +76,11 @@ def get_reward(name: str, **kwargs) -> Callable:
     if key not in _built:
         reward = fn(**kwargs)
         if not callable(reward):
-            raise TypeError(f"reward {name!r} takes none of {', '.join(REWARD_INPUTS)}, so it was "
-                            f"called as a factory, but it returned {type(reward).__name__}, "
-                            "not a function")
+            raise TypeError(
+                f"reward {name!r} takes none of {', '.join(REWARD_INPUTS)}, so it was "
+                f"called as a factory, but it returned {type(reward).__name__}, "
+                "not a function"
+            )
         _built[key] = reward
     return _built[key]
 
@@ -86,8 +90,10 @@ def _is_factory(fn: Callable) -> bool:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return not any(p.kind is inspect.Parameter.VAR_KEYWORD or name in REWARD_INPUTS
-                   for name, p in parameters.items())
+    return not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD or name in REWARD_INPUTS
+        for name, p in parameters.items()
+    )
 
 
 def _find(name: str) -> Callable:
@@ -117,15 +123,25 @@ def _check_options(name: str, fn: Callable, kwargs: dict, factory: bool) -> None
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return
-    option_kinds = ((inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                    if factory else (inspect.Parameter.KEYWORD_ONLY,))
+    option_kinds = (
+        (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if factory
+        else (inspect.Parameter.KEYWORD_ONLY,)
+    )
     for parameter in parameters.values():
-        required = (parameter.kind in option_kinds and parameter.default is inspect.Parameter.empty
-                    and parameter.name not in REWARD_INPUTS + RUN_ARGUMENTS)
+        required = (
+            parameter.kind in option_kinds
+            and parameter.default is inspect.Parameter.empty
+            and parameter.name not in REWARD_INPUTS + RUN_ARGUMENTS
+        )
         if required and parameter.name not in kwargs:
-            how = (f" (it names none of {', '.join(REWARD_INPUTS)}, so it is taken for a factory "
-                   "called with its options; a reward function names the arguments TRL passes "
-                   "by keyword)" if factory else "")
+            how = (
+                f" (it names none of {', '.join(REWARD_INPUTS)}, so it is taken for a factory "
+                "called with its options; a reward function names the arguments TRL passes "
+                "by keyword)"
+                if factory
+                else ""
+            )
             raise TypeError(f"reward {name!r} needs the option {parameter.name!r}{how}")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
@@ -134,5 +150,6 @@ def _check_options(name: str, fn: Callable, kwargs: dict, factory: bool) -> None
         if key not in parameters:
             close = difflib.get_close_matches(key, options, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"reward {name!r} has no option {key!r}{hint} "
-                            f"(it takes: {', '.join(options)})")
+            raise TypeError(
+                f"reward {name!r} has no option {key!r}{hint} (it takes: {', '.join(options)})"
+            )

@@ -140,7 +140,8 @@ class Sandbox:
                     f"the sandbox cannot run `import colorsys` here (status {probe.status}, exit "
                     f"{probe.exit_code}, isolation {probe.isolation}): {probe.detail}"
                     f"{probe.stderr} -- without a mount namespace the sandbox uid must be able "
-                    "to read the Python installation")
+                    "to read the Python installation"
+                )
             self._isolation = probe.isolation
             logger.info("sandbox isolation: %s", self._isolation)
         return self._isolation
@@ -167,7 +168,9 @@ class Sandbox:
             "namespaces_required": bool(self._isolation and self._isolation["namespaces"]),
         }
         if isinstance(job, CheckJob):
-            prefix = job.prefix if not job.prefix or job.prefix.endswith("\n") else job.prefix + "\n"
+            prefix = (
+                job.prefix if not job.prefix or job.prefix.endswith("\n") else job.prefix + "\n"
+            )
             header |= {"mode": "check", "code": prefix + job.code}
             test = {"prefix": job.prefix, "test": job.test, "entry_point": job.entry_point}
             frames = encode_frame(marshal.dumps(header)) + encode_frame(marshal.dumps(test))
@@ -197,7 +200,10 @@ class _Launcher:
     def __init__(self):
         self.process = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _LAUNCHER],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_ENV, start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=_ENV,
+            start_new_session=True,
         )
 
     def run(self, frames: bytes, timeout_s: float) -> bytes | None:

@@ -36,8 +36,9 @@ def _call(name: str, *args) -> None:
         raise OSError(errno, f"{name}{args}: {os.strerror(errno)}")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int,
-          options: str | None = None) -> None:
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int, options: str | None = None
+) -> None:
     encoded = [None if s is None else s.encode() for s in (source, target, fstype, options)]
     _call("mount", *encoded[:3], flags, encoded[3])
 
@@ -105,5 +106,3 @@ def _make_reachable(path: str) -> None:
         os.mkdir(branch)
         mount(f"/proc/self/fd/{branch_fd}", branch, None, MS_BIND | MS_REC)
         os.close(branch_fd)
-
-

@@ -58,7 +58,7 @@ def write_frame(fd: int, payload: bytes) -> None:
     """Write `payload` as one frame to `fd`."""
     data = encode_frame(payload)
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def encode_frame(payload: bytes) -> bytes:
@@ -111,4 +111,3 @@ def decode_value(tree: object) -> object:
         if tag == name:
             return kind(decode_value(item) for item in body)
     raise ValueError(f"unknown value tag {tag!r}")
-

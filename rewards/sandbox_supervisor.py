@@ -51,8 +51,15 @@ STDERR_CAP = 64 << 10
 REPORT_CAP = 1 << 20
 STARTED = b"+"  # init's mark on the report pipe: setup is done, the program starts now
 # Audit events refused to the program when it shares the host's network namespace.
-BLOCKED_EVENTS = ("socket.", "ctypes.", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-                  "subprocess.")
+BLOCKED_EVENTS = (
+    "socket.",
+    "ctypes.",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.system",
+    "subprocess.",
+)
 BLOCKED_MODULES = ("_posixsubprocess",)  # starts programs without raising an audit event
 
 
@@ -144,7 +151,7 @@ def _read_report(raw: bytes, status: str) -> dict:
         return {}
     started = raw.startswith(STARTED)
     try:
-        return marshal.loads(raw[len(STARTED) if started else 0:].partition(b"\n")[2])
+        return marshal.loads(raw[len(STARTED) if started else 0 :].partition(b"\n")[2])
     except (EOFError, ValueError, TypeError):
         pass
     # Once the program runs, it may kill init (it can without a pid namespace): its loss.
@@ -295,8 +302,13 @@ def _judge(job: dict, isolation: dict, test_fd: int) -> dict:
     replies_r, replies_w = os.pipe()
     program = os.fork()
     if program == 0:
-        _program(job, isolation, 0, keep=(requests_r, replies_w),  # stdin: init's /dev/null
-                 serve=lambda module: sandbox_judge.serve_calls(module, requests_r, replies_w))
+        _program(
+            job,
+            isolation,
+            0,
+            keep=(requests_r, replies_w),  # stdin: init's /dev/null
+            serve=lambda module: sandbox_judge.serve_calls(module, requests_r, replies_w),
+        )
     os.close(requests_r)
     os.close(replies_w)
     test = marshal.loads(os.pread(test_fd, os.fstat(test_fd).st_size, 0))  # only now

@@ -99,8 +99,11 @@ def resolve_rewards(specs: Sequence[RewardSpec]) -> list[Callable]:
         try:
             functions.append(get_reward(spec.name, **spec.kwargs))
         except (RewardNotFound, TypeError, ValueError, ImportError, SyntaxError) as error:
-            detail = (str(error) if isinstance(error, (RewardNotFound, TypeError))
-                      else f"{type(error).__name__}: {error}")
+            detail = (
+                str(error)
+                if isinstance(error, (RewardNotFound, TypeError))
+                else f"{type(error).__name__}: {error}"
+            )
             raise RewardSpecError(f"rewards[{index}] ({spec.name}): {detail}") from None
     return functions
 
@@ -123,22 +126,41 @@ def report_timeout(count: int = 1) -> None:
         counter[0] += count
 
 
-def score(specs: Sequence[RewardSpec], prompts: list, completions: list[str],
-          columns: dict[str, list] | None = None, *, completion_ids: list[list[int]] | None = None,
-          trainer_state: TrainerState | None = None) -> ScoreResult:
+def score(
+    specs: Sequence[RewardSpec],
+    prompts: list,
+    completions: list[str],
+    columns: dict[str, list] | None = None,
+    *,
+    completion_ids: list[list[int]] | None = None,
+    trainer_state: TrainerState | None = None,
+) -> ScoreResult:
     """Score a batch; see the module docstring."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(score_async(specs, prompts, completions, columns,
-                                       completion_ids=completion_ids, trainer_state=trainer_state))
+        return asyncio.run(
+            score_async(
+                specs,
+                prompts,
+                completions,
+                columns,
+                completion_ids=completion_ids,
+                trainer_state=trainer_state,
+            )
+        )
     raise RuntimeError("score() was called inside a running event loop; await score_async()")
 
 
-async def score_async(specs: Sequence[RewardSpec], prompts: list, completions: list[str],
-                      columns: dict[str, list] | None = None, *,
-                      completion_ids: list[list[int]] | None = None,
-                      trainer_state: TrainerState | None = None) -> ScoreResult:
+async def score_async(
+    specs: Sequence[RewardSpec],
+    prompts: list,
+    completions: list[str],
+    columns: dict[str, list] | None = None,
+    *,
+    completion_ids: list[list[int]] | None = None,
+    trainer_state: TrainerState | None = None,
+) -> ScoreResult:
     batch = _batch_arguments(prompts, completions, dict(columns or {}), completion_ids)
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -149,10 +171,12 @@ async def score_async(specs: Sequence[RewardSpec], prompts: list, completions: l
         _check_arguments(spec.name, fn, {*batch, *RUN_ARGUMENTS})
     sync_lock = asyncio.Lock()
     state = trainer_state or TrainerState()
-    outcomes = await asyncio.gather(*(
-        _run(spec, fn, batch, len(completions), state, sync_lock)
-        for spec, fn in zip(specs, functions)
-    ))
+    outcomes = await asyncio.gather(
+        *(
+            _run(spec, fn, batch, len(completions), state, sync_lock)
+            for spec, fn in zip(specs, functions)
+        )
+    )
     values = {spec.name: outcome.values for spec, outcome in zip(specs, outcomes)}
     totals = [
         sum(spec.weight * v for spec in specs if (v := values[spec.name][i]) is not None)
@@ -165,15 +189,18 @@ async def score_async(specs: Sequence[RewardSpec], prompts: list, completions: l
             metrics.setdefault(name, []).extend(logged)
         for column, logged in outcome.log.extra.items():
             if column in extra:
-                raise RewardError(f"reward {spec.name!r} logs the extra column {column!r}, "
-                                  "which another reward logs too")
+                raise RewardError(
+                    f"reward {spec.name!r} logs the extra column {column!r}, "
+                    "which another reward logs too"
+                )
             extra[column] = logged
     return ScoreResult(
         values=values,
         totals=[float(total) for total in totals],
         errors={spec.name: outcome.errors for spec, outcome in zip(specs, outcomes)},
         timeouts={spec.name: outcome.timeouts for spec, outcome in zip(specs, outcomes)},
-        metrics=metrics, extra=extra,
+        metrics=metrics,
+        extra=extra,
     )
 
 
@@ -182,8 +209,9 @@ def _batch_arguments(prompts, completions, columns, completion_ids) -> dict[str,
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if is_conversational(prompts):
-        completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c
-                       for c in completions]
+        completions = [
+            [{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions
+        ]
     batch = {"prompts": prompts, "completions": completions}
     if completion_ids is not None:
         batch["completion_ids"] = completion_ids
@@ -211,8 +239,10 @@ class _Log:
 
     def log_extra(self, column: str, values: list) -> None:
         if len(values) != self.rows:
-            raise ValueError(f"reward {self.function!r}: log_extra({column!r}) got {len(values)} "
-                             f"values for {self.rows} samples")
+            raise ValueError(
+                f"reward {self.function!r}: log_extra({column!r}) got {len(values)} "
+                f"values for {self.rows} samples"
+            )
         if column in self.extra:
             raise ValueError(f"reward {self.function!r}: log_extra({column!r}) called twice")
         self.extra[column] = list(values)
@@ -226,8 +256,14 @@ class _Outcome:
     log: _Log
 
 
-async def _run(spec: RewardSpec, fn: Callable, batch: dict[str, list], n: int,
-               state: TrainerState, sync_lock: asyncio.Lock) -> _Outcome:
+async def _run(
+    spec: RewardSpec,
+    fn: Callable,
+    batch: dict[str, list],
+    n: int,
+    state: TrainerState,
+    sync_lock: asyncio.Lock,
+) -> _Outcome:
     """Values, errors, timeouts and logs of one reward function over the batch."""
     counter = [0]
     _timeouts.set(counter)  # each gathered task runs in its own copy of the context
@@ -242,19 +278,23 @@ async def _run(spec: RewardSpec, fn: Callable, batch: dict[str, list], n: int,
         logger.warning("%s; scoring the batch 0.0", failure)
         return _Outcome([0.0] * n, n, counter[0], _Log(spec.name, n))
     except Exception as error:  # noqa: BLE001 -- any failure: find the samples to blame
-        logger.debug("reward %r failed on the batch (%r); retrying sample by sample",
-                     spec.name, error)
+        logger.debug(
+            "reward %r failed on the batch (%r); retrying sample by sample", spec.name, error
+        )
     values, errors, counter[0] = [], 0, 0  # timeouts and logs count again, sample by sample
     log = _Log(spec.name, n)
     for i in range(n):
-        one = {name: column[i:i + 1] for name, column in batch.items()}
+        one = {name: column[i : i + 1] for name, column in batch.items()}
         sample_log = _Log(spec.name, 1)
         try:
             result = await _call(fn, one, state, sample_log, accepted, sync_lock)
             values += _validate(spec.name, result, 1, first_index=i)
         except Exception as error:
-            message = (str(error) if type(error) is _Failure else
-                       f"reward {spec.name!r} failed on sample {i}: {type(error).__name__}: {error}")
+            message = (
+                str(error)
+                if type(error) is _Failure
+                else f"reward {spec.name!r} failed on sample {i}: {type(error).__name__}: {error}"
+            )
             if spec.on_error == "raise":
                 raise RewardError(message) from error
             logger.warning("%s; scoring it 0.0", message)
@@ -262,8 +302,9 @@ async def _run(spec: RewardSpec, fn: Callable, batch: dict[str, list], n: int,
             errors += 1
         _merge_sample_log(log, sample_log, i)
     if errors == 0 and spec.on_error == "raise":
-        raise RewardError(f"reward {spec.name!r} failed on the batch of {n} samples, "
-                          "though on no single sample")
+        raise RewardError(
+            f"reward {spec.name!r} failed on the batch of {n} samples, though on no single sample"
+        )
     return _Outcome(values, errors, counter[0], log)
 
 
@@ -275,10 +316,20 @@ def _merge_sample_log(log: _Log, sample: _Log, index: int) -> None:
         log.extra.setdefault(column, [None] * index).extend(sample.extra.get(column, [None]))
 
 
-async def _call(fn: Callable, batch: dict[str, list], state: TrainerState, log: _Log,
-                accepted: set[str] | None, sync_lock: asyncio.Lock):
-    arguments = {**batch, "trainer_state": state, "log_extra": log.log_extra,
-                 "log_metric": log.log_metric}
+async def _call(
+    fn: Callable,
+    batch: dict[str, list],
+    state: TrainerState,
+    log: _Log,
+    accepted: set[str] | None,
+    sync_lock: asyncio.Lock,
+):
+    arguments = {
+        **batch,
+        "trainer_state": state,
+        "log_extra": log.log_extra,
+        "log_metric": log.log_metric,
+    }
     if accepted is not None:
         arguments = {name: value for name, value in arguments.items() if name in accepted}
     if inspect.iscoroutinefunction(fn):
@@ -296,17 +347,28 @@ def _check_arguments(name: str, fn: Callable, available: set[str]) -> None:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-             inspect.Parameter.KEYWORD_ONLY)
-    missing = [p.name for p in parameters.values() if p.kind in kinds and (
-        p.default is inspect.Parameter.empty and p.name not in available
-        or p.kind is inspect.Parameter.POSITIONAL_ONLY)]
+    kinds = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+    missing = [
+        p.name
+        for p in parameters.values()
+        if p.kind in kinds
+        and (
+            p.default is inspect.Parameter.empty
+            and p.name not in available
+            or p.kind is inspect.Parameter.POSITIONAL_ONLY
+        )
+    ]
     if missing:
         raise RewardError(
             f"reward {name!r} takes {', '.join(missing)}, which no call gives it: reward functions "
             "are called by keyword, as TRL calls them, with prompts=, completions=, "
             "completion_ids=, the data set's columns, trainer_state=, log_extra= and "
-            f"log_metric= (this batch has {', '.join(sorted(available))})")
+            f"log_metric= (this batch has {', '.join(sorted(available))})"
+        )
 
 
 def _accepted(fn: Callable) -> set[str] | None:
@@ -317,19 +379,25 @@ def _accepted(fn: Callable) -> set[str] | None:
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return None
-    return {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    return {
+        name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL
+    }
 
 
 def _validate(name: str, values, n: int, first_index: int = 0) -> list[float | None]:
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
-        raise _WrongCount(f"reward {name!r} returned {type(values).__name__}, not a list of values "
-                       f"for {n} samples")
+        raise _WrongCount(
+            f"reward {name!r} returned {type(values).__name__}, not a list of values "
+            f"for {n} samples"
+        )
     if len(values) != n:
         raise _WrongCount(f"reward {name!r} returned {len(values)} values for {n} samples")
     checked = []
     for offset, value in enumerate(values):
         if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)):
-            raise _Failure(f"reward {name!r} returned {value!r} for sample {first_index + offset}:"
-                           " expected a finite number or None")
+            raise _Failure(
+                f"reward {name!r} returned {value!r} for sample {first_index + offset}:"
+                " expected a finite number or None"
+            )
         checked.append(None if value is None else float(value))
     return checked

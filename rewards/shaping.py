@@ -34,8 +34,10 @@ def _has_layout(completion: str) -> bool:
 
 @register_reward("tag_count")
 def tag_count(prompts: list, completions: list) -> list[float]:
-    return [sum(0.25 for tag in _TAGS if completion.count(tag) == 1)
-            for completion in completion_texts(completions)]
+    return [
+        sum(0.25 for tag in _TAGS if completion.count(tag) == 1)
+        for completion in completion_texts(completions)
+    ]
 
 
 @register_reward("soft_overlong")
@@ -48,15 +50,21 @@ def soft_overlong(
     cache_length: int,
 ) -> list[float]:
     if not 0 < cache_length < max_length:
-        raise ValueError(f"soft_overlong needs 0 < cache_length < max_length, got "
-                         f"cache_length={cache_length}, max_length={max_length}")
+        raise ValueError(
+            f"soft_overlong needs 0 < cache_length < max_length, got "
+            f"cache_length={cache_length}, max_length={max_length}"
+        )
     if completion_ids is None:
-        raise ValueError("soft_overlong needs the token ids of each completion "
-                         "(`completion_ids`, passed by the GRPO trainer or a column of that name)")
+        raise ValueError(
+            "soft_overlong needs the token ids of each completion "
+            "(`completion_ids`, passed by the GRPO trainer or a column of that name)"
+        )
     safe_length = max_length - cache_length
     return [
-        0.0 if len(ids) <= safe_length
-        else -1.0 if len(ids) > max_length
+        0.0
+        if len(ids) <= safe_length
+        else -1.0
+        if len(ids) > max_length
         else (safe_length - len(ids)) / cache_length
         for ids in completion_ids
     ]
@@ -67,15 +75,19 @@ def repetition_penalty(
     prompts: list, completions: list, *, ngram_size: int = 3, max_penalty: float = -1.0
 ) -> list[float]:
     if max_penalty > 0 or ngram_size < 1:
-        raise ValueError(f"repetition_penalty needs max_penalty <= 0 and ngram_size >= 1, got "
-                         f"max_penalty={max_penalty}, ngram_size={ngram_size}")
-    return [_repetition(completion, ngram_size) * max_penalty
-            for completion in completion_texts(completions)]
+        raise ValueError(
+            f"repetition_penalty needs max_penalty <= 0 and ngram_size >= 1, got "
+            f"max_penalty={max_penalty}, ngram_size={ngram_size}"
+        )
+    return [
+        _repetition(completion, ngram_size) * max_penalty
+        for completion in completion_texts(completions)
+    ]
 
 
 def _repetition(text: str, n: int) -> float:
     words = text.lower().split()
     if len(words) < n:
         return 0.0
-    ngrams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 1.0 - len(set(ngrams)) / len(ngrams)

@@ -36,8 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from moetune.rewards.sandbox_protocol import read_frame, write_frame
 
 _READY = b"ready"
-_WORKER_MAIN = (f"import sys; from {__name__} import serve_worker; "
-                "serve_worker(int(sys.argv[1]), sys.argv[2:])")
+_WORKER_MAIN = (
+    f"import sys; from {__name__} import serve_worker; serve_worker(int(sys.argv[1]), sys.argv[2:])"
+)
 _STARTUP_TIMEOUT_S = 300.0  # a cold import of sympy on a busy machine can take long
 
 
@@ -66,8 +67,10 @@ class _Worker:
             except CallFailed:
                 pass
             if not self.ready:  # not the call's fault: every call would fail the same way
-                raise RuntimeError(f"a time-limit worker failed to start: {self.process.args} "
-                                   "(its error is on stderr)")
+                raise RuntimeError(
+                    f"a time-limit worker failed to start: {self.process.args} "
+                    "(its error is on stderr)"
+                )
         cpu_budget_s = math.ceil(timeout_s) + 1
         try:
             write_frame(self.process.stdin.fileno(), pickle.dumps((fn, args, cpu_budget_s)))
@@ -97,8 +100,9 @@ class _Worker:
 class WorkerPool:
     """Up to `size` warm workers (default: the number of cores), started on demand."""
 
-    def __init__(self, size: int | None = None, preload: Sequence[str] = (),
-                 memory_mb: int | None = None):
+    def __init__(
+        self, size: int | None = None, preload: Sequence[str] = (), memory_mb: int | None = None
+    ):
         self.size = size or os.cpu_count() or 1
         self._preload = tuple(preload)
         self._memory_mb = memory_mb
@@ -174,4 +178,3 @@ def serve_worker(memory_mb: int, preload: Sequence[str]) -> None:
         except Exception as error:  # noqa: BLE001 -- reported to the caller as CallFailed
             reply = (False, f"{type(error).__name__}: {error}")
         write_frame(replies, pickle.dumps(reply))
-

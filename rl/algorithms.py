@@ -29,10 +29,16 @@ LOSS_KINDS = ("grpo", "dapo", "dr_grpo", "gspo")
 
 
 def _grouped(rewards: Tensor, n: int) -> Tensor:
-    if (rewards.dim() not in (1, 2) or n < 2 or rewards.numel() % n
-            or (rewards.dim() == 2 and rewards.shape[1] != n)):
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of "
-                         f"n={n}: pass [G*n] or [G, n] with n >= 2")
+    if (
+        rewards.dim() not in (1, 2)
+        or n < 2
+        or rewards.numel() % n
+        or (rewards.dim() == 2 and rewards.shape[1] != n)
+    ):
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} do not split into groups of "
+            f"n={n}: pass [G*n] or [G, n] with n >= 2"
+        )
     return (rewards if rewards.is_floating_point() else rewards.float()).reshape(-1, n)
 
 
@@ -74,20 +80,32 @@ class PolicyLossStats:
 
 def _check_shape(name: str, x: Tensor | None, shape: torch.Size, of: str) -> None:
     if x is not None and x.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)} but must match {of}'s "
-                         f"shape {tuple(shape)}")
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)} but must match {of}'s shape {tuple(shape)}"
+        )
 
 
 def _masked_mean(x: Tensor, m: Tensor) -> float:
     return float((x * m).sum() / m.sum().clamp(min=1))
 
 
-def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
-                mask: Tensor, *, epsilon_low: float = 0.2, epsilon_high: float | None = None,
-                ref_logprobs: Tensor | None = None, beta: float = 0.0,
-                sampler_logprobs: Tensor | None = None, tis_cap: float | None = None,
-                max_completion_length: int | None = None, global_tokens: int | None = None,
-                global_rows: int | None = None) -> tuple[Tensor, PolicyLossStats]:
+def policy_loss(
+    kind: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+    sampler_logprobs: Tensor | None = None,
+    tis_cap: float | None = None,
+    max_completion_length: int | None = None,
+    global_tokens: int | None = None,
+    global_rows: int | None = None,
+) -> tuple[Tensor, PolicyLossStats]:
     """Clipped policy-gradient loss. logprobs, old_logprobs, mask, ref/sampler_logprobs [B, T];
     advantages [B]. Returns (scalar loss, PolicyLossStats).
 
@@ -113,13 +131,19 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor, advantages: T
         raise ValueError(f"unknown policy loss kind {kind!r}; valid: {', '.join(LOSS_KINDS)}")
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
-    for name, x in (("old_logprobs", old_logprobs), ("mask", mask),
-                    ("ref_logprobs", ref_logprobs), ("sampler_logprobs", sampler_logprobs)):
+    for name, x in (
+        ("old_logprobs", old_logprobs),
+        ("mask", mask),
+        ("ref_logprobs", ref_logprobs),
+        ("sampler_logprobs", sampler_logprobs),
+    ):
         _check_shape(name, x, logprobs.shape, "logprobs")
     _check_shape("advantages", advantages, logprobs.shape[:1], "logprobs[:, 0]")
     if kind == "dr_grpo" and not max_completion_length:
-        raise ValueError("policy_loss('dr_grpo') needs max_completion_length (its constant "
-                         "normaliser global_rows * max_completion_length)")
+        raise ValueError(
+            "policy_loss('dr_grpo') needs max_completion_length (its constant "
+            "normaliser global_rows * max_completion_length)"
+        )
     if sampler_logprobs is not None and tis_cap is None:
         raise ValueError("sampler_logprobs given without tis_cap: set the TIS cap C")
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -153,8 +177,9 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor, advantages: T
     if kind in ("grpo", "gspo"):
         loss = (token_loss.sum(1) / tokens.clamp(min=1)).sum() / rows
     elif kind == "dapo":
-        loss = token_loss.sum() / (m.sum().clamp(min=1) if global_tokens is None
-                                   else max(global_tokens, 1))
+        loss = token_loss.sum() / (
+            m.sum().clamp(min=1) if global_tokens is None else max(global_tokens, 1)
+        )
     else:
         loss = token_loss.sum() / (rows * max_completion_length)
 
@@ -171,13 +196,15 @@ def policy_loss(kind: str, logprobs: Tensor, old_logprobs: Tensor, advantages: T
     return loss, stats
 
 
-def soft_overlong_penalty(lengths: Tensor, max_length: int, buffer: int,
-                          penalty: float = 1.0) -> Tensor:
+def soft_overlong_penalty(
+    lengths: Tensor, max_length: int, buffer: int, penalty: float = 1.0
+) -> Tensor:
     """DAPO's soft overlong punishment, lengths [B] -> rewards [B]: 0 up to max_length - buffer,
     linear down to -penalty at max_length, -penalty beyond."""
     if not 0 < buffer <= max_length:
-        raise ValueError(f"need 0 < buffer <= max_length, got buffer={buffer}, "
-                         f"max_length={max_length}")
+        raise ValueError(
+            f"need 0 < buffer <= max_length, got buffer={buffer}, max_length={max_length}"
+        )
     over = (lengths.to(torch.get_default_dtype()) - (max_length - buffer)) / buffer
     return -penalty * over.clamp(0.0, 1.0)
 
@@ -206,13 +233,15 @@ def entropy_from_logits(logits: Tensor, mask: Tensor, chunk_size: int = 128) -> 
     """Mean entropy (nats) of softmax(logits) over counted tokens; logits [B, T, V], mask
     [B, T]. Works on chunk_size positions at a time: one [B, chunk_size, V] float32 buffer."""
     if logits.dim() != 3 or logits.shape[:2] != mask.shape:
-        raise ValueError(f"logits has shape {tuple(logits.shape)}, mask {tuple(mask.shape)}: "
-                         "need logits [B, T, V] and mask [B, T]")
+        raise ValueError(
+            f"logits has shape {tuple(logits.shape)}, mask {tuple(mask.shape)}: "
+            "need logits [B, T, V] and mask [B, T]"
+        )
     keep = mask.bool()
     dtype = torch.promote_types(logits.dtype, torch.float32)
     total = torch.zeros((), dtype=dtype, device=logits.device)
     for start in range(0, logits.shape[1], chunk_size):
-        probs = torch.softmax(logits[:, start:start + chunk_size].to(dtype), dim=-1)
+        probs = torch.softmax(logits[:, start : start + chunk_size].to(dtype), dim=-1)
         entropy = torch.special.entr(probs).sum(-1)  # entr(0) = 0: -inf logits are fine
-        total += entropy[keep[:, start:start + chunk_size]].sum()
+        total += entropy[keep[:, start : start + chunk_size]].sum()
     return float(total / keep.sum().clamp(min=1))

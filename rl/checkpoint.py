@@ -31,9 +31,24 @@ class Checkpointer:
     `scheduler`, this rank's `stream` and RNGs, and `updater`'s skip counts. Every rank calls
     `save`, `save_weights` and `load` (sharded engines gather or write collectively)."""
 
-    def __init__(self, recipe: GRPORecipe, model, tokenizer, lora_spec, engine, scheduler,
-                 stream: PromptStream | StreamedPrompts, updater: PolicyUpdater, parallel: DataParallel):
-        self.recipe, self.model, self.tokenizer, self.lora_spec = recipe, model, tokenizer, lora_spec
+    def __init__(
+        self,
+        recipe: GRPORecipe,
+        model,
+        tokenizer,
+        lora_spec,
+        engine,
+        scheduler,
+        stream: PromptStream | StreamedPrompts,
+        updater: PolicyUpdater,
+        parallel: DataParallel,
+    ):
+        self.recipe, self.model, self.tokenizer, self.lora_spec = (
+            recipe,
+            model,
+            tokenizer,
+            lora_spec,
+        )
         self.engine, self.scheduler, self.stream, self.updater = engine, scheduler, stream, updater
         self.parallel = parallel
 
@@ -41,8 +56,13 @@ class Checkpointer:
         """Weights (or adapter) + tokenizer + optimizer + each rank's prompt position and RNG,
         written to a temporary folder (a sharded optimizer by every rank, the rest by the main
         process) and renamed into place."""
-        ranks = self.parallel.gather({"stream": self.stream.state(), "torch_rng": torch.get_rng_state(),
-                                      "python_rng": random.getstate()})
+        ranks = self.parallel.gather(
+            {
+                "stream": self.stream.state(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            }
+        )
         partial = folder.with_name(folder.name + ".partial")
         if self.parallel.is_main:
             shutil.rmtree(partial, ignore_errors=True)
@@ -52,9 +72,14 @@ class Checkpointer:
         self.engine.save(partial)
         self.parallel.barrier()
         if self.parallel.is_main:
-            torch.save({"scheduler": self.scheduler.state_dict(), "ranks": ranks}, partial / "trainer.pt")
-            state = {"step": step, "nonfinite_in_row": self.updater.nonfinite_in_row,
-                     "skipped_updates": self.updater.skipped_updates}
+            torch.save(
+                {"scheduler": self.scheduler.state_dict(), "ranks": ranks}, partial / "trainer.pt"
+            )
+            state = {
+                "step": step,
+                "nonfinite_in_row": self.updater.nonfinite_in_row,
+                "skipped_updates": self.updater.skipped_updates,
+            }
             (partial / "trainer_state.json").write_text(json.dumps(state))
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(partial, folder)
@@ -79,16 +104,19 @@ class Checkpointer:
             if self.lora_spec is not None:
                 load_adapter_weights(self.model, folder)
             else:
-                saved = type(self.model).from_pretrained(folder, dtype=self.model.dtype,
-                                                         config=self.model.config)
+                saved = type(self.model).from_pretrained(
+                    folder, dtype=self.model.dtype, config=self.model.config
+                )
                 self.model.load_state_dict(saved.state_dict())
         self.engine.load(folder)
         trainer = torch.load(folder / "trainer.pt", weights_only=False)
         self.scheduler.load_state_dict(trainer["scheduler"])
         if len(trainer["ranks"]) != self.parallel.world_size:
-            raise RecipeError(f"training.resume_from_checkpoint: {folder} was written by "
-                              f"{len(trainer['ranks'])} data-parallel processes, this run has "
-                              f"{self.parallel.world_size}")
+            raise RecipeError(
+                f"training.resume_from_checkpoint: {folder} was written by "
+                f"{len(trainer['ranks'])} data-parallel processes, this run has "
+                f"{self.parallel.world_size}"
+            )
         mine = trainer["ranks"][self.parallel.rank]
         torch.set_rng_state(mine["torch_rng"])
         random.setstate(mine["python_rng"])

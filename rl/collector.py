@@ -41,7 +41,8 @@ class Groups:
             "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "zero_std_fraction": self.zero_std_groups / max(self.generated_groups, 1),
-            "groups_used": float(len(self.problems)), "refill_rounds": float(self.rounds - 1),
+            "groups_used": float(len(self.problems)),
+            "refill_rounds": float(self.rounds - 1),
             "completion_length_mean": sum(lengths) / len(lengths),
             "completion_length_max": float(max(lengths)),
             "clipped_fraction": sum(r.finish_reason == "length" for r in flat) / max(len(flat), 1),
@@ -56,51 +57,80 @@ class Collector:
     """Samples and scores this rank's groups: `local_prompts` prompts a step from `stream`,
     through `pool`; sampling seeds derive from (training.seed, step, round, rank)."""
 
-    def __init__(self, recipe: GRPORecipe, tokenizer, pool: RolloutPool, stream: PromptStream | StreamedPrompts,
-                 local_prompts: int, rank: int, stop_ids: list[int]):
+    def __init__(
+        self,
+        recipe: GRPORecipe,
+        tokenizer,
+        pool: RolloutPool,
+        stream: PromptStream | StreamedPrompts,
+        local_prompts: int,
+        rank: int,
+        stop_ids: list[int],
+    ):
         self.recipe, self.tokenizer, self.pool, self.stream = recipe, tokenizer, pool, stream
         self.local_prompts, self.rank, self.stop_ids = local_prompts, rank, stop_ids
         data = recipe.data
-        self.shots = few_shot_examples(recipe.template, data.source, arithmetic_spec(data.arithmetic))
+        self.shots = few_shot_examples(
+            recipe.template, data.source, arithmetic_spec(data.arithmetic)
+        )
 
     def sampling(self, step: int, round_: int, greedy: bool = False) -> SamplingSpec:
         rollout = self.recipe.rollout
-        seed = (((self.recipe.training.seed * 100_003 + step) * 17 + round_) * 1_009
-                + self.rank) * 1_000_003
-        return SamplingSpec(temperature=0.0 if greedy else rollout.temperature,
-                            top_p=rollout.top_p, top_k=rollout.top_k,
-                            max_new_tokens=rollout.max_new_tokens,
-                            stop_token_ids=self.stop_ids, seed=seed % 2**31)
+        seed = (
+            ((self.recipe.training.seed * 100_003 + step) * 17 + round_) * 1_009 + self.rank
+        ) * 1_000_003
+        return SamplingSpec(
+            temperature=0.0 if greedy else rollout.temperature,
+            top_p=rollout.top_p,
+            top_k=rollout.top_k,
+            max_new_tokens=rollout.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            seed=seed % 2**31,
+        )
 
     def encode(self, problems: list[dict]) -> list[list[int]]:
         """Token ids of each problem's prompt shown through the recipe's template."""
-        texts = [render(p["prompt"], self.recipe.template, self.tokenizer, self.shots) for p in problems]
+        texts = [
+            render(p["prompt"], self.recipe.template, self.tokenizer, self.shots) for p in problems
+        ]
         return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
     def trainer_state(self, completed: int) -> TrainerState:
         """Progress as TRL gives it to reward functions: `completed` optimizer steps."""
-        return TrainerState(global_step=completed, max_steps=self.recipe.training.max_steps,
-                            epoch=self.stream.progress)
+        return TrainerState(
+            global_step=completed,
+            max_steps=self.recipe.training.max_steps,
+            epoch=self.stream.progress,
+        )
 
     def rewards(self, problems: list[dict], rollouts: list[list[Rollout]], completed: int):
         """(totals [G, n], {name: [G*n values]}, {logged metric: [values]}) for the flattened
         groups."""
         n = len(rollouts[0])
         flat = [r for group in rollouts for r in group]
-        columns = {key: [p.get(key) for p in problems for _ in range(n)]
-                   for key in sorted({k for p in problems for k in p} - {"prompt", "completion"})}
-        result = score(self.recipe.rewards, [p["prompt"] for p in problems for _ in range(n)],
-                       [r.text for r in flat], columns,
-                       completion_ids=[r.completion_ids for r in flat],
-                       trainer_state=self.trainer_state(completed))
+        columns = {
+            key: [p.get(key) for p in problems for _ in range(n)]
+            for key in sorted({k for p in problems for k in p} - {"prompt", "completion"})
+        }
+        result = score(
+            self.recipe.rewards,
+            [p["prompt"] for p in problems for _ in range(n)],
+            [r.text for r in flat],
+            columns,
+            completion_ids=[r.completion_ids for r in flat],
+            trainer_state=self.trainer_state(completed),
+        )
         totals = torch.tensor(result.totals, dtype=torch.float32)
         algorithm = self.recipe.algorithm
         if algorithm.overlong == "soft":
             lengths = torch.tensor([len(r.completion_ids) for r in flat])
             totals += algorithms.soft_overlong_penalty(
-                lengths, self.recipe.rollout.max_new_tokens, algorithm.overlong_buffer)
-        values = {metric_name(name): [0.0 if v is None else float(v) for v in vals]
-                  for name, vals in result.values.items()}
+                lengths, self.recipe.rollout.max_new_tokens, algorithm.overlong_buffer
+            )
+        values = {
+            metric_name(name): [0.0 if v is None else float(v) for v in vals]
+            for name, vals in result.values.items()
+        }
         return totals.view(len(problems), n), values, result.metrics
 
     def collect(self, step: int) -> Groups:
@@ -128,12 +158,13 @@ class Collector:
                 kept_rollouts.append(rollouts[g])
                 kept_rewards.append(totals[g])
                 for name, vals in values.items():
-                    per_function.setdefault(name, []).extend(vals[g * n:(g + 1) * n])
+                    per_function.setdefault(name, []).extend(vals[g * n : (g + 1) * n])
             if not algorithm.dynamic_sampling:
                 break
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, n)
-        return Groups(kept_problems, kept_rollouts, rewards, per_function, generated, zero_std,
-                      rounds, logged)
+        return Groups(
+            kept_problems, kept_rollouts, rewards, per_function, generated, zero_std, rounds, logged
+        )
 
 
 def metric_name(reward: str) -> str:

@@ -51,7 +51,7 @@ class DataParallel:
 
     def shard(self, items: list) -> list:
         """This rank's share: every world_size-th item from its rank."""
-        return items[self.rank::self.world_size]
+        return items[self.rank :: self.world_size]
 
     def sum(self, value: float) -> float:
         return self.reduce(value, dist.ReduceOp.SUM)
@@ -77,12 +77,13 @@ class DataParallel:
         live = [p for p, count in zip(parameters, has_grad.tolist()) if count]
         if not live:
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                          for p in live])
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in live]
+        )
         dist.all_reduce(flat)
         offset = 0
         for p in live:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
     def gather(self, value) -> list:
@@ -102,9 +103,13 @@ class DataParallel:
         merged = {}
         for name in {k for m in every for k in m}:
             values = [m[name] for m in every if name in m]
-            merged[name] = (max(values) if name.endswith("_max") else
-                            sum(values) if name in SUMMED or name.endswith("_per_second")
-                            else sum(values) / len(values))
+            merged[name] = (
+                max(values)
+                if name.endswith("_max")
+                else sum(values)
+                if name in SUMMED or name.endswith("_per_second")
+                else sum(values) / len(values)
+            )
         return merged
 
     def barrier(self) -> None:

@@ -30,8 +30,11 @@ def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     modules = dict(model.named_modules())
     params = model.state_dict()
     for name, slot in checkpoint_layout(model, model.config).items():
-        if (slot.param.startswith("model.mtp.") or name.endswith("_scale_inv")
-                or ADAPTER_TENSOR.search(slot.param)):
+        if (
+            slot.param.startswith("model.mtp.")
+            or name.endswith("_scale_inv")
+            or ADAPTER_TENSOR.search(slot.param)
+        ):
             continue
         owner = modules[slot.param.rpartition(".")[0]]
         if name.endswith(".base_layer.weight"):  # a LoraLinear's base: W + s B A
@@ -56,7 +59,9 @@ def expert_weight(experts, weight: torch.Tensor, expert: int, proj: str) -> torc
     if expert not in selected:
         return weight
     slot = selected.index(expert)
-    return weight + lora.scaling * (getattr(lora, f"{proj}_B")[slot] @ getattr(lora, f"{proj}_A")[slot])
+    return weight + lora.scaling * (
+        getattr(lora, f"{proj}_B")[slot] @ getattr(lora, f"{proj}_A")[slot]
+    )
 
 
 @torch.no_grad()
@@ -68,7 +73,11 @@ def sync_weights(model, previous: dict[str, torch.Tensor] | None = None) -> dict
     for name, tensor in merged_tensors(model):
         current = tensor.detach().to("cpu")
         old = None if previous is None else previous.get(name)
-        if (old is None or old.dtype != current.dtype or old.shape != current.shape
-                or not torch.equal(old, current)):
+        if (
+            old is None
+            or old.dtype != current.dtype
+            or old.shape != current.shape
+            or not torch.equal(old, current)
+        ):
             changed[name] = torch.clone(current, memory_format=torch.contiguous_format)
     return changed

@@ -37,39 +37,62 @@ class EvalReport:
     rows: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"pass@1": self.pass_at_1, "pass@k": self.pass_at_k, "k": self.k,
-                "mean_reward": self.mean_reward, "mean_length": self.mean_length,
-                "problems": self.problems}
+        return {
+            "pass@1": self.pass_at_1,
+            "pass@k": self.pass_at_k,
+            "k": self.k,
+            "mean_reward": self.mean_reward,
+            "mean_length": self.mean_length,
+            "problems": self.problems,
+        }
 
 
-def evaluate(problems: list[dict], sampler: Sampler, rewards: list[RewardSpec], n: int,
-             pass_threshold: float = 1.0, batch_size: int = 16,
-             show: Callable[[str], str] = str) -> EvalReport:
+def evaluate(
+    problems: list[dict],
+    sampler: Sampler,
+    rewards: list[RewardSpec],
+    n: int,
+    pass_threshold: float = 1.0,
+    batch_size: int = 16,
+    show: Callable[[str], str] = str,
+) -> EvalReport:
     """Score n samples of every problem; pass@k uses k = n. `show` turns a problem's prompt
     into the text the model sees (the recipe's template); rewards get the plain prompt."""
     rows = []
     for start in tqdm(range(0, len(problems), batch_size), desc="eval", unit="batch"):
-        batch = problems[start:start + batch_size]
+        batch = problems[start : start + batch_size]
         samples = sampler([show(p["prompt"]) for p in batch], n)
         prompts = [p["prompt"] for p, group in zip(batch, samples) for _ in group]
         completions = [c for group in samples for c in group]
-        columns = {key: [p.get(key) for p, group in zip(batch, samples) for _ in group]
-                   for key in sorted({k for p in batch for k in p} - {"prompt"})}
+        columns = {
+            key: [p.get(key) for p, group in zip(batch, samples) for _ in group]
+            for key in sorted({k for p in batch for k in p} - {"prompt"})
+        }
         result = score(rewards, prompts, completions, columns)
         for i, (problem, group) in enumerate(zip(batch, samples)):
-            totals = result.totals[i * n:(i + 1) * n]
+            totals = result.totals[i * n : (i + 1) * n]
             correct = sum(t >= pass_threshold for t in totals)
-            rows.append({"prompt": problem["prompt"], "completions": group, "rewards": totals,
-                         "correct": correct, "pass@1": pass_at_k(n, correct, 1),
-                         f"pass@{n}": pass_at_k(n, correct, n)})
+            rows.append(
+                {
+                    "prompt": problem["prompt"],
+                    "completions": group,
+                    "rewards": totals,
+                    "correct": correct,
+                    "pass@1": pass_at_k(n, correct, 1),
+                    f"pass@{n}": pass_at_k(n, correct, n),
+                }
+            )
     count = max(len(rows), 1)
     lengths = [len(c) for r in rows for c in r["completions"]]
     return EvalReport(
-        k=n, problems=len(rows),
+        k=n,
+        problems=len(rows),
         pass_at_1=sum(r["pass@1"] for r in rows) / count,
         pass_at_k=sum(r[f"pass@{n}"] for r in rows) / count,
         mean_reward=sum(sum(r["rewards"]) for r in rows) / max(len(lengths), 1),
-        mean_length=sum(lengths) / max(len(lengths), 1), rows=rows)
+        mean_length=sum(lengths) / max(len(lengths), 1),
+        rows=rows,
+    )
 
 
 def pool_sampler(pool, sampling) -> Sampler:
@@ -82,8 +105,15 @@ def pool_sampler(pool, sampling) -> Sampler:
     return sample
 
 
-def native_sampler(model_dir: str, adapter: str | None, temperature: float, top_p: float,
-                   max_new_tokens: int, seed: int, dtype: str = "float32") -> Sampler:
+def native_sampler(
+    model_dir: str,
+    adapter: str | None,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    dtype: str = "float32",
+) -> Sampler:
     """Sample with moetune's own generate; the tokenizer is the model folder's tokenizer.json."""
     import torch
     from tokenizers import Tokenizer
@@ -105,10 +135,16 @@ def native_sampler(model_dir: str, adapter: str | None, temperature: float, top_
 
     def sample(prompts: list[str], n: int) -> list[list[str]]:
         ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts for _ in range(n)]
-        out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, stop_token_ids=stop, generator=generator)
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_token_ids=stop,
+            generator=generator,
+        )
         texts = [tokenizer.decode([t for t in seq if t not in stop]) for seq in out.sequences]
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     return sample
 
@@ -125,24 +161,39 @@ def evaluate_with_pool(recipe, problems: list[dict], show: Callable[[str], str])
     settings = recipe.eval
     config = load_config(recipe.model.path)
     eos = config.eos_token_id
-    sampling = SamplingSpec(temperature=settings.temperature, top_p=settings.top_p,
-                            max_new_tokens=settings.max_new_tokens,
-                            stop_token_ids=eos if isinstance(eos, list) else [eos],
-                            seed=recipe.data.seed)
+    sampling = SamplingSpec(
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        stop_token_ids=eos if isinstance(eos, list) else [eos],
+        seed=recipe.data.seed,
+    )
     with tempfile.TemporaryDirectory(prefix="moetune-eval-") as merged:
         model_dir = recipe.model.path
         if recipe.model.adapter:
             merge(recipe.model.path, recipe.model.adapter, merged, recipe.model.dtype)
             model_dir = merged
-        with RolloutPool(model_dir, backend="vllm", dtype=recipe.model.dtype,
-                         max_model_len=min(config.max_position_embeddings, 4096),
-                         seed=recipe.data.seed) as pool:
-            return evaluate(problems, pool_sampler(pool, sampling), recipe.rewards, settings.n,
-                            settings.pass_threshold, batch_size=64, show=show)
+        with RolloutPool(
+            model_dir,
+            backend="vllm",
+            dtype=recipe.model.dtype,
+            max_model_len=min(config.max_position_embeddings, 4096),
+            seed=recipe.data.seed,
+        ) as pool:
+            return evaluate(
+                problems,
+                pool_sampler(pool, sampling),
+                recipe.rewards,
+                settings.n,
+                settings.pass_threshold,
+                batch_size=64,
+                show=show,
+            )
 
 
-def template_renderer(template, model_dir: str, source: str,
-                      arithmetic=None) -> Callable[[str], str]:
+def template_renderer(
+    template, model_dir: str, source: str, arithmetic=None
+) -> Callable[[str], str]:
     """prompt -> the text the model sees under `template` (the checkpoint's tokenizer;
     builtin:arithmetic's few-shot examples drawn with the ArithmeticSpec `arithmetic`)."""
     from moetune.data.prompt_template import few_shot_examples, render
@@ -166,8 +217,12 @@ def write_report(report: EvalReport, output: Path) -> None:
 def format_summary(report: EvalReport) -> str:
     s = report.summary()
     width = max(len(key) for key in s)
-    return "\n".join(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float)
-                     else f"  {key:<{width}}  {value}" for key, value in s.items())
+    return "\n".join(
+        f"  {key:<{width}}  {value:.4f}"
+        if isinstance(value, float)
+        else f"  {key:<{width}}  {value}"
+        for key, value in s.items()
+    )
 
 
 def evaluate_recipe(recipe) -> EvalReport:
@@ -181,7 +236,9 @@ def evaluate_recipe(recipe) -> EvalReport:
         if folder and not Path(folder).is_dir():
             raise RecipeError(f"{key}: {folder}: no such folder")
     if not (Path(recipe.model.path) / "config.json").exists():
-        raise RecipeError(f"model.path: {recipe.model.path}: no config.json (not a checkpoint folder)")
+        raise RecipeError(
+            f"model.path: {recipe.model.path}: no config.json (not a checkpoint folder)"
+        )
     data, settings = recipe.data, recipe.eval
     arithmetic = arithmetic_spec(data.arithmetic)
     problems = load_problems(data, "data", "test", data.limit, data.seed, data.arithmetic)
@@ -194,12 +251,19 @@ def evaluate_recipe(recipe) -> EvalReport:
         report = evaluate_with_pool(recipe, problems, show)
     else:
         try:
-            sampler = native_sampler(recipe.model.path, recipe.model.adapter, settings.temperature,
-                                     settings.top_p, settings.max_new_tokens, data.seed,
-                                     recipe.model.dtype)
+            sampler = native_sampler(
+                recipe.model.path,
+                recipe.model.adapter,
+                settings.temperature,
+                settings.top_p,
+                settings.max_new_tokens,
+                data.seed,
+                recipe.model.dtype,
+            )
         except FileNotFoundError as error:  # no tokenizer.json
             raise RecipeError(str(error)) from None
-        report = evaluate(problems, sampler, recipe.rewards, settings.n, settings.pass_threshold,
-                          show=show)
+        report = evaluate(
+            problems, sampler, recipe.rewards, settings.n, settings.pass_threshold, show=show
+        )
     write_report(report, Path(settings.output_dir))
     return report

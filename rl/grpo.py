@@ -63,15 +63,29 @@ class GRPOTrainer:
     metrics merged over ranks.
     """
 
-    def __init__(self, recipe: GRPORecipe, model, tokenizer, lora_spec, pool: RolloutPool,
-                 parallel: DataParallel | None = None):
+    def __init__(
+        self,
+        recipe: GRPORecipe,
+        model,
+        tokenizer,
+        lora_spec,
+        pool: RolloutPool,
+        parallel: DataParallel | None = None,
+    ):
         parallel = parallel or DataParallel()
-        self.recipe, self.model, self.pool, self.lora_spec, self.parallel = \
-            recipe, model, pool, lora_spec, parallel
+        self.recipe, self.model, self.pool, self.lora_spec, self.parallel = (
+            recipe,
+            model,
+            pool,
+            lora_spec,
+            parallel,
+        )
         algorithm, training = recipe.algorithm, recipe.training
         if training.prompts_per_step % parallel.world_size:
-            raise RecipeError(f"training.prompts_per_step: {training.prompts_per_step} is not "
-                              f"divisible by the {parallel.world_size} data-parallel processes")
+            raise RecipeError(
+                f"training.prompts_per_step: {training.prompts_per_step} is not "
+                f"divisible by the {parallel.world_size} data-parallel processes"
+            )
         if not algorithm.update_router:
             for router in model.routers():
                 router.weight.requires_grad_(False)
@@ -87,32 +101,55 @@ class GRPOTrainer:
             reference = self.engine.prepare_reference(reference)
         warmup = max(training.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.engine.adamw, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            self.engine.adamw, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
         eos = model.config.eos_token_id
         stop_ids = eos if isinstance(eos, list) else [eos]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         data = recipe.data
         if data.streaming:
-            stream = StreamedPrompts(stream_problems(data, "data", "train", data.limit,
-                                                     training.seed, data.arithmetic),
-                                     training.seed, parallel.rank, parallel.world_size)
+            stream = StreamedPrompts(
+                stream_problems(data, "data", "train", data.limit, training.seed, data.arithmetic),
+                training.seed,
+                parallel.rank,
+                parallel.world_size,
+            )
         else:
-            problems = load_problems(data, "data", "train", data.limit, training.seed,
-                                     data.arithmetic)
+            problems = load_problems(
+                data, "data", "train", data.limit, training.seed, data.arithmetic
+            )
             stream = PromptStream(parallel.shard(problems), training.seed + parallel.rank)
-        self.collector = Collector(recipe, tokenizer, pool, stream,
-                                   training.prompts_per_step // parallel.world_size,
-                                   parallel.rank, stop_ids)
-        self.updater = PolicyUpdater(recipe, model, self.engine, reference, lora_spec, parallel,
-                                     pad_id)
-        self.checkpointer = Checkpointer(recipe, model, tokenizer, lora_spec, self.engine,
-                                         self.scheduler, stream, self.updater, parallel)
+        self.collector = Collector(
+            recipe,
+            tokenizer,
+            pool,
+            stream,
+            training.prompts_per_step // parallel.world_size,
+            parallel.rank,
+            stop_ids,
+        )
+        self.updater = PolicyUpdater(
+            recipe, model, self.engine, reference, lora_spec, parallel, pad_id
+        )
+        self.checkpointer = Checkpointer(
+            recipe,
+            model,
+            tokenizer,
+            lora_spec,
+            self.engine,
+            self.scheduler,
+            stream,
+            self.updater,
+            parallel,
+        )
         self.eval_problems = None
         if recipe.eval.every:
-            self.eval_problems = load_problems(recipe.eval, "eval", "test", recipe.eval.limit, 0,
-                                               data.arithmetic)
-        self.history = ExpertLoadHistory([i for i, layer in enumerate(model.model.layers)
-                                          if isinstance(layer.mlp, MoE)])
+            self.eval_problems = load_problems(
+                recipe.eval, "eval", "test", recipe.eval.limit, 0, data.arithmetic
+            )
+        self.history = ExpertLoadHistory(
+            [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
+        )
 
     def step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
@@ -124,10 +161,12 @@ class GRPOTrainer:
             return self.parallel.mean_metrics(metrics)
         trained = time.perf_counter()
         metrics |= self.updater.update(groups)
-        train_tokens = sum(len(r.prompt_ids) + len(r.completion_ids)
-                           for group in groups.rollouts for r in group)
-        metrics["train_tokens_per_second"] = train_tokens * self.recipe.algorithm.mu / max(
-            time.perf_counter() - trained, 1e-9)
+        train_tokens = sum(
+            len(r.prompt_ids) + len(r.completion_ids) for group in groups.rollouts for r in group
+        )
+        metrics["train_tokens_per_second"] = (
+            train_tokens * self.recipe.algorithm.mu / max(time.perf_counter() - trained, 1e-9)
+        )
         metrics |= self.balance(step)
         metrics["sync_seconds"] = self.sync_rollout_weights(self.pool.weights)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -157,7 +196,9 @@ class GRPOTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """Greedy accuracy on the held-out problems, through the rollout engines."""
         problems, collector = self.eval_problems, self.collector
-        groups = self.pool.generate(collector.encode(problems), 1, collector.sampling(0, 0, greedy=True))
+        groups = self.pool.generate(
+            collector.encode(problems), 1, collector.sampling(0, 0, greedy=True)
+        )
         totals, _, _ = collector.rewards(problems, groups, step)
         threshold = self.recipe.eval.pass_threshold
         return {"eval/accuracy": float((totals.flatten() >= threshold).float().mean())}
@@ -167,8 +208,11 @@ def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path, write: bo
     """The folder the rollout engines start from: the checkpoint itself when it holds a
     tokenizer.json, else the policy's current weights written (unless `write` is False) to
     output/rollout_model."""
-    if recipe.model.path and (Path(recipe.model.path) / "tokenizer.json").exists() \
-            and recipe.model.fp8 is None:
+    if (
+        recipe.model.path
+        and (Path(recipe.model.path) / "tokenizer.json").exists()
+        and recipe.model.fp8 is None
+    ):
         return Path(recipe.model.path)
     folder = output / "rollout_model"
     if not write:
@@ -191,10 +235,16 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     as the launcher says (rl.policy_engine); the main process writes metrics and
     checkpoints."""
     rollout = recipe.rollout
-    if (recipe.algorithm.routing_replay and rollout.backend == "vllm" and not rollout.remote
-            and not torch.cuda.is_available()):
-        raise RecipeError("algorithm.routing_replay: vLLM on CPU cannot return routed experts; "
-                          "set rollout.backend: native (or run on a GPU)")
+    if (
+        recipe.algorithm.routing_replay
+        and rollout.backend == "vllm"
+        and not rollout.remote
+        and not torch.cuda.is_available()
+    ):
+        raise RecipeError(
+            "algorithm.routing_replay: vLLM on CPU cannot return routed experts; "
+            "set rollout.backend: native (or run on a GPU)"
+        )
     parallel = DataParallel.from_environment()
     remote = remote_engines(rollout.remote, parallel)
     torch.manual_seed(recipe.training.seed)
@@ -210,38 +260,61 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     if torch.cuda.is_available():  # the policy trains on this rank's GPU
         model.to(torch.cuda.current_device())
     parallel.barrier()  # the main process has written it before any engine reads it
-    pool = RolloutPool(source, backend=rollout.backend, workers=rollout.workers,
-                       tensor_parallel_size=rollout.tensor_parallel_size, dtype=rollout.dtype,
-                       max_model_len=rollout.max_model_len, timeout_s=rollout.timeout_s,
-                       seed=recipe.training.seed + parallel.rank,
-                       return_routed_experts=recipe.algorithm.routing_replay,
-                       remote=remote)
+    pool = RolloutPool(
+        source,
+        backend=rollout.backend,
+        workers=rollout.workers,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        dtype=rollout.dtype,
+        max_model_len=rollout.max_model_len,
+        timeout_s=rollout.timeout_s,
+        seed=recipe.training.seed + parallel.rank,
+        return_routed_experts=recipe.algorithm.routing_replay,
+        remote=remote,
+    )
     with pool:
         trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool, parallel)
         resume = recipe.training.resume_from_checkpoint
-        checkpoint = Path(resume) if isinstance(resume, str) else (
-            latest_checkpoint(output) if resume else None)
+        checkpoint = (
+            Path(resume)
+            if isinstance(resume, str)
+            else (latest_checkpoint(output) if resume else None)
+        )
         first = 1
         if checkpoint is not None:
             first = trainer.checkpointer.load(checkpoint) + 1
         if checkpoint is not None or remote:  # remote engines start from their own weights
             trainer.sync_rollout_weights(None)
         main = parallel.is_main
-        metrics_file = MetricsFile(output / "metrics.jsonl", first - 1 if checkpoint else None) if main else None
+        metrics_file = (
+            MetricsFile(output / "metrics.jsonl", first - 1 if checkpoint else None)
+            if main
+            else None
+        )
         writer = tensorboard_writer(recipe, output) if main else None
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.parameters)  # ZeRO-3: a shard
+        trainable = sum(
+            getattr(p, "ds_numel", p.numel()) for p in trainer.engine.parameters
+        )  # ZeRO-3: a shard
         if main:
-            print(f"GRPO: {trainable:,} trainable parameters, {parallel.world_size} process(es), "
-                  f"{'remote' if remote else rollout.backend} rollouts x {len(pool.pids)} each, "
-                  f"{recipe.training.max_steps} steps from step {first}")
+            print(
+                f"GRPO: {trainable:,} trainable parameters, {parallel.world_size} process(es), "
+                f"{'remote' if remote else rollout.backend} rollouts x {len(pool.pids)} each, "
+                f"{recipe.training.max_steps} steps from step {first}"
+            )
         metrics: dict[str, float] = {}
-        bar = tqdm(range(first, recipe.training.max_steps + 1), desc="grpo", unit="step",
-                   disable=recipe.training.disable_tqdm or not main)
+        bar = tqdm(
+            range(first, recipe.training.max_steps + 1),
+            desc="grpo",
+            unit="step",
+            disable=recipe.training.disable_tqdm or not main,
+        )
         for step in bar:
             metrics = trainer.step(step)
             if trainer.eval_problems and step % recipe.eval.every == 0 and main:
                 metrics |= trainer.evaluate(step)
-            if main and (step % recipe.training.logging_steps == 0 or step == recipe.training.max_steps):
+            if main and (
+                step % recipe.training.logging_steps == 0 or step == recipe.training.max_steps
+            ):
                 metrics_file.write({"step": step, **metrics})
                 if writer:
                     for name, value in metrics.items():
@@ -254,11 +327,16 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             if writer:
                 writer.close()
             trainer.history.plot(output / "expert_load.png")
-            print(f"finished step {recipe.training.max_steps}: reward {metrics.get('reward_mean', 0):.3f}; "
-                  f"{'adapter' if spec else 'model'}, metrics.jsonl and expert_load.png in {output}")
+            print(
+                f"finished step {recipe.training.max_steps}: reward {metrics.get('reward_mean', 0):.3f}; "
+                f"{'adapter' if spec else 'model'}, metrics.jsonl and expert_load.png in {output}"
+            )
         parallel.barrier()
-    return {"output_dir": str(output), "steps": recipe.training.max_steps,
-            "final_reward": metrics.get("reward_mean")}
+    return {
+        "output_dir": str(output),
+        "steps": recipe.training.max_steps,
+        "final_reward": metrics.get("reward_mean"),
+    }
 
 
 def remote_engines(addresses: list[str], parallel: DataParallel) -> list[str] | None:
@@ -273,8 +351,10 @@ def remote_engines(addresses: list[str], parallel: DataParallel) -> list[str] | 
         except ValueError as error:
             raise RecipeError(str(error)) from None
     if len(addresses) < parallel.world_size:
-        raise RecipeError(f"rollout.remote: {len(addresses)} engine(s) for {parallel.world_size} "
-                          f"data-parallel processes; each process needs one of its own")
+        raise RecipeError(
+            f"rollout.remote: {len(addresses)} engine(s) for {parallel.world_size} "
+            f"data-parallel processes; each process needs one of its own"
+        )
     return parallel.shard(addresses)
 
 

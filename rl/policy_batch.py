@@ -26,14 +26,27 @@ class PolicyBatch:
     routes: torch.Tensor | None = None  # [num_moe_layers, B, L, top_k] expert ids, -1 off tokens
 
     def rows(self, index: slice) -> PolicyBatch:
-        return PolicyBatch(self.input_ids[index], self.attention_mask[index],
-                           self.completion_mask[index], self.sampler_logprobs[index],
-                           None if self.routes is None else self.routes[:, index])
+        return PolicyBatch(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.completion_mask[index],
+            self.sampler_logprobs[index],
+            None if self.routes is None else self.routes[:, index],
+        )
 
     def to(self, device: torch.device) -> PolicyBatch:
-        return PolicyBatch(*(None if t is None else t.to(device) for t in
-                             (self.input_ids, self.attention_mask, self.completion_mask,
-                              self.sampler_logprobs, self.routes)))
+        return PolicyBatch(
+            *(
+                None if t is None else t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.completion_mask,
+                    self.sampler_logprobs,
+                    self.routes,
+                )
+            )
+        )
 
     @property
     def completion_tokens(self) -> int:
@@ -50,10 +63,12 @@ def build_batch(rollouts: list[Rollout], pad_id: int, with_routes: bool = False)
     sampler = torch.zeros(batch, length - 1)
     for row, rollout in enumerate(rollouts):
         prompt, completion = len(rollout.prompt_ids), len(rollout.completion_ids)
-        input_ids[row, :prompt + completion] = torch.tensor(rollout.prompt_ids + rollout.completion_ids)
-        attention_mask[row, :prompt + completion] = 1
-        completion_mask[row, prompt - 1:prompt - 1 + completion] = 1
-        sampler[row, prompt - 1:prompt - 1 + completion] = torch.tensor(rollout.logprobs)
+        input_ids[row, : prompt + completion] = torch.tensor(
+            rollout.prompt_ids + rollout.completion_ids
+        )
+        attention_mask[row, : prompt + completion] = 1
+        completion_mask[row, prompt - 1 : prompt - 1 + completion] = 1
+        sampler[row, prompt - 1 : prompt - 1 + completion] = torch.tensor(rollout.logprobs)
     routes = stack_routes(rollouts, length) if with_routes else None
     return PolicyBatch(input_ids, attention_mask, completion_mask, sampler, routes)
 
@@ -61,22 +76,29 @@ def build_batch(rollouts: list[Rollout], pad_id: int, with_routes: bool = False)
 def stack_routes(rollouts: list[Rollout], length: int) -> torch.Tensor:
     """[num_moe_layers, B, length, top_k] int64 of the rollouts' routed experts (-1 padded)."""
     if any(r.routed_experts is None for r in rollouts):
-        raise ValueError("routing replay: the rollout engine did not report routed experts "
-                         "(rollout.backend native reports them; vLLM only on GPU)")
+        raise ValueError(
+            "routing replay: the rollout engine did not report routed experts "
+            "(rollout.backend native reports them; vLLM only on GPU)"
+        )
     first = rollouts[0].routed_experts
-    routes = torch.full((first.shape[0], len(rollouts), length, first.shape[-1]), -1, dtype=torch.long)
+    routes = torch.full(
+        (first.shape[0], len(rollouts), length, first.shape[-1]), -1, dtype=torch.long
+    )
     for row, rollout in enumerate(rollouts):
-        routes[:, row, :rollout.routed_experts.shape[1]] = rollout.routed_experts
+        routes[:, row, : rollout.routed_experts.shape[1]] = rollout.routed_experts
     return routes
 
 
-def token_logprobs(model, batch: PolicyBatch, temperature: float = 1.0,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, float | None]:
+def token_logprobs(
+    model, batch: PolicyBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, float | None]:
     """([B, L-1] logprob of each next token at `temperature` (float32; 0 off the
     completion), mean completion-token entropy or None)."""
     device = next(model.parameters()).device
     with replaying_routes(model, batch.routes):
-        logits = model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        logits = model(
+            batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+        ).logits
     logits = logits[:, :-1].float() / max(temperature, 1e-6)
     targets = batch.input_ids[:, 1:].to(device)
     logprobs = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)

@@ -44,8 +44,11 @@ from moetune.training.launcher import deepspeed_launch, fsdp_launch
 
 
 def new_adamw(model: torch.nn.Module, training: GRPOTrainingSection) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                             lr=training.learning_rate, weight_decay=training.weight_decay)
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=training.learning_rate,
+        weight_decay=training.weight_decay,
+    )
 
 
 def finite_norm_step(adamw: torch.optim.AdamW, parameters: list, max_norm: float) -> float:
@@ -65,7 +68,9 @@ class ReplicatedEngine:
     lockstep = False
     checkpoint_holds_weights = False  # `save` writes the optimizer state only
 
-    def __init__(self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
+    def __init__(
+        self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel
+    ):
         self.model, self.policy, self.adamw = model, model, new_adamw(model, training)
         self.parameters = [p for group in self.adamw.param_groups for p in group["params"]]
         self.max_grad_norm, self.parallel = training.max_grad_norm, parallel
@@ -102,7 +107,9 @@ class DeepSpeedZeroEngine:
     checkpoint_holds_weights = True  # DeepSpeed's checkpoint restores the trained weights too
     CHECKPOINT_TAG = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
+    def __init__(
+        self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel
+    ):
         import deepspeed
 
         self.model, self.adamw, self.parallel = model, new_adamw(model, training), parallel
@@ -110,13 +117,19 @@ class DeepSpeedZeroEngine:
         self.zero = zero_config()
         self.stage = int(self.zero.get("stage", 0))
         if self.stage not in (2, 3):
-            raise RecipeError(f"accelerate config: DeepSpeed zero_stage {self.stage}: GRPO trains "
-                              "under ZeRO-2 or ZeRO-3 (recipes/accelerate/zero2.yaml, zero3.yaml)")
+            raise RecipeError(
+                f"accelerate config: DeepSpeed zero_stage {self.stage}: GRPO trains "
+                "under ZeRO-2 or ZeRO-3 (recipes/accelerate/zero2.yaml, zero3.yaml)"
+            )
         config = {
-            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "managed_gradient_accumulation": False, "gradient_clipping": training.max_grad_norm,
-            "zero_optimization": self.zero, "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": model.dtype == torch.bfloat16}, "steps_per_print": 2**62,
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": training.max_grad_norm,
+            "zero_optimization": self.zero,
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": model.dtype == torch.bfloat16},
+            "steps_per_print": 2**62,
         }
         self.policy, *_ = deepspeed.initialize(model=model, optimizer=self.adamw, config=config)
         self.backwards = 0  # since the last step
@@ -127,8 +140,11 @@ class DeepSpeedZeroEngine:
             return reference
         import deepspeed
 
-        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": self.zero,
-                  "bf16": {"enabled": reference.dtype == torch.bfloat16}}
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": self.zero,
+            "bf16": {"enabled": reference.dtype == torch.bfloat16},
+        }
         engine = deepspeed.initialize(model=reference, config=config)[0]
         engine.eval()  # (DeepSpeedEngine.eval returns None)
         return engine
@@ -150,8 +166,10 @@ class DeepSpeedZeroEngine:
         norm = self.policy.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         if not norm >= 0 or norm == float("inf"):  # DeepSpeed reports -1 for NaN/inf
-            raise RuntimeError(f"GRPO stopped: DeepSpeed applied a non-finite gradient (norm "
-                               f"{norm}); resume from the last checkpoint")
+            raise RuntimeError(
+                f"GRPO stopped: DeepSpeed applied a non-finite gradient (norm "
+                f"{norm}); resume from the last checkpoint"
+            )
         return norm
 
     @contextmanager
@@ -167,12 +185,18 @@ class DeepSpeedZeroEngine:
 
     def save(self, folder: Path) -> None:
         """Every rank writes its shard of the optimizer state (DeepSpeed's own layout)."""
-        self.policy.save_checkpoint(str(folder), tag=self.CHECKPOINT_TAG, save_latest=False,
-                                    exclude_frozen_parameters=True)
+        self.policy.save_checkpoint(
+            str(folder), tag=self.CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True
+        )
 
     def load(self, folder: Path) -> None:
-        self.policy.load_checkpoint(str(folder), tag=self.CHECKPOINT_TAG, load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        self.policy.load_checkpoint(
+            str(folder),
+            tag=self.CHECKPOINT_TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
 
 
 class FSDP2Engine:
@@ -185,11 +209,15 @@ class FSDP2Engine:
     lockstep = True
     checkpoint_holds_weights = True
 
-    def __init__(self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):
+    def __init__(
+        self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel
+    ):
         import torch.distributed as dist
         from accelerate.utils import FullyShardedDataParallelPlugin
 
-        if not dist.is_initialized():  # a one-process launch: fully_shard needs a group all the same
+        if (
+            not dist.is_initialized()
+        ):  # a one-process launch: fully_shard needs a group all the same
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         plugin = FullyShardedDataParallelPlugin()
         self.options = {"reshard_after_forward": plugin.reshard_after_forward}
@@ -241,8 +269,12 @@ class FSDP2Engine:
         weights, optimizer = get_state_dict(self.model, self.adamw)
         state = {"model": weights, "optimizer": optimizer}
         dcp.load(state, checkpoint_id=str(folder / "fsdp"))
-        set_state_dict(self.model, self.adamw, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        set_state_dict(
+            self.model,
+            self.adamw,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
 
 
 def zero_config() -> dict:
@@ -251,8 +283,11 @@ def zero_config() -> dict:
     from accelerate.utils import DeepSpeedPlugin
 
     def concrete(section: dict) -> dict:
-        return {key: concrete(value) if isinstance(value, dict) else value
-                for key, value in section.items() if value != "auto"}
+        return {
+            key: concrete(value) if isinstance(value, dict) else value
+            for key, value in section.items()
+            if value != "auto"
+        }
 
     return concrete(DeepSpeedPlugin().deepspeed_config["zero_optimization"])
 

@@ -35,8 +35,16 @@ class PolicyUpdater:
     for the KL (None: LoRA's adapter-disabled policy, or no KL at beta 0). Counts the skipped
     (non-finite) updates: `nonfinite_in_row`, `skipped_updates`."""
 
-    def __init__(self, recipe: GRPORecipe, model, engine, reference, lora_spec,
-                 parallel: DataParallel, pad_id: int):
+    def __init__(
+        self,
+        recipe: GRPORecipe,
+        model,
+        engine,
+        reference,
+        lora_spec,
+        parallel: DataParallel,
+        pad_id: int,
+    ):
         self.recipe, self.model, self.engine, self.reference = recipe, model, engine, reference
         self.lora_spec, self.parallel, self.pad_id = lora_spec, parallel, pad_id
         self.nonfinite_in_row = 0
@@ -48,7 +56,9 @@ class PolicyUpdater:
         algorithm, rollout = self.recipe.algorithm, self.recipe.rollout
         policy = self.engine.policy
         flat = [r for group in groups.rollouts for r in group]
-        batch = build_batch(flat, self.pad_id, with_routes=algorithm.routing_replay) if flat else None
+        batch = (
+            build_batch(flat, self.pad_id, with_routes=algorithm.routing_replay) if flat else None
+        )
         if batch is not None and algorithm.overlong == "mask":
             truncated = algorithms.overlong_mask([r.finish_reason for r in flat])
             batch.completion_mask[truncated] = 0
@@ -63,13 +73,16 @@ class PolicyUpdater:
             reference = None
             if algorithm.beta > 0:
                 with adapters_disabled(self.model) if self.lora_spec else nullcontext():
-                    reference = self.logprobs(self.reference if self.reference is not None
-                                              else policy, batch, parts)
+                    reference = self.logprobs(
+                        self.reference if self.reference is not None else policy, batch, parts
+                    )
         if batch is not None:
-            advantages = algorithms.group_advantages(groups.rewards.flatten(), algorithm.group_size,
-                                                     algorithm.advantage).to(device)
-            metrics["mismatch_kl"] = algorithms.mismatch_kl(old, batch.sampler_logprobs,
-                                                            batch.completion_mask)
+            advantages = algorithms.group_advantages(
+                groups.rewards.flatten(), algorithm.group_size, algorithm.advantage
+            ).to(device)
+            metrics["mismatch_kl"] = algorithms.mismatch_kl(
+                old, batch.sampler_logprobs, batch.completion_mask
+            )
         for iteration in range(algorithm.mu):
             for part in parts:
                 if part is None:
@@ -77,15 +90,25 @@ class PolicyUpdater:
                     continue
                 micro = batch.rows(part)
                 policy.train()
-                logprobs, entropy = token_logprobs(policy, micro, rollout.temperature,
-                                                   with_entropy=iteration == 0)
+                logprobs, entropy = token_logprobs(
+                    policy, micro, rollout.temperature, with_entropy=iteration == 0
+                )
                 micro_loss, stat = algorithms.policy_loss(
-                    algorithm.loss, logprobs, old[part], advantages[part], micro.completion_mask,
-                    epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
-                    ref_logprobs=None if reference is None else reference[part], beta=algorithm.beta,
+                    algorithm.loss,
+                    logprobs,
+                    old[part],
+                    advantages[part],
+                    micro.completion_mask,
+                    epsilon_low=algorithm.epsilon_low,
+                    epsilon_high=algorithm.epsilon_high,
+                    ref_logprobs=None if reference is None else reference[part],
+                    beta=algorithm.beta,
                     sampler_logprobs=micro.sampler_logprobs if algorithm.tis_cap else None,
-                    tis_cap=algorithm.tis_cap, max_completion_length=rollout.max_new_tokens,
-                    global_tokens=global_tokens, global_rows=global_rows)
+                    tis_cap=algorithm.tis_cap,
+                    max_completion_length=rollout.max_new_tokens,
+                    global_tokens=global_tokens,
+                    global_rows=global_rows,
+                )
                 if self.engine.backward(micro_loss):
                     loss += float(micro_loss.detach())
                 stats.append(stat)
@@ -113,7 +136,9 @@ class PolicyUpdater:
             parts += [None] * (int(self.parallel.max(len(parts))) - len(parts))
         return parts
 
-    def logprobs(self, model, batch: PolicyBatch | None, parts: list[slice | None]) -> torch.Tensor | None:
+    def logprobs(
+        self, model, batch: PolicyBatch | None, parts: list[slice | None]
+    ) -> torch.Tensor | None:
         """[B, L-1] token logprobs of the batch in eval mode, micro-batch by micro-batch."""
         model.eval()
         found = []
@@ -121,7 +146,9 @@ class PolicyUpdater:
             if part is None:
                 self.idle_pass(model)
             else:
-                found.append(token_logprobs(model, batch.rows(part), self.recipe.rollout.temperature)[0])
+                found.append(
+                    token_logprobs(model, batch.rows(part), self.recipe.rollout.temperature)[0]
+                )
         return torch.cat(found) if found else None
 
     def idle_pass(self, model, backward: bool = False) -> None:
@@ -146,8 +173,12 @@ class PolicyUpdater:
         self.nonfinite_in_row += 1
         self.skipped_updates += 1
         limit = self.recipe.training.max_nonfinite_in_row
-        log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.nonfinite_in_row)
+        log.warning(
+            "non-finite loss or gradient: update skipped (%d in a row)", self.nonfinite_in_row
+        )
         if self.nonfinite_in_row >= limit:
-            raise RuntimeError(f"GRPO stopped: {self.nonfinite_in_row} updates in a row had a "
-                               f"NaN/inf loss or gradient (training.max_nonfinite_in_row={limit})")
+            raise RuntimeError(
+                f"GRPO stopped: {self.nonfinite_in_row} updates in a row had a "
+                f"NaN/inf loss or gradient (training.max_nonfinite_in_row={limit})"
+            )
         return norm

@@ -19,8 +19,9 @@ class PromptStream:
         self.epoch, self.cursor = 0, 0
 
     def order(self) -> list[int]:
-        return random.Random(f"{self.seed}:{self.epoch}").sample(range(len(self.problems)),
-                                                                  len(self.problems))
+        return random.Random(f"{self.seed}:{self.epoch}").sample(
+            range(len(self.problems)), len(self.problems)
+        )
 
     def take(self, count: int) -> list[dict]:
         taken = []
@@ -29,7 +30,7 @@ class PromptStream:
                 self.epoch, self.cursor = self.epoch + 1, 0
             order = self.order()
             end = min(len(self.problems), self.cursor + count - len(taken))
-            taken += [self.problems[i] for i in order[self.cursor:end]]
+            taken += [self.problems[i] for i in order[self.cursor : end]]
             self.cursor = end
         return taken
 
@@ -51,8 +52,9 @@ class StreamedPrompts:
     and the epoch. `state` is (epoch, rows taken in it); `restore` replays the epoch's order up
     to there, so a resumed run draws what the uninterrupted one would."""
 
-    def __init__(self, dataset, seed: int, rank: int = 0, world_size: int = 1,
-                 buffer_size: int = 10_000):
+    def __init__(
+        self, dataset, seed: int, rank: int = 0, world_size: int = 1, buffer_size: int = 10_000
+    ):
         from datasets.distributed import split_dataset_by_node
 
         if world_size > 1:

@@ -115,12 +115,23 @@ class RolloutPool:
     worker is given, and the natural `previous` for `sync_weights`. `restarts` counts restarts.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, backend: str = "vllm", workers: int = 1,
-                 tensor_parallel_size: int = 1, dtype: str = "float32", max_model_len: int = 256,
-                 timeout_s: float = 120.0, start_timeout_s: float = 600.0,
-                 gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION, seed: int = 0, max_retries: int = 2,
-                 return_routed_experts: bool = False, remote: list[str] | None = None,
-                 authkey: bytes | None = None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        backend: str = "vllm",
+        workers: int = 1,
+        tensor_parallel_size: int = 1,
+        dtype: str = "float32",
+        max_model_len: int = 256,
+        timeout_s: float = 120.0,
+        start_timeout_s: float = 600.0,
+        gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
+        seed: int = 0,
+        max_retries: int = 2,
+        return_routed_experts: bool = False,
+        remote: list[str] | None = None,
+        authkey: bytes | None = None,
+    ):
         from tokenizers import Tokenizer
 
         if remote:
@@ -128,35 +139,57 @@ class RolloutPool:
         elif backend not in BACKENDS:
             raise ValueError(f"rollout backend must be one of {BACKENDS}, not {backend!r}")
         if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ValueError("rollout backend 'vllm' needs vLLM (pip install 'moetune[cpu]' or "
-                             "'moetune[gpu]'); use backend='native' without it")
+            raise ValueError(
+                "rollout backend 'vllm' needs vLLM (pip install 'moetune[cpu]' or "
+                "'moetune[gpu]'); use backend='native' without it"
+            )
         if workers < 1:
             raise ValueError(f"rollout workers must be >= 1, not {workers}")
         if return_routed_experts and backend == "vllm" and not torch.cuda.is_available():
-            raise ValueError("routing replay: vLLM on CPU cannot return routed experts "
-                             "(enable_return_routed_experts needs a GPU); use the native backend")
+            raise ValueError(
+                "routing replay: vLLM on CPU cannot return routed experts "
+                "(enable_return_routed_experts needs a GPU); use the native backend"
+            )
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
             raise ValueError(f"rollout dtype {dtype!r} is not a torch dtype name (e.g. 'bfloat16')")
         tokenizer_file = Path(model_dir) / "tokenizer.json"
         if not tokenizer_file.exists():
-            raise FileNotFoundError(f"{tokenizer_file} not found: the pool decodes completions with it")
+            raise FileNotFoundError(
+                f"{tokenizer_file} not found: the pool decodes completions with it"
+            )
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.backend, self.max_model_len = backend, max_model_len
-        self.timeout_s, self.start_timeout_s, self.max_retries = timeout_s, start_timeout_s, max_retries
+        self.timeout_s, self.start_timeout_s, self.max_retries = (
+            timeout_s,
+            start_timeout_s,
+            max_retries,
+        )
         self.weights: dict[str, torch.Tensor] = {}
         self.restarts = 0
         if remote:
             key = authkey or authkey_from_environment()
             store = weight_group.open_store(timeout_s)
-            self._workers = [RemoteWorker(i, address, key, store, timeout_s)
-                             for i, address in enumerate(remote)]
+            self._workers = [
+                RemoteWorker(i, address, key, store, timeout_s) for i, address in enumerate(remote)
+            ]
         else:
             self._workers = [
-                WorkerProcess(i, EngineSpec(str(model_dir), backend, dtype, max_model_len,
-                                            tensor_parallel_size, gpu_memory_utilization, seed,
-                                            visible_devices(i, workers, tensor_parallel_size),
-                                            return_routed_experts))
-                for i in range(workers)]
+                WorkerProcess(
+                    i,
+                    EngineSpec(
+                        str(model_dir),
+                        backend,
+                        dtype,
+                        max_model_len,
+                        tensor_parallel_size,
+                        gpu_memory_utilization,
+                        seed,
+                        visible_devices(i, workers, tensor_parallel_size),
+                        return_routed_experts,
+                    ),
+                )
+                for i in range(workers)
+            ]
         self._files = WeightFiles()
         self._finalizer = weakref.finalize(self, release, self._workers, self._files)
         try:
@@ -179,32 +212,65 @@ class RolloutPool:
         return [w.pid for w in self._workers]
 
     # Requests --------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingSpec) -> list[list[Rollout]]:
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: SamplingSpec
+    ) -> list[list[Rollout]]:
         """n samples for each prompt (token ids), prompts split across the workers."""
         self._check_lengths(prompts, sampling.max_new_tokens)
         if n < 1:
             raise ValueError(f"generate: n must be >= 1, not {n}")
         start = time.perf_counter()
         seeds = [sampling.seed + p * n for p in range(len(prompts))]
-        results = self._scatter(len(prompts), lambda idx: (
-            "generate", [prompts[p] for p in idx], n, sampling, [seeds[p] for p in idx]))
-        rollouts = [[Rollout(list(prompt), ids, self.tokenizer.decode(ids, skip_special_tokens=True),
-                             reason, logprobs, routes) for ids, logprobs, reason, routes in samples]
-                    for prompt, samples in zip(prompts, results)]
+        results = self._scatter(
+            len(prompts),
+            lambda idx: (
+                "generate",
+                [prompts[p] for p in idx],
+                n,
+                sampling,
+                [seeds[p] for p in idx],
+            ),
+        )
+        rollouts = [
+            [
+                Rollout(
+                    list(prompt),
+                    ids,
+                    self.tokenizer.decode(ids, skip_special_tokens=True),
+                    reason,
+                    logprobs,
+                    routes,
+                )
+                for ids, logprobs, reason, routes in samples
+            ]
+            for prompt, samples in zip(prompts, results)
+        ]
         seconds = time.perf_counter() - start
         tokens = sum(len(r.completion_ids) for group in rollouts for r in group)
-        logger.info("generated %d tokens (%d prompts x %d) in %.2f s: %.0f tokens/s",
-                    tokens, len(prompts), n, seconds, tokens / seconds)
+        logger.info(
+            "generated %d tokens (%d prompts x %d) in %.2f s: %.0f tokens/s",
+            tokens,
+            len(prompts),
+            n,
+            seconds,
+            tokens / seconds,
+        )
         return rollouts
 
-    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+    def score(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+    ) -> list[list[float]]:
         """The engines' logprob (temperature 1) of each given completion token."""
         if len(prompt_ids) != len(completion_ids):
-            raise ValueError(f"score: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
+            raise ValueError(
+                f"score: {len(prompt_ids)} prompts but {len(completion_ids)} completions"
+            )
         self._check_lengths(prompt_ids, 0)
         self._check_lengths([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], 1)
-        return self._scatter(len(prompt_ids), lambda idx: (
-            "score", [prompt_ids[i] for i in idx], [completion_ids[i] for i in idx]))
+        return self._scatter(
+            len(prompt_ids),
+            lambda idx: ("score", [prompt_ids[i] for i in idx], [completion_ids[i] for i in idx]),
+        )
 
     def sync(self, weights: dict[str, torch.Tensor]) -> float:
         """Push HF-named tensors (e.g. from `sync_weights`) to every worker, keeping CPU copies
@@ -212,7 +278,9 @@ class RolloutPool:
         workers (moetune.rl.weight_files), over each one's weight group (moetune.rl.weight_group)
         to remote engines."""
         start = time.perf_counter()
-        tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
+        tensors = {
+            name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()
+        }
         self.weights.update(tensors)  # first: a worker restarted during the sync gets them too
         if tensors and self.backend == "remote":
             self._run({i: ("receive", tensors) for i in range(len(self._workers))})
@@ -221,8 +289,13 @@ class RolloutPool:
                 self._run({i: ("update", path) for i in range(len(self._workers))})
         seconds = time.perf_counter() - start
         megabytes = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
-        logger.info("synced %d tensors (%.1f MB) to %d workers in %.3f s",
-                    len(tensors), megabytes, len(self._workers), seconds)
+        logger.info(
+            "synced %d tensors (%.1f MB) to %d workers in %.3f s",
+            len(tensors),
+            megabytes,
+            len(self._workers),
+            seconds,
+        )
         return seconds
 
     def close(self) -> None:
@@ -278,11 +351,19 @@ class RolloutPool:
                 worker = self._workers[w]
                 if failures > self.max_retries:
                     worker.kill()
-                    raise RuntimeError(f"rollout worker {w} ({worker.label}) {failure} during "
-                                       f"{request[0]!r}, {failures} times: giving up") from failure
-                logger.warning("rollout worker %d (%s) %s during %r: restarting it (retry %d of "
-                               "%d)", w, worker.label, failure, request[0], failures,
-                               self.max_retries)
+                    raise RuntimeError(
+                        f"rollout worker {w} ({worker.label}) {failure} during "
+                        f"{request[0]!r}, {failures} times: giving up"
+                    ) from failure
+                logger.warning(
+                    "rollout worker %d (%s) %s during %r: restarting it (retry %d of %d)",
+                    w,
+                    worker.label,
+                    failure,
+                    request[0],
+                    failures,
+                    self.max_retries,
+                )
                 self._restart(w)
                 self._workers[w].send(*request)
                 deadline = time.monotonic() + self.timeout_s
@@ -296,21 +377,28 @@ class RolloutPool:
         if isinstance(worker, RemoteWorker):
             self._connect(worker)
         else:
-            with (self._files.written(self.weights, f"restore-{w}") if self.weights
-                  else nullcontext()) as restore:
+            with (
+                self._files.written(self.weights, f"restore-{w}") if self.weights else nullcontext()
+            ) as restore:
                 worker.start(restore)
                 self._wait_ready(worker)
         self.restarts += 1
-        logger.warning("rollout worker %d (%s) restarted in %.1f s with %d synced tensors",
-                       w, worker.label, time.perf_counter() - start, len(self.weights))
+        logger.warning(
+            "rollout worker %d (%s) restarted in %.1f s with %d synced tensors",
+            w,
+            worker.label,
+            time.perf_counter() - start,
+            len(self.weights),
+        )
 
     def _wait_ready(self, worker: WorkerProcess) -> None:
         try:
             seconds = worker.receive(self.start_timeout_s)
         except WorkerFailure as failure:
             worker.kill()
-            raise RuntimeError(f"rollout worker {worker.index} ({worker.label}) {failure} while "
-                               f"starting") from failure
+            raise RuntimeError(
+                f"rollout worker {worker.index} ({worker.label}) {failure} while starting"
+            ) from failure
         logger.info("rollout worker %d (%s) ready in %.1f s", worker.index, worker.label, seconds)
 
     def _connect(self, worker: RemoteWorker) -> None:
@@ -320,28 +408,39 @@ class RolloutPool:
         served = worker.info["max_model_len"]
         if served < self.max_model_len:
             worker.kill()
-            raise RuntimeError(f"rollout worker {worker.index} ({worker.label}) serves "
-                               f"max_model_len {served} < {self.max_model_len} asked for here")
+            raise RuntimeError(
+                f"rollout worker {worker.index} ({worker.label}) serves "
+                f"max_model_len {served} < {self.max_model_len} asked for here"
+            )
         if self.weights:
             worker.send("receive", self.weights)
             try:
                 worker.receive(self.timeout_s)
             except WorkerFailure as failure:
                 worker.kill()
-                raise RuntimeError(f"rollout worker {worker.index} ({worker.label}) {failure} "
-                                   f"while receiving the synced weights") from failure
-        logger.info("rollout worker %d (%s): %s engine connected", worker.index, worker.label,
-                    worker.info["backend"])
+                raise RuntimeError(
+                    f"rollout worker {worker.index} ({worker.label}) {failure} "
+                    f"while receiving the synced weights"
+                ) from failure
+        logger.info(
+            "rollout worker %d (%s): %s engine connected",
+            worker.index,
+            worker.label,
+            worker.info["backend"],
+        )
 
     def _check_lengths(self, sequences: list[list[int]], new_tokens: int) -> None:
         for i, seq in enumerate(sequences):
             if not len(seq) or len(seq) + new_tokens > self.max_model_len:
-                raise ValueError(f"sequence {i}: {len(seq)} tokens + {new_tokens} new must be in "
-                                 f"[1, max_model_len={self.max_model_len}]")
+                raise ValueError(
+                    f"sequence {i}: {len(seq)} tokens + {new_tokens} new must be in "
+                    f"[1, max_model_len={self.max_model_len}]"
+                )
 
 
-def probe_mismatch_kl(pool: RolloutPool, model, prompt_ids: list[list[int]],
-                      completion_ids: list[list[int]]) -> float:
+def probe_mismatch_kl(
+    pool: RolloutPool, model, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+) -> float:
     """`rl.algorithms.mismatch_kl` between the workers' and `model`'s logprobs of a fixed probe
     (prompts and completions, token ids): ~0 right after a sync (float32: < 1e-6)."""
     sampler = pool.score(prompt_ids, completion_ids)

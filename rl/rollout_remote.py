@@ -38,8 +38,10 @@ KEY_VARIABLE = "MOETUNE_ROLLOUT_KEY"
 def authkey_from_environment() -> bytes:
     key = os.environ.get(KEY_VARIABLE, "")
     if not key:
-        raise ValueError(f"remote rollout engines: set {KEY_VARIABLE} to the key the servers "
-                         f"were started with (`moetune rollout serve` reads the same variable)")
+        raise ValueError(
+            f"remote rollout engines: set {KEY_VARIABLE} to the key the servers "
+            f"were started with (`moetune rollout serve` reads the same variable)"
+        )
     return key.encode()
 
 
@@ -69,8 +71,9 @@ class TCPConnection(Connection):
         return pickle.loads(self.recv_bytes())
 
 
-def authenticated(sock: socket.socket, authkey: bytes, server: bool, handshake_s: float,
-                  io_s: float) -> TCPConnection:
+def authenticated(
+    sock: socket.socket, authkey: bytes, server: bool, handshake_s: float, io_s: float
+) -> TCPConnection:
     """A Connection over a connected socket after the mutual HMAC handshake (what
     multiprocessing's Listener.accept / Client do), which must finish within handshake_s.
     Raises AuthenticationError on a wrong key, OSError or EOFError on a silent or closed peer."""
@@ -106,8 +109,14 @@ class RemoteWorker:
     ("receive", tensors) sends the tensors' names, shapes and dtypes over the connection and
     their data over the group."""
 
-    def __init__(self, index: int, address: str, authkey: bytes, store: torch.distributed.TCPStore,
-                 timeout_s: float):
+    def __init__(
+        self,
+        index: int,
+        address: str,
+        authkey: bytes,
+        store: torch.distributed.TCPStore,
+        timeout_s: float,
+    ):
         self.index, self.address, self.authkey = index, address, authkey
         self.host, self.port = parse_address(address)
         self.store, self.timeout_s = store, timeout_s
@@ -139,21 +148,29 @@ class RemoteWorker:
             try:
                 sock = socket.create_connection((self.host, self.port), timeout=max(remaining, 0.1))
                 self.local_host = sock.getsockname()[0]
-                self.conn = authenticated(sock, self.authkey, server=False,
-                                          handshake_s=max(min(remaining, self.timeout_s), 0.1),
-                                          io_s=self.timeout_s)
+                self.conn = authenticated(
+                    sock,
+                    self.authkey,
+                    server=False,
+                    handshake_s=max(min(remaining, self.timeout_s), 0.1),
+                    io_s=self.timeout_s,
+                )
                 self.info = self.receive(max(remaining, 0.1))
                 break
             except AuthenticationError as error:
                 self.kill()
-                raise RuntimeError(f"rollout worker {self.index} ({self.address}): the server "
-                                   f"rejected the key ({error}); {KEY_VARIABLE} must match "
-                                   f"the server's") from None
+                raise RuntimeError(
+                    f"rollout worker {self.index} ({self.address}): the server "
+                    f"rejected the key ({error}); {KEY_VARIABLE} must match "
+                    f"the server's"
+                ) from None
             except (OSError, EOFError, WorkerFailure) as error:
                 self.kill()
                 if time.monotonic() >= deadline:
-                    raise RuntimeError(f"rollout worker {self.index} ({self.address}) could not "
-                                       f"be reached within {within_s:.0f} s: {error}") from error
+                    raise RuntimeError(
+                        f"rollout worker {self.index} ({self.address}) could not "
+                        f"be reached within {within_s:.0f} s: {error}"
+                    ) from error
                 time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
         self.join()
 
@@ -164,14 +181,17 @@ class RemoteWorker:
         prefix = f"{self.index}/{self.connections}"
         try:
             self.conn.send(("join_group", (self.store.port, prefix, backend, self.timeout_s)))
-            self.group = weight_group.join(self.store, prefix, 0, backend, self.timeout_s,
-                                           self.local_host)
+            self.group = weight_group.join(
+                self.store, prefix, 0, backend, self.timeout_s, self.local_host
+            )
             self.receive(self.timeout_s)
         except (OSError, RuntimeError, WorkerFailure) as error:
             self.kill()
-            raise RuntimeError(f"rollout worker {self.index} ({self.address}): no {backend} "
-                               f"weight group with the engine ({error}); it connects back to "
-                               f"this machine's port {self.store.port}") from error
+            raise RuntimeError(
+                f"rollout worker {self.index} ({self.address}): no {backend} "
+                f"weight group with the engine ({error}); it connects back to "
+                f"this machine's port {self.store.port}"
+            ) from error
         self.device = weight_group.device_of(backend)
 
     def send(self, method: str, *args) -> None:

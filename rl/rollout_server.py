@@ -43,8 +43,10 @@ def read_authkey(file: str | None) -> bytes:
         return key
     key = os.environ.get(KEY_VARIABLE, "").encode()
     if not key:
-        raise ValueError(f"no authkey: set {KEY_VARIABLE} or pass --authkey-file (trainers "
-                         f"connect with the same key in {KEY_VARIABLE})")
+        raise ValueError(
+            f"no authkey: set {KEY_VARIABLE} or pass --authkey-file (trainers "
+            f"connect with the same key in {KEY_VARIABLE})"
+        )
     return key
 
 
@@ -80,8 +82,9 @@ class EngineServer:
         sock, (host, port, *_) = self.listener.accept()
         local_host, conn = sock.getsockname()[0], None
         try:
-            conn = authenticated(sock, self.authkey, server=True, handshake_s=HANDSHAKE_S,
-                                 io_s=IO_S)
+            conn = authenticated(
+                sock, self.authkey, server=True, handshake_s=HANDSHAKE_S, io_s=IO_S
+            )
             conn.send(("ready", self.info))
         except (AuthenticationError, OSError, EOFError) as error:
             if conn is not None:
@@ -96,24 +99,41 @@ def run(args) -> int:
     try:
         authkey = read_authkey(args.authkey_file)
         if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ValueError("--backend vllm needs vLLM (pip install 'moetune[gpu]' or "
-                             "'moetune[cpu]'); or use --backend native")
+            raise ValueError(
+                "--backend vllm needs vLLM (pip install 'moetune[gpu]' or "
+                "'moetune[cpu]'); or use --backend native"
+            )
     except (OSError, ValueError) as error:
         print(f"moetune rollout serve: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
-    spec = EngineSpec(args.model, args.backend, args.dtype, args.max_model_len,
-                      args.tensor_parallel_size, args.gpu_memory_utilization, args.seed,
-                      return_routed_experts=args.return_routed_experts)
+    spec = EngineSpec(
+        args.model,
+        args.backend,
+        args.dtype,
+        args.max_model_len,
+        args.tensor_parallel_size,
+        args.gpu_memory_utilization,
+        args.seed,
+        return_routed_experts=args.return_routed_experts,
+    )
     engine = build_engine(spec)
-    info = {"backend": args.backend, "dtype": args.dtype, "max_model_len": args.max_model_len,
-            "tensor_parallel_size": args.tensor_parallel_size, "cuda": torch.cuda.is_available(),
-            "seconds": time.perf_counter() - start}
+    info = {
+        "backend": args.backend,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "cuda": torch.cuda.is_available(),
+        "seconds": time.perf_counter() - start,
+    }
     with socket.create_server((args.host, args.port)) as listener:
         host, port = listener.getsockname()[:2]
-        print(f"moetune rollout: {args.backend} engine on {args.model} ready in "
-              f"{info['seconds']:.1f} s, serving at {host}:{port}", flush=True)
+        print(
+            f"moetune rollout: {args.backend} engine on {args.model} ready in "
+            f"{info['seconds']:.1f} s, serving at {host}:{port}",
+            flush=True,
+        )
         try:
             EngineServer(engine, info, listener, authkey).serve_forever()
         except KeyboardInterrupt:
@@ -124,25 +144,51 @@ def run(args) -> int:
 def add_subcommand(subparsers) -> None:
     parser = subparsers.add_parser("rollout", help="rollout engines on machines of their own")
     commands = parser.add_subparsers(dest="rollout_command", metavar="COMMAND", required=True)
-    serve = commands.add_parser("serve", help="serve one rollout engine to GRPO trainers over TCP",
-                                description=__doc__.split("\n\n")[0])
-    serve.add_argument("--model", required=True,
-                       help="checkpoint folder (config.json + weights) the engine starts from")
+    serve = commands.add_parser(
+        "serve",
+        help="serve one rollout engine to GRPO trainers over TCP",
+        description=__doc__.split("\n\n")[0],
+    )
+    serve.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint folder (config.json + weights) the engine starts from",
+    )
     serve.add_argument("--backend", choices=("vllm", "native"), default="vllm")
-    serve.add_argument("--tensor-parallel-size", type=int, default=1,
-                       help="GPUs of this machine the vLLM engine spans (default 1)")
+    serve.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="GPUs of this machine the vLLM engine spans (default 1)",
+    )
     serve.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    serve.add_argument("--max-model-len", type=int, default=4096,
-                       help="longest prompt + completion in tokens (default 4096)")
-    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                       help="vLLM's share of each GPU (default 0.9: the GPUs are its own)")
+    serve.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="longest prompt + completion in tokens (default 4096)",
+    )
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="vLLM's share of each GPU (default 0.9: the GPUs are its own)",
+    )
     serve.add_argument("--seed", type=int, default=0)
-    serve.add_argument("--return-routed-experts", action="store_true",
-                       help="report each token's experts (routing replay; vLLM on GPU)")
+    serve.add_argument(
+        "--return-routed-experts",
+        action="store_true",
+        help="report each token's experts (routing replay; vLLM on GPU)",
+    )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"TCP port (default {DEFAULT_PORT}; 0: any free port, printed)")
-    serve.add_argument("--authkey-file",
-                       help=f"file holding the shared key (default: ${KEY_VARIABLE}; one of "
-                            f"them is required)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"TCP port (default {DEFAULT_PORT}; 0: any free port, printed)",
+    )
+    serve.add_argument(
+        "--authkey-file",
+        help=f"file holding the shared key (default: ${KEY_VARIABLE}; one of them is required)",
+    )
     serve.set_defaults(func=run)

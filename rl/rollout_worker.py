@@ -97,17 +97,20 @@ class Requests:
     """What a worker answers, by name. A remote engine's `trainer_host` (where the weight
     group's store is) and `local_host` are the two ends of its connection to the trainer."""
 
-    def __init__(self, engine: VllmEngine | NativeEngine, trainer_host: str = "",
-                 local_host: str = ""):
+    def __init__(
+        self, engine: VllmEngine | NativeEngine, trainer_host: str = "", local_host: str = ""
+    ):
         self.engine, self.trainer_host, self.local_host = engine, trainer_host, local_host
         self.group, self.device = None, torch.device("cpu")
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec,
-                 seeds: list[int]) -> list[list[Sample]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec, seeds: list[int]
+    ) -> list[list[Sample]]:
         return self.engine.generate(prompt_ids, n, sampling, seeds)
 
-    def score(self, prompt_ids: list[list[int]],
-              completion_ids: list[list[int]]) -> list[list[float]]:
+    def score(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+    ) -> list[list[float]]:
         return self.engine.score(prompt_ids, completion_ids)
 
     def update(self, path: str) -> None:
@@ -153,55 +156,81 @@ class VllmEngine:
         cpu = not torch.cuda.is_available()
         loading = vllm_fp8.engine_arguments(spec.model_dir)
         self.llm = LLM(
-            model=spec.model_dir, skip_tokenizer_init=True, dtype=spec.dtype, seed=spec.seed,
-            max_model_len=spec.max_model_len, tensor_parallel_size=spec.tensor_parallel_size,
-            gpu_memory_utilization=spec.gpu_memory_utilization, enforce_eager=True,
+            model=spec.model_dir,
+            skip_tokenizer_init=True,
+            dtype=spec.dtype,
+            seed=spec.seed,
+            max_model_len=spec.max_model_len,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            enforce_eager=True,
             logprobs_mode="processed_logprobs",
             compilation_config={"custom_ops": ["none"]} if cpu else None,
             **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}),
-            **loading)
+            **loading,
+        )
         # Reloading some layers only is the plan, not worth a warning per layer left alone.
         logging.getLogger("vllm.model_executor.model_loader.reload").setLevel(logging.ERROR)
         self.model_dir = Path(spec.model_dir)
         self.files = locate_tensors(self.model_dir)  # HF name -> shard file
         # a dequantised FP8 checkpoint: its weights are read dequantised, its scales not at all
         self.dequantize_to = self.llm.llm_engine.model_config.dtype if loading else None
-        self.weight_names = [n for n in self.files
-                             if not (self.dequantize_to and n.endswith("_scale_inv"))]
+        self.weight_names = [
+            n for n in self.files if not (self.dequantize_to and n.endswith("_scale_inv"))
+        ]
         self.synced: dict[str, torch.Tensor] = {}  # every tensor received so far
         self.score([[0, 0]], [[0]])  # warm-up (compiles a sampler op): not in a request's time
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec,
-                 seeds: list[int]) -> list[list[Sample]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec, seeds: list[int]
+    ) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         copies = n if sampling.temperature < 1e-5 else 1  # vLLM's greedy requests take n = 1 only
-        params = [SamplingParams(
-            n=n // copies, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
-            stop_token_ids=list(sampling.stop_token_ids), ignore_eos=True, seed=seed,
-            logprobs=0, detokenize=False) for seed in seeds for _ in range(copies)]
-        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids for _ in range(copies)]
+        params = [
+            SamplingParams(
+                n=n // copies,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=sampling.max_new_tokens,
+                stop_token_ids=list(sampling.stop_token_ids),
+                ignore_eos=True,
+                seed=seed,
+                logprobs=0,
+                detokenize=False,
+            )
+            for seed in seeds
+            for _ in range(copies)
+        ]
+        prompts = [
+            TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids for _ in range(copies)
+        ]
         samples = []
         for output in self.llm.generate(prompts, params, use_tqdm=False):
             for completion in sorted(output.outputs, key=lambda c: c.index):
                 ids = list(completion.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
                 samples.append((ids, logprobs, completion.finish_reason, vllm_routes(completion)))
-        return [samples[i:i + n] for i in range(0, len(samples), n)]
+        return [samples[i : i + n] for i in range(0, len(samples), n)]
 
-    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+    def score(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+    ) -> list[list[float]]:
         """vLLM's prompt logprobs (temperature 1) over prompt + completion."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params,
-                                    use_tqdm=False)
-        return [[output.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt), len(seq))]
-                for output, seq, prompt in zip(outputs, sequences, prompt_ids)]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False
+        )
+        return [
+            [output.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt), len(seq))]
+            for output, seq, prompt in zip(outputs, sequences, prompt_ids)
+        ]
 
     def update(self, tensors: dict[str, torch.Tensor]) -> None:
         # copies: tensors received over a weight group are views of its buckets
@@ -212,10 +241,14 @@ class VllmEngine:
 
     def layer_tensors(self, layers: set[str]) -> list[tuple[str, torch.Tensor]]:
         """Every tensor of these layers: the synced value, else the checkpoint's."""
-        names = [n for n in dict.fromkeys([*self.weight_names, *self.synced]) if layer_of(n) in layers]
+        names = [
+            n for n in dict.fromkeys([*self.weight_names, *self.synced]) if layer_of(n) in layers
+        ]
         tensors = [(n, self.synced[n]) for n in names if n in self.synced]
         from_disk = [n for n in names if n not in self.synced]
-        return tensors + list(read_tensors(self.model_dir, from_disk, self.files, self.dequantize_to))
+        return tensors + list(
+            read_tensors(self.model_dir, from_disk, self.files, self.dequantize_to)
+        )
 
 
 def vllm_routes(completion) -> torch.Tensor | None:
@@ -252,28 +285,40 @@ class NativeEngine:
         from moetune.model import DeepseekV3ForCausalLM
 
         if spec.tensor_parallel_size != 1:
-            raise ValueError("the native backend runs on one device: tensor_parallel_size must be 1")
+            raise ValueError(
+                "the native backend runs on one device: tensor_parallel_size must be 1"
+            )
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = DeepseekV3ForCausalLM.from_pretrained(
-            spec.model_dir, dtype=getattr(torch, spec.dtype), device=self.device)
+            spec.model_dir, dtype=getattr(torch, spec.dtype), device=self.device
+        )
         self.slots = checkpoint_layout(self.model, self.model.config)
         self.model.generate([[0]], max_new_tokens=2)  # warm-up: not in a request's time
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec,
-                 seeds: list[int]) -> list[list[Sample]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec, seeds: list[int]
+    ) -> list[list[Sample]]:
         """One batch of n copies per prompt, sampled with a generator seeded by its seed."""
         results = []
         for prompt, seed in zip(prompt_ids, seeds):
             out = self.model.generate(
-                [list(prompt)] * n, max_new_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                [list(prompt)] * n,
+                max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
                 stop_token_ids=list(sampling.stop_token_ids),
-                generator=torch.Generator(self.device).manual_seed(seed), record_routes=True)
-            results.append(list(zip(out.sequences, out.logprobs, out.finish_reasons,
-                                    out.routed_experts)))
+                generator=torch.Generator(self.device).manual_seed(seed),
+                record_routes=True,
+            )
+            results.append(
+                list(zip(out.sequences, out.logprobs, out.finish_reasons, out.routed_experts))
+            )
         return results
 
-    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+    def score(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+    ) -> list[list[float]]:
         return completion_logprobs(self.model, prompt_ids, completion_ids)
 
     @torch.no_grad()
@@ -281,13 +326,16 @@ class NativeEngine:
         params = self.model.state_dict()
         for name, tensor in tensors.items():
             if name not in self.slots:
-                raise KeyError(f"weight sync: {name!r} is not a tensor of {type(self.model).__name__}")
+                raise KeyError(
+                    f"weight sync: {name!r} is not a tensor of {type(self.model).__name__}"
+                )
             slot_tensor(params, self.slots[name]).copy_(tensor)
 
 
 @torch.no_grad()
-def completion_logprobs(model, prompt_ids: list[list[int]],
-                        completion_ids: list[list[int]]) -> list[list[float]]:
+def completion_logprobs(
+    model, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+) -> list[list[float]]:
     """Teacher-forced logprob (temperature 1) of each completion token under `model`, one
     sequence at a time, in eval mode (the model's mode is restored)."""
     device = next(model.parameters()).device
@@ -296,8 +344,8 @@ def completion_logprobs(model, prompt_ids: list[list[int]],
     scores = []
     for prompt, completion in zip(prompt_ids, completion_ids):
         ids = torch.tensor([list(prompt) + list(completion)], device=device)
-        logits = model(ids).logits[0, len(prompt) - 1:-1].float()
-        targets = ids[0, len(prompt):, None]
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+        targets = ids[0, len(prompt) :, None]
         scores.append(logits.log_softmax(-1).gather(1, targets).squeeze(1).tolist())
     model.train(was_training)
     return scores

@@ -33,7 +33,9 @@ class DequantizedFP8Loader(DefaultModelLoader):
     def get_all_weights(self, model_config, model) -> Iterator[tuple[str, torch.Tensor]]:
         weight_map = locate_tensors(Path(model_config.model))
         names = [n for n in weight_map if not n.endswith("_scale_inv")]
-        yield from read_tensors(model_config.model, names, weight_map, dequantize_to=model_config.dtype)
+        yield from read_tensors(
+            model_config.model, names, weight_map, dequantize_to=model_config.dtype
+        )
 
 
 def is_fp8_checkpoint(model_dir: str | Path) -> bool:

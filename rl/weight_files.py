@@ -22,8 +22,9 @@ class WeightFiles:
 
     def __init__(self):
         shm = Path("/dev/shm")
-        self.folder = Path(tempfile.mkdtemp(prefix="moetune-rollout-",
-                                            dir=shm if shm.is_dir() else None))
+        self.folder = Path(
+            tempfile.mkdtemp(prefix="moetune-rollout-", dir=shm if shm.is_dir() else None)
+        )
 
     @contextmanager
     def written(self, tensors: dict[str, torch.Tensor], name: str) -> Iterator[str]:

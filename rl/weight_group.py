@@ -24,8 +24,9 @@ TensorSpec = tuple[str, tuple[int, ...], str]  # HF name, shape, dtype name ("bf
 
 def open_store(timeout_s: float) -> dist.TCPStore:
     """The trainer's store, on a free port (`.port`) of every interface."""
-    return dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False,
-                         timeout=timedelta(seconds=timeout_s))
+    return dist.TCPStore(
+        "0.0.0.0", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
+    )
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
@@ -33,8 +34,9 @@ def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
 
 
-def join(store: dist.Store, prefix: str, rank: int, backend: str, timeout_s: float,
-         local_host: str):
+def join(
+    store: dist.Store, prefix: str, rank: int, backend: str, timeout_s: float, local_host: str
+):
     """This process's side of the two-rank group under `prefix` (fresh per connection).
     gloo binds to `local_host` (this end's address on the trainer-engine connection, so the
     peer can reach it) and blocks until the other rank has joined too."""
@@ -58,8 +60,9 @@ def device_of(backend: str) -> torch.device:
 
 
 def tensor_specs(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
-    return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
-            for name, t in tensors.items()]
+    return [
+        (name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors.items()
+    ]
 
 
 def layout(specs: list[TensorSpec]) -> list[tuple[int, list[tuple[TensorSpec, int]]]]:
@@ -84,7 +87,7 @@ def send(group, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         flat = torch.empty(size, dtype=torch.uint8, device=device)
         for (name, _, _), offset in entries:
             data = tensors[name].detach().reshape(-1).view(torch.uint8)
-            flat[offset:offset + data.numel()].copy_(data)
+            flat[offset : offset + data.numel()].copy_(data)
         group.broadcast(flat, 0).wait()
 
 
@@ -97,5 +100,5 @@ def receive(group, specs: list[TensorSpec], device: torch.device) -> dict[str, t
         for (name, shape, dtype), offset in entries:
             dtype = getattr(torch, dtype)
             nbytes = math.prod(shape) * dtype.itemsize
-            tensors[name] = flat[offset:offset + nbytes].view(dtype).view(shape)
+            tensors[name] = flat[offset : offset + nbytes].view(dtype).view(shape)
     return tensors

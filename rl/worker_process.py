@@ -41,8 +41,11 @@ class WorkerProcess:
     def start(self, restore: str | None) -> None:
         context = worker_context()
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, self.spec, restore, dict(os.environ)),
-                                       name=f"rollout-worker-{self.index}")
+        self.process = context.Process(
+            target=serve,
+            args=(child, self.spec, restore, dict(os.environ)),
+            name=f"rollout-worker-{self.index}",
+        )
         self.process.start()
         child.close()
 
@@ -62,7 +65,9 @@ class WorkerProcess:
             except (EOFError, OSError):
                 status, value = None, None
             if status == "error":
-                raise RuntimeError(f"rollout worker {self.index} ({self.spec.backend}) failed:\n{value}")
+                raise RuntimeError(
+                    f"rollout worker {self.index} ({self.spec.backend}) failed:\n{value}"
+                )
             if status is not None:
                 return value
         if ready:

@@ -29,9 +29,15 @@ class EngineCheck(TrainerCallback):
         assert dist.get_world_size() == 2 and trainer.accelerator.num_processes == 2
         kind = str(trainer.accelerator.distributed_type).split(".")[-1]
         held, full = getattr(self, self.engine)(trainer, kind)
-        assert held < full or self.engine == "ddp", f"rank {dist.get_rank()} holds all {full} elements"
-        print(f"engine check: {self.engine} rank {dist.get_rank()}: {kind}, holds {held:,} of "
-              f"{full:,} elements\n", end="", flush=True)
+        assert held < full or self.engine == "ddp", (
+            f"rank {dist.get_rank()} holds all {full} elements"
+        )
+        print(
+            f"engine check: {self.engine} rank {dist.get_rank()}: {kind}, holds {held:,} of "
+            f"{full:,} elements\n",
+            end="",
+            flush=True,
+        )
 
     @staticmethod
     def ddp(trainer, kind):

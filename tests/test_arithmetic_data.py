@@ -11,8 +11,11 @@ from moetune.rewards import RewardSpec, score
 
 def test_answers_follow_operator_precedence():
     assert worked_steps([2, 3, 4], ["+", "*"])[-1][1] == 14
-    assert worked_steps([2, 3, 4, 5], ["*", "-", "*"]) == [("2*3=6", 6), ("4*5=20", 20),
-                                                           ("6-20=-14", -14)]
+    assert worked_steps([2, 3, 4, 5], ["*", "-", "*"]) == [
+        ("2*3=6", 6),
+        ("4*5=20", 20),
+        ("6-20=-14", -14),
+    ]
     assert worked_steps([10, 3, 2], ["-", "-"]) == [("10-3=7", 7), ("7-2=5", 5)]
     for item in arithmetic_problems(200, ArithmeticSpec(digits=2, terms=4, operations="+-*")):
         expression = re.match(r"Compute: (.*)\nAnswer:", item["prompt"]).group(1)
@@ -62,7 +65,10 @@ def test_think_style_works_the_steps_and_passes_the_rewards():
         expression = re.match(r"Compute: (.*)\n$", item["prompt"]).group(1)
         assert int(item["answer"]) == eval(expression, {"__builtins__": {}})
         assert item["completion"].endswith(f"</think><answer>{item['answer']}</answer>")
-    result = score([RewardSpec("math_accuracy"), RewardSpec("format")],
-                   [i["prompt"] for i in items], [i["completion"] for i in items],
-                   {"answer": [i["answer"] for i in items]})
+    result = score(
+        [RewardSpec("math_accuracy"), RewardSpec("format")],
+        [i["prompt"] for i in items],
+        [i["completion"] for i in items],
+        {"answer": [i["answer"] for i in items]},
+    )
     assert result.totals == [2.0] * 50

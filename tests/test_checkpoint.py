@@ -37,15 +37,21 @@ def test_disk_layout_uses_deepseek_names(tmp_path):
     make_model(config).save_pretrained(tmp_path)
     weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     mtp = f"model.layers.{config.num_hidden_layers}"
-    for name in ["model.layers.1.mlp.experts.15.gate_proj.weight",
-                 "model.layers.1.mlp.experts.0.down_proj.weight",
-                 "model.layers.1.mlp.gate.e_score_correction_bias",
-                 "model.layers.1.mlp.shared_experts.up_proj.weight",
-                 "model.layers.0.mlp.gate_proj.weight",
-                 f"{mtp}.eh_proj.weight", f"{mtp}.enorm.weight", f"{mtp}.hnorm.weight",
-                 f"{mtp}.shared_head.norm.weight", f"{mtp}.shared_head.head.weight",
-                 f"{mtp}.embed_tokens.weight", f"{mtp}.self_attn.kv_b_proj.weight",
-                 f"{mtp}.mlp.experts.3.up_proj.weight"]:
+    for name in [
+        "model.layers.1.mlp.experts.15.gate_proj.weight",
+        "model.layers.1.mlp.experts.0.down_proj.weight",
+        "model.layers.1.mlp.gate.e_score_correction_bias",
+        "model.layers.1.mlp.shared_experts.up_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        f"{mtp}.eh_proj.weight",
+        f"{mtp}.enorm.weight",
+        f"{mtp}.hnorm.weight",
+        f"{mtp}.shared_head.norm.weight",
+        f"{mtp}.shared_head.head.weight",
+        f"{mtp}.embed_tokens.weight",
+        f"{mtp}.self_attn.kv_b_proj.weight",
+        f"{mtp}.mlp.experts.3.up_proj.weight",
+    ]:
         assert name in weight_map, name
     assert not any("gate_up_proj" in n or ".mtp." in n for n in weight_map)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -84,14 +90,26 @@ def rewrite_shard(path, edit):
     index_file.write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("problem, edit, message", [
-    ("missing", lambda t: t.pop("model.layers.1.mlp.experts.7.up_proj.weight"),
-     "missing tensor 'model.layers.1.mlp.experts.7.up_proj.weight' (model shape (32, 64))"),
-    ("extra", lambda t: t.__setitem__("model.layers.9.foo.weight", torch.zeros(2)),
-     "unexpected tensor 'model.layers.9.foo.weight'"),
-    ("shape", lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.weight", torch.zeros(64, 40)),
-     "shape mismatch for 'model.layers.0.self_attn.o_proj.weight': checkpoint (64, 40), model (64, 48)"),
-])
+@pytest.mark.parametrize(
+    "problem, edit, message",
+    [
+        (
+            "missing",
+            lambda t: t.pop("model.layers.1.mlp.experts.7.up_proj.weight"),
+            "missing tensor 'model.layers.1.mlp.experts.7.up_proj.weight' (model shape (32, 64))",
+        ),
+        (
+            "extra",
+            lambda t: t.__setitem__("model.layers.9.foo.weight", torch.zeros(2)),
+            "unexpected tensor 'model.layers.9.foo.weight'",
+        ),
+        (
+            "shape",
+            lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.weight", torch.zeros(64, 40)),
+            "shape mismatch for 'model.layers.0.self_attn.o_proj.weight': checkpoint (64, 40), model (64, 48)",
+        ),
+    ],
+)
 def test_mismatched_checkpoint_fails_naming_the_tensor(tmp_path, problem, edit, message):
     make_model().save_pretrained(tmp_path)
     rewrite_shard(tmp_path, edit)
@@ -116,14 +134,24 @@ def test_fp8_checkpoint_is_dequantized_on_load(tmp_path):
     loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert len(expected) > 50
     experts = loaded.model.layers[1].mlp.experts
-    torch.testing.assert_close(experts.gate_up_proj[3, 32:],
-                               expected["model.layers.1.mlp.experts.3.up_proj.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(loaded.model.layers[0].self_attn.o_proj.weight,
-                               expected["model.layers.0.self_attn.o_proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        experts.gate_up_proj[3, 32:],
+        expected["model.layers.1.mlp.experts.3.up_proj.weight"],
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        loaded.model.layers[0].self_attn.o_proj.weight,
+        expected["model.layers.0.self_attn.o_proj.weight"],
+        rtol=0,
+        atol=0,
+    )
     # and the dequantised weights are close to the originals (e4m3: 3 mantissa bits)
     original = model.model.layers[0].self_attn.o_proj.weight
-    assert ((loaded.model.layers[0].self_attn.o_proj.weight - original).abs()
-            <= original.abs().amax() / 448 * 16).all()
+    assert (
+        (loaded.model.layers[0].self_attn.o_proj.weight - original).abs()
+        <= original.abs().amax() / 448 * 16
+    ).all()
 
 
 def test_save_is_atomic_and_leaves_no_partial_files(tmp_path, monkeypatch):
@@ -153,4 +181,6 @@ def test_bias_stays_float32_in_bf16_models(tmp_path):
     model.save_pretrained(tmp_path)
     file = next(tmp_path.glob("model-*.safetensors"))
     with safe_open(file, "pt") as f:
-        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+        assert (
+            f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+        )

@@ -10,8 +10,15 @@ from moetune.model.kv_cache import LatentCache
 
 def new_cache(model, batch, max_len):
     c = model.config
-    return LatentCache(c.num_hidden_layers, batch, max_len, c.kv_lora_rank, c.qk_rope_head_dim,
-                       torch.float32, "cpu")
+    return LatentCache(
+        c.num_hidden_layers,
+        batch,
+        max_len,
+        c.kv_lora_rank,
+        c.qk_rope_head_dim,
+        torch.float32,
+        "cpu",
+    )
 
 
 def test_absorbed_decode_equals_training_path():
@@ -22,7 +29,7 @@ def test_absorbed_decode_equals_training_path():
             full = model(ids).logits
             cache = new_cache(model, 2, 50)
             prefill = model(ids[:, :30], cache=cache).logits
-            steps = [model(ids[:, t:t + 1], cache=cache).logits for t in range(30, 50)]
+            steps = [model(ids[:, t : t + 1], cache=cache).logits for t in range(30, 50)]
         torch.testing.assert_close(prefill, full[:, :30], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.cat(steps, 1), full[:, 30:], rtol=1e-4, atol=1e-4)
 
@@ -43,17 +50,22 @@ def test_cached_generation_equals_recomputing_the_sequence():
         for _ in range(10):
             with torch.no_grad():
                 seq.append(model(torch.tensor([seq])).logits[0, -1].argmax().item())
-        assert generated == seq[len(prompt):]
+        assert generated == seq[len(prompt) :]
 
 
 def test_generation_logprobs_are_the_models_logprobs():
     model = DeepseekV3ForCausalLM(v3_config()).eval()
     prompt = [4, 8, 15, 16, 23]
-    out = model.generate([prompt], max_new_tokens=6, temperature=0.7, top_k=20,
-                         generator=torch.Generator().manual_seed(1))
+    out = model.generate(
+        [prompt],
+        max_new_tokens=6,
+        temperature=0.7,
+        top_k=20,
+        generator=torch.Generator().manual_seed(1),
+    )
     seq = prompt + out.sequences[0]
     with torch.no_grad():
-        logits = model(torch.tensor([seq])).logits[0, len(prompt) - 1:-1] / 0.7
+        logits = model(torch.tensor([seq])).logits[0, len(prompt) - 1 : -1] / 0.7
     expected = filter_logits(logits, top_k=20, top_p=1.0).log_softmax(-1)
     expected = expected.gather(1, torch.tensor(out.sequences[0])[:, None]).squeeze(1)
     torch.testing.assert_close(torch.tensor(out.logprobs[0]), expected, rtol=1e-4, atol=1e-4)
@@ -83,6 +95,14 @@ def test_top_k_and_top_p_filtering():
 
 def test_sampling_is_reproducible_with_a_generator():
     model = DeepseekV3ForCausalLM(v3_config()).eval()
-    runs = [model.generate([[3, 4, 5]], max_new_tokens=8, temperature=1.0, top_p=0.9,
-                           generator=torch.Generator().manual_seed(7)).sequences for _ in range(2)]
+    runs = [
+        model.generate(
+            [[3, 4, 5]],
+            max_new_tokens=8,
+            temperature=1.0,
+            top_p=0.9,
+            generator=torch.Generator().manual_seed(7),
+        ).sequences
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]

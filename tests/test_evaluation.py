@@ -32,8 +32,13 @@ def test_humaneval_canonical_solutions_score_pass_at_1_of_one():
     problems = load_problems(DatasetSpec("builtin:humaneval"), "data", "test")
     assert len(problems) == 164
     canonical = {p["prompt"]: p["canonical_solution"] for p in problems}
-    report = evaluate(problems, lambda prompts, n: [[canonical[p]] * n for p in prompts],
-                      [RewardSpec("code_tests")], n=1, batch_size=64)
+    report = evaluate(
+        problems,
+        lambda prompts, n: [[canonical[p]] * n for p in prompts],
+        [RewardSpec("code_tests")],
+        n=1,
+        batch_size=64,
+    )
     assert report.pass_at_1 == 1.0 and report.problems == 164
 
 
@@ -49,16 +54,39 @@ def test_wrong_answers_lower_pass_at_k_as_the_estimator_says():
 
 
 def test_eval_cli_with_the_native_sampler(tmp_path):
-    model = DeepseekV3ForCausalLM(v3_config(num_nextn_predict_layers=0, vocab_size=128, eos_token_id=1))
+    model = DeepseekV3ForCausalLM(
+        v3_config(num_nextn_predict_layers=0, vocab_size=128, eos_token_id=1)
+    )
     model.save_pretrained(tmp_path / "model")
     char_tokenizer().save(str(tmp_path / "model" / "tokenizer.json"))
-    assert main(["eval", "--model", str(tmp_path / "model"), "--data", "builtin:arithmetic",
-                 "--reward", "math_accuracy", "--n", "2", "--limit", "3", "--max-new-tokens", "4",
-                 "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                "builtin:arithmetic",
+                "--reward",
+                "math_accuracy",
+                "--n",
+                "2",
+                "--limit",
+                "3",
+                "--max-new-tokens",
+                "4",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert summary["problems"] == 3 and summary["k"] == 2
     assert 0 <= summary["pass@1"] <= summary["pass@k"] <= 1
-    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 3 and all(len(r["completions"]) == 2 for r in rows)
     assert torch.tensor([len(c) for r in rows for c in r["completions"]]).le(4).all()
 
@@ -86,10 +114,34 @@ def test_eval_with_vllm_cpu_agrees_with_native_greedy_and_merges_adapters(tmp_pa
     summaries = {}
     for backend in ("native", "vllm"):
         out = tmp_path / backend
-        assert main(["eval", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"),
-                     "--data", "builtin:arithmetic", "--reward", "format", "--n", "1", "--limit", "4",
-                     "--temperature", "0", "--max-new-tokens", "6", "--backend", backend,
-                     "--output", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(tmp_path / "model"),
+                    "--adapter",
+                    str(tmp_path / "adapter"),
+                    "--data",
+                    "builtin:arithmetic",
+                    "--reward",
+                    "format",
+                    "--n",
+                    "1",
+                    "--limit",
+                    "4",
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "6",
+                    "--backend",
+                    backend,
+                    "--output",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
         summaries[backend] = [r["completions"] for r in rows]
     assert summaries["vllm"] == summaries["native"]
@@ -102,9 +154,11 @@ def test_eval_of_a_bad_model_folder_prints_one_line_and_exits_2(tmp_path, capsys
     shard = model / "model-00001-of-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:5])  # a copy cut short
     flags = ["--data", "builtin:arithmetic", "--reward", "math_accuracy", "--limit", "2"]
-    for folder, message in [(tmp_path / "none", f"model.path: {tmp_path / 'none'}: no such folder"),
-                            (tmp_path, f"model.path: {tmp_path}: no config.json"),
-                            (model, f"{shard}: invalid header (truncated or not a safetensors")]:
+    for folder, message in [
+        (tmp_path / "none", f"model.path: {tmp_path / 'none'}: no such folder"),
+        (tmp_path, f"model.path: {tmp_path}: no config.json"),
+        (model, f"{shard}: invalid header (truncated or not a safetensors"),
+    ]:
         assert main(["eval", "--model", str(folder), *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"moetune eval: {message}") and len(err.splitlines()) == 1
@@ -118,28 +172,64 @@ def test_eval_of_a_run_folder_uses_the_runs_held_out_split(tmp_path, capsys):
     from moetune.recipes.run import resolve
 
     run_dir = tmp_path / "run"
-    model = DeepseekV3ForCausalLM(v3_config(num_nextn_predict_layers=0, vocab_size=128, eos_token_id=1))
+    model = DeepseekV3ForCausalLM(
+        v3_config(num_nextn_predict_layers=0, vocab_size=128, eos_token_id=1)
+    )
     model.save_pretrained(run_dir)
     char_tokenizer().save(str(run_dir / "tokenizer.json"))
-    knobs = ["data.arithmetic.digits=1", "data.arithmetic.terms=3", "data.arithmetic.operations='-'",
-             "rollout.backend=native", "rollout.max_new_tokens=5", "eval.limit=3"]
+    knobs = [
+        "data.arithmetic.digits=1",
+        "data.arithmetic.terms=3",
+        "data.arithmetic.operations='-'",
+        "rollout.backend=native",
+        "rollout.max_new_tokens=5",
+        "eval.limit=3",
+    ]
     run = load_recipe(resolve("grpo/arith_tiny"), knobs)
     save_recipe(run, run_dir)
-    assert main(["eval", "--model", str(run_dir), "--reward", "math_accuracy",
-                 "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(run_dir),
+                "--reward",
+                "math_accuracy",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert summary["problems"] == 3 and summary["k"] == 1
-    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()
+    ]
     spec = arithmetic_spec(run.data.arithmetic)
     assert (spec.digits, spec.terms, spec.operations) == (1, 3, "-")
-    expected = load_problems(DatasetSpec("builtin:arithmetic"), "data", "test", 3, 0, run.data.arithmetic)
+    expected = load_problems(
+        DatasetSpec("builtin:arithmetic"), "data", "test", 3, 0, run.data.arithmetic
+    )
     assert [r["prompt"] for r in rows] == [p["prompt"] for p in expected]
     assert all(len(r["completions"]) == 1 and len(r["completions"][0]) <= 5 for r in rows)
     # a checkpoint-N folder finds the recipe in its parent; a folder of no run says what to do
     model.save_pretrained(run_dir / "checkpoint-2")
     char_tokenizer().save(str(run_dir / "checkpoint-2" / "tokenizer.json"))
-    assert main(["eval", "--model", str(run_dir / "checkpoint-2"), "--reward", "math_accuracy",
-                 "--output", str(tmp_path / "out2")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(run_dir / "checkpoint-2"),
+                "--reward",
+                "math_accuracy",
+                "--output",
+                str(tmp_path / "out2"),
+            ]
+        )
+        == 0
+    )
     assert main(["eval", "--model", str(tmp_path), "--reward", "math_accuracy"]) == 2
     assert "no recipe.yaml of the run that trained it" in capsys.readouterr().err
 
@@ -156,7 +246,11 @@ def test_held_out_recipe_of_an_adapter_folder_and_of_a_run_without_held_out_prob
     run = load_recipe(resolve("grpo/arith_tiny"), [f"model.path={tmp_path / 'base'}"])
     recipe = held_out_recipe(run, str(adapter), [RewardSpec("math_accuracy")])
     assert (recipe.model.path, recipe.model.adapter) == (str(tmp_path / "base"), str(adapter))
-    assert (recipe.eval.n, recipe.eval.temperature, recipe.eval.backend) == (1, 0.0, run.rollout.backend)
+    assert (recipe.eval.n, recipe.eval.temperature, recipe.eval.backend) == (
+        1,
+        0.0,
+        run.rollout.backend,
+    )
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n")
     on_file = load_recipe(resolve("grpo/arith_tiny"), [f"data.source={data}", "eval.every=0"])

@@ -120,7 +120,7 @@ def check_moe_layer(rank: int, groups: ExpertParallelGroups) -> None:
         probe = torch.randn(WORLD, 5, config.hidden_size)
         ref = full(x)
         (ref * probe).sum().div(WORLD).backward()
-        mine_x = x.detach()[rank: rank + 1].clone().requires_grad_()
+        mine_x = x.detach()[rank : rank + 1].clone().requires_grad_()
         out = sharded(mine_x)
         (out * probe[rank]).sum().backward()
         found.close(out[0], ref[rank].detach(), f"{config.model_type} output")
@@ -134,7 +134,7 @@ def compare_losses_and_grads(rank: int, full, sharded, ids: torch.Tensor) -> Mis
     sharded model's on this rank's two rows (losses averaged over ranks, as DDP would)."""
     ref = full(ids, labels=ids).loss
     ref.backward()
-    mine = ids[2 * rank: 2 * rank + 2]
+    mine = ids[2 * rank : 2 * rank + 2]
     loss = sharded(mine, labels=mine).loss
     loss.backward()
     found = Mismatches()
@@ -178,11 +178,15 @@ def check_lora(rank: int, groups: ExpertParallelGroups) -> None:
     with full_experts(sharded):
         apply_lora(sharded, spec)
         sharded.load_state_dict(full.state_dict())
-    assert sharded.model.layers[1].mlp.experts.lora.expert_ids.tolist() == ([0, 2, 5] if rank == 0 else [])
-    assert sharded.model.layers[2].mlp.experts.lora.expert_ids.tolist() == ([3] if rank == 0 else [1, 4, 7])
+    assert sharded.model.layers[1].mlp.experts.lora.expert_ids.tolist() == (
+        [0, 2, 5] if rank == 0 else []
+    )
+    assert sharded.model.layers[2].mlp.experts.lora.expert_ids.tolist() == (
+        [3] if rank == 0 else [1, 4, 7]
+    )
     ids = torch.randint(0, config.vocab_size, (2 * WORLD, 6))
     full(ids, labels=ids).loss.backward()
-    mine = ids[2 * rank: 2 * rank + 2]
+    mine = ids[2 * rank : 2 * rank + 2]
     sharded(mine, labels=mine).loss.backward()
     found = Mismatches()
     compare_grads(sharded, full, found)
@@ -239,7 +243,7 @@ def check_data_parallel(rank: int, _: ExpertParallelGroups) -> None:
     x = torch.randn(WORLD, 5, 32)
     probe = torch.randn(WORLD, 5, 32)
     (full(x) * probe).sum().div(WORLD).backward()
-    (sharded(x[rank: rank + 1])[0] * probe[rank]).sum().backward()
+    (sharded(x[rank : rank + 1])[0] * probe[rank]).sum().backward()
     found = Mismatches()
     compare_grads(sharded, full, found)
     found.check()
@@ -254,22 +258,33 @@ def check_load_model(rank: int, groups: ExpertParallelGroups, folder: str) -> No
     sharded = load_model(ModelSection(config=path, expert_parallel=2))
     experts = sharded.model.layers[1].mlp.experts
     assert experts.num_experts == 8
-    torch.testing.assert_close(experts.down_proj,
-                               full.model.layers[1].mlp.experts.down_proj[8 * rank: 8 * rank + 8])
+    torch.testing.assert_close(
+        experts.down_proj, full.model.layers[1].mlp.experts.down_proj[8 * rank : 8 * rank + 8]
+    )
     with pytest.raises(RecipeError, match=r"model.expert_parallel.*3.*world size 2"):
         load_model(ModelSection(config=path, expert_parallel=3))
 
 
-CHECKS = {"moe_layer": check_moe_layer, "causal_lm": check_causal_lm, "lora": check_lora,
-          "full_experts": check_full_experts, "fp8_frozen": check_fp8_frozen,
-          "data_parallel": check_data_parallel,
-          "load_model": check_load_model}
+CHECKS = {
+    "moe_layer": check_moe_layer,
+    "causal_lm": check_causal_lm,
+    "lora": check_lora,
+    "full_experts": check_full_experts,
+    "fp8_frozen": check_fp8_frozen,
+    "data_parallel": check_data_parallel,
+    "load_model": check_load_model,
+}
 
 
 def worker(rank: int, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", WORLD), rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo",
+        store=dist.FileStore(f"{folder}/store", WORLD),
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=30),
+    )
     groups = expert_parallel_groups(WORLD)
     results = {}
     for name, check in CHECKS.items():
@@ -334,6 +349,11 @@ def test_expert_parallel_needs_an_initialised_world(monkeypatch):
 
 
 def test_expert_parallel_is_an_sft_recipe_key():
-    assert load_recipe(RECIPES / "sft/arith_tiny.yaml", ["model.expert_parallel=2"]).model.expert_parallel == 2
+    assert (
+        load_recipe(
+            RECIPES / "sft/arith_tiny.yaml", ["model.expert_parallel=2"]
+        ).model.expert_parallel
+        == 2
+    )
     with pytest.raises(RecipeError, match="model.expert_parallel: 2: .* a grpo recipe needs 1"):
         load_recipe(RECIPES / "grpo/arith_tiny.yaml", ["model.expert_parallel=2"])

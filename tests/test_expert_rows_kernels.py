@@ -60,8 +60,11 @@ def test_unknown_backend_is_refused():
 def test_combine_sums_each_tokens_rows(backend, tokens, k, width):
     rows = torch.randn(tokens * k + 3, width)  # 3 rows no token reads
     token_rows = torch.randperm(tokens * k + 3)[: tokens * k].view(tokens, k)
-    expected = torch.stack([rows[token_rows[t]].double().sum(0) for t in range(tokens)]) \
-        if tokens else torch.zeros(0, width, dtype=torch.double)
+    expected = (
+        torch.stack([rows[token_rows[t]].double().sum(0) for t in range(tokens)])
+        if tokens
+        else torch.zeros(0, width, dtype=torch.double)
+    )
     ours = kernels.combine(rows, token_rows, backend=backend)
     assert ours.shape == (tokens, width) and ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=1e-5)

@@ -58,7 +58,8 @@ def test_weight_round_trip_with_partial_edge_blocks(shape):
     w_q, scale_inv = quantize_weight(w)
     assert scale_inv.shape == (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
     per_element = scale_inv.repeat_interleave(128, -2).repeat_interleave(128, -1)[
-        ..., : shape[-2], : shape[-1]]
+        ..., : shape[-2], : shape[-1]
+    ]
     assert_within_e4m3(w, dequantize_weight(w_q, scale_inv, dtype=torch.float32), per_element)
 
 
@@ -68,7 +69,7 @@ def blockwise_loop(a, a_s, b, b_s):
     b_rows = b_s.repeat_interleave(128, 0)[: b.shape[0]]
     for kb in range(a.shape[1] // 128):
         k = slice(kb * 128, (kb + 1) * 128)
-        out += (a[:, k].float() @ b[:, k].float().T) * a_s[:, kb:kb + 1] * b_rows[:, kb][None]
+        out += (a[:, k].float() @ b[:, k].float().T) * a_s[:, kb : kb + 1] * b_rows[:, kb][None]
     return out
 
 
@@ -94,8 +95,9 @@ def test_fp8_gemm_rejects_bad_shapes():
         fp8_gemm(a, a_s, b, b_s[:, :1])
 
 
-@pytest.mark.parametrize("scale_fmt, shape", [(None, (6, 256)), ("ue8m0", (6, 256)),
-                                              (None, (37, 384))])  # 111 tiles: 7 programs
+@pytest.mark.parametrize(
+    "scale_fmt, shape", [(None, (6, 256)), ("ue8m0", (6, 256)), (None, (37, 384))]
+)  # 111 tiles: 7 programs
 def test_triton_quantize_act_matches_reference(scale_fmt, shape):
     x = torch.randn(shape) * 3
     q, s = triton_fp8.quantize_act(x, scale_fmt=scale_fmt)
@@ -115,14 +117,18 @@ def test_triton_quantize_act_matches_reference(scale_fmt, shape):
 def test_triton_fp8_gemm_matches_reference(m, n, k):
     a, a_s, b, b_s = random_operands(m, n, k)
     out = fp8_gemm(a, a_s, b, b_s, out_dtype=torch.float32, backend="triton")
-    torch.testing.assert_close(out, fp8_gemm(a, a_s, b, b_s, torch.float32, backend="torch"),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        out, fp8_gemm(a, a_s, b, b_s, torch.float32, backend="torch"), rtol=1e-5, atol=1e-4
+    )
 
 
-@pytest.mark.parametrize("counts", [
-    [70, 0, 5, 33],  # an empty expert, tiles split across experts
-    [0, 130, 64, 0, 1, 63, 0, 0, 200, 0],  # empty first/last experts, exact 64-row multiples
-])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [70, 0, 5, 33],  # an empty expert, tiles split across experts
+        [0, 130, 64, 0, 1, 63, 0, 0, 200, 0],  # empty first/last experts, exact 64-row multiples
+    ],
+)
 def test_triton_fp8_grouped_gemm_matches_reference(counts):
     """The kernel finds each row tile's expert from the offsets itself (no host schedule)."""
     counts = torch.tensor(counts)
@@ -134,9 +140,12 @@ def test_triton_fp8_grouped_gemm_matches_reference(counts):
     start = 0  # and each group against its own expert's plain GEMM
     for e, end in enumerate(offsets.tolist()):
         if end > start:
-            torch.testing.assert_close(ref[start:end], blockwise_loop(a[start:end], a_s[start:end],
-                                                                      b[e], b_s[e]),
-                                       rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(
+                ref[start:end],
+                blockwise_loop(a[start:end], a_s[start:end], b[e], b_s[e]),
+                rtol=1e-5,
+                atol=1e-4,
+            )
         start = end
 
 
@@ -168,8 +177,14 @@ def test_triton_kernels_compile_for_hopper_with_wgmma_and_pipelined_loads(tmp_pa
     an H100/H200's 227 KB of shared memory per block."""
     out = tmp_path / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_sm90_compile.py")),
-                          str(out)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("triton_sm90_compile.py")), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = json.loads(out.read_text())
     # quantize_act, fp8_gemm, the grouped GEMM's 8 configs, transpose, the 3 expert-row kernels

@@ -15,8 +15,9 @@ from moetune.model.lora import LoraSpec, apply_lora
 
 
 def tensor_bytes(model) -> int:
-    return sum(t.numel() * t.element_size()
-               for t in list(model.parameters()) + list(model.buffers()))
+    return sum(
+        t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+    )
 
 
 @pytest.fixture
@@ -27,14 +28,20 @@ def fp8_checkpoint(tmp_path):
     model.save_pretrained(tmp_path)
     file = next(tmp_path.glob("model-*.safetensors"))
     tensors = load_file(file)
-    for name in [n for n in tensors if "_proj" in n and n.endswith(".weight") and "eh_proj" not in n]:
+    for name in [
+        n for n in tensors if "_proj" in n and n.endswith(".weight") and "eh_proj" not in n
+    ]:
         tensors[name], tensors[name + "_scale_inv"] = quantize_weight(tensors[name])
     save_file(tensors, file, metadata={"format": "pt"})
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(tensors, file.name)}))
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                     "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     return tmp_path
 
@@ -57,13 +64,16 @@ def test_frozen_fp8_holds_weights_as_stored_and_matches_the_dequantized_model(fp
         # dense model with that quantisation applied to the same linears' and experts' GEMM
         # inputs must agree to float32 accumulation noise.
         frozen_modules = dict(frozen.named_modules())
-        hooks = [module.register_forward_pre_hook(fake_quantize_input)
-                 for name, module in dense.named_modules()
-                 if isinstance(frozen_modules.get(name), FrozenFP8Linear)]
+        hooks = [
+            module.register_forward_pre_hook(fake_quantize_input)
+            for name, module in dense.named_modules()
+            if isinstance(frozen_modules.get(name), FrozenFP8Linear)
+        ]
         for name, module in dense.named_modules():
             if isinstance(frozen_modules.get(name), FP8RoutedExperts):
                 module.forward = lambda x, ids, w, m=module: fp8_experts_reference(
-                    x, ids, w, [m.gate_up_proj], m.down_proj)
+                    x, ids, w, [m.gate_up_proj], m.down_proj
+                )
         reference = dense(ids).logits
         for hook in hooks:
             hook.remove()
@@ -87,7 +97,9 @@ def fake_quantize_input(module, args):
 
 
 def test_frozen_fp8_memory_is_at_most_055x_of_bf16(fp8_checkpoint):
-    frozen = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint, dtype=torch.bfloat16, fp8="frozen")
+    frozen = DeepseekV3ForCausalLM.from_pretrained(
+        fp8_checkpoint, dtype=torch.bfloat16, fp8="frozen"
+    )
     bf16 = DeepseekV3ForCausalLM.from_pretrained(fp8_checkpoint, dtype=torch.bfloat16)
     ratio = tensor_bytes(frozen) / tensor_bytes(bf16)
     print(f"fp8 frozen / bf16 tensor bytes: {ratio:.3f}")
@@ -109,7 +121,9 @@ def test_bf16_checkpoint_quantized_on_load_saves_a_deepseek_fp8_checkpoint(tmp_p
     frozen = saved_as_fp8(DeepseekV3ForCausalLM(v3_config()), tmp_path)
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
-    weight_map = json.loads((tmp_path / "fp8" / "model.safetensors.index.json").read_text())["weight_map"]
+    weight_map = json.loads((tmp_path / "fp8" / "model.safetensors.index.json").read_text())[
+        "weight_map"
+    ]
     assert "model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv" in weight_map
     assert "model.layers.0.self_attn.q_a_proj.weight_scale_inv" in weight_map
     reloaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8")  # dequantised
@@ -157,8 +171,9 @@ def test_fp8_linear_forward_and_gradients(fp8_wgrad):
     x = torch.randn(7, 192, requires_grad=True)
     grad = torch.randn(7, 80)
     out = layer(x)
-    torch.testing.assert_close(out, fp8_linear_reference(x.detach(), linear.weight.detach()),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out, fp8_linear_reference(x.detach(), linear.weight.detach()), rtol=1e-5, atol=1e-5
+    )
     out.backward(grad)
     exact_x = grad @ linear.weight.detach()
     exact_w = grad.T @ x.detach()
@@ -245,11 +260,16 @@ def test_fp8_routed_experts_equal_a_per_expert_reference(mode):
     weights = torch.rand(tokens, k, requires_grad=True)
     if mode == "frozen":
         module = FP8RoutedExperts(dense)
-        parts = [dequantize_weight(*module.stored(n), dtype=torch.float32) for n in ("gate_proj", "up_proj")]
+        parts = [
+            dequantize_weight(*module.stored(n), dtype=torch.float32)
+            for n in ("gate_proj", "up_proj")
+        ]
         down = dequantize_weight(*module.stored("down_proj"), dtype=torch.float32)
     else:
         module = FP8TrainingExperts.from_experts(dense)
-        parts = [dequantize_weight(*quantize_weight(dense.gate_up_proj.detach()), dtype=torch.float32)]
+        parts = [
+            dequantize_weight(*quantize_weight(dense.gate_up_proj.detach()), dtype=torch.float32)
+        ]
         down = dequantize_weight(*quantize_weight(dense.down_proj.detach()), dtype=torch.float32)
     ours = module(x, expert_ids, weights)
     reference = fp8_experts_reference(x, expert_ids, weights, parts, down)
@@ -271,10 +291,14 @@ def test_fp8_routed_experts_equal_a_per_expert_reference(mode):
 def test_read_tensors_dequantizes_with_scales_from_other_shards(tmp_path):
     from moetune.model.checkpoint import disk_tensors, locate_tensors, read_tensors
 
-    saved_as_fp8(DeepseekV3ForCausalLM(v3_config()), tmp_path, max_shard_bytes=20_000)  # small shards
+    saved_as_fp8(
+        DeepseekV3ForCausalLM(v3_config()), tmp_path, max_shard_bytes=20_000
+    )  # small shards
     weight_map = locate_tensors(tmp_path / "fp8")
-    assert weight_map["model.layers.1.mlp.experts.3.gate_proj.weight"] != \
-        weight_map["model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv"]
+    assert (
+        weight_map["model.layers.1.mlp.experts.3.gate_proj.weight"]
+        != weight_map["model.layers.1.mlp.experts.3.gate_proj.weight_scale_inv"]
+    )
     dense = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8")  # dequantised on load
     expected = dict(disk_tensors(dense, dense.config))
     names = [n for n in weight_map if not n.endswith("_scale_inv")]
@@ -284,8 +308,14 @@ def test_read_tensors_dequantizes_with_scales_from_other_shards(tmp_path):
         assert tensor.dtype == torch.float32 and torch.equal(tensor, expected[name]), name
     del weight_map["model.layers.0.self_attn.o_proj.weight_scale_inv"]
     with pytest.raises(ValueError, match="o_proj.weight' has no"):
-        list(read_tensors(tmp_path / "fp8", ["model.layers.0.self_attn.o_proj.weight"], weight_map,
-                          dequantize_to=torch.float32))
+        list(
+            read_tensors(
+                tmp_path / "fp8",
+                ["model.layers.0.self_attn.o_proj.weight"],
+                weight_map,
+                dequantize_to=torch.float32,
+            )
+        )
 
 
 def test_frozen_fp8_linear_input_gradient_goes_through_the_fp8_gemm():
@@ -313,7 +343,9 @@ def test_fp8_checkpoint_saved_by_moetune_loads_in_transformers(tmp_path):
             router.e_score_correction_bias.normal_(0, 0.3)
     saved_as_fp8(model, tmp_path)
     ours = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8")  # dequantised, float32
-    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(
+        tmp_path / "fp8", dtype=torch.float32
+    )
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         difference = (ours(ids).logits - theirs(ids).logits).abs().max().item()

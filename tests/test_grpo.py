@@ -34,10 +34,19 @@ def broken(prompts, completions, **columns):
     raise ValueError("the grader is down")
 '''
 
-FRESH = ["model.path=null", "model.config=tiny_arith", "model.tokenizer=char",
-         "rollout.max_new_tokens=8", "rollout.max_model_len=64", "training.prompts_per_step=4",
-         "algorithm.group_size=4", "eval.every=0", "training.disable_tqdm=true",
-         "training.learning_rate=1e-3", "training.report_to=[]"]
+FRESH = [
+    "model.path=null",
+    "model.config=tiny_arith",
+    "model.tokenizer=char",
+    "rollout.max_new_tokens=8",
+    "rollout.max_model_len=64",
+    "training.prompts_per_step=4",
+    "algorithm.group_size=4",
+    "eval.every=0",
+    "training.disable_tqdm=true",
+    "training.learning_rate=1e-3",
+    "training.report_to=[]",
+]
 
 
 @pytest.fixture
@@ -57,15 +66,41 @@ def rows(folder: Path) -> list[dict]:
 
 def test_grpo_steps_with_vllm_train_and_resync(tmp_path, reward_file):
     out = tmp_path / "vllm"
-    assert main(["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "length"),
-                 "algorithm.dynamic_sampling=false", "algorithm.beta=0.05",
-                 "training.max_steps=2", f"training.output_dir={out}", "training.save_steps=100"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "grpo/arith_tiny",
+                *FRESH,
+                rewards(reward_file, "length"),
+                "algorithm.dynamic_sampling=false",
+                "algorithm.beta=0.05",
+                "training.max_steps=2",
+                f"training.output_dir={out}",
+                "training.save_steps=100",
+            ]
+        )
+        == 0
+    )
     logged = rows(out)
     assert [r["step"] for r in logged] == [1, 2]
-    for key in ("reward_mean", "reward_std", "reward/length", "zero_std_fraction",
-                "completion_length_mean", "completion_length_max", "clipped_fraction", "kl",
-                "entropy", "policy_clip_fraction", "mismatch_kl", "rollout_tokens_per_second",
-                "train_tokens_per_second", "sync_seconds", "expert_load_cv"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "reward/length",
+        "zero_std_fraction",
+        "completion_length_mean",
+        "completion_length_max",
+        "clipped_fraction",
+        "kl",
+        "entropy",
+        "policy_clip_fraction",
+        "mismatch_kl",
+        "rollout_tokens_per_second",
+        "train_tokens_per_second",
+        "sync_seconds",
+        "expert_load_cv",
+    ):
         assert key in logged[1], key
     assert logged[0]["sync_seconds"] > 0
     # Step 2 sampled from the weights synced after step 1: float32 engines agree with the
@@ -74,40 +109,71 @@ def test_grpo_steps_with_vllm_train_and_resync(tmp_path, reward_file):
     before = load_file(out / "rollout_model" / "model-00001-of-00001.safetensors")
     after = load_file(out / "model-00001-of-00001.safetensors")
     changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert "lm_head.weight" in changed and "model.layers.1.mlp.gate.weight" not in changed, \
+    assert "lm_head.weight" in changed and "model.layers.1.mlp.gate.weight" not in changed, (
         "the policy trained, the router stayed frozen"
+    )
     assert (out / "expert_load.png").exists()
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_resume_repeats_the_uninterrupted_run(tmp_path, reward_file, streaming):
     """Also with prompts streamed from a file (data.streaming): the stream resumes mid-epoch."""
-    common = ["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "length"),
-              "rollout.backend=native", "algorithm.dynamic_sampling=false", "training.max_steps=4",
-              "training.save_steps=2"]
+    common = [
+        "run",
+        "grpo/arith_tiny",
+        *FRESH,
+        rewards(reward_file, "length"),
+        "rollout.backend=native",
+        "algorithm.dynamic_sampling=false",
+        "training.max_steps=4",
+        "training.save_steps=2",
+    ]
     if streaming:
         prompts = tmp_path / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"prompt": f"Compute: {i}+{i % 7}\nAnswer:"}) + "\n"
-                                   for i in range(11)))
+        prompts.write_text(
+            "".join(
+                json.dumps({"prompt": f"Compute: {i}+{i % 7}\nAnswer:"}) + "\n" for i in range(11)
+            )
+        )
         common += [f"data.source={prompts}", "data.streaming=true"]
     first, second = tmp_path / "first", tmp_path / "second"
     assert main([*common, f"training.output_dir={first}"]) == 0
     second.mkdir()
     (second / "checkpoint-2").symlink_to(first / "checkpoint-2", target_is_directory=True)
-    assert main([*common, f"training.output_dir={second}", "training.resume_from_checkpoint=true"]) == 0
+    assert (
+        main([*common, f"training.output_dir={second}", "training.resume_from_checkpoint=true"])
+        == 0
+    )
     a, b = rows(first), rows(second)
     assert [r["step"] for r in b] == [3, 4]
     for x, y in zip(a[2:], b):
-        assert y["reward_mean"] == x["reward_mean"] and y["loss"] == pytest.approx(x["loss"], abs=1e-6)
+        assert y["reward_mean"] == x["reward_mean"] and y["loss"] == pytest.approx(
+            x["loss"], abs=1e-6
+        )
     for name, tensor in load_file(second / "model-00001-of-00001.safetensors").items():
-        torch.testing.assert_close(tensor, load_file(first / "model-00001-of-00001.safetensors")[name])
+        torch.testing.assert_close(
+            tensor, load_file(first / "model-00001-of-00001.safetensors")[name]
+        )
 
 
 def test_dynamic_sampling_refills_dropped_groups(tmp_path, reward_file):
     out = tmp_path / "dynamic"
-    assert main(["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "constant_for_even"),
-                 "rollout.backend=native", "algorithm.max_refills=4", "training.max_steps=2",
-                 "training.prompts_per_step=6", f"training.output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "grpo/arith_tiny",
+                *FRESH,
+                rewards(reward_file, "constant_for_even"),
+                "rollout.backend=native",
+                "algorithm.max_refills=4",
+                "training.max_steps=2",
+                "training.prompts_per_step=6",
+                f"training.output_dir={out}",
+            ]
+        )
+        == 0
+    )
     logged = rows(out)
     assert all(r["zero_std_fraction"] > 0 for r in logged)
     assert any(r["refill_rounds"] >= 1 for r in logged)
@@ -116,18 +182,36 @@ def test_dynamic_sampling_refills_dropped_groups(tmp_path, reward_file):
 
 def test_a_batch_with_every_group_filtered_is_logged_and_the_run_goes_on(tmp_path, reward_file):
     out = tmp_path / "filtered"
-    assert main(["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "constant"),
-                 "rollout.backend=native", "algorithm.max_refills=1", "training.max_steps=2",
-                 f"training.output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "grpo/arith_tiny",
+                *FRESH,
+                rewards(reward_file, "constant"),
+                "rollout.backend=native",
+                "algorithm.max_refills=1",
+                "training.max_steps=2",
+                f"training.output_dir={out}",
+            ]
+        )
+        == 0
+    )
     logged = rows(out)
     assert [r["step"] for r in logged] == [1, 2]
     assert all(r["skipped_all_filtered"] == 1.0 and r["zero_std_fraction"] == 1.0 for r in logged)
 
 
 def test_a_reward_error_stops_the_step_naming_the_function(tmp_path, reward_file):
-    recipe = load_recipe(resolve("grpo/arith_tiny"), [*FRESH, rewards(reward_file, "broken"),
-                                                     "rollout.backend=native",
-                                                     f"training.output_dir={tmp_path}"])
+    recipe = load_recipe(
+        resolve("grpo/arith_tiny"),
+        [
+            *FRESH,
+            rewards(reward_file, "broken"),
+            "rollout.backend=native",
+            f"training.output_dir={tmp_path}",
+        ],
+    )
     from moetune.rl.grpo import run_grpo
 
     with pytest.raises(RewardError, match="broken"):
@@ -135,22 +219,32 @@ def test_a_reward_error_stops_the_step_naming_the_function(tmp_path, reward_file
 
 
 def trainer_for(tmp_path, overrides):
-    recipe = load_recipe(resolve("grpo/arith_tiny"),
-                         [*FRESH, "rollout.backend=native", f"training.output_dir={tmp_path}", *overrides])
+    recipe = load_recipe(
+        resolve("grpo/arith_tiny"),
+        [*FRESH, "rollout.backend=native", f"training.output_dir={tmp_path}", *overrides],
+    )
     model, tokenizer = load_model(recipe.model), load_tokenizer(recipe.model)
     spec = attach_lora(model, recipe.lora)
-    pool = RolloutPool(rollout_source(recipe, model, tokenizer, tmp_path), backend="native",
-                       max_model_len=64)
+    pool = RolloutPool(
+        rollout_source(recipe, model, tokenizer, tmp_path), backend="native", max_model_len=64
+    )
     return GRPOTrainer(recipe, model, tokenizer, spec, pool), pool
 
 
 def test_nan_losses_skip_the_update_and_stop_the_run_after_the_limit(tmp_path, reward_file):
-    trainer, pool = trainer_for(tmp_path, [rewards(reward_file, "length"), "algorithm.dynamic_sampling=false",
-                                           "training.max_nonfinite_in_row=2"])
+    trainer, pool = trainer_for(
+        tmp_path,
+        [
+            rewards(reward_file, "length"),
+            "algorithm.dynamic_sampling=false",
+            "training.max_nonfinite_in_row=2",
+        ],
+    )
     with pool:
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         hook = trainer.model.lm_head.register_forward_hook(
-            lambda module, inputs, output: output * float("nan") if module.training else output)
+            lambda module, inputs, output: output * float("nan") if module.training else output
+        )
         metrics = trainer.step(1)
         assert metrics["skipped_updates"] == 1.0
         for name, param in trainer.model.named_parameters():
@@ -161,12 +255,23 @@ def test_nan_losses_skip_the_update_and_stop_the_run_after_the_limit(tmp_path, r
 
 
 def test_lora_grpo_trains_only_adapters_against_the_adapter_free_reference(tmp_path, reward_file):
-    trainer, pool = trainer_for(tmp_path, [rewards(reward_file, "length"), "algorithm.dynamic_sampling=false",
-                                           "algorithm.beta=0.1", "lora.rank=8",
-                                           "lora.components=[attention, routed_experts]"])
+    trainer, pool = trainer_for(
+        tmp_path,
+        [
+            rewards(reward_file, "length"),
+            "algorithm.dynamic_sampling=false",
+            "algorithm.beta=0.1",
+            "lora.rank=8",
+            "lora.components=[attention, routed_experts]",
+        ],
+    )
     with pool:
         assert trainer.updater.reference is None  # the base with adapters disabled is the reference
-        frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+        frozen = {
+            n: p.detach().clone()
+            for n, p in trainer.model.named_parameters()
+            if not p.requires_grad
+        }
         first = trainer.step(1)
         second = trainer.step(2)
     assert first["kl"] == pytest.approx(0.0, abs=1e-9)  # LoRA B starts at zero: policy == base
@@ -178,21 +283,44 @@ def test_lora_grpo_trains_only_adapters_against_the_adapter_free_reference(tmp_p
 
 def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(tmp_path, reward_file):
     out = tmp_path / "replay"
-    assert main(["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "length"),
-                 "rollout.backend=native", "algorithm.routing_replay=true",
-                 "algorithm.dynamic_sampling=false", "training.max_steps=1",
-                 f"training.output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "grpo/arith_tiny",
+                *FRESH,
+                rewards(reward_file, "length"),
+                "rollout.backend=native",
+                "algorithm.routing_replay=true",
+                "algorithm.dynamic_sampling=false",
+                "training.max_steps=1",
+                f"training.output_dir={out}",
+            ]
+        )
+        == 0
+    )
     (row,) = rows(out)
     assert abs(row["mismatch_kl"]) < 1e-6 and row["grad_norm"] > 0  # float32: routes agree
-    assert main(["run", "grpo/arith_tiny", *FRESH, rewards(reward_file, "length"),
-                 "algorithm.routing_replay=true", f"training.output_dir={tmp_path / 'vllm'}"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "grpo/arith_tiny",
+                *FRESH,
+                rewards(reward_file, "length"),
+                "algorithm.routing_replay=true",
+                f"training.output_dir={tmp_path / 'vllm'}",
+            ]
+        )
+        == 2
+    )
 
 
-STEP_LOGGER = '''
+STEP_LOGGER = """
 def logs_progress(completions, trainer_state, log_metric, **kwargs):
     log_metric("seen_step", trainer_state.global_step)
     return [0.0] * len(completions)
-'''
+"""
 
 
 def test_trl_rewards_run_unchanged_in_a_grpo_step(tmp_path):
@@ -202,8 +330,10 @@ def test_trl_rewards_run_unchanged_in_a_grpo_step(tmp_path):
 
     (tmp_path / "progress.py").write_text(STEP_LOGGER)
     repetition = "trl.rewards:get_repetition_penalty_reward"
-    reward_list = (f"rewards=[{{name: '{repetition}', kwargs: {{ngram_size: 1, max_penalty: -1.0}}}},"
-                   f" {{name: '{tmp_path}/progress.py:logs_progress'}}]")
+    reward_list = (
+        f"rewards=[{{name: '{repetition}', kwargs: {{ngram_size: 1, max_penalty: -1.0}}}},"
+        f" {{name: '{tmp_path}/progress.py:logs_progress'}}]"
+    )
     trainer, pool = trainer_for(tmp_path, [reward_list, "algorithm.dynamic_sampling=false"])
     with pool:
         groups = trainer.collector.collect(3)

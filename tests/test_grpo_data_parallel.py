@@ -30,10 +30,20 @@ from moetune.training.model_loading import load_model, load_tokenizer
 pytestmark = pytest.mark.integration  # accelerate launches
 
 ROOT = Path(__file__).parent.parent
-TINY = ["model.path=null", "model.config=tiny_arith", "model.tokenizer=char",
-        "rollout.backend=native", "rollout.max_new_tokens=8", "rollout.max_model_len=64",
-        "training.prompts_per_step=4", "algorithm.group_size=4", "eval.every=0",
-        "training.disable_tqdm=true", "training.learning_rate=1e-3", "training.report_to=[]"]
+TINY = [
+    "model.path=null",
+    "model.config=tiny_arith",
+    "model.tokenizer=char",
+    "rollout.backend=native",
+    "rollout.max_new_tokens=8",
+    "rollout.max_model_len=64",
+    "training.prompts_per_step=4",
+    "algorithm.group_size=4",
+    "eval.every=0",
+    "training.disable_tqdm=true",
+    "training.learning_rate=1e-3",
+    "training.report_to=[]",
+]
 
 
 def fixed_groups(count: int, n: int) -> Groups:
@@ -54,8 +64,10 @@ def fixed_groups(count: int, n: int) -> Groups:
 
 def fresh_model(loss: str, *overrides: str):
     torch.manual_seed(0)
-    recipe = load_recipe(resolve("grpo/arith_tiny"), [*TINY, f"algorithm.loss={loss}",
-                                                      "training.micro_batch_size=3", *overrides])
+    recipe = load_recipe(
+        resolve("grpo/arith_tiny"),
+        [*TINY, f"algorithm.loss={loss}", "training.micro_batch_size=3", *overrides],
+    )
     return recipe, load_model(recipe.model)
 
 
@@ -76,7 +88,9 @@ def full_weights(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
 def updated_weights(groups: Groups, parallel: DataParallel, loss: str) -> tuple[dict, dict]:
     """(weights, metrics) after one update on every world_size-th group from the rank."""
     trainer = new_trainer(parallel, loss)
-    metrics = trainer.updater.update(share_of(groups, slice(parallel.rank, None, parallel.world_size)))
+    metrics = trainer.updater.update(
+        share_of(groups, slice(parallel.rank, None, parallel.world_size))
+    )
     return full_weights(trainer), metrics
 
 
@@ -109,16 +123,24 @@ def assert_same_step(parallel: tuple[dict, dict], single: tuple[dict, dict]) -> 
 
 
 # What `accelerate launch --config_file recipes/accelerate/<name>.yaml` tells the processes.
-LAUNCHERS = {"ddp": {},
-             "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
-             "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
-             "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}}
+LAUNCHERS = {
+    "ddp": {},
+    "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+    "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+    "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+}
 
 
 def rank_main(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29547")
+    os.environ.update(
+        DS_ACCELERATOR="cpu",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29547",
+    )
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     parallel = DataParallel(rank, 2)
     results = {"grpo": updated_weights(fixed_groups(4, 4), parallel, "grpo")}
@@ -133,8 +155,9 @@ def rank_main(rank: int, store: str, out: str) -> None:
         os.environ.update(launcher)
         # Rank 0 takes 3 groups, rank 1 one: 4 micro-batches against 2, so under sharding
         # rank 1 pads with idle passes to keep the collectives in step.
-        results[name] = two_updates(parallel, slice(0, 3) if rank == 0 else slice(3, 4),
-                                    Path(out).parent / name)
+        results[name] = two_updates(
+            parallel, slice(0, 3) if rank == 0 else slice(3, 4), Path(out).parent / name
+        )
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -155,11 +178,14 @@ def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_p
     initial = fresh_model("dapo")[1].state_dict()
     assert sum(not torch.equal(initial[k], v) for k, v in single["weights"].items()) > 10
     for name in LAUNCHERS:
-        assert_same_step((parallel[name]["weights"], parallel[name]["metrics"]),
-                         (single["weights"], single["metrics"]))
+        assert_same_step(
+            (parallel[name]["weights"], parallel[name]["metrics"]),
+            (single["weights"], single["metrics"]),
+        )
         for key, tensor in parallel[name]["weights"].items():
-            torch.testing.assert_close(parallel[name]["resumed"][key], tensor, rtol=0, atol=1e-7,
-                                       msg=f"{name}: {key}")
+            torch.testing.assert_close(
+                parallel[name]["resumed"][key], tensor, rtol=0, atol=1e-7, msg=f"{name}: {key}"
+            )
     for key, tensor in single["weights"].items():
         torch.testing.assert_close(single["resumed"][key], tensor, rtol=0, atol=0, msg=key)
 
@@ -171,11 +197,33 @@ def launch(out: Path, *overrides: str) -> list[dict]:
     env.pop("ACCELERATE_USE_CPU", None)
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
-        [str(accelerate), "launch", "--config_file", "recipes/accelerate/zero3.yaml",
-         "--num_processes", "2", "--main_process_port", "29531",
-         "-m", "moetune.recipes", "run", "grpo/arith_tiny", *TINY, "algorithm.dynamic_sampling=false",
-         "training.max_steps=2", "training.save_steps=1", f"training.output_dir={out}", *overrides],
-        check=False, capture_output=True, text=True, timeout=500, env=env, cwd=ROOT)
+        [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            "recipes/accelerate/zero3.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29531",
+            "-m",
+            "moetune.recipes",
+            "run",
+            "grpo/arith_tiny",
+            *TINY,
+            "algorithm.dynamic_sampling=false",
+            "training.max_steps=2",
+            "training.save_steps=1",
+            f"training.output_dir={out}",
+            *overrides,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env=env,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished step 2") == 1  # the main process reports, once
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -186,16 +234,21 @@ def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_pa
     starts from other weights: the gathered ZeRO-3 weights reach it over gloo on connect and
     after each step (the sampler's logprobs equal the trainer's)."""
     rewards = tmp_path / "rewards.py"
-    rewards.write_text("def digits(prompts, completions, **columns):\n"
-                       "    return [sum(c.isdigit() for c in text) / len(text) for text in completions]\n")
+    rewards.write_text(
+        "def digits(prompts, completions, **columns):\n"
+        "    return [sum(c.isdigit() for c in text) / len(text) for text in completions]\n"
+    )
     served = save_biased_tiny_arith(tmp_path / "served", seed=1)
     servers = [Server(served, tmp_path) for _ in range(2)]
     try:
         for server in servers:
             server.start()
         out = tmp_path / "run"
-        rows = launch(out, f"rewards=[{{name: '{rewards}:digits'}}]",
-                      f"rollout.remote=[{','.join(server.address for server in servers)}]")
+        rows = launch(
+            out,
+            f"rewards=[{{name: '{rewards}:digits'}}]",
+            f"rollout.remote=[{','.join(server.address for server in servers)}]",
+        )
     finally:
         for server in servers:
             server.stop()
@@ -207,9 +260,13 @@ def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_pa
     # every rank's shard of the optimizer state, in DeepSpeed's ZeRO-3 layout: each rank's fp32
     # master weights are its half of the trained parameters (fewer than half of all: the
     # router and MTP stay frozen), which one rank could not hold unpartitioned
-    shards = [torch.load(shard, weights_only=False)
-              for shard in sorted((out / "checkpoint-1" / "deepspeed").glob("*optim_states.pt"))]
-    assert len(shards) == 2 and all(s["ds_config"]["zero_optimization"]["stage"] == 3 for s in shards)
+    shards = [
+        torch.load(shard, weights_only=False)
+        for shard in sorted((out / "checkpoint-1" / "deepspeed").glob("*optim_states.pt"))
+    ]
+    assert len(shards) == 2 and all(
+        s["ds_config"]["zero_optimization"]["stage"] == 3 for s in shards
+    )
     held = [sum(t.numel() for t in s["optimizer_state_dict"]["fp32_flat_groups"]) for s in shards]
     total = sum(p.numel() for p in DeepseekV3ForCausalLM.from_pretrained(out).parameters())
     assert held[0] == held[1] and 0 < held[0] <= total / 2, (held, total)

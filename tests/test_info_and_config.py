@@ -47,20 +47,29 @@ def test_info_cli_json(capsys):
 
 
 def test_console_script_help_explains_itself():
-    out = subprocess.run([sys.executable, "-m", "moetune.recipes", "info", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "moetune.recipes", "info", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "meta device" in out and "--json" in out
 
 
-@pytest.mark.parametrize("fields, field", [
-    ({"n_routed_experts": 10, "n_group": 4}, "n_group"),
-    ({"n_group": 2, "topk_group": 3}, "topk_group"),
-    ({"scoring_func": "relu"}, "scoring_func"),
-    ({"topk_method": "random"}, "topk_method"),
-    ({"num_experts_per_tok": 300}, "num_experts_per_tok"),
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
-     "quantization_config"),
-])
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"n_routed_experts": 10, "n_group": 4}, "n_group"),
+        ({"n_group": 2, "topk_group": 3}, "topk_group"),
+        ({"scoring_func": "relu"}, "scoring_func"),
+        ({"topk_method": "random"}, "topk_method"),
+        ({"num_experts_per_tok": 300}, "num_experts_per_tok"),
+        (
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
+            "quantization_config",
+        ),
+    ],
+)
 def test_inconsistent_config_names_the_field(fields, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         DeepseekV3Config(**fields)

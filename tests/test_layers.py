@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = [("kernels", "config"), ("model",), ("rewards", "data"), ("training",),
-          ("finetune", "rl"), ("recipes",)]
+LAYERS = [
+    ("kernels", "config"),
+    ("model",),
+    ("rewards", "data"),
+    ("training",),
+    ("finetune", "rl"),
+    ("recipes",),
+]
 RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
 
 
@@ -22,8 +28,11 @@ def moetune_imports(path: Path):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] if node.module != "moetune" else \
-                [f"moetune.{alias.name}" for alias in node.names]
+            names = (
+                [node.module]
+                if node.module != "moetune"
+                else [f"moetune.{alias.name}" for alias in node.names]
+            )
         else:
             continue
         for name in names:

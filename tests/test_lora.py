@@ -60,7 +60,9 @@ def check_expert_lora(selected):
     ours = experts(x, expert_ids, weights)
     ref = reference_lora_experts(x, experts, experts.lora, expert_ids, weights)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(ours, params, grad), torch.autograd.grad(ref, params, grad)):
+    for a, b in zip(
+        torch.autograd.grad(ours, params, grad), torch.autograd.grad(ref, params, grad)
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -87,8 +89,19 @@ def test_zero_b_leaves_logits_unchanged_and_only_adapters_train():
     # by hand: attention (q_a, q_b, kv_a, kv_b, o) + dense MLP + shared experts, rank 4;
     # routed experts rank 8 on 3 experts in layer 1 and 16 in layer 2 and the MTP block.
     h, q, kv, heads = c.hidden_size, c.q_lora_rank, c.kv_lora_rank, c.num_attention_heads
-    qk, v, rope, inter = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim, c.qk_rope_head_dim, c.moe_intermediate_size
-    attention = 4 * ((h + q) + (q + heads * qk) + (h + kv + rope) + (kv + heads * (qk - rope + v)) + (heads * v + h))
+    qk, v, rope, inter = (
+        c.qk_nope_head_dim + c.qk_rope_head_dim,
+        c.v_head_dim,
+        c.qk_rope_head_dim,
+        c.moe_intermediate_size,
+    )
+    attention = 4 * (
+        (h + q)
+        + (q + heads * qk)
+        + (h + kv + rope)
+        + (kv + heads * (qk - rope + v))
+        + (heads * v + h)
+    )
     dense = 4 * 3 * (h + c.intermediate_size)
     shared = 4 * 3 * (h + inter)
     routed_per_expert = 8 * 3 * (h + inter)
@@ -182,12 +195,18 @@ def test_peft_loads_attention_and_routed_expert_adapters_on_transformers_model(t
     apply_lora(model, spec)
     randomize_adapters(model)
     save_adapter(model, spec, tmp_path / "adapter", base_path=str(tmp_path / "base"))
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", dtype=torch.float32
+    )
     theirs = peft.PeftModel.from_pretrained(theirs.eval(), tmp_path / "adapter").eval()
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
         ours, peft_logits = model(ids).logits, theirs(ids).logits
-        adapted = (ours - DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base")(ids).logits).abs().max()
+        adapted = (
+            (ours - DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base")(ids).logits)
+            .abs()
+            .max()
+        )
     assert adapted > 1e-2  # the adapters change the output, and PEFT applies the same change
     torch.testing.assert_close(peft_logits, ours, rtol=1e-5, atol=1e-5)
 
@@ -202,8 +221,22 @@ def test_merge_cli_writes_a_checkpoint_equal_to_base_plus_adapter(tmp_path):
     apply_lora(model, spec)
     randomize_adapters(model)
     save_adapter(model, spec, tmp_path / "adapter")
-    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                 "--out", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(tmp_path / "base"),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "merged"),
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     merged = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "merged")
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
@@ -225,8 +258,23 @@ def test_merge_cli_fp8_writes_a_deepseek_fp8_checkpoint(tmp_path):
     apply_lora(model, spec)
     randomize_adapters(model)
     save_adapter(model, spec, tmp_path / "adapter")
-    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                 "--out", str(tmp_path / "merged"), "--dtype", "float32", "--fp8"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(tmp_path / "base"),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "merged"),
+                "--dtype",
+                "float32",
+                "--fp8",
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     assert (tmp_path / "merged" / "tokenizer.json").exists()

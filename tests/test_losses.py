@@ -13,8 +13,9 @@ def test_lm_loss_is_shifted_cross_entropy_ignoring_minus_100():
     labels = ids.clone()
     labels[0, :4] = -100
     out = model(ids, labels=labels)
-    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+    expected = F.cross_entropy(
+        out.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(out.loss, expected)
     assert out.mtp_loss is None and out.aux_loss is None
 
@@ -75,8 +76,9 @@ def test_packed_row_equals_its_sequences_run_apart():
     labels[0, [0, 7]] = -100
     out = model(packed, position_ids=positions, labels=labels)
     apart = [model(ids, labels=ids) for ids in (first, second)]
-    torch.testing.assert_close(out.logits, torch.cat([a.logits for a in apart], dim=1),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.logits, torch.cat([a.logits for a in apart], dim=1), rtol=1e-5, atol=1e-5
+    )
     # The packed loss is a token-weighted mean: 6 + 4 LM targets, 5 + 3 MTP targets.
     lm = (6 * apart[0].lm_loss + 4 * apart[1].lm_loss) / 10
     mtp = (5 * apart[0].mtp_loss + 3 * apart[1].mtp_loss) / 8

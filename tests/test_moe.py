@@ -32,9 +32,13 @@ def test_grouped_experts_forward_and_backward_match_reference():
     grad = torch.randn(13, 16)
 
     ours = experts(x, expert_ids, weights)
-    ours_grads = torch.autograd.grad(ours, (x, weights, experts.gate_up_proj, experts.down_proj), grad)
+    ours_grads = torch.autograd.grad(
+        ours, (x, weights, experts.gate_up_proj, experts.down_proj), grad
+    )
     ref = reference_experts(x, experts.gate_up_proj, experts.down_proj, expert_ids, weights)
-    ref_grads = torch.autograd.grad(ref, (x, weights, experts.gate_up_proj, experts.down_proj), grad)
+    ref_grads = torch.autograd.grad(
+        ref, (x, weights, experts.gate_up_proj, experts.down_proj), grad
+    )
 
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for name, a, b in zip(("x", "weights", "gate_up", "down"), ours_grads, ref_grads):
@@ -52,10 +56,18 @@ def reference_route(x, weight, bias, config):
         choice = s + bias if bias is not None else s.clone()
         if config.topk_method != "greedy" and (config.n_group or 1) > 1:
             groups = choice.view(config.n_group, per_group)
-            g = groups.topk(2).values.sum(-1) if config.topk_method == "noaux_tc" else groups.max(-1).values
+            g = (
+                groups.topk(2).values.sum(-1)
+                if config.topk_method == "noaux_tc"
+                else groups.max(-1).values
+            )
             kept = set(g.topk(config.topk_group).indices.tolist())
-            choice = torch.tensor([c if i // per_group in kept else float("-inf")
-                                   for i, c in enumerate(choice.tolist())])
+            choice = torch.tensor(
+                [
+                    c if i // per_group in kept else float("-inf")
+                    for i, c in enumerate(choice.tolist())
+                ]
+            )
         top = sorted(choice.topk(config.num_experts_per_tok).indices.tolist())
         w = s[top]
         if config.norm_topk_prob:
@@ -86,8 +98,11 @@ def test_router_v3_sigmoid_noaux_tc_group_limited():
 
 def test_router_v2_softmax_greedy_and_group_limited_greedy():
     check_router(v2_lite_config())
-    check_router(v2_lite_config(topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                                norm_topk_prob=True))
+    check_router(
+        v2_lite_config(
+            topk_method="group_limited_greedy", n_group=4, topk_group=2, norm_topk_prob=True
+        )
+    )
 
 
 def test_bias_changes_selection_but_not_weights():
@@ -147,9 +162,9 @@ def test_sequence_balance_loss_matches_formula():
     ids = torch.tensor([[0, 1]] * 5 + [[2, 3]] * 5)
     expected = 0.0
     for b in range(2):
-        s = scores[b * 5:(b + 1) * 5]
+        s = scores[b * 5 : (b + 1) * 5]
         f = torch.zeros(4)
-        for row in ids[b * 5:(b + 1) * 5]:
+        for row in ids[b * 5 : (b + 1) * 5]:
             f[row] += 4 / (2 * 5)
         p = (s / s.sum(-1, keepdim=True)).mean(0)
         expected += (f * p).sum() / 2

@@ -10,15 +10,19 @@ from moetune.data.prompt_template import (
 )
 from moetune.model.char_tokenizer import char_tokenizer_fast
 
-SHOTS = [{"prompt": "Compute: 1+2\nAnswer:", "completion": " 3"},
-         {"prompt": "Compute: 5-4\nAnswer:", "completion": " 1"}]
+SHOTS = [
+    {"prompt": "Compute: 1+2\nAnswer:", "completion": " 3"},
+    {"prompt": "Compute: 5-4\nAnswer:", "completion": " 1"},
+]
 
 
 def test_raw_template_puts_system_and_shots_before_the_prompt():
     template = TemplateSection(system_prompt="Add and subtract.", few_shot=2)
     text = render("Compute: 7+1\nAnswer:", template, None, SHOTS)
-    assert text == ("Add and subtract.\n\nCompute: 1+2\nAnswer: 3\n\nCompute: 5-4\nAnswer: 1\n\n"
-                    "Compute: 7+1\nAnswer:")
+    assert text == (
+        "Add and subtract.\n\nCompute: 1+2\nAnswer: 3\n\nCompute: 5-4\nAnswer: 1\n\n"
+        "Compute: 7+1\nAnswer:"
+    )
     row = sft_row({"prompt": "Compute: 7+1\nAnswer:", "completion": " 8"}, template, SHOTS)
     assert row == {"prompt": text, "completion": " 8"}
 
@@ -26,8 +30,9 @@ def test_raw_template_puts_system_and_shots_before_the_prompt():
 def test_chat_template_wraps_turns_and_adds_the_generation_prompt():
     template = TemplateSection(chat=True, system_prompt="Be exact.", few_shot=1)
     text = render("7+1", template, char_tokenizer_fast(), SHOTS[:1])
-    assert text == ("Be exact.\nUser: Compute: 1+2\nAnswer:\nAssistant:  3<|end|>\n"
-                    "User: 7+1\nAssistant: ")
+    assert text == (
+        "Be exact.\nUser: Compute: 1+2\nAnswer:\nAssistant:  3<|end|>\nUser: 7+1\nAssistant: "
+    )
     row = sft_row({"prompt": "7+1", "completion": "8"}, template, SHOTS[:1])
     assert row["prompt"][0] == {"role": "system", "content": "Be exact."}
     assert row["completion"] == [{"role": "assistant", "content": "8"}]

@@ -51,22 +51,42 @@ def test_eval_recipe_runs_with_overrides(tmp_path):
 
 
 def test_sections_are_typed_and_nested_entries_built(tmp_path):
-    recipe = load_recipe(write(tmp_path, RECIPE.format(model="m", out="o")),
-                         ["eval.temperature=0"], EvalRecipe)
+    recipe = load_recipe(
+        write(tmp_path, RECIPE.format(model="m", out="o")), ["eval.temperature=0"], EvalRecipe
+    )
     assert recipe.eval.temperature == 0.0 and isinstance(recipe.eval.temperature, float)
     assert recipe.rewards[1].name == "format" and recipe.rewards[1].weight == 0.5
     assert recipe.rewards[1].on_error == "zero" and recipe.model.dtype == "float32"
 
 
-@pytest.mark.parametrize("edit, overrides, message", [
-    (("  n: 2", "  temprature: 2"), [], "unknown key 'eval.temprature'; did you mean 'eval.temperature'?"),
-    (("  n: 2", "  n: two"), [], "eval.n: expected int, got str 'two'"),
-    (("    weight: 0.5", "    wieght: 0.5"), [], "unknown key 'rewards[1].wieght'; did you mean 'rewards[1].weight'?"),
-    (("recipe: eval", "recipe: grpo"), [], "recipe: expected one of ['eval'], got 'grpo'"),
-    (("data:\n  source: builtin:arithmetic\n  limit: 3\n", ""), [], "missing required key 'data'"),
-    (("", ""), ["eval.max_new_tokens=lots"], "eval.max_new_tokens: expected int, got str 'lots'"),
-    (("", ""), ["modle.path=x"], "unknown key 'modle'; did you mean 'model'?"),
-])
+@pytest.mark.parametrize(
+    "edit, overrides, message",
+    [
+        (
+            ("  n: 2", "  temprature: 2"),
+            [],
+            "unknown key 'eval.temprature'; did you mean 'eval.temperature'?",
+        ),
+        (("  n: 2", "  n: two"), [], "eval.n: expected int, got str 'two'"),
+        (
+            ("    weight: 0.5", "    wieght: 0.5"),
+            [],
+            "unknown key 'rewards[1].wieght'; did you mean 'rewards[1].weight'?",
+        ),
+        (("recipe: eval", "recipe: grpo"), [], "recipe: expected one of ['eval'], got 'grpo'"),
+        (
+            ("data:\n  source: builtin:arithmetic\n  limit: 3\n", ""),
+            [],
+            "missing required key 'data'",
+        ),
+        (
+            ("", ""),
+            ["eval.max_new_tokens=lots"],
+            "eval.max_new_tokens: expected int, got str 'lots'",
+        ),
+        (("", ""), ["modle.path=x"], "unknown key 'modle'; did you mean 'model'?"),
+    ],
+)
 def test_recipe_errors_name_the_key(tmp_path, edit, overrides, message):
     text = RECIPE.format(model="m", out="o")
     if edit[0]:
@@ -78,8 +98,12 @@ def test_recipe_errors_name_the_key(tmp_path, edit, overrides, message):
 
 def test_cli_prints_recipe_errors_without_traceback_and_exits_2(tmp_path):
     missing = tmp_path / "nope.yaml"
-    run = subprocess.run([sys.executable, "-m", "moetune.recipes", "eval", str(missing)],
-                         check=False, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "moetune.recipes", "eval", str(missing)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2
     assert f"recipe {missing}: no such file" in run.stderr and "Traceback" not in run.stderr
 
@@ -100,8 +124,18 @@ def test_dry_run_of_deepseek_v3_fp8_lora_counts_the_full_model(capsys):
     assert 671.0e9 < total < 671.1e9 and trainable < 0.01 * total
     # Expert parallel over 32 GPUs fits; ZeRO-3 would shard parameters, never the FP8 base (buffers).
     assert "expert parallel 32" in out and "fits in 80 GB" in out
-    assert main(["run", "sft/deepseek_v3_fp8_lora", "model.expert_parallel=1", "plan.zero_stage=3",
-                 "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "sft/deepseek_v3_fp8_lora",
+                "model.expert_parallel=1",
+                "plan.zero_stage=3",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "ZeRO-3" in out and "does NOT fit in 80 GB" in out and "never shards buffers" in out
 
@@ -116,20 +150,38 @@ def test_dry_run_prints_moetune_plan(capsys):
 def test_moetune_recipes_lists_shipped_recipes(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    for name in ("sft/arith_tiny.yaml", "sft/arith_tiny_lora.yaml", "sft/deepseek_v2_lite_lora.yaml",
-                 "sft/moonlight_16b_lora.yaml", "sft/deepseek_v3_fp8_lora.yaml"):
+    for name in (
+        "sft/arith_tiny.yaml",
+        "sft/arith_tiny_lora.yaml",
+        "sft/deepseek_v2_lite_lora.yaml",
+        "sft/moonlight_16b_lora.yaml",
+        "sft/deepseek_v3_fp8_lora.yaml",
+    ):
         assert name in out
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["training.lerning_rate=1e-3"],
-     "unknown key 'training.lerning_rate'; did you mean 'training.learning_rate'?"),
-    (["training.max_steps=many"], "training.max_steps: expected int, got str 'many'"),
-    (["data.source=/no/such/data.jsonl"], "data.source: /no/such/data.jsonl: no such file or folder"),
-    (["lora.experts={profile: /no/experts.json}"],
-     "lora.experts.profile: /no/experts.json: no such file or folder"),
-    (["model.config=tiny_nope"], "model.config: 'tiny_nope' is neither a file nor a shipped config"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["training.lerning_rate=1e-3"],
+            "unknown key 'training.lerning_rate'; did you mean 'training.learning_rate'?",
+        ),
+        (["training.max_steps=many"], "training.max_steps: expected int, got str 'many'"),
+        (
+            ["data.source=/no/such/data.jsonl"],
+            "data.source: /no/such/data.jsonl: no such file or folder",
+        ),
+        (
+            ["lora.experts={profile: /no/experts.json}"],
+            "lora.experts.profile: /no/experts.json: no such file or folder",
+        ),
+        (
+            ["model.config=tiny_nope"],
+            "model.config: 'tiny_nope' is neither a file nor a shipped config",
+        ),
+    ],
+)
 def test_run_errors_exit_2_naming_the_key_without_traceback(arguments, message, capsys, tmp_path):
     """In process (the CLI's own process is checked by test_cli_prints_recipe_errors_...)."""
     recipe = "sft/arith_tiny_lora" if "lora" in arguments[0] else "sft/arith_tiny"
@@ -142,11 +194,20 @@ def test_dry_run_resolves_every_reward(tmp_path, capsys):
     """A misspelt reward, a broken reward file or a missing option fails the dry run."""
     broken = tmp_path / "broken.py"
     broken.write_text("def f(prompts, completions:\n    pass\n")
-    cases = [("{name: math_acuracy}", ("rewards[0] (math_acuracy): unknown reward "
-                                      "'math_acuracy'. Did you mean 'math_accuracy'?")),
-             (f"{{name: '{broken}:f'}}", f"rewards[0] ({broken}:f): SyntaxError: '(' was never"),
-             ("{name: soft_overlong, kwargs: {cache_length: 4}}",
-              "rewards[0] (soft_overlong): reward 'soft_overlong' needs the option 'max_length'")]
+    cases = [
+        (
+            "{name: math_acuracy}",
+            (
+                "rewards[0] (math_acuracy): unknown reward "
+                "'math_acuracy'. Did you mean 'math_accuracy'?"
+            ),
+        ),
+        (f"{{name: '{broken}:f'}}", f"rewards[0] ({broken}:f): SyntaxError: '(' was never"),
+        (
+            "{name: soft_overlong, kwargs: {cache_length: 4}}",
+            "rewards[0] (soft_overlong): reward 'soft_overlong' needs the option 'max_length'",
+        ),
+    ]
     for reward, message in cases:
         assert main(["run", "grpo/arith_tiny", f"rewards=[{reward}]", "--dry-run"]) == 2
         err = capsys.readouterr().err

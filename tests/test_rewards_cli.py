@@ -15,16 +15,33 @@ def run_cli(argv: list[str]) -> int:
 
 def test_reward_score(tmp_path, capsys):
     rows = [
-        {"prompt": "1+1?", "completion": "<think>easy</think><answer>\\boxed{2}</answer>",
-         "answer": "2"},
+        {
+            "prompt": "1+1?",
+            "completion": "<think>easy</think><answer>\\boxed{2}</answer>",
+            "answer": "2",
+        },
         {"prompt": "2+2?", "completion": "it is 5", "answer": "4"},
-        {"prompt": "sum", "completion": "```python\nprint(sum(map(int, input().split())))\n```",
-         "answer": None, "tests": {"inputs": ["1 2"], "outputs": ["3"]}},
+        {
+            "prompt": "sum",
+            "completion": "```python\nprint(sum(map(int, input().split())))\n```",
+            "answer": None,
+            "tests": {"inputs": ["1 2"], "outputs": ["3"]},
+        },
     ]
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    argv = ["reward", "score", "--reward", "math_accuracy,format,code_tests",
-            "--weights", "1,0.5,1", "--input", str(source), "--output", str(target)]
+    argv = [
+        "reward",
+        "score",
+        "--reward",
+        "math_accuracy,format,code_tests",
+        "--weights",
+        "1,0.5,1",
+        "--input",
+        str(source),
+        "--output",
+        str(target),
+    ]
     assert run_cli(argv) == 0
     scored = [json.loads(line) for line in target.read_text().splitlines()]
     assert [row["rewards"] for row in scored] == [
@@ -42,7 +59,15 @@ def test_reward_score(tmp_path, capsys):
 def test_reward_score_reports_a_failing_reward(tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
-    argv = ["reward", "score", "--reward", "math_accuracy", "--input", str(source),
-            "--output", str(tmp_path / "out.jsonl")]
+    argv = [
+        "reward",
+        "score",
+        "--reward",
+        "math_accuracy",
+        "--input",
+        str(source),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    ]
     assert run_cli(argv) == 1
     assert "'math_accuracy' failed on sample 0" in capsys.readouterr().err

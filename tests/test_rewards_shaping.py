@@ -10,18 +10,21 @@ from moetune.rewards.shaping import (
 )
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("<think>\nadd them\n</think>\n<answer>\n4\n</answer>", 1.0),
-    ("<think>a</think><answer>4</answer>", 1.0),
-    ("  <think>a</think>\n\n<answer>4</answer>\n", 1.0),
-    ("<answer>4</answer>", 0.0),  # no thinking
-    ("<think>a</think>", 0.0),  # no answer
-    ("<answer>4</answer><think>a</think>", 0.0),  # wrong order
-    ("Sure! <think>a</think><answer>4</answer>", 0.0),  # text outside the blocks
-    ("<think>a</think><answer>4</answer> done", 0.0),
-    ("<think>a<think>b</think><answer>4</answer>", 0.0),  # nested tag
-    ("<think>a</think><answer>4</answer><answer>5</answer>", 0.0),  # repeated block
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>\nadd them\n</think>\n<answer>\n4\n</answer>", 1.0),
+        ("<think>a</think><answer>4</answer>", 1.0),
+        ("  <think>a</think>\n\n<answer>4</answer>\n", 1.0),
+        ("<answer>4</answer>", 0.0),  # no thinking
+        ("<think>a</think>", 0.0),  # no answer
+        ("<answer>4</answer><think>a</think>", 0.0),  # wrong order
+        ("Sure! <think>a</think><answer>4</answer>", 0.0),  # text outside the blocks
+        ("<think>a</think><answer>4</answer> done", 0.0),
+        ("<think>a<think>b</think><answer>4</answer>", 0.0),  # nested tag
+        ("<think>a</think><answer>4</answer><answer>5</answer>", 0.0),  # repeated block
+    ],
+)
 def test_format(completion, expected):
     assert think_answer_format([""], [completion]) == [expected]
 

@@ -36,14 +36,16 @@ def test_grpo_advantages_use_the_unbiased_std():
     # default eps = 1e-4 in the denominator: group 1 -> +-2 / 2.0001 = +-0.99995000249987
     adv = group_advantages(REWARDS.view(2, 3), 3)
     assert adv.shape == (2, 3)
-    torch.testing.assert_close(adv[1], torch.tensor([-0.99995000249987, 0.0, 0.99995000249987],
-                                                    dtype=F64))
+    torch.testing.assert_close(
+        adv[1], torch.tensor([-0.99995000249987, 0.0, 0.99995000249987], dtype=F64)
+    )
 
 
 def test_dr_grpo_advantages_only_centre():
     adv = group_advantages(REWARDS, 3, "dr_grpo")
-    torch.testing.assert_close(adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, -2.0, 0.0, 2.0],
-                                                 dtype=F64))
+    torch.testing.assert_close(
+        adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, -2.0, 0.0, 2.0], dtype=F64)
+    )
 
 
 def test_leave_one_out_advantages():
@@ -86,8 +88,9 @@ def test_advantages_match_a_loop_reference(kind, seed):
                 expected.append(r - mean)
             else:
                 expected.append(r - (sum(group) - r) / (n - 1))
-    torch.testing.assert_close(group_advantages(rewards, n, kind), torch.tensor(expected,
-                                                                              dtype=F64))
+    torch.testing.assert_close(
+        group_advantages(rewards, n, kind), torch.tensor(expected, dtype=F64)
+    )
 
 
 # --- policy losses: one hand-computed batch, B = 2, T = 3 ----------------------------------
@@ -103,7 +106,9 @@ OLD = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.3, -2.0]], dtype=F64)
 RATIOS = torch.tensor([[1.1, 0.7, 1.5], [0.5, 1.3, 3.0]], dtype=F64)  # 3.0 sits on padding
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
 ADV = torch.tensor([1.0, -2.0], dtype=F64)
-GSPO_LOG_RATIOS = torch.tensor([[0.3, -0.1, 0.1], [-0.2, 0.0, 7.0]], dtype=F64)  # log r of the gspo tests
+GSPO_LOG_RATIOS = torch.tensor(
+    [[0.3, -0.1, 0.1], [-0.2, 0.0, 7.0]], dtype=F64
+)  # log r of the gspo tests
 
 
 def batch(log_ratios=None):
@@ -172,8 +177,7 @@ def test_truncated_importance_sampling_weights_the_policy_term():
     # row 0: -1.1 * 1.5 - 0.7 - 1.2 * 0.5 = -2.95 -> / 3; row 1: 1.6 * 1.5 + 2.6 * 0.8 = 4.48
     # -> / 2 = 2.24; loss (-0.98333... + 2.24) / 2; mean weight 5.3 / 5.
     logp, old, adv, mask = batch()
-    sampler = old - torch.tensor([[LN2, 0.0, -LN2], [math.log(3), math.log(0.8), 9.0]],
-                                 dtype=F64)
+    sampler = old - torch.tensor([[LN2, 0.0, -LN2], [math.log(3), math.log(0.8), 9.0]], dtype=F64)
     loss, stats = policy_loss("grpo", logp, old, adv, mask, sampler_logprobs=sampler, tis_cap=1.5)
     torch.testing.assert_close(loss, torch.tensor((-2.95 / 3 + 2.24) / 2, dtype=F64))
     assert stats.tis_weight_mean == pytest.approx(1.06)
@@ -205,18 +209,19 @@ def test_empty_mask_rows_add_nothing_and_never_nan(kind):
     logp = torch.tensor([[-1.0, -2.0], [inf, inf]], dtype=F64, requires_grad=True)
     old = torch.tensor([[-1.0, -2.0], [inf, inf]], dtype=F64)
     mask = torch.tensor([[1, 1], [0, 0]])
-    kw = dict(ref_logprobs=old, beta=0.1, sampler_logprobs=old, tis_cap=2.0,
-              max_completion_length=2)
+    kw = dict(
+        ref_logprobs=old, beta=0.1, sampler_logprobs=old, tis_cap=2.0, max_completion_length=2
+    )
     loss, stats = policy_loss(kind, logp, old, torch.tensor([1.0, -1.0], dtype=F64), mask, **kw)
     # row 0 has ratio 1 and A = 1: -1 per token; grpo/gspo: (-1 + 0) / 2, dapo: -2 / 2,
     # dr_grpo: -2 / (2 * 2)
     expected = {"grpo": -0.5, "gspo": -0.5, "dapo": -1.0, "dr_grpo": -0.5}[kind]
     torch.testing.assert_close(loss, torch.tensor(expected, dtype=F64))
     loss.backward()
-    assert torch.isfinite(logp.grad).all() and torch.equal(logp.grad[1], torch.zeros(2,
-                                                                                     dtype=F64))
-    loss, stats = policy_loss(kind, logp, old, torch.tensor([1.0, -1.0], dtype=F64),
-                              torch.zeros(2, 2), **kw)
+    assert torch.isfinite(logp.grad).all() and torch.equal(logp.grad[1], torch.zeros(2, dtype=F64))
+    loss, stats = policy_loss(
+        kind, logp, old, torch.tensor([1.0, -1.0], dtype=F64), torch.zeros(2, 2), **kw
+    )
     assert float(loss.detach()) == 0.0 and stats.clip_fraction == 0.0 and stats.kl == 0.0
 
 
@@ -228,9 +233,12 @@ def test_empty_mask_rows_add_nothing_and_never_nan(kind):
 #   gspo     (log-ratios of the gspo test) row means -s0 = -1.1051709180756477 and
 #            2 s1 = 1.809674836071919, each / 2: -0.5525854590378239, 0.9048374180359595
 #            (sum 0.35225195899813565)
-MICRO_LOSSES = {"grpo": (-0.5, 1.05, 0.55), "dapo": (-0.6, 0.84, 0.24),
-                "dr_grpo": (-0.375, 0.525, 0.15),
-                "gspo": (-0.5525854590378239, 0.9048374180359595, 0.35225195899813565)}
+MICRO_LOSSES = {
+    "grpo": (-0.5, 1.05, 0.55),
+    "dapo": (-0.6, 0.84, 0.24),
+    "dr_grpo": (-0.375, 0.525, 0.15),
+    "gspo": (-0.5525854590378239, 0.9048374180359595, 0.35225195899813565),
+}
 
 
 @pytest.mark.parametrize("kind", ["grpo", "dapo", "dr_grpo", "gspo"])
@@ -240,9 +248,19 @@ def test_micro_batch_losses_over_global_denominators_add_up_to_the_batch_loss(ki
     full, _ = policy_loss(kind, logp, old, adv, mask, max_completion_length=4)
     torch.testing.assert_close(full, torch.tensor(whole, dtype=F64))
     (full_grad,) = torch.autograd.grad(full, logp)
-    micro = [policy_loss(kind, logp[rows], old[rows], adv[rows], mask[rows],
-                         max_completion_length=4, global_tokens=5, global_rows=2)[0]
-             for rows in (slice(0, 1), slice(1, 2))]
+    micro = [
+        policy_loss(
+            kind,
+            logp[rows],
+            old[rows],
+            adv[rows],
+            mask[rows],
+            max_completion_length=4,
+            global_tokens=5,
+            global_rows=2,
+        )[0]
+        for rows in (slice(0, 1), slice(1, 2))
+    ]
     torch.testing.assert_close(micro[0], torch.tensor(first, dtype=F64))
     torch.testing.assert_close(micro[1], torch.tensor(second, dtype=F64))
     torch.testing.assert_close(micro[0] + micro[1], full)
@@ -270,15 +288,30 @@ def test_uneven_micro_batches_add_up_to_the_batch_loss_and_gradient(kind):
     adv = torch.randn(B, generator=g, dtype=F64)
     mask = (torch.rand(B, T, generator=g) < 0.7).long()
     mask[3] = 0  # an empty row still counts in the rows
-    kw = dict(epsilon_high=0.28, ref_logprobs=ref, beta=0.05, sampler_logprobs=sampler,
-              tis_cap=1.3, max_completion_length=8)
+    kw = dict(
+        epsilon_high=0.28,
+        ref_logprobs=ref,
+        beta=0.05,
+        sampler_logprobs=sampler,
+        tis_cap=1.3,
+        max_completion_length=8,
+    )
     full, _ = policy_loss(kind, logp, old, adv, mask, **kw)
     (full_grad,) = torch.autograd.grad(full, logp)
     tokens = int(mask.sum())
-    total = sum(policy_loss(kind, logp[rows], old[rows], adv[rows], mask[rows],
-                            **(kw | dict(ref_logprobs=ref[rows], sampler_logprobs=sampler[rows])),
-                            global_tokens=tokens, global_rows=B)[0]
-                for rows in (slice(0, 2), slice(2, 5)))
+    total = sum(
+        policy_loss(
+            kind,
+            logp[rows],
+            old[rows],
+            adv[rows],
+            mask[rows],
+            **(kw | dict(ref_logprobs=ref[rows], sampler_logprobs=sampler[rows])),
+            global_tokens=tokens,
+            global_rows=B,
+        )[0]
+        for rows in (slice(0, 2), slice(2, 5))
+    )
     torch.testing.assert_close(total, full)
     torch.testing.assert_close(torch.autograd.grad(total, logp)[0], full_grad)
 
@@ -322,10 +355,18 @@ def reference_policy_loss(kind, logp, old, adv, mask, el, eh, ref, beta, sampler
         total += len(row)
         rows.append(sum(row) / len(row) if row else 0.0)
     flat_sum = sum(r * len([t for t in range(T) if mask[b, t]]) for b, r in enumerate(rows))
-    loss = {"grpo": sum(rows) / B, "gspo": sum(rows) / B, "dapo": flat_sum / total,
-            "dr_grpo": flat_sum / (B * length)}[kind]
-    stats = (statistics.fmean(clipped), statistics.fmean(ratios), statistics.fmean(kls),
-             statistics.fmean(weights))
+    loss = {
+        "grpo": sum(rows) / B,
+        "gspo": sum(rows) / B,
+        "dapo": flat_sum / total,
+        "dr_grpo": flat_sum / (B * length),
+    }[kind]
+    stats = (
+        statistics.fmean(clipped),
+        statistics.fmean(ratios),
+        statistics.fmean(kls),
+        statistics.fmean(weights),
+    )
     return loss, stats
 
 
@@ -345,13 +386,23 @@ def test_policy_loss_matches_a_loop_reference(kind, seed):
     el, eh = (0.05, 0.08) if kind == "gspo" else (0.2, 0.28)
     args = (el, eh, ref, 0.05, sampler, 1.3, 8)
     logp_ref = logp.clone().requires_grad_()
-    expected, (clip, ratio, kl, tis) = reference_policy_loss(kind, logp_ref, old, adv, mask,
-                                                             *args)
+    expected, (clip, ratio, kl, tis) = reference_policy_loss(kind, logp_ref, old, adv, mask, *args)
     expected.backward()
     logp.requires_grad_()
-    loss, stats = policy_loss(kind, logp, old, adv, mask, epsilon_low=el, epsilon_high=eh,
-                              ref_logprobs=ref, beta=0.05, sampler_logprobs=sampler, tis_cap=1.3,
-                              max_completion_length=8)
+    loss, stats = policy_loss(
+        kind,
+        logp,
+        old,
+        adv,
+        mask,
+        epsilon_low=el,
+        epsilon_high=eh,
+        ref_logprobs=ref,
+        beta=0.05,
+        sampler_logprobs=sampler,
+        tis_cap=1.3,
+        max_completion_length=8,
+    )
     loss.backward()
     torch.testing.assert_close(loss, expected.detach())
     torch.testing.assert_close(logp.grad, logp_ref.grad)
@@ -374,8 +425,12 @@ def test_soft_overlong_penalty():
 
 
 def test_overlong_mask():
-    assert overlong_mask(["stop", "length", "stop", "length"]).tolist() == [False, True,
-                                                                             False, True]
+    assert overlong_mask(["stop", "length", "stop", "length"]).tolist() == [
+        False,
+        True,
+        False,
+        True,
+    ]
     assert overlong_mask([]).shape == (0,)
 
 
@@ -395,8 +450,9 @@ def test_entropy_from_logits():
     #             -> 0.25 ln 4 + 0.75 ln(4/3) = 0.5623351446188083
     # position 2: masked out
     inf = float("-inf")
-    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3), inf, inf],
-                            [9.0, 0.0, 0.0, 0.0]]])
+    logits = torch.tensor(
+        [[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3), inf, inf], [9.0, 0.0, 0.0, 0.0]]]
+    )
     mask = torch.tensor([[1, 1, 0]])
     expected = (1.3862943611198906 + 0.5623351446188083) / 2
     for chunk in (1, 2, 128):
@@ -413,4 +469,5 @@ def test_entropy_matches_a_loop_reference():
                 z = [math.exp(x) for x in logits[b, t].tolist()]
                 values.append(-sum(p / sum(z) * math.log(p / sum(z)) for p in z))
     assert entropy_from_logits(logits, mask, chunk_size=3) == pytest.approx(
-        statistics.fmean(values), rel=1e-5)
+        statistics.fmean(values), rel=1e-5
+    )

@@ -55,8 +55,13 @@ def assert_probe_matches(pool, model, atol=1e-3):
     ours = completion_logprobs(model, PROMPTS, PROBE_COMPLETIONS)
     theirs = pool.score(PROMPTS, PROBE_COMPLETIONS)
     for i, (a, b) in enumerate(zip(theirs, ours)):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=atol,
-                                   msg=lambda m, i=i: f"probe {i}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(a),
+            torch.tensor(b),
+            rtol=0,
+            atol=atol,
+            msg=lambda m, i=i: f"probe {i}: {m}",
+        )
     return theirs
 
 
@@ -84,8 +89,8 @@ def tempered_logprobs(model, rollouts, temperature):
     with torch.no_grad():
         for r in rollouts:
             ids = torch.tensor([r.prompt_ids + r.completion_ids])
-            logits = model(ids).logits[0, len(r.prompt_ids) - 1:-1] / temperature
-            scores.append(logits.log_softmax(-1).gather(1, ids[0, len(r.prompt_ids):, None])[:, 0])
+            logits = model(ids).logits[0, len(r.prompt_ids) - 1 : -1] / temperature
+            scores.append(logits.log_softmax(-1).gather(1, ids[0, len(r.prompt_ids) :, None])[:, 0])
     return scores
 
 
@@ -102,8 +107,9 @@ def test_sync_weights_merges_lora_like_merge_lora_and_leaves_the_model_alone(che
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     merged = merge_lora(copy.deepcopy(model))
-    expected = {k: v for k, v in disk_tensors(merged, merged.config)
-                if not k.startswith("model.layers.4.")}  # MTP: not for generation
+    expected = {
+        k: v for k, v in disk_tensors(merged, merged.config) if not k.startswith("model.layers.4.")
+    }  # MTP: not for generation
     assert set(pushed) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(pushed[name], tensor, rtol=0, atol=1e-6, msg=name)
@@ -127,14 +133,18 @@ def test_sync_weights_dequantizes_a_frozen_fp8_base_and_merges_its_adapters(chec
     assert set(pushed) == set(dense)
     assert not any(t.dtype == torch.float8_e4m3fn for t in pushed.values())
     q_a = model.model.layers[2].self_attn.q_a_proj
-    assert torch.equal(pushed["model.layers.2.self_attn.q_a_proj.weight"],
-                       q_a.dequantized_weight(torch.float32))
+    assert torch.equal(
+        pushed["model.layers.2.self_attn.q_a_proj.weight"], q_a.dequantized_weight(torch.float32)
+    )
     name = "model.layers.1.mlp.experts.4.up_proj.weight"  # not adapted
     torch.testing.assert_close(pushed[name], dense[name], rtol=0, atol=0.01)  # FP8 error
-    base = dequantize_weight(*model.model.layers[1].mlp.experts.stored("up_proj"),
-                             dtype=torch.float32)[5]
-    torch.testing.assert_close(pushed["model.layers.1.mlp.experts.5.up_proj.weight"],
-                               base + lora.scaling * lora.up_B[0] @ lora.up_A[0])
+    base = dequantize_weight(
+        *model.model.layers[1].mlp.experts.stored("up_proj"), dtype=torch.float32
+    )[5]
+    torch.testing.assert_close(
+        pushed["model.layers.1.mlp.experts.5.up_proj.weight"],
+        base + lora.scaling * lora.up_B[0] @ lora.up_A[0],
+    )
 
 
 def test_sampling_spec_and_pool_arguments_are_checked(checkpoint, tmp_path):
@@ -165,8 +175,9 @@ def test_vllm_greedy_equals_moetune_greedy(checkpoint, vllm_pool):
         for r in group:
             assert r.completion_ids == ours.sequences[i], f"prompt {i}"
             assert r.finish_reason == ours.finish_reasons[i]
-            torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(ours.logprobs[i]),
-                                       rtol=0, atol=1e-3)
+            torch.testing.assert_close(
+                torch.tensor(r.logprobs), torch.tensor(ours.logprobs[i]), rtol=0, atol=1e-3
+            )
 
 
 @pytest.mark.integration
@@ -275,14 +286,21 @@ def test_native_backend_gives_the_same_results(checkpoint, native_pool):
     two workers; sync and score as with vLLM."""
     model = trainer(checkpoint)
     native_pool.sync(sync_weights(model, native_pool.weights))
-    sampling = SamplingSpec(temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=8,
-                            stop_token_ids=STOP, seed=5)
+    sampling = SamplingSpec(
+        temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=8, stop_token_ids=STOP, seed=5
+    )
     rollouts = native_pool.generate(PROMPTS, n=2, sampling=sampling)
     assert_consistent(rollouts, PROMPTS, 2, sampling, native_pool.tokenizer)
     for p, (prompt, group) in enumerate(zip(PROMPTS, rollouts)):
-        ours = model.generate([prompt] * 2, max_new_tokens=8, temperature=0.8, top_k=50,
-                              top_p=0.95, stop_token_ids=STOP,
-                              generator=torch.Generator().manual_seed(5 + p * 2))
+        ours = model.generate(
+            [prompt] * 2,
+            max_new_tokens=8,
+            temperature=0.8,
+            top_k=50,
+            top_p=0.95,
+            stop_token_ids=STOP,
+            generator=torch.Generator().manual_seed(5 + p * 2),
+        )
         assert [r.completion_ids for r in group] == ours.sequences
         for r, logprobs in zip(group, ours.logprobs):
             torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(logprobs))

@@ -53,12 +53,29 @@ class Server:
         started = self.log.read_text().count("serving at") if self.log.exists() else 0
         with open(self.log, "a") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "moetune.recipes", "rollout", "serve",
-                 "--model", str(self.model), "--backend", self.backend, "--dtype", "float32",
-                 "--max-model-len", "256", "--host", "127.0.0.1",
-                 "--port", self.address.rpartition(":")[2]],
-                stdout=output, stderr=subprocess.STDOUT,
-                env=dict(os.environ, MOETUNE_ROLLOUT_KEY=KEY, OMP_NUM_THREADS="1"))
+                [
+                    sys.executable,
+                    "-m",
+                    "moetune.recipes",
+                    "rollout",
+                    "serve",
+                    "--model",
+                    str(self.model),
+                    "--backend",
+                    self.backend,
+                    "--dtype",
+                    "float32",
+                    "--max-model-len",
+                    "256",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    self.address.rpartition(":")[2],
+                ],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, MOETUNE_ROLLOUT_KEY=KEY, OMP_NUM_THREADS="1"),
+            )
         deadline = time.monotonic() + 120
         while (text := self.log.read_text()).count("serving at") == started:
             assert self.process.poll() is None and time.monotonic() < deadline, text
@@ -117,9 +134,14 @@ def assert_scores_match(pool, model, atol):
 def test_weight_group_moves_mixed_tensors_in_several_buckets(monkeypatch):
     """Two ranks in two threads: every dtype and shape arrives intact, bucket after bucket."""
     monkeypatch.setattr(weight_group, "BUCKET_BYTES", 1024)
-    tensors = {"w": torch.randn(10, 7), "half": torch.randn(300).to(torch.bfloat16),
-               "scalar": torch.tensor(3.5), "ids": torch.arange(5),
-               "fp8": torch.randn(4, 4).to(torch.float8_e4m3fn), "big": torch.randn(600)}
+    tensors = {
+        "w": torch.randn(10, 7),
+        "half": torch.randn(300).to(torch.bfloat16),
+        "scalar": torch.tensor(3.5),
+        "ids": torch.arange(5),
+        "fp8": torch.randn(4, 4).to(torch.float8_e4m3fn),
+        "big": torch.randn(600),
+    }
     specs = weight_group.tensor_specs(tensors)
     assert len(weight_group.layout(specs)) == 3
     store, cpu = weight_group.open_store(10), torch.device("cpu")
@@ -143,8 +165,9 @@ def test_remote_pool_generates_and_a_gloo_sync_lands(checkpoint, served, key):
         sampling = SamplingSpec(temperature=0, max_new_tokens=6)
         rollouts = pool.generate(PROMPTS, n=2, sampling=sampling)
         expected = original.generate(PROMPTS, max_new_tokens=6)
-        assert [[r.completion_ids for r in group] for group in rollouts] == \
-            [[ids, ids] for ids in expected.sequences]
+        assert [[r.completion_ids for r in group] for group in rollouts] == [
+            [ids, ids] for ids in expected.sequences
+        ]
         before = assert_scores_match(pool, original, atol=1e-5)
 
         model = stepped(checkpoint)
@@ -187,12 +210,26 @@ def test_grpo_trains_against_a_served_engine(served, key, tmp_path):
     """The engine serves other weights than the fresh trainer's: the push on connect makes
     step 1 sample from the trainer's policy, each step's sync keeps it so."""
     rewards = tmp_path / "rewards.py"
-    rewards.write_text("def length(prompts, completions, **columns):\n"
-                       "    return [len(c) / 8 for c in completions]\n")
+    rewards.write_text(
+        "def length(prompts, completions, **columns):\n"
+        "    return [len(c) / 8 for c in completions]\n"
+    )
     out = tmp_path / "grpo"
-    assert main(["run", "grpo/arith_tiny", *FRESH, f"rewards=[{{name: '{rewards}:length'}}]",
-                 f"rollout.remote=[{served}]", "algorithm.dynamic_sampling=false",
-                 "training.max_steps=2", f"training.output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "grpo/arith_tiny",
+                *FRESH,
+                f"rewards=[{{name: '{rewards}:length'}}]",
+                f"rollout.remote=[{served}]",
+                "algorithm.dynamic_sampling=false",
+                "training.max_steps=2",
+                f"training.output_dir={out}",
+            ]
+        )
+        == 0
+    )
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2]
     assert all(abs(r["mismatch_kl"]) < 1e-4 and r["sync_seconds"] > 0 for r in logged)
@@ -201,7 +238,8 @@ def test_grpo_trains_against_a_served_engine(served, key, tmp_path):
 
 @pytest.mark.integration
 def test_a_restarted_server_is_reconnected_one_that_hangs_or_stays_down_is_named(
-        checkpoint, native_server, served, key):
+    checkpoint, native_server, served, key
+):
     with RolloutPool(checkpoint, remote=[served], timeout_s=30, start_timeout_s=60) as pool:
         model = stepped(checkpoint)
         pool.sync(sync_weights(model, pool.weights))
@@ -213,13 +251,19 @@ def test_a_restarted_server_is_reconnected_one_that_hangs_or_stays_down_is_named
         pool.timeout_s = pool.start_timeout_s = 2
         native_server.process.send_signal(signal.SIGSTOP)
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match=rf"rollout worker 0 \({served}\) could not be "
-                                               rf"reached within 2 s: no handshake"):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"rollout worker 0 \({served}\) could not be "
+            rf"reached within 2 s: no handshake",
+        ):
             pool.score(PROMPTS, COMPLETIONS)
         assert time.monotonic() - start < 15
         native_server.stop()
-        with pytest.raises(RuntimeError, match=rf"rollout worker 0 \({served}\) could not be "
-                                               rf"reached within 2 s: .*refused"):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"rollout worker 0 \({served}\) could not be "
+            rf"reached within 2 s: .*refused",
+        ):
             pool.score(PROMPTS, COMPLETIONS)
 
 
@@ -235,7 +279,8 @@ def test_vllm_server_takes_weights_over_gloo(checkpoint, tmp_path, key):
             assert_scores_match(pool, model, atol=1e-3)
             sampling = SamplingSpec(temperature=0, max_new_tokens=6)
             rollouts = pool.generate(PROMPTS, n=1, sampling=sampling)
-            assert [group[0].completion_ids for group in rollouts] == \
-                model.generate(PROMPTS, max_new_tokens=6).sequences
+            assert [group[0].completion_ids for group in rollouts] == model.generate(
+                PROMPTS, max_new_tokens=6
+            ).sequences
     finally:
         server.stop()

@@ -27,8 +27,13 @@ def own_routes(model, ids: torch.Tensor) -> torch.Tensor:
 def test_generate_records_the_routes_of_every_fed_token_of_each_sequence():
     model = tiny_model()
     prompts = [torch.randint(1, 128, (n,)).tolist() for n in (3, 7, 5)]  # left-padded batch
-    out = model.generate(prompts, max_new_tokens=6, temperature=1.0, record_routes=True,
-                         generator=torch.Generator().manual_seed(0))
+    out = model.generate(
+        prompts,
+        max_new_tokens=6,
+        temperature=1.0,
+        record_routes=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     for prompt, completion, routes in zip(prompts, out.sequences, out.routed_experts):
         ids = torch.tensor([prompt + completion])
         expected = own_routes(model, ids)[:, 0]  # [L, P + C, k]
@@ -61,21 +66,32 @@ def test_replay_of_the_wrong_shape_names_both_shapes():
     model = tiny_model()
     ids = torch.randint(0, 128, (2, 9))
     wrong_tokens = replaying_routes(model, torch.zeros(2, 2, 7, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"routing replay: routes of shape \(14, 4\) for \(18, 4\)"), \
-            wrong_tokens:
+    with (
+        pytest.raises(ValueError, match=r"routing replay: routes of shape \(14, 4\) for \(18, 4\)"),
+        wrong_tokens,
+    ):
         model(ids)
-    with pytest.raises(ValueError, match="routes for 3 MoE layers, the model has 2"), \
-            replaying_routes(model, torch.zeros(3, 2, 9, 4, dtype=torch.long)):
+    with (
+        pytest.raises(ValueError, match="routes for 3 MoE layers, the model has 2"),
+        replaying_routes(model, torch.zeros(3, 2, 9, 4, dtype=torch.long)),
+    ):
         pass
 
 
 def rollouts_of(model, prompts, n=4, max_new_tokens=12):
     rollouts = []
     for seed, prompt in enumerate(prompts):
-        out = model.generate([prompt] * n, max_new_tokens=max_new_tokens, temperature=1.0,
-                             record_routes=True, generator=torch.Generator().manual_seed(seed))
-        rollouts += [Rollout(prompt, ids, "", "length", logprobs, routes)
-                     for ids, logprobs, routes in zip(out.sequences, out.logprobs, out.routed_experts)]
+        out = model.generate(
+            [prompt] * n,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            record_routes=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        rollouts += [
+            Rollout(prompt, ids, "", "length", logprobs, routes)
+            for ids, logprobs, routes in zip(out.sequences, out.logprobs, out.routed_experts)
+        ]
     return rollouts
 
 

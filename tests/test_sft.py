@@ -23,8 +23,13 @@ from moetune.model.adapters import load_adapter
 from moetune.recipes.cli import main
 from moetune.training.model_loading import load_model
 
-FAST = ["data.arithmetic.count=400", "data.eval_fraction=0", "training.per_device_train_batch_size=16",
-        "training.disable_tqdm=true", "training.warmup_steps=2"]
+FAST = [
+    "data.arithmetic.count=400",
+    "data.eval_fraction=0",
+    "training.per_device_train_batch_size=16",
+    "training.disable_tqdm=true",
+    "training.warmup_steps=2",
+]
 
 
 def rows(path: Path) -> list[dict]:
@@ -38,8 +43,15 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.integration
 def test_full_sft_learns_logs_plots_and_resumes_exactly(tmp_path):
     first = tmp_path / "first"
-    args = ["run", "sft/arith_tiny", *FAST, "training.max_steps=24", "training.save_steps=12",
-            "training.logging_steps=4", "training.learning_rate=3e-3"]
+    args = [
+        "run",
+        "sft/arith_tiny",
+        *FAST,
+        "training.max_steps=24",
+        "training.save_steps=12",
+        "training.logging_steps=4",
+        "training.learning_rate=3e-3",
+    ]
     assert main([*args, f"training.output_dir={first}"]) == 0
     logged = [r for r in rows(first / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in logged] == [1, 4, 8, 12, 16, 20, 24]
@@ -58,9 +70,14 @@ def test_full_sft_learns_logs_plots_and_resumes_exactly(tmp_path):
     second = tmp_path / "second"
     second.mkdir()
     shutil.copytree(first / "checkpoint-12", second / "checkpoint-12")
-    shutil.copytree(first / "checkpoint-12", second / "checkpoint-18",
-                    ignore=shutil.ignore_patterns("trainer_state.json", "optimizer.pt"))
-    assert main([*args, f"training.output_dir={second}", "training.resume_from_checkpoint=true"]) == 0
+    shutil.copytree(
+        first / "checkpoint-12",
+        second / "checkpoint-18",
+        ignore=shutil.ignore_patterns("trainer_state.json", "optimizer.pt"),
+    )
+    assert (
+        main([*args, f"training.output_dir={second}", "training.resume_from_checkpoint=true"]) == 0
+    )
     resumed = [r for r in rows(second / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in resumed] == [16, 20, 24]
     for a, b in zip(logged[-3:], resumed):
@@ -72,9 +89,20 @@ def test_full_sft_learns_logs_plots_and_resumes_exactly(tmp_path):
 @pytest.mark.integration
 def test_lora_sft_trains_adapters_only(tmp_path, capsys):
     out = tmp_path / "lora"
-    assert main(["run", "sft/arith_tiny_lora", *FAST, "training.max_steps=6",
-                 f"training.output_dir={out}", "training.save_steps=100",
-                 "training.learning_rate=1e-2"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "sft/arith_tiny_lora",
+                *FAST,
+                "training.max_steps=6",
+                f"training.output_dir={out}",
+                "training.save_steps=100",
+                "training.learning_rate=1e-2",
+            ]
+        )
+        == 0
+    )
     base = load_model(ModelSection(config="tiny_arith", mtp_loss_weight=0.3))
     total = sum(p.numel() for p in base.parameters())
     spec = load_adapter(base, out)
@@ -95,23 +123,44 @@ def test_lora_sft_trains_adapters_only(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_chat_rows_and_packing_train(tmp_path):
-    chat = [{"messages": [{"role": "user", "content": f"{a}+{b}"},
-                          {"role": "assistant", "content": str(a + b)}]}
-            for a in range(20) for b in range(5)]
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": f"{a}+{b}"},
+                {"role": "assistant", "content": str(a + b)},
+            ]
+        }
+        for a in range(20)
+        for b in range(5)
+    ]
     folder = tmp_path / "chat"
     datasets.Dataset.from_list(chat).save_to_disk(str(folder))
     for extra in (["data.packing=false"], ["data.packing=true"]):
         out = tmp_path / f"out_{extra[0][-4:]}"
-        assert main(["run", "sft/arith_tiny", *FAST, f"data.source={folder}", "training.max_steps=2",
-                     "training.logging_steps=1", f"training.output_dir={out}", *extra]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "sft/arith_tiny",
+                    *FAST,
+                    f"data.source={folder}",
+                    "training.max_steps=2",
+                    "training.logging_steps=1",
+                    f"training.output_dir={out}",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         assert rows(out / "metrics.jsonl")[0]["loss"] > 0
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
 def test_data_files_of_each_format(tmp_path, suffix):
-    table = datasets.Dataset.from_list([{"prompt": f"{i}+1=", "completion": str(i + 1), "id": i}
-                                        for i in range(10)])
+    table = datasets.Dataset.from_list(
+        [{"prompt": f"{i}+1=", "completion": str(i + 1), "id": i} for i in range(10)]
+    )
     path = tmp_path / f"data.{suffix}"
     {"jsonl": table.to_json, "csv": table.to_csv, "parquet": table.to_parquet}[suffix](str(path))
     train, held_out = load_sft_datasets(SFTDataSection(source=str(path), eval_fraction=0.2), seed=0)
@@ -122,20 +171,39 @@ def test_data_files_of_each_format(tmp_path, suffix):
 def test_data_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
-    with pytest.raises(RecipeError, match=r"data.source: rows of .*bad.jsonl have columns \['question', 'answer'\]"):
+    with pytest.raises(
+        RecipeError, match=r"data.source: rows of .*bad.jsonl have columns \['question', 'answer'\]"
+    ):
         load_sft_datasets(SFTDataSection(source=str(bad)), seed=0)
     with pytest.raises(RecipeError, match="data.arithmetic: arithmetic.operations: '/'"):
-        load_sft_datasets(SFTDataSection(source="builtin:arithmetic",
-                                         arithmetic=ArithmeticSection(operations="/")), seed=0)
+        load_sft_datasets(
+            SFTDataSection(
+                source="builtin:arithmetic", arithmetic=ArithmeticSection(operations="/")
+            ),
+            seed=0,
+        )
 
 
-@pytest.mark.parametrize("env,key", [
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_config.fsdp_version: 1"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme"},
-     "deepspeed_config.offload_param_device: nvme needs deepspeed_config.offload_param_nvme_path"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "model.expert_parallel: sharded experts train under DDP"),
-])
-def test_launch_configs_that_cannot_run_fail_before_training(tmp_path, monkeypatch, capsys, env, key):
+@pytest.mark.parametrize(
+    "env,key",
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_config.fsdp_version: 1"),
+        (
+            {
+                "ACCELERATE_USE_DEEPSPEED": "true",
+                "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme",
+            },
+            "deepspeed_config.offload_param_device: nvme needs deepspeed_config.offload_param_nvme_path",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true"},
+            "model.expert_parallel: sharded experts train under DDP",
+        ),
+    ],
+)
+def test_launch_configs_that_cannot_run_fail_before_training(
+    tmp_path, monkeypatch, capsys, env, key
+):
     """The environment `accelerate launch` sets from such a config: the run stops with the
     config key before building the model or writing anything."""
     for name, value in env.items():
@@ -147,8 +215,14 @@ def test_launch_configs_that_cannot_run_fail_before_training(tmp_path, monkeypat
     assert not out.exists()
 
 
-SCALE_OUT = [*FAST, "training.max_steps=4", "training.save_steps=2", "training.logging_steps=1",
-             "training.learning_rate=3e-3", "data.max_length=64"]
+SCALE_OUT = [
+    *FAST,
+    "training.max_steps=4",
+    "training.save_steps=2",
+    "training.logging_steps=1",
+    "training.learning_rate=3e-3",
+    "data.max_length=64",
+]
 LORA = "lora={rank: 8, alpha: 16, components: [attention, shared_experts, routed_experts]}"
 
 
@@ -163,12 +237,30 @@ def launch(config: str, out: Path, *overrides: str) -> list[dict]:
     env.pop("ACCELERATE_USE_CPU", None)
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
-        [str(accelerate), "launch", "--config_file", f"recipes/accelerate/{config}.yaml",
-         "--num_processes", "2", "--main_process_port", "29517", "tests/sft_engine_check.py", engine,
-         "sft/arith_tiny", *SCALE_OUT, "training.per_device_train_batch_size=4",
-         f"training.output_dir={out}", *overrides],
-        check=False, capture_output=True, text=True, timeout=400, env=env,
-        cwd=Path(__file__).parent.parent)
+        [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            f"recipes/accelerate/{config}.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29517",
+            "tests/sft_engine_check.py",
+            engine,
+            "sft/arith_tiny",
+            *SCALE_OUT,
+            "training.per_device_train_batch_size=4",
+            f"training.output_dir={out}",
+            *overrides,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished 4 steps") == 1  # printed by the main process only
     checks = [line for line in done.stdout.splitlines() if line.startswith("engine check:")]
@@ -182,8 +274,19 @@ def one_process(tmp_path_factory) -> dict[str, Path]:
     outputs = {}
     for kind, extra in (("full", []), ("lora", [LORA])):
         outputs[kind] = tmp_path_factory.mktemp(f"single_{kind}")
-        assert main(["run", "sft/arith_tiny", *SCALE_OUT, "training.per_device_train_batch_size=8",
-                     f"training.output_dir={outputs[kind]}", *extra]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    "sft/arith_tiny",
+                    *SCALE_OUT,
+                    "training.per_device_train_batch_size=8",
+                    f"training.output_dir={outputs[kind]}",
+                    *extra,
+                ]
+            )
+            == 0
+        )
     return outputs
 
 
@@ -194,10 +297,20 @@ def trained(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("config,kind", [("ddp", "full"), ("zero2", "full"), ("zero3", "full"),
-                                         ("fsdp2", "full"), ("zero3", "lora"), ("fsdp2", "lora")])
-def test_two_processes_match_one_with_the_same_global_batch_and_resume(tmp_path, config, kind,
-                                                                       one_process):
+@pytest.mark.parametrize(
+    "config,kind",
+    [
+        ("ddp", "full"),
+        ("zero2", "full"),
+        ("zero3", "full"),
+        ("fsdp2", "full"),
+        ("zero3", "lora"),
+        ("fsdp2", "lora"),
+    ],
+)
+def test_two_processes_match_one_with_the_same_global_batch_and_resume(
+    tmp_path, config, kind, one_process
+):
     """DDP, DeepSpeed ZeRO-2/3 and FSDP2, full fine-tuning and LoRA, on 2 CPU processes x 4
     rows (the engine asserted inside the run) give the losses and final weights of one
     process x 8 rows on the same seed and data (float32: losses within rel 1e-5, weights

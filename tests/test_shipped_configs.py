@@ -40,14 +40,21 @@ def test_moonlight_16b_is_16b_total_3b_activated(capsys):
     assert report["mtp_params"] == 0
 
 
-@pytest.mark.parametrize("name, model_type, routing", [
-    ("deepseek_v2_lite.json", "deepseek_v2", ("greedy", "softmax", False, 1.0)),
-    ("moonlight_16b.json", "deepseek_v3", ("noaux_tc", "sigmoid", True, 2.446)),
-])
+@pytest.mark.parametrize(
+    "name, model_type, routing",
+    [
+        ("deepseek_v2_lite.json", "deepseek_v2", ("greedy", "softmax", False, 1.0)),
+        ("moonlight_16b.json", "deepseek_v3", ("noaux_tc", "sigmoid", True, 2.446)),
+    ],
+)
 def test_shipped_configs_load_as_their_family(name, model_type, routing):
     config = load_config(CONFIGS / name)
     assert config.model_type == model_type
-    assert (config.topk_method, config.scoring_func, config.norm_topk_prob,
-            config.routed_scaling_factor) == routing
+    assert (
+        config.topk_method,
+        config.scoring_func,
+        config.norm_topk_prob,
+        config.routed_scaling_factor,
+    ) == routing
     assert config.q_lora_rank is None and config.kv_lora_rank == 512
     assert (config.yarn is not None) == (model_type == "deepseek_v2")

@@ -21,8 +21,11 @@ def randomize_bias(model):
 
 def hf_twin(model, tmp_path):
     model.save_pretrained(tmp_path)
-    hf_class = (transformers.DeepseekV2ForCausalLM if model.config.model_type == "deepseek_v2"
-                else transformers.DeepseekV3ForCausalLM)
+    hf_class = (
+        transformers.DeepseekV2ForCausalLM
+        if model.config.model_type == "deepseek_v2"
+        else transformers.DeepseekV3ForCausalLM
+    )
     hf = hf_class.from_pretrained(tmp_path, dtype=torch.float32)
     return hf.eval()
 
@@ -68,8 +71,9 @@ def test_greedy_generation_matches_transformers(tmp_path):
     hf = hf_twin(model, tmp_path)
     prompt = torch.randint(0, 128, (1, 7))
     ours = model.generate(prompt, max_new_tokens=12).sequences[0]
-    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)[0, 7:].tolist()
+    theirs = hf.generate(
+        prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, 7:].tolist()
     assert ours == theirs
 
 
@@ -88,6 +92,7 @@ def test_v2_normalised_topk_follows_deepseek_not_transformers(tmp_path):
             def forward(hidden):
                 logits, weights, ids_ = router_forward(hidden)
                 return logits, weights / weights.sum(-1, keepdim=True), ids_
+
             return forward
 
         for layer in hf.model.layers:
@@ -100,8 +105,13 @@ def test_checkpoint_saved_by_transformers_loads_in_moetune(tmp_path):
     """transformers saves without MTP weights: moetune loads it (MTP off, with a warning)
     and gives the same logits."""
     config = v3_config(num_nextn_predict_layers=0).to_dict()
-    hf_config = transformers.DeepseekV3Config(**{
-        k: v for k, v in config.items() if k in transformers.DeepseekV3Config.__dataclass_fields__})
+    hf_config = transformers.DeepseekV3Config(
+        **{
+            k: v
+            for k, v in config.items()
+            if k in transformers.DeepseekV3Config.__dataclass_fields__
+        }
+    )
     hf = transformers.DeepseekV3ForCausalLM(hf_config).eval()
     with torch.no_grad():
         for layer in hf.model.layers[1:]:

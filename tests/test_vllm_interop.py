@@ -28,16 +28,29 @@ def vllm_greedy(model_dir: Path, max_tokens: int, dtype: str, tmp_path: Path):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("TRITON_INTERPRET", None)  # set by conftest for moetune's own kernels
     script = Path(__file__).with_name("vllm_generate.py")
-    run = subprocess.run([sys.executable, str(script), str(model_dir), str(prompts_file),
-                          str(max_tokens), str(out_file), dtype],
-                         env=env, capture_output=True, text=True, timeout=400, check=False)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(model_dir),
+            str(prompts_file),
+            str(max_tokens),
+            str(out_file),
+            dtype,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(out_file.read_text())
 
 
 def teacher_forced_logprobs(model, prompt, tokens) -> torch.Tensor:
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
     return logits.float().log_softmax(-1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
 
 
@@ -46,8 +59,13 @@ def checkpoint(tmp_path_factory):
     """vLLM's CPU MLA needs kv_lora_rank 512 + qk_rope_head_dim 64; routers carry a
     non-zero correction bias so the noaux_tc selection path is exercised."""
     torch.manual_seed(0)
-    config = v3_config(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32,
-                       v_head_dim=32, initializer_range=0.15)
+    config = v3_config(
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        initializer_range=0.15,
+    )
     model = DeepseekV3ForCausalLM(config).eval()
     with torch.no_grad():
         for router in model.routers():
@@ -83,11 +101,26 @@ def test_merged_lora_checkpoint_loads_in_vllm(checkpoint, tmp_path):
             if p.requires_grad:
                 p.normal_(0, 0.05)
     save_adapter(adapted, spec, tmp_path / "adapter")
-    assert main(["merge", "--base", str(base_path), "--adapter", str(tmp_path / "adapter"),
-                 "--out", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(base_path),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "merged"),
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     ours = adapted.eval().generate(PROMPTS, max_new_tokens=8)
     theirs = vllm_greedy(tmp_path / "merged", 8, "float32", tmp_path)
     for i, result in enumerate(theirs):
         assert result["token_ids"] == ours.sequences[i], f"prompt {i}"
-        torch.testing.assert_close(torch.tensor(result["logprobs"]), torch.tensor(ours.logprobs[i]),
-                                   rtol=0, atol=1e-3)
+        torch.testing.assert_close(
+            torch.tensor(result["logprobs"]), torch.tensor(ours.logprobs[i]), rtol=0, atol=1e-3
+        )

@@ -24,16 +24,25 @@ def main() -> None:
     model_dir, prompts_file, max_tokens, out_file = sys.argv[1:5]
     dtype = sys.argv[5] if len(sys.argv) > 5 else "bfloat16"
     prompts = json.loads(Path(prompts_file).read_text())
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype=dtype, max_model_len=256,
-              enforce_eager=True, seed=0, compilation_config={"custom_ops": ["none"]})
-    params = SamplingParams(temperature=0.0, max_tokens=int(max_tokens), logprobs=0,
-                            ignore_eos=True, detokenize=False)
+    llm = LLM(
+        model=model_dir,
+        skip_tokenizer_init=True,
+        dtype=dtype,
+        max_model_len=256,
+        enforce_eager=True,
+        seed=0,
+        compilation_config={"custom_ops": ["none"]},
+    )
+    params = SamplingParams(
+        temperature=0.0, max_tokens=int(max_tokens), logprobs=0, ignore_eos=True, detokenize=False
+    )
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
     result = []
     for output in outputs:
         completion = output.outputs[0]
-        logprobs = [step[token].logprob
-                    for step, token in zip(completion.logprobs, completion.token_ids)]
+        logprobs = [
+            step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)
+        ]
         result.append({"token_ids": list(completion.token_ids), "logprobs": logprobs})
     Path(out_file).write_text(json.dumps(result))
 

@@ -54,13 +54,21 @@ class ExpertLoadHistory:
         cv = torch.tensor(self.cv)
         for column, layer in enumerate(self.layer_ids):
             curves.plot(self.steps, cv[:, column], label=f"layer {layer}")
-        curves.set(xlabel="optimizer step", ylabel="expert load CV (std / mean)",
-                   title="Expert load imbalance per MoE layer")
+        curves.set(
+            xlabel="optimizer step",
+            ylabel="expert load CV (std / mean)",
+            title="Expert load imbalance per MoE layer",
+        )
         curves.legend(fontsize="small")
         share = self.total / self.total.sum(dim=-1, keepdim=True).clamp(min=1)
         image = heatmap.imshow(share.numpy(), aspect="auto", cmap="viridis")
-        heatmap.set(xlabel="routed expert", ylabel="MoE layer", title="Share of routed tokens",
-                    yticks=range(len(self.layer_ids)), yticklabels=self.layer_ids)
+        heatmap.set(
+            xlabel="routed expert",
+            ylabel="MoE layer",
+            title="Share of routed tokens",
+            yticks=range(len(self.layer_ids)),
+            yticklabels=self.layer_ids,
+        )
         figure.colorbar(image, ax=heatmap)
         figure.tight_layout()
         path = Path(path)

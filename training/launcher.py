@@ -34,18 +34,24 @@ def fsdp_launch() -> bool:
 def check_launch(expert_parallel: int) -> None:
     """Refuse a launch config that moetune cannot train under, naming its key."""
     if fsdp_launch() and launch_env("FSDP_VERSION", "1") != "2":
-        raise RecipeError(f"accelerate config: fsdp_config.fsdp_version: {launch_env('FSDP_VERSION', '1')}"
-                          ": FSDP1 is not supported; use fsdp_version: 2 (recipes/accelerate/fsdp2.yaml)")
+        raise RecipeError(
+            f"accelerate config: fsdp_config.fsdp_version: {launch_env('FSDP_VERSION', '1')}"
+            ": FSDP1 is not supported; use fsdp_version: 2 (recipes/accelerate/fsdp2.yaml)"
+        )
     if deepspeed_launch():
         for what in ("optimizer", "param"):
             device = launch_env(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what.upper()}_DEVICE", "none")
             path = launch_env(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what.upper()}_NVME_PATH", "none")
             if device == "nvme" and path in ("", "none"):
-                raise RecipeError(f"accelerate config: deepspeed_config.offload_{what}_device: nvme needs "
-                                  f"deepspeed_config.offload_{what}_nvme_path (a folder on an NVMe drive)")
+                raise RecipeError(
+                    f"accelerate config: deepspeed_config.offload_{what}_device: nvme needs "
+                    f"deepspeed_config.offload_{what}_nvme_path (a folder on an NVMe drive)"
+                )
     if expert_parallel > 1 and (deepspeed_launch() or fsdp_launch()):
-        raise RecipeError("model.expert_parallel: sharded experts train under DDP "
-                          "(recipes/accelerate/ddp.yaml or torchrun), not DeepSpeed or FSDP")
+        raise RecipeError(
+            "model.expert_parallel: sharded experts train under DDP "
+            "(recipes/accelerate/ddp.yaml or torchrun), not DeepSpeed or FSDP"
+        )
 
 
 def engage_fsdp(accelerator) -> bool:

@@ -59,8 +59,15 @@ class MemoryPlan:
     expert_parallel: int = 1
     replan: Callable[[int], MemoryPlan] | None = field(default=None, repr=False, compare=False)
 
-    PARTS = ("weights", "buffers", "gradients", "optimizer", "activations", "logits",
-             "reference_model")
+    PARTS = (
+        "weights",
+        "buffers",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "reference_model",
+    )
 
     @property
     def total(self) -> int:
@@ -79,11 +86,14 @@ class MemoryPlan:
                 f"under ZeRO-{self.zero_stage}: {floor.total / 1e9:,.1f} GB stays on each device "
                 f"({stays}). ZeRO never shards buffers (a frozen FP8 base): shard the routed "
                 "experts with model.expert_parallel; else raise zero_stage, or use gradient "
-                "checkpointing, LoRA, or a smaller micro-batch or sequence")
+                "checkpointing, LoRA, or a smaller micro-batch or sequence"
+            )
         low, high = 1, MAX_DEVICES // step  # the per-device total never grows with the count
         while low < high:
             mid = (low + high) // 2
-            low, high = (low, mid) if self.replan(mid * step).total <= device_bytes else (mid + 1, high)
+            low, high = (
+                (low, mid) if self.replan(mid * step).total <= device_bytes else (mid + 1, high)
+            )
         return low * step
 
     def as_dict(self) -> dict[str, int]:
@@ -107,24 +117,39 @@ class HeldBytes:
     optimizer: int  # states + float32 master copy
 
 
-def held_bytes(params: list[nn.Parameter], buffers: list[torch.Tensor], states: int,
-               master_weights_fp32: bool) -> HeldBytes:
+def held_bytes(
+    params: list[nn.Parameter], buffers: list[torch.Tensor], states: int, master_weights_fp32: bool
+) -> HeldBytes:
     """Gradients and `states` optimizer tensors per trainable parameter: float32 under
     `master_weights_fp32` (plus a float32 master copy of a non-float32 one), else in the
     parameter's own dtype."""
     trainable = [p for p in params if p.requires_grad]
     high = sum(p.numel() * (4 if master_weights_fp32 else p.element_size()) for p in trainable)
-    master = sum(p.numel() * 4 for p in trainable
-                 if master_weights_fp32 and p.dtype != torch.float32)
-    return HeldBytes(params=sum(tensor_bytes(params)), buffers=sum(tensor_bytes(buffers)),
-                     gradients=high, optimizer=states * high + master)
+    master = sum(
+        p.numel() * 4 for p in trainable if master_weights_fp32 and p.dtype != torch.float32
+    )
+    return HeldBytes(
+        params=sum(tensor_bytes(params)),
+        buffers=sum(tensor_bytes(buffers)),
+        gradients=high,
+        optimizer=states * high + master,
+    )
 
 
-def plan_memory(model: nn.Module, *, devices: int = 1, zero_stage: int = 0,
-                expert_parallel: int = 1, micro_batch_size: int = 1, seq_len: int = 2048,
-                gradient_checkpointing: bool = False, optimizer: str = "adamw",
-                master_weights_fp32: bool = True, train_mtp: bool = True,
-                reference_copy: bool = False) -> MemoryPlan:
+def plan_memory(
+    model: nn.Module,
+    *,
+    devices: int = 1,
+    zero_stage: int = 0,
+    expert_parallel: int = 1,
+    micro_batch_size: int = 1,
+    seq_len: int = 2048,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    master_weights_fp32: bool = True,
+    train_mtp: bool = True,
+    reference_copy: bool = False,
+) -> MemoryPlan:
     """Estimate per-device training memory for `model` (see the module docstring).
 
     expert_parallel: N > 1 holds 1/N of every MoE layer's routed experts (weights, adapters,
@@ -139,20 +164,39 @@ def plan_memory(model: nn.Module, *, devices: int = 1, zero_stage: int = 0,
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer {optimizer!r}: choose from {sorted(OPTIMIZER_STATES)}")
     if zero_stage not in (0, 1, 2, 3) or devices < 1 or expert_parallel < 1:
-        raise ValueError(f"zero_stage={zero_stage}, devices={devices}, expert_parallel="
-                         f"{expert_parallel}: need stage 0-3, devices >= 1, expert_parallel >= 1")
+        raise ValueError(
+            f"zero_stage={zero_stage}, devices={devices}, expert_parallel="
+            f"{expert_parallel}: need stage 0-3, devices >= 1, expert_parallel >= 1"
+        )
     if devices % expert_parallel or model.config.n_routed_experts % expert_parallel:
-        raise ValueError(f"expert_parallel={expert_parallel} must divide devices={devices} and "
-                         f"n_routed_experts={model.config.n_routed_experts}")
-    local = {id(t) for m in model.modules() if isinstance(m, (RoutedExperts, FP8RoutedExperts))
-             for t in (*m.parameters(), *m.buffers())} if expert_parallel > 1 else set()
+        raise ValueError(
+            f"expert_parallel={expert_parallel} must divide devices={devices} and "
+            f"n_routed_experts={model.config.n_routed_experts}"
+        )
+    local = (
+        {
+            id(t)
+            for m in model.modules()
+            if isinstance(m, (RoutedExperts, FP8RoutedExperts))
+            for t in (*m.parameters(), *m.buffers())
+        }
+        if expert_parallel > 1
+        else set()
+    )
 
     def held(tensors, is_local: bool) -> list:
         return [t for t in tensors if (id(t) in local) == is_local]
 
     states = OPTIMIZER_STATES[optimizer]
-    shared, experts = (held_bytes(held(model.parameters(), is_local), held(model.buffers(), is_local),
-                                  states, master_weights_fp32) for is_local in (False, True))
+    shared, experts = (
+        held_bytes(
+            held(model.parameters(), is_local),
+            held(model.buffers(), is_local),
+            states,
+            master_weights_fp32,
+        )
+        for is_local in (False, True)
+    )
     blocks = [*model.model.layers, *model.model.mtp]
     largest_block = max(sum(tensor_bytes(held(block.parameters(), False))) for block in blocks)
     mtp = train_mtp and bool(model.config.mtp_loss_weight) and len(model.model.mtp) > 0
@@ -166,16 +210,24 @@ def plan_memory(model: nn.Module, *, devices: int = 1, zero_stage: int = 0,
         whole = getattr(shared, name)
         sharded = stage is not None and zero_stage >= stage
         return (math.ceil(whole / count) if sharded else whole) + math.ceil(
-            getattr(experts, name) / expert_parallel)
+            getattr(experts, name) / expert_parallel
+        )
 
     def replan(count: int) -> MemoryPlan:
         gathered = largest_block if zero_stage == 3 and count > 1 else 0
         return MemoryPlan(
             weights=min(part("params", count, 3) + gathered, part("params", count)),
-            buffers=part("buffers", count), gradients=part("gradients", count, 2),
-            optimizer=part("optimizer", count, 1), activations=activations, logits=logits,
+            buffers=part("buffers", count),
+            gradients=part("gradients", count, 2),
+            optimizer=part("optimizer", count, 1),
+            activations=activations,
+            logits=logits,
             reference_model=part("params", count) + part("buffers", count) if reference_copy else 0,
-            devices=count, zero_stage=zero_stage, expert_parallel=expert_parallel, replan=replan)
+            devices=count,
+            zero_stage=zero_stage,
+            expert_parallel=expert_parallel,
+            replan=replan,
+        )
 
     return replan(devices)
 
@@ -184,8 +236,9 @@ def tensor_bytes(tensors) -> list[int]:
     return [t.numel() * t.element_size() for t in tensors]
 
 
-def block_activation_bytes(config, layer: int, tokens: int, dtype_bytes: int, frozen: bool,
-                           fp8_experts: int = 0) -> int:
+def block_activation_bytes(
+    config, layer: int, tokens: int, dtype_bytes: int, frozen: bool, fp8_experts: int = 0
+) -> int:
     """What one decoder block (MLA + dense MLP or MoE) saves for the backward pass over
     `tokens` tokens, read off the forward of moetune.model (within a few % of the saved
     tensors measured on tiny configs).
@@ -224,7 +277,11 @@ def block_activation_bytes(config, layer: int, tokens: int, dtype_bytes: int, fr
     int64 = 0
     constant = 0
     if config.is_moe_layer(layer):
-        k, experts, inter = config.num_experts_per_tok, config.n_routed_experts, config.moe_intermediate_size
+        k, experts, inter = (
+            config.num_experts_per_tok,
+            config.n_routed_experts,
+            config.moe_intermediate_size,
+        )
         float32 += experts + 1 + k + (0 if frozen else h)
         low += k * (h + 2 * inter) + k + 4 * inter * (config.n_shared_experts or 0)
         int64 += 4 * k
@@ -235,8 +292,9 @@ def block_activation_bytes(config, layer: int, tokens: int, dtype_bytes: int, fr
     return tokens * (4 * float32 + dtype_bytes * low + 8 * int64) + constant
 
 
-def activation_bytes(model: nn.Module, tokens: int, checkpointing: bool, mtp: bool,
-                     expert_parallel: int = 1) -> int:
+def activation_bytes(
+    model: nn.Module, tokens: int, checkpointing: bool, mtp: bool, expert_parallel: int = 1
+) -> int:
     """Saved activations for `tokens` tokens: the decoder blocks, the final norm and, when
     `mtp`, the MTP blocks (see `block_activation_bytes`). With gradient checkpointing each
     decoder block keeps only its input (h values per token) and one block's full set is
@@ -310,8 +368,16 @@ class RolloutPlan:
         return None
 
 
-def plan_rollout(model: nn.Module, *, backend: str, workers: int, tensor_parallel_size: int,
-                 dtype_bytes: int, sequences: int, max_model_len: int) -> RolloutPlan:
+def plan_rollout(
+    model: nn.Module,
+    *,
+    backend: str,
+    workers: int,
+    tensor_parallel_size: int,
+    dtype_bytes: int,
+    sequences: int,
+    max_model_len: int,
+) -> RolloutPlan:
     """Rollout engines for `model` (as built for training: FP8 bases and LoRA adapters are
     read off it). vLLM serves a FP8 base in FP8 and skips the MTP blocks; the native engine
     loads the whole model in `dtype_bytes`. KV cache: `sequences` x `max_model_len` tokens,
@@ -327,7 +393,17 @@ def plan_rollout(model: nn.Module, *, backend: str, workers: int, tensor_paralle
             fp8 = tensor.dtype == torch.float8_e4m3fn and vllm
             weights += tensor.numel() * (1 if fp8 else dtype_bytes)
     config = model.config
-    cache = sequences * max_model_len * config.num_hidden_layers * (
-        config.kv_lora_rank + config.qk_rope_head_dim) * dtype_bytes
-    return RolloutPlan(workers=workers, tensor_parallel_size=tensor_parallel_size,
-                       sequences=sequences, engine_weights=weights, kv_cache=cache)
+    cache = (
+        sequences
+        * max_model_len
+        * config.num_hidden_layers
+        * (config.kv_lora_rank + config.qk_rope_head_dim)
+        * dtype_bytes
+    )
+    return RolloutPlan(
+        workers=workers,
+        tensor_parallel_size=tensor_parallel_size,
+        sequences=sequences,
+        engine_weights=weights,
+        kv_cache=cache,
+    )

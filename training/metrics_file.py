@@ -20,13 +20,18 @@ class MetricsFile:
         if resume_step is None or not self.path.exists():
             self.path.write_text("")
             return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        rows = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= resume_step
+        ]
         self.path.write_text("".join(row + "\n" for row in rows))
 
     def write(self, record: dict) -> None:
         """Append `record` (numbers, strings, bools; NaN/inf written as null)."""
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")

@@ -33,8 +33,10 @@ def resolve_config(section: ModelSection) -> DeepseekV3Config:
     elif section.path:
         raise RecipeError(f"model.path: {section.path}: no such folder")
     else:
-        raise RecipeError("model: give model.path (a checkpoint folder) or model.config "
-                          "(a config.json or a shipped config name)")
+        raise RecipeError(
+            "model: give model.path (a checkpoint folder) or model.config "
+            "(a config.json or a shipped config name)"
+        )
     try:
         config = load_config(source)
     except (FileNotFoundError, ValueError) as error:
@@ -54,7 +56,9 @@ def shipped_config(name: str) -> str:
     if shipped.exists():
         return str(shipped)
     names = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
-    raise RecipeError(f"model.config: {name!r} is neither a file nor a shipped config ({', '.join(names)})")
+    raise RecipeError(
+        f"model.config: {name!r} is neither a file nor a shipped config ({', '.join(names)})"
+    )
 
 
 def load_model(section: ModelSection, device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
@@ -64,8 +68,9 @@ def load_model(section: ModelSection, device: str | torch.device = "cpu") -> Dee
     if section.path:
         if not Path(section.path).exists():
             raise RecipeError(f"model.path: {section.path}: no such folder")
-        model = DeepseekV3ForCausalLM.from_pretrained(section.path, dtype=dtype, device=device,
-                                                      fp8=section.fp8, config=config)
+        model = DeepseekV3ForCausalLM.from_pretrained(
+            section.path, dtype=dtype, device=device, fp8=section.fp8, config=config
+        )
         return apply_expert_parallel(model, section.expert_parallel)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(section.seed)
@@ -103,8 +108,10 @@ def load_tokenizer(section: ModelSection):
 
     source = section.tokenizer or section.path
     if source is None:
-        raise RecipeError("model.tokenizer: a model built from a config needs a tokenizer "
-                          "(`char`, a folder, or a tokenizer.json)")
+        raise RecipeError(
+            "model.tokenizer: a model built from a config needs a tokenizer "
+            "(`char`, a folder, or a tokenizer.json)"
+        )
     if source == "char":
         return char_tokenizer_fast()
     path = Path(source)
@@ -124,8 +131,10 @@ def lora_spec(section: LoraSection, num_blocks: int) -> LoraSpec:
 
         selection = section.experts
         if not Path(selection.profile).exists():
-            raise RecipeError(f"lora.experts.profile: {selection.profile}: no such file "
-                              "(write it with `moetune experts profile`)")
+            raise RecipeError(
+                f"lora.experts.profile: {selection.profile}: no such file "
+                "(write it with `moetune experts profile`)"
+            )
         try:
             profile = read_profile(selection.profile)
             experts = select_experts(profile, selection.select, selection.top_p)
@@ -133,18 +142,27 @@ def lora_spec(section: LoraSection, num_blocks: int) -> LoraSpec:
             raise RecipeError(f"lora.experts: {error}") from None
     layers = tuple(section.layers) if section.layers is not None else None
     if layers is not None and (len(layers) != 2 or not 0 <= layers[0] < layers[1] <= num_blocks):
-        raise RecipeError(f"lora.layers: {list(layers)} must be [first, last) with "
-                          f"0 <= first < last <= {num_blocks}")
+        raise RecipeError(
+            f"lora.layers: {list(layers)} must be [first, last) with "
+            f"0 <= first < last <= {num_blocks}"
+        )
     try:
-        return LoraSpec(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
-                        components=tuple(section.components), ranks=dict(section.ranks),
-                        layers=layers, experts=experts)
+        return LoraSpec(
+            rank=section.rank,
+            alpha=section.alpha,
+            dropout=section.dropout,
+            components=tuple(section.components),
+            ranks=dict(section.ranks),
+            layers=layers,
+            experts=experts,
+        )
     except ValueError as error:
         raise RecipeError(str(error)) from None
 
 
-def attach_lora(model: DeepseekV3ForCausalLM, section: LoraSection | None,
-                seed: int = 0) -> LoraSpec | None:
+def attach_lora(
+    model: DeepseekV3ForCausalLM, section: LoraSection | None, seed: int = 0
+) -> LoraSpec | None:
     """Freeze the model and add adapters per the section (their A matrices drawn with
     `seed`: the same in every run and on every rank); None leaves it fully trainable."""
     if section is None:
@@ -155,4 +173,3 @@ def attach_lora(model: DeepseekV3ForCausalLM, section: LoraSection | None,
         torch.manual_seed(seed)
         apply_lora(model, spec)
     return spec
-

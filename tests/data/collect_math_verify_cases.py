@@ -26,7 +26,8 @@ def is_plain(test: ast.FunctionDef) -> bool:
             return keywords in PLAIN_COMPARE_KEYWORDS
         if node.func.id == "verify":
             return not node.keywords and all(
-                ast.unparse(arg) in ("parse(gold)", "parse(pred)") for arg in node.args)
+                ast.unparse(arg) in ("parse(gold)", "parse(pred)") for arg in node.args
+            )
     return False
 
 
@@ -36,12 +37,18 @@ def plain_cases(path: Path):
         if not isinstance(test, ast.FunctionDef) or not is_plain(test):
             continue
         for decorator in test.decorator_list:
-            if isinstance(decorator, ast.Call) and ast.unparse(decorator.func).endswith("parametrize"):
+            if isinstance(decorator, ast.Call) and ast.unparse(decorator.func).endswith(
+                "parametrize"
+            ):
                 names = ast.literal_eval(decorator.args[0]).replace(" ", "").split(",")
                 if names[:2] == ["gold", "pred"] and len(names) == 3:
                     for gold, pred, expected in ast.literal_eval(decorator.args[1]):
-                        yield {"source": f"tests/{path.name}::{test.name}", "gold": gold,
-                               "pred": pred, "expected": int(expected)}
+                        yield {
+                            "source": f"tests/{path.name}::{test.name}",
+                            "gold": gold,
+                            "pred": pred,
+                            "expected": int(expected),
+                        }
 
 
 if __name__ == "__main__":

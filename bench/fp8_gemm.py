@@ -87,7 +87,8 @@ def grouped_row(device, dtype, sync, repeats, experts, rows, hidden, inter):
         fp8_grouped_gemm, repeats, sync, a, a_s, b, b_s, offsets, torch.bfloat16, backend=backend
     )
     print(
-        f"  grouped {experts} experts, {rows} rows, {hidden} -> 2x{inter}: {dtype_name(dtype)} _grouped_mm "
+        f"  grouped {experts} experts, {rows} rows, {hidden} -> 2x{inter}: "
+        f"{dtype_name(dtype)} _grouped_mm "
         f"{flops / bf16 / 1e12:.3f} | fp8 {backend} {flops / ours / 1e12:.3f} TFLOPS "
         f"(fp8 / {dtype_name(dtype)} = {bf16 / ours:.2f}x)"
     )

@@ -345,7 +345,8 @@ def main() -> None:
     )
     print(
         f"moetune {ours['s_per_step']:.2f} s/step vs TRL {peer['s_per_step']:.2f} s/step: "
-        f"{peer['s_per_step'] / ours['s_per_step']:.2f}x faster; reward after {total} steps (mean of "
+        f"{peer['s_per_step'] / ours['s_per_step']:.2f}x faster; "
+        f"reward after {total} steps (mean of "
         f"the last {args.last}, {args.repeats} seeds): moetune {ours['reward']:.3f} vs TRL "
         f"{peer['reward']:.3f} (first {args.last}: {ours['first_reward']:.3f} vs "
         f"{peer['first_reward']:.3f}; math_accuracy last {args.last}: {ours['accuracy']:.3f} vs "

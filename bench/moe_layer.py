@@ -4,7 +4,7 @@ transformers runs with `_experts_implementation="grouped_mm"` (its fastest path)
 the same weights and tokens, and the outputs are checked equal before timing.
 
     python bench/moe_layer.py                 # CPU size: hidden 512, 32 experts, top-4, 2048 tokens
-    python bench/moe_layer.py --gpu           # H200 size: hidden 2048, 64 experts, top-6, 8192 tokens, bf16
+    python bench/moe_layer.py --gpu  # H200 size: hidden 2048, 64 experts, top-6, 8192 tokens, bf16
     python bench/moe_layer.py --gpu --profile # and the top GPU kernels of each layer
 """
 
@@ -184,7 +184,8 @@ def main() -> None:
     t_floor = gemm_floor(ours, x, args.repeats, sync)
     print(
         f"MoE layer fwd+bwd, {args.tokens} tokens, hidden {args.hidden}, {args.experts} experts "
-        f"top-{args.top_k}, intermediate {args.intermediate}, {args.shared} shared, {dtype}, {device}"
+        f"top-{args.top_k}, intermediate {args.intermediate}, {args.shared} shared, "
+        f"{dtype}, {device}"
     )
     print(
         f"  output max abs diff: {diff:.2e}; gradients' relative difference: "

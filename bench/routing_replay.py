@@ -55,7 +55,8 @@ def sample(model, prompts: int, n: int, max_new_tokens: int) -> list[Rollout]:
 
 
 def flipped_routes(model, batch) -> float:
-    """Share of fed (token, layer) pairs whose trainer-path expert set differs from the sampler's."""
+    """Share of fed (token, layer) pairs whose trainer-path expert set differs from the
+    sampler's."""
     with torch.no_grad(), recording_routes(model) as recorded:
         model(batch.input_ids, attention_mask=batch.attention_mask)
     mine = torch.stack([layer[0].view(*batch.input_ids.shape, -1) for layer in recorded])
@@ -93,7 +94,8 @@ def main() -> None:
     print(f"routes that differ between sampler and trainer: {flips:.2%} of (token, layer) pairs")
     print(f"mismatch_kl without replay  {results[False]:.3e}")
     print(
-        f"mismatch_kl with replay     {results[True]:.3e}   ratio {results[True] / results[False]:.3f}"
+        f"mismatch_kl with replay     {results[True]:.3e}   "
+        f"ratio {results[True] / results[False]:.3f}"
     )
 
 

@@ -2,10 +2,11 @@
 
 For each engine and depth, `accelerate launch` runs one step of sft/arith_tiny on 2 CPU
 processes (gloo) with its tiny model (`--width tiny`: hidden 128) or a wider one (`--width
-wide`: hidden 512, 16 experts of 256, 8 heads, no MTP) of the given number of layers, then samples each rank's RSS every 2 ms through the final
-`save_model` (layer-by-layer gathering, rank 0 writing). It prints, per rank, the RSS when
-training ended, the peak during the save and their difference, against the model's full size:
-a save that gathered the whole model would grow by about that size.
+wide`: hidden 512, 16 experts of 256, 8 heads, no MTP) of the given number of layers, then
+samples each rank's RSS every 2 ms through the final `save_model` (layer-by-layer gathering,
+rank 0 writing). It prints, per rank, the RSS when training ended, the peak during the save
+and their difference, against the model's full size: a save that gathered the whole model
+would grow by about that size.
 
     python bench/save_memory.py                     # zero3 and fsdp2 at 8 and 32 layers, wide
     python bench/save_memory.py --width tiny        # the recipe's own width
@@ -151,7 +152,8 @@ def main() -> None:
                 peak[layers] = max(row["peak_mb"] for row in rows)
                 for row in rows:
                     print(
-                        f"{engine} {layers:3d} layers rank {row['rank']}: RSS {row['before_mb']:7.0f} MB "
+                        f"{engine} {layers:3d} layers rank {row['rank']}: "
+                        f"RSS {row['before_mb']:7.0f} MB "
                         f"at train end, peak {row['peak_mb']:7.0f} MB during the save "
                         f"(+{row['peak_mb'] - row['before_mb']:6.1f} MB; full model "
                         f"{row['model_mb']:6.0f} MB fp32) [{time.perf_counter() - started:.0f} s]"
@@ -159,7 +161,8 @@ def main() -> None:
             deepest, shallowest = max(growth), min(growth)
             print(
                 f"{engine}: peak RSS during the save {peak[deepest]:.0f} MB at {deepest} layers vs "
-                f"{peak[shallowest]:.0f} MB at {shallowest} ({peak[deepest] / peak[shallowest]:.2f}x); "
+                f"{peak[shallowest]:.0f} MB at {shallowest} "
+                f"({peak[deepest] / peak[shallowest]:.2f}x); "
                 f"growth over the save {growth[deepest]:.1f} vs {growth[shallowest]:.1f} MB"
             )
 

@@ -4,7 +4,7 @@ Both models are the same DeepSeek-V3 architecture with the same weights (moetune
 transformers loads the folder); transformers runs its defaults (grouped_mm experts, sdpa
 attention). The losses of the first step are checked equal before timing.
 
-    python bench/train_step.py          # CPU: a tiny model, batch 4 x 256 tokens, float32, fused AdamW
+    python bench/train_step.py  # CPU: a tiny model, batch 4 x 256 tokens, float32, fused AdamW
     python bench/train_step.py --gpu    # H200: 1.95B parameters, 2 x 4096 tokens, bf16, fused AdamW
     python bench/train_step.py --gpu --profile   # and the top GPU kernels of each step
 """
@@ -133,7 +133,8 @@ def main() -> None:
     )
     tokens = batch * seq
     print(
-        f"train step (fwd+bwd+AdamW), {params / 1e6:.1f}M parameters, {batch} x {seq} tokens, {dtype}, {device}"
+        f"train step (fwd+bwd+AdamW), {params / 1e6:.1f}M parameters, {batch} x {seq} tokens, "
+        f"{dtype}, {device}"
     )
     print(f"  first loss: moetune {loss_ours:.5f}, transformers {loss_theirs:.5f}")
     print(f"  transformers: {t_theirs * 1e3:8.1f} ms/step, {tokens / t_theirs:10,.0f} tokens/s")

@@ -3,7 +3,8 @@
 Each problem is {"prompt": "Compute: 12+7*3\nAnswer:", "answer": "33", "completion": " 33"}:
 `answer` is the gold the rewards compare against, `completion` what SFT trains on. With
 style "think" the completion works the problem step by step in DeepSeek-R1's layout:
-  prompt "Compute: 12+7*3-5\n", completion "<think>7*3=21 12+21=33 33-5=28</think><answer>28</answer>"
+  prompt "Compute: 12+7*3-5\n",
+  completion "<think>7*3=21 12+21=33 33-5=28</think><answer>28</answer>"
 (products first, then left to right), which the `format` and `math_accuracy` rewards read.
 A problem's split is fixed by a hash of its expression, so the train and test splits never
 share a problem whatever the seed or the number drawn.

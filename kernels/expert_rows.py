@@ -31,7 +31,8 @@ def use_triton(t: torch.Tensor, backend: str) -> bool:
 
 
 def swiglu(h: torch.Tensor, row_weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """h [N, 2I] = [gate | up], row_weight [N] -> row_weight * silu(gate) * up [N, I] in h's dtype."""
+    """h [N, 2I] = [gate | up], row_weight [N] -> row_weight * silu(gate) * up [N, I]
+    in h's dtype."""
     if use_triton(h, backend):
         from moetune.kernels import triton_expert_rows
 

@@ -70,7 +70,8 @@ class MultiheadLatentAttention(nn.Module):
         return q_nope, apply_rope(q_rope, cos, sin)
 
     def compress_kv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, hidden] -> normalised latent [B, S, kv_lora_rank], rotated k_rope [B, S, rope]."""
+        """x [B, S, hidden] -> normalised latent [B, S, kv_lora_rank],
+        rotated k_rope [B, S, rope]."""
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], -1)
         return self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin)
 

@@ -93,7 +93,8 @@ def checkpoint_layout(model: torch.nn.Module, config: DeepseekV3Config) -> dict[
 
 
 def to_disk_name(name: str, num_layers: int) -> str:
-    """`model.mtp.{k}.block.X` -> `model.layers.{N+k}.X`; `shared_head_norm` -> `shared_head.norm`."""
+    """`model.mtp.{k}.block.X` -> `model.layers.{N+k}.X`;
+    `shared_head_norm` -> `shared_head.norm`."""
     match = re.match(r"model\.mtp\.(\d+)\.(.*)", name)
     if not match:
         return name
@@ -250,7 +251,8 @@ def read_tensors(
 
 
 def read_scale(path: Path, weight_map: dict[str, str], shard, file: str, name: str) -> torch.Tensor:
-    """FP8 tensor `name`'s `weight_scale_inv`, from the open `shard` (file `file`) if it is there."""
+    """FP8 tensor `name`'s `weight_scale_inv`, from the open `shard` (file `file`) if it is
+    there."""
     scale_name, scale_file = name + "_scale_inv", weight_map[name + "_scale_inv"]
     return (
         shard.get_tensor(scale_name)

@@ -59,8 +59,9 @@ def add_rows(target: torch.Tensor, index: torch.Tensor | None, delta: torch.Tens
 
 
 class RoutedExpertsFunction(torch.autograd.Function):
-    """out[t] = sum over token t's k rows r of down_e(row_weight[r] * silu(gate_e(x_t)) * up_e(x_t)),
-    optionally with LoRA on the selected experts: W_e x + s B_e (A_e x) per projection.
+    """out[t] = sum over token t's k rows r of
+    down_e(row_weight[r] * silu(gate_e(x_t)) * up_e(x_t)), optionally with LoRA on the
+    selected experts: W_e x + s B_e (A_e x) per projection.
 
     Rows are the (token, expert) pairs sorted by expert: row r holds token `row_token[r]`,
     and `token_rows[t]` lists token t's k rows, so both the dispatch and the combine are
@@ -233,7 +234,8 @@ class RoutedExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """x [T, hidden], expert_ids [T, k], weights [T, k] -> sum_k weights * expert(x) [T, hidden]."""
+        """x [T, hidden], expert_ids [T, k], weights [T, k]
+        -> sum_k weights * expert(x) [T, hidden]."""
         return route(self, x, expert_ids, weights, self.gemms(), self.gate_up_proj, self.down_proj)
 
     def gemms(self) -> ExpertGemms:

@@ -64,7 +64,7 @@ class SafetensorsStream:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # as safetensors pads it: the data start 8-byte aligned
         self.entries, self.next = entries, 0
-        self.file = open(path, "wb")  # noqa: SIM115 -- held open across write() calls; close() closes
+        self.file = open(path, "wb")  # noqa: SIM115 -- open across write() calls
         self.file.write(struct.pack("<Q", len(text)) + text)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

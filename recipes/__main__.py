@@ -1,4 +1,5 @@
-"""`python -m moetune.recipes ...` (and `accelerate launch -m moetune.recipes ...`) = `moetune ...`."""
+"""`python -m moetune.recipes ...` (and `accelerate launch -m moetune.recipes ...`) runs
+`moetune ...`."""
 
 import sys
 

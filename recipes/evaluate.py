@@ -1,7 +1,8 @@
 """`moetune eval`: pass@1 / pass@k, mean reward and mean length of a model on held-out
 problems, scored with the training rewards (moetune.rl.evaluation).
 
-    moetune eval --model DIR [--adapter DIR] --data SOURCE --reward math_accuracy --n 8 [--backend vllm]
+    moetune eval --model DIR [--adapter DIR] --data SOURCE --reward math_accuracy --n 8 \
+        [--backend vllm]
     moetune eval --model RUN_DIR --reward math_accuracy  # the run's own held-out split, greedy
     moetune eval RECIPE.yaml [key.sub=value ...]        # recipe: eval (moetune.config.schema)
 

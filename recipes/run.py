@@ -6,7 +6,8 @@ names. `--dry-run` builds the model on the meta device and prints what `moetune 
 does (parameters, the trainable ones, memory per device, devices needed), then exits.
 
     moetune run sft/arith_tiny.yaml training.max_steps=50
-    accelerate launch --config_file recipes/accelerate/ddp.yaml -m moetune.recipes run sft/arith_tiny.yaml
+    accelerate launch --config_file recipes/accelerate/ddp.yaml \
+        -m moetune.recipes run sft/arith_tiny.yaml
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ The program is the last fenced ```python block of the completion, else the whole
   when `check(f)` returns. It runs in a judge process apart from the program (see
   `sandbox_judge`), so the program cannot fake a pass.
 
-`binary=True` gives 1.0 only when every case passes, else 0.0. The first call checks that the
-sandbox can run programs at all (SandboxError otherwise, rather than scoring everything 0). A sample whose `tests` is None
-scores None. Options: `time_s` and `memory_mb` per program run, `concurrency` of the sandbox
-pool (default: the number of cores).
+`binary=True` gives 1.0 only when every case passes, else 0.0. The first call checks that
+the sandbox can run programs at all (SandboxError otherwise, rather than scoring everything
+0). A sample whose `tests` is None scores None. Options: `time_s` and `memory_mb` per
+program run, `concurrency` of the sandbox pool (default: the number of cores).
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 math-verify's own timeout uses SIGALRM, which works only in the main thread, and inputs such
 as `9^{9^{9^{9}}}` spin inside C code (big-integer powers) that neither a signal nor another
-thread can interrupt. `WorkerPool` keeps child processes (running `serve_worker`) that
-have already imported what the calls need, sends each call to an idle one and, when a call misses its deadline, kills that worker and starts a
-replacement. It works from any thread, and from worker processes, daemonic ones included (the
-workers are plain subprocesses, not multiprocessing children).
+thread can interrupt. `WorkerPool` keeps child processes (running `serve_worker`) that have
+already imported what the calls need, sends each call to an idle one and, when a call misses
+its deadline, kills that worker and starts a replacement. It works from any thread, and from
+worker processes, daemonic ones included (the workers are plain subprocesses, not
+multiprocessing children).
 
     pool = WorkerPool(size=2, preload=("math_verify",))
     pool.map(some_module.function, [(arg1, arg2), ...], timeout_s=5.0)

@@ -1,7 +1,12 @@
-"""Reinforcement learning and evaluation: the GRPO loop (`grpo`) composing its prompt order
-(`prompt_stream`), group sampling and scoring (`collector`), policy update (`policy_update`,
-on `policy_batch`) and checkpoints (`checkpoint`); its pure losses and advantages
-(`algorithms`), rollout engines and weight sync (`rollout*`, `weight_group`), the policy's
-training engines under each launcher (`policy_engine`), data-parallel collection
-(`data_parallel`), and pass@k evaluation (`evaluation`, `pass_at_k`).
+"""Reinforcement learning and evaluation.
+
+The GRPO loop (`grpo`) composes its prompt order (`prompt_stream`), group sampling and
+scoring (`collector`), policy update (`policy_update`, on `policy_batch`) and checkpoints
+(`checkpoint`); its pure losses and advantages live in `algorithms`. Rollouts: the engine
+pool (`rollout`), one engine's process (`worker_process`, running `rollout_worker`, or a
+remote engine through `rollout_remote` / `rollout_server`), what a sync sends
+(`engine_weights`), and how it travels (`weight_files` on one host, `weight_group` over
+torch.distributed). The policy's training engines under each launcher (`policy_engine`),
+data-parallel collection (`data_parallel`), FP8 checkpoints for vLLM (`vllm_fp8`), and
+pass@k evaluation (`evaluation`, `pass_at_k`).
 """

@@ -68,7 +68,8 @@ def expert_weight(experts, weight: torch.Tensor, expert: int, proj: str) -> torc
 def sync_weights(model, previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors to push after an optimizer step: HF name -> contiguous CPU copy of each
     `merged_tensors` entry that differs from `previous` (all of them when it is None; a name
-    missing from it counts as changed). Typical use: `pool.sync(sync_weights(model, pool.weights))`."""
+    missing from it counts as changed).
+    Typical use: `pool.sync(sync_weights(model, pool.weights))`."""
     changed = {}
     for name, tensor in merged_tensors(model):
         current = tensor.detach().to("cpu")

@@ -328,7 +328,8 @@ def run_grpo(recipe: GRPORecipe) -> dict:
                 writer.close()
             trainer.history.plot(output / "expert_load.png")
             print(
-                f"finished step {recipe.training.max_steps}: reward {metrics.get('reward_mean', 0):.3f}; "
+                f"finished step {recipe.training.max_steps}: "
+                f"reward {metrics.get('reward_mean', 0):.3f}; "
                 f"{'adapter' if spec else 'model'}, metrics.jsonl and expert_load.png in {output}"
             )
         parallel.barrier()

@@ -106,7 +106,10 @@ def rewrite_shard(path, edit):
         (
             "shape",
             lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.weight", torch.zeros(64, 40)),
-            "shape mismatch for 'model.layers.0.self_attn.o_proj.weight': checkpoint (64, 40), model (64, 48)",
+            (
+                "shape mismatch for 'model.layers.0.self_attn.o_proj.weight': "
+                "checkpoint (64, 40), model (64, 48)"
+            ),
         ),
     ],
 )

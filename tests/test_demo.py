@@ -57,7 +57,7 @@ def test_demo_writes_the_report_and_plots(tmp_path, capsys):
         assert (out / png).stat().st_size > 5_000, png
     out_text = capsys.readouterr().out
     assert "held-out accuracy: SFT" in out_text
-    # the printed command reproduces the GRPO figure through moetune eval, from the run's recipe.yaml
+    # the printed command reproduces the GRPO figure through moetune eval from the run's recipe
     command = out_text.split("check the GRPO figure: ")[1].splitlines()[0].split()
     assert command[:3] == ["moetune", "eval", "--model"]
     assert main([*command[1:], "--output", str(tmp_path / "check")]) == 0

@@ -1,9 +1,10 @@
 """Data-parallel GRPO: two gloo ranks, each updating on its share of the groups, take the same
 optimizer steps as one process holding them all, with the replicated engine (DDP), DeepSpeed
 ZeRO-2/3 and FSDP2, and their checkpoints restore exactly; `accelerate launch --num_processes 2`
-(zero3.yaml: the launcher's process group, DeepSpeed from its config) trains on remote rollout
-engines, writes once and checkpoints every rank's prompt position and optimizer shard. A resumed run repeating the
-uninterrupted one is tests/test_grpo.py's (the same code, one process)."""
+(zero3.yaml: the launcher's process group, DeepSpeed from its config) trains on remote
+rollout engines, writes once and checkpoints every rank's prompt position and optimizer
+shard. A resumed run repeating the uninterrupted one is tests/test_grpo.py's (the same code,
+one process)."""
 
 import json
 import os

@@ -122,7 +122,8 @@ def test_dry_run_of_deepseek_v3_fp8_lora_counts_the_full_model(capsys):
     trainable = int(out.split("trainable: ")[1].split()[0].replace(",", ""))
     # 671B without MTP, as `moetune info` counts; only the adapters train.
     assert 671.0e9 < total < 671.1e9 and trainable < 0.01 * total
-    # Expert parallel over 32 GPUs fits; ZeRO-3 would shard parameters, never the FP8 base (buffers).
+    # Expert parallel over 32 GPUs fits; ZeRO-3 would shard parameters, never the FP8 base
+    # (buffers).
     assert "expert parallel 32" in out and "fits in 80 GB" in out
     assert (
         main(

@@ -349,7 +349,9 @@ FORGERIES = {
         "class Int(int):\n    def __eq__(self, other):\n        return True\n"
         "def add(a, b):\n    return Int(0)\n"
     ),
-    "kill the judge": "import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\ndef add(a, b):\n    return 0\n",
+    "kill the judge": (
+        "import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\ndef add(a, b):\n    return 0\n"
+    ),
 }
 
 
@@ -379,7 +381,10 @@ def add():
     dicts = [repr(o) for o in gc.get_objects() if type(o) is dict]
     return [any(needle in text for text in dicts) for needle in (OWN, "SECRET_" + "EXPECTATION")]
 """
-    test = "def check(candidate):\n    SECRET_EXPECTATION = 0\n    assert candidate() == [True, False]\n"
+    test = (
+        "def check(candidate):\n    SECRET_EXPECTATION = 0\n"
+        "    assert candidate() == [True, False]\n"
+    )
     run = sandbox_factory(concurrency=1).run(
         CheckJob(snoop, test, "add"), SandboxLimits(time_s=TIME_S)
     )

@@ -193,7 +193,10 @@ def test_data_errors_name_the_key(tmp_path):
                 "ACCELERATE_USE_DEEPSPEED": "true",
                 "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "nvme",
             },
-            "deepspeed_config.offload_param_device: nvme needs deepspeed_config.offload_param_nvme_path",
+            (
+                "deepspeed_config.offload_param_device: nvme needs "
+                "deepspeed_config.offload_param_nvme_path"
+            ),
         ),
         (
             {"ACCELERATE_USE_DEEPSPEED": "true"},

@@ -4,8 +4,9 @@
 
 Triton's own compiler and ptxas (shipped in the triton wheel) build each kernel for every
 autotuned config, with pointers, K and the row strides 16-divisible, as the JIT specialises
-real calls at DeepSeek's shapes. OUT_JSON receives, per kernel and config: shared memory bytes, and the number of
-Hopper wgmma ops and asynchronous (pipelined) global-to-shared copies in the TTGIR.
+real calls at DeepSeek's shapes. OUT_JSON receives, per kernel and config: shared memory
+bytes, and the number of Hopper wgmma ops and asynchronous (pipelined) global-to-shared
+copies in the TTGIR.
 Run without TRITON_INTERPRET: the interpreter replaces the jit functions.
 """
 

@@ -1,6 +1,7 @@
 """Write Math-Verify's plain (gold, pred, expected) test cases as JSON lines to stdout.
 
-    python tests/data/collect_math_verify_cases.py MATH_VERIFY_CHECKOUT/tests > tests/data/math_verify_cases.jsonl
+    python tests/data/collect_math_verify_cases.py MATH_VERIFY_CHECKOUT/tests \
+        > tests/data/math_verify_cases.jsonl
 
 Plain: a `pytest.mark.parametrize("gold, pred, expected", [...])` case whose test compares
 with math-verify's default extraction targets and verify settings, that is

@@ -95,6 +95,12 @@ class DatasetSpec:
     # How the gold `answer` is written: none (as is), gsm8k (after ####), boxed (the last
     # \boxed{}), or a function `package.module:function` / `file.py:function` (text -> str).
     answer_format: str = "none"
+    # Processes for the column, prompt and answer maps of a non-streamed set (None: this one).
+    num_proc: int | None = None
+
+    def __post_init__(self):
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"num_proc must be at least 1, got {self.num_proc}")
 
 
 @dataclass

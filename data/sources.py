@@ -59,8 +59,12 @@ def load_rows(
                 f"{key}.{'columns' if spec.columns else 'answer_format'}: set it on "
                 f"each data set of the mixture {key}.source"
             )
+        entries = [
+            entry if entry.num_proc is not None else replace(entry, num_proc=spec.num_proc)
+            for entry in spec.source
+        ]
         return load_mixture(
-            spec.source, f"{key}.source", default_split, seed, streaming, count, arithmetic
+            entries, f"{key}.source", default_split, seed, streaming, count, arithmetic
         )
     return load_one(spec, key, default_split, streaming, count, arithmetic, seed)
 
@@ -100,6 +104,9 @@ def load_one(
             f"{key}.columns: {spec.source} already has a column {clashes[0]!r}; "
             f"map that one too (e.g. {clashes[0]}: original_{clashes[0]})"
         )
+    # `datasets` maps a Dataset in num_proc worker processes; an IterableDataset lazily, in one.
+    streamed = not hasattr(dataset, "__len__")
+    processes = {} if streamed or spec.num_proc is None else {"num_proc": spec.num_proc}
     if spec.columns:
         dataset = dataset.rename_columns(dict(spec.columns))
         names = column_names(dataset)
@@ -112,7 +119,7 @@ def load_one(
                 f"{spec.source} (after columns); it has: {', '.join(names)}"
             )
         template = spec.prompt_format
-        dataset = dataset.map(lambda row: {"prompt": template.format(**row)})
+        dataset = dataset.map(lambda row: {"prompt": template.format(**row)}, **processes)
     if spec.answer_format != "none":
         if "answer" not in names:
             raise RecipeError(
@@ -120,7 +127,7 @@ def load_one(
                 f"with {key}.columns); its columns: {', '.join(names)}"
             )
         extract = answer_extractor(spec.answer_format, f"{key}.answer_format")
-        dataset = dataset.map(GoldAnswer(extract, spec, key), with_indices=True)
+        dataset = dataset.map(GoldAnswer(extract, spec, key), with_indices=True, **processes)
     return dataset
 
 

@@ -340,3 +340,14 @@ def test_moetune_eval_of_a_hub_layout_subset_with_columns_and_answer_format(
     ]
     assert main([*flags[:5], "--subset", "mian", *flags[7:]]) == 2
     assert "moetune eval: data.subset: 'mian' is not a subset of" in capsys.readouterr().err
+
+
+def test_num_proc_maps_in_worker_processes_to_the_same_rows(gsm8k):
+    one = load_problems(DataSection(gsm8k, **GSM8K), "data", "test")
+    two = load_problems(DataSection(gsm8k, **GSM8K, num_proc=2), "data", "test")
+    assert two == one
+    mixture = DataSection([MixtureEntry(gsm8k, **GSM8K)], num_proc=2)
+    mixed = load_problems(mixture, "data", "test")  # shuffled
+    assert sorted(mixed, key=lambda p: p["prompt"]) == sorted(one, key=lambda p: p["prompt"])
+    with pytest.raises(RecipeError, match=r"^data: num_proc must be at least 1, got 0$"):
+        load_recipe(resolve("grpo/arith_tiny"), ["data.num_proc=0"])

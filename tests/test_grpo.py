@@ -226,7 +226,10 @@ def trainer_for(tmp_path, overrides):
     model, tokenizer = load_model(recipe.model), load_tokenizer(recipe.model)
     spec = attach_lora(model, recipe.lora)
     pool = RolloutPool(
-        rollout_source(recipe, model, tokenizer, tmp_path), backend="native", max_model_len=64
+        rollout_source(recipe, model, tokenizer, tmp_path),
+        backend="native",
+        max_model_len=64,
+        adapter=spec,
     )
     return GRPOTrainer(recipe, model, tokenizer, spec, pool), pool
 
@@ -276,6 +279,12 @@ def test_lora_grpo_trains_only_adapters_against_the_adapter_free_reference(tmp_p
         second = trainer.step(2)
     assert first["kl"] == pytest.approx(0.0, abs=1e-9)  # LoRA B starts at zero: policy == base
     assert second["kl"] > 0
+    # the native engines apply the adapters themselves: each sync sends those alone, and
+    # step 2 samples from exactly the policy step 1 left
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    adapter_mb = sum(p.numel() * p.element_size() for p in trained) / 2**20
+    assert first["sync_megabytes"] == second["sync_megabytes"] == pytest.approx(adapter_mb)
+    assert abs(second["mismatch_kl"]) < 1e-6
     for name, param in trainer.model.named_parameters():
         if name in frozen:
             assert torch.equal(param, frozen[name]), name

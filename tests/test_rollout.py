@@ -18,7 +18,7 @@ from moetune.kernels import dequantize_weight
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.checkpoint import disk_tensors
 from moetune.model.lora import LoraSpec, apply_lora, merge_lora
-from moetune.rl.engine_weights import merged_tensors, sync_weights
+from moetune.rl.engine_weights import adapter_tensors, merged_tensors, sync_weights
 from moetune.rl.rollout import RolloutPool, SamplingSpec, probe_mismatch_kl
 from moetune.rl.rollout_worker import completion_logprobs
 from moetune.rl.worker_process import visible_devices
@@ -309,6 +309,34 @@ def test_native_backend_gives_the_same_results(checkpoint, native_pool):
         model.lm_head.weight.mul_(1.5)
     native_pool.sync(sync_weights(model, native_pool.weights))
     assert_probe_matches(native_pool, model, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_native_engines_take_the_adapter_alone(checkpoint):
+    """Given the trainer's LoRA spec, native engines attach the same adapters and a sync sends
+    the LoRA tensors alone (bytes = the adapter's): the probe's logprobs equal the trainer's,
+    as after a merged sync, and a killed worker comes back with base and adapter."""
+    spec = LoraSpec(
+        rank=8, components=("attention", "shared_experts", "routed_experts"), experts={1: [0, 5]}
+    )
+    model = trainer(checkpoint)
+    apply_lora(model, spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    adapter = adapter_tensors(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert sum(t.numel() for t in adapter.values()) == sum(p.numel() for p in trained)
+    with RolloutPool(checkpoint, backend="native", workers=1, timeout_s=60, adapter=spec) as pool:
+        assert pool.adapter == spec
+        pool.sync(adapter)
+        assert pool.synced_bytes == sum(p.numel() * p.element_size() for p in trained)
+        assert_probe_matches(pool, model, atol=1e-5)
+        assert abs(probe_mismatch_kl(pool, model, PROMPTS, PROBE_COMPLETIONS)) < 1e-6
+        os.kill(pool.pids[0], signal.SIGKILL)
+        assert_probe_matches(pool, model, atol=1e-5)
+        assert pool.restarts == 1
 
 
 @pytest.mark.integration

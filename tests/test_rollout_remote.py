@@ -24,7 +24,8 @@ from moetune.model import DeepseekV3ForCausalLM
 from moetune.recipes.cli import main
 from moetune.rl import weight_group
 from moetune.rl.data_parallel import DataParallel
-from moetune.rl.engine_weights import sync_weights
+from moetune.model.lora import LoraSpec, apply_lora
+from moetune.rl.engine_weights import adapter_tensors, sync_weights
 from moetune.rl.grpo import remote_engines
 from moetune.rl.rollout import RolloutPool, SamplingSpec
 from moetune.rl.rollout_worker import completion_logprobs
@@ -234,6 +235,36 @@ def test_grpo_trains_against_a_served_engine(served, key, tmp_path):
     assert [r["step"] for r in logged] == [1, 2]
     assert all(abs(r["mismatch_kl"]) < 1e-4 and r["sync_seconds"] > 0 for r in logged)
     assert logged[0]["grad_norm"] > 0
+
+
+@pytest.mark.integration
+def test_a_native_server_takes_the_adapter_alone_also_after_a_restart(checkpoint, tmp_path, key):
+    """Given the trainer's LoRA spec, a native server attaches the same adapters and syncs
+    carry the LoRA tensors alone; restarted (base weights only), it is reconnected, attaches
+    them again and gets the synced adapter."""
+    spec = LoraSpec(rank=8, components=("attention", "routed_experts"))
+    model = DeepseekV3ForCausalLM.from_pretrained(checkpoint)
+    apply_lora(model, spec)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trained:
+            p.normal_(0, 0.05)
+    server = Server(checkpoint, tmp_path)  # its own: the adapters stay on the served model
+    try:
+        server.start()
+        with RolloutPool(
+            checkpoint, remote=[server.address], timeout_s=30, start_timeout_s=60, adapter=spec
+        ) as pool:
+            assert pool.adapter == spec
+            pool.sync(adapter_tensors(model))
+            assert pool.synced_bytes == sum(p.numel() * p.element_size() for p in trained)
+            assert_scores_match(pool, model, atol=1e-5)
+            server.stop()
+            server.start()
+            assert_scores_match(pool, model, atol=1e-5)
+            assert pool.restarts == 1
+    finally:
+        server.stop()
 
 
 @pytest.mark.integration

@@ -89,9 +89,8 @@ class MoESFTTrainer(SFTTrainer):
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         write = self.args.should_save
-        if self.lora_spec is not None:
-            with full_experts(model):  # expert parallel: every rank gathers the expert adapters
-                save_adapter(model, self.lora_spec, output_dir, self.base_path, write=write)
+        if self.lora_spec is not None:  # expert parallel: the expert adapters are gathered
+            save_adapter(model, self.lora_spec, output_dir, self.base_path, write=write)
         else:
             model.save_pretrained(output_dir, write=write)
         if write and self.processing_class is not None:

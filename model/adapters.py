@@ -18,17 +18,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moetune.model.checkpoint import to_disk_name
-from moetune.model.expert_parallel import require_full_experts
+from moetune.model.expert_parallel import expert_adapter, require_full_experts
 from moetune.model.gathering import gathered, whole
 from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora
+from moetune.model.moe import MoE
 
 PREFIX = "base_model.model."
 EXPERT_PROJECTIONS = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
 
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
-    """PEFT key -> tensor for every adapter in the model."""
-    require_full_experts(model, "saving or loading adapters")
+    """PEFT key -> tensor for every adapter in the model. Routed-expert adapters sharded by
+    expert parallelism are gathered over their group, the adapters alone (every rank calls
+    it then); the experts' weights stay sharded."""
     layers = model.config.num_hidden_layers
     tensors = {}
     for name, module in model.named_modules():
@@ -36,13 +38,13 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
         if isinstance(module, LoraLinear):
             tensors[f"{PREFIX}{disk}.lora_A.weight"] = whole(module.lora_A.weight)
             tensors[f"{PREFIX}{disk}.lora_B.weight"] = whole(module.lora_B.weight)
-        elif isinstance(module, ExpertLora):
-            experts = disk.removesuffix(".lora")
-            for slot, expert in enumerate(module.expert_ids.tolist()):
+        elif isinstance(module, MoE) and getattr(module.experts, "lora", None) is not None:
+            expert_ids, stacked = expert_adapter(module)
+            for slot, expert in enumerate(expert_ids):
                 for short, proj in EXPERT_PROJECTIONS:
                     for half in ("A", "B"):
-                        key = f"{PREFIX}{experts}.{expert}.{proj}.lora_{half}.weight"
-                        tensors[key] = whole(getattr(module, f"{short}_{half}"))[slot]
+                        key = f"{PREFIX}{disk}.experts.{expert}.{proj}.lora_{half}.weight"
+                        tensors[key] = whole(stacked[f"{short}_{half}"])[slot]
     return tensors
 
 
@@ -133,7 +135,9 @@ def load_adapter(model, path) -> LoraSpec:
 @torch.no_grad()
 def load_adapter_weights(model, path) -> None:
     """Copy the adapter weights saved at `path` into the model's existing adapters. Fails
-    naming any missing, unexpected or mis-shaped adapter tensor."""
+    naming any missing, unexpected or mis-shaped adapter tensor. Experts sharded by expert
+    parallelism: call it inside `full_experts(model)`."""
+    require_full_experts(model, "loading adapter weights")
     expected = adapter_tensors(model)
     saved = load_file(Path(path) / "adapter_model.safetensors")
     problems = [f"missing adapter tensor {k!r}" for k in sorted(expected.keys() - saved.keys())]

@@ -244,6 +244,19 @@ def gather_slices(moe: MoE) -> ExpertShard:
     return shard
 
 
+def expert_adapter(moe: MoE) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """The layer's routed-expert adapter (ExpertLora) as global expert ids [S] and its stacked
+    tensors (name -> [S, ...]); under expert parallelism gathered over the EP group, the
+    adapter alone and never the experts' weights (collective: every rank calls it)."""
+    lora, shard = moe.experts.lora, moe.expert_parallel
+    tensors = {name: t.detach() for name, t in stacked_tensors(lora)}
+    if shard is None:
+        return lora.expert_ids.tolist(), tensors
+    group = shard.groups.ep
+    ids = gather_rows(lora.expert_ids + shard.first, group)
+    return ids.tolist(), {name: gather_rows(t, group) for name, t in tensors.items()}
+
+
 def stacked_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The module's own parameters and buffers (not its children's): stacked per expert in
     RoutedExperts, FP8RoutedExperts and ExpertLora (whose `expert_ids` buffer is handled

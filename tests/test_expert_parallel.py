@@ -22,11 +22,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from tiny_configs import v2_lite_config, v3_config
 
 from moetune.config.build import RecipeError
 from moetune.config.schema import ModelSection
-from moetune.model import DeepseekV3ForCausalLM
+from moetune.model import DeepseekV3ForCausalLM, expert_parallel
+from moetune.model.adapters import save_adapter
 from moetune.model.expert_parallel import (
     ExpertParallelGroups,
     clip_grad_norm_,
@@ -162,9 +164,10 @@ def check_causal_lm(rank: int, groups: ExpertParallelGroups) -> None:
     found.check()
 
 
-def check_lora(rank: int, groups: ExpertParallelGroups) -> None:
+def check_lora(rank: int, groups: ExpertParallelGroups, folder: str) -> None:
     """Adapters attached inside full_experts (as the recipes do), on an expert subset that
-    leaves rank 1 without adapters in layer 1."""
+    leaves rank 1 without adapters in layer 1; saved from the shards, gathering the expert
+    adapters alone (never the experts), into the same file as the full model's."""
     config = v3_config()
     spec = LoraSpec(rank=8, alpha=16.0, experts={1: [0, 2, 5], 2: [3, 9, 12, 15]})
     torch.manual_seed(0)
@@ -191,6 +194,19 @@ def check_lora(rank: int, groups: ExpertParallelGroups) -> None:
     found = Mismatches()
     compare_grads(sharded, full, found)
     found.check()
+    gather_slices = expert_parallel.gather_slices
+    expert_parallel.gather_slices = None  # a save that gathered experts would call it
+    try:
+        save_adapter(sharded, spec, f"{folder}/sharded_adapter", write=rank == 0)
+    finally:
+        expert_parallel.gather_slices = gather_slices
+    if rank == 0:
+        save_adapter(full, spec, f"{folder}/full_adapter")
+        ours = load_file(f"{folder}/sharded_adapter/adapter_model.safetensors")
+        theirs = load_file(f"{folder}/full_adapter/adapter_model.safetensors")
+        assert ours.keys() == theirs.keys()
+        for key, tensor in theirs.items():
+            assert torch.equal(ours[key], tensor), key
 
 
 def check_full_experts(rank: int, groups: ExpertParallelGroups, folder: str) -> None:
@@ -289,7 +305,7 @@ def worker(rank: int, folder: str) -> None:
     results = {}
     for name, check in CHECKS.items():
         try:
-            if name in ("full_experts", "load_model"):
+            if name in ("lora", "full_experts", "load_model"):
                 check(rank, groups, folder)
             else:
                 check(rank, groups)

@@ -21,10 +21,10 @@ from tiny_configs import save_biased_tiny_arith
 
 from moetune.config.build import RecipeError
 from moetune.model import DeepseekV3ForCausalLM
+from moetune.model.lora import LoraSpec, apply_lora
 from moetune.recipes.cli import main
 from moetune.rl import weight_group
 from moetune.rl.data_parallel import DataParallel
-from moetune.model.lora import LoraSpec, apply_lora
 from moetune.rl.engine_weights import adapter_tensors, sync_weights
 from moetune.rl.grpo import remote_engines
 from moetune.rl.rollout import RolloutPool, SamplingSpec

@@ -307,6 +307,8 @@ def trained(folder: Path) -> dict[str, torch.Tensor]:
         ("zero2", "full"),
         ("zero3", "full"),
         ("fsdp2", "full"),
+        ("ddp", "lora"),
+        ("zero2", "lora"),
         ("zero3", "lora"),
         ("fsdp2", "lora"),
     ],

@@ -22,7 +22,11 @@ from moetune.rl.algorithms import (
     policy_loss,
     reinforce_pp_advantages,
 )
+from moetune.rl.collector import Groups
+from moetune.rl.grpo import GRPOTrainer
 from moetune.rl.policy_update import batch_advantages
+from moetune.rl.rollout import Rollout
+from moetune.training.model_loading import load_model, load_tokenizer
 
 F64 = torch.float64
 
@@ -549,3 +553,94 @@ def test_epsilons_default_per_loss():
     assert (a.epsilon_low, a.epsilon_high) == (0.3, 0.4)
     a = recipe("algorithm.loss=sapo", "algorithm.tau_neg=2").algorithm
     assert (a.tau_pos, a.tau_neg, a.clip_ratio_c, a.pass_at_k) == (1.0, 2.0, None, None)
+
+
+# --- the keys reach the trainer --------------------------------------------------------------
+
+TINY = [
+    "model.path=null",
+    "model.config=tiny_arith",
+    "model.tokenizer=char",
+    "rollout.backend=native",
+    "rollout.max_new_tokens=8",
+    "training.prompts_per_step=2",
+    "algorithm.group_size=4",
+    "eval.every=0",
+    "training.report_to=[]",
+]
+
+
+def two_groups() -> Groups:
+    """2 groups of 4 random completions (3 to 8 tokens), rewards 0/1 with both in each group."""
+    g = torch.Generator().manual_seed(3)
+    rollouts = []
+    for _ in range(2):
+        prompt = torch.randint(3, 90, (5,), generator=g).tolist()
+        group = []
+        for _ in range(4):
+            ids = torch.randint(3, 90, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g)
+            group.append(Rollout(prompt, ids.tolist(), "", "length", [-1.0] * len(ids)))
+        rollouts.append(group)
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    return Groups([{}] * 2, rollouts, rewards, {}, 2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    """One GRPOTrainer on the tiny model (no rollout engines) for every case: the updater reads
+    its recipe's algorithm section at each update, so a case swaps in its own recipe."""
+    recipe = load_recipe(resolve("grpo/arith_tiny"), TINY)
+    torch.manual_seed(0)
+    model = load_model(recipe.model)
+    return GRPOTrainer(recipe, model, load_tokenizer(recipe.model), None, None)
+
+
+@pytest.mark.parametrize(
+    "overrides, passed",
+    [
+        (["algorithm.loss=cispo"], {"kind": "cispo"}),
+        (["algorithm.loss=sapo", "algorithm.tau_neg=2"], {"kind": "sapo", "tau_neg": 2.0}),
+        (
+            ["algorithm.loss=gmpo", "algorithm.epsilon_low=null", "algorithm.epsilon_high=null"],
+            {"kind": "gmpo", "epsilon_low": 0.4, "epsilon_high": 0.4},
+        ),
+        (["algorithm.loss=grpo", "algorithm.clip_ratio_c=3"], {"kind": "grpo", "clip_ratio_c": 3}),
+        (["algorithm.advantage=reinforce_pp"], {"advantage": "reinforce_pp"}),
+        (["algorithm.advantage=pass_at_k", "algorithm.pass_at_k=2"], {"advantage": "pass_at_k"}),
+        (["algorithm.advantage=rloo"], {"advantage": "rloo"}),
+    ],
+)
+def test_algorithm_keys_reach_the_policy_update(trainer, monkeypatch, overrides, passed):
+    """An update of the tiny model through GRPOTrainer's updater: the recipe's loss, its
+    options and the advantages of its kind (reinforce_pp: weighted by the sequences' tokens)
+    reach policy_loss, and the update moves the weights."""
+    monkeypatch.setattr(
+        trainer.updater, "recipe", load_recipe(resolve("grpo/arith_tiny"), [*TINY, *overrides])
+    )
+    model = trainer.model
+    calls = []
+    real = algorithms.policy_loss
+
+    def spy(kind, logprobs, old, advantages, mask, **options):
+        calls.append({"kind": kind, "advantages": advantages, "tokens": mask.sum(1)} | options)
+        return real(kind, logprobs, old, advantages, mask, **options)
+
+    monkeypatch.setattr(algorithms, "policy_loss", spy)
+    before = model.lm_head.weight.detach().clone()
+    groups = two_groups()
+    metrics = trainer.updater.update(groups)
+    ((call,),) = [calls]  # 8 rows: one micro-batch
+    advantage = passed.get("advantage", "grpo")
+    expected = group_advantages(
+        groups.rewards.flatten(),
+        4,
+        advantage,
+        k=2,
+        tokens=torch.tensor([len(r.completion_ids) for g in groups.rollouts for r in g]),
+    )
+    torch.testing.assert_close(call["advantages"].cpu(), expected)
+    for key, value in passed.items():
+        if key != "advantage":
+            assert call[key] == value, key
+    assert ("policy_dual_clip_fraction" in metrics) == ("clip_ratio_c" in passed)
+    assert math.isfinite(metrics["loss"]) and not torch.equal(model.lm_head.weight, before)

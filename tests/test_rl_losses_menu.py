@@ -7,12 +7,14 @@ states one. Then the recipe keys: their errors, and that they reach the trainer.
 import itertools
 import math
 import statistics
+import typing
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from moetune.config.build import RecipeError
+from moetune.config.schema import CLIPPED_LOSSES, AlgorithmSection
 from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
 from moetune.rl import algorithms
@@ -644,3 +646,11 @@ def test_algorithm_keys_reach_the_policy_update(trainer, monkeypatch, overrides,
             assert call[key] == value, key
     assert ("policy_dual_clip_fraction" in metrics) == ("clip_ratio_c" in passed)
     assert math.isfinite(metrics["loss"]) and not torch.equal(model.lm_head.weight, before)
+
+
+def test_the_schema_names_the_kinds_rl_algorithms_knows():
+    """config is plain data (no torch): its lists of kinds are copies, kept equal here."""
+    hints = typing.get_type_hints(AlgorithmSection)
+    assert typing.get_args(hints["loss"]) == algorithms.LOSS_KINDS
+    assert typing.get_args(hints["advantage"]) == algorithms.ADVANTAGE_KINDS
+    assert CLIPPED_LOSSES == algorithms.CLIPPED_LOSS_KINDS

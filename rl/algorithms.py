@@ -143,26 +143,20 @@ def pass_at_k_advantages(rewards: Tensor, n: int, k: int, eps: float = 1e-6) -> 
     if not 1 <= k <= n:
         raise ValueError(f"pass@k advantages need 1 <= k <= n, got k={k} for groups of n={n}")
     v, order = r.to(torch.float64).sort(dim=1, stable=True)
-    j = range(1, n + 1)
+    ranks = range(1, n + 1)
+
+    def holding(i: int, j: int) -> int:  # subsets holding v_i whose best is v_j
+        if j == i:
+            return math.comb(i - 1, k - 1)
+        return math.comb(j - 2, k - 2) if j > i and k > 1 else 0
+
     # Integer counts as float64: sums of 0/1 rewards stay exact (counts below 2**53).
-    best = torch.tensor([math.comb(i - 1, k - 1) for i in j], dtype=torch.float64)
-    holding = torch.tensor(
-        [
-            [
-                math.comb(i - 1, k - 1)
-                if a == i
-                else math.comb(a - 2, k - 2)
-                if a > i and k > 1
-                else 0
-                for a in j
-            ]
-            for i in j
-        ],
-        dtype=torch.float64,
-    )
+    as_tensor = dict(dtype=torch.float64, device=v.device)
+    best = torch.tensor([math.comb(j - 1, k - 1) for j in ranks], **as_tensor)
+    counts = torch.tensor([[holding(i, j) for j in ranks] for i in ranks], **as_tensor)
     mean = (v * best).sum(1, keepdim=True) / math.comb(n, k)
     sigma = ((v - mean) ** 2 * best).sum(1, keepdim=True).div(math.comb(n, k)).sqrt()
-    conditional = v @ holding.T / math.comb(n - 1, k - 1)
+    conditional = v @ counts.T / math.comb(n - 1, k - 1)
     # sigma 0: every subset scores alike (numerators 0 too); a constant group's float noise
     flat = (sigma == 0) | (v == v[:, :1]).all(1, keepdim=True)
     adv_sorted = torch.where(flat, 0.0, (conditional - mean) / (sigma + eps))

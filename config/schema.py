@@ -233,6 +233,8 @@ class RolloutSection:
 LOSS_EPSILONS = {"gmpo": (0.4, 0.4)}
 DEFAULT_EPSILONS = (0.2, 0.28)
 CLIPPED_LOSSES = ("grpo", "dapo", "dr_grpo", "gspo")  # the losses dual-clip composes with
+AdvantageKind = Literal["grpo", "dr_grpo", "leave_one_out", "rloo", "reinforce_pp", "pass_at_k"]
+LossKind = Literal["grpo", "dapo", "dr_grpo", "gspo", "cispo", "sapo", "gmpo"]
 
 
 @dataclass
@@ -243,10 +245,8 @@ class AlgorithmSection:
     group_size: int = 8  # samples per prompt
     # rloo = leave_one_out; reinforce_pp normalises over the whole batch (all ranks);
     # pass_at_k needs `pass_at_k: k`
-    advantage: Literal["grpo", "dr_grpo", "leave_one_out", "rloo", "reinforce_pp", "pass_at_k"] = (
-        "grpo"
-    )
-    loss: Literal["grpo", "dapo", "dr_grpo", "gspo", "cispo", "sapo", "gmpo"] = "dapo"
+    advantage: AdvantageKind = "grpo"
+    loss: LossKind = "dapo"
     # The clip range (cispo: of its IS weight; gmpo: of the log-ratio). None: the loss's
     # default, 0.2 / 0.28 (clip-higher), gmpo 0.4 / 0.4 (verl's GMPO recipe).
     epsilon_low: float | None = None

@@ -138,9 +138,25 @@ def test_dual_clip_caps_negative_advantages_and_zeroes_their_gradient():
     plain, stats = policy_loss("grpo", logp, old, adv, mask)
     torch.testing.assert_close(plain, torch.tensor(2.15, dtype=F64))
     assert stats.dual_clip_fraction is None
-    # positive advantages are never capped: row 0 with r = 4 and A = +1 keeps its clip at 1.2
-    loss, stats = policy_loss("dapo", logp, old, -adv, mask, clip_ratio_c=3.0)
+    # gspo: row 1's log-ratios [1.5, 1.5] give s = e^1.5 = 4.4816890703380645 > c; its
+    # tokens' 2 s = 8.96... are capped at 6, gradient 0. Row 0 [0.3, -0.1, 0.1]: s = e^0.1,
+    # unclipped: -1.1051709180756477 per token, gradient -s / 3 / 2 = -0.18419515301260795.
+    log_ratios = torch.tensor([[0.3, -0.1, 0.1], [1.5, 1.5, 0.0]], dtype=F64)
+    logp, old, adv, mask = batch(log_ratios.exp())
+    loss, stats = policy_loss("gspo", logp, old, adv, mask, clip_ratio_c=3.0)
+    torch.testing.assert_close(loss, torch.tensor((6.0 - 1.1051709180756477) / 2, dtype=F64))
+    g = -0.18419515301260795
+    torch.testing.assert_close(
+        grad_of(loss, logp), torch.tensor([[g, g, g], [0.0, 0.0, 0.0]], dtype=F64)
+    )
+    assert stats.dual_clip_fraction == pytest.approx(2 / 5)
+    # positive advantages are never capped: ratios [1.3, 4.0] with A = +2 take the clip at 1.2
+    # (-2.4 each), as without dual-clip
+    logp, old, _, mask = batch(ratios)
+    adv = torch.tensor([1.0, 2.0], dtype=F64)
+    loss, stats = policy_loss("dapo", logp, old, adv, mask, clip_ratio_c=3.0)
     assert stats.dual_clip_fraction == 0.0
+    torch.testing.assert_close(loss, policy_loss("dapo", logp, old, adv, mask)[0])
 
 
 # --- loop references on random inputs --------------------------------------------------------

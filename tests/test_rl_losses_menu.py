@@ -559,16 +559,14 @@ def test_bad_algorithm_keys_are_named(overrides, message):
 
 
 def test_epsilons_default_per_loss():
-    a = recipe("algorithm.epsilon_low=null", "algorithm.epsilon_high=null").algorithm
-    assert (a.epsilon_low, a.epsilon_high) == (0.2, 0.28)
-    a = recipe(
-        "algorithm.loss=gmpo", "algorithm.epsilon_low=null", "algorithm.epsilon_high=null"
-    ).algorithm
+    a = recipe().algorithm  # grpo/arith_tiny leaves them unset
+    assert (a.loss, a.epsilon_low, a.epsilon_high) == ("dapo", 0.2, 0.28)
+    a = recipe("algorithm.loss=gmpo").algorithm
     assert (a.epsilon_low, a.epsilon_high) == (0.4, 0.4)  # verl's GMPO recipe
-    a = recipe(
-        "algorithm.loss=gmpo", "algorithm.epsilon_low=0.3", "algorithm.epsilon_high=null"
-    ).algorithm
+    a = recipe("algorithm.loss=gmpo", "algorithm.epsilon_low=0.3").algorithm
     assert (a.epsilon_low, a.epsilon_high) == (0.3, 0.4)
+    a = recipe("algorithm.loss=cispo", "algorithm.epsilon_low=null").algorithm
+    assert (a.epsilon_low, a.epsilon_high) == (0.2, 0.28)
     a = recipe("algorithm.loss=sapo", "algorithm.tau_neg=2").algorithm
     assert (a.tau_pos, a.tau_neg, a.clip_ratio_c, a.pass_at_k) == (1.0, 2.0, None, None)
 
@@ -619,7 +617,7 @@ def trainer():
         (["algorithm.loss=cispo"], {"kind": "cispo"}),
         (["algorithm.loss=sapo", "algorithm.tau_neg=2"], {"kind": "sapo", "tau_neg": 2.0}),
         (
-            ["algorithm.loss=gmpo", "algorithm.epsilon_low=null", "algorithm.epsilon_high=null"],
+            ["algorithm.loss=gmpo"],
             {"kind": "gmpo", "epsilon_low": 0.4, "epsilon_high": 0.4},
         ),
         (["algorithm.loss=grpo", "algorithm.clip_ratio_c=3"], {"kind": "grpo", "clip_ratio_c": 3}),

@@ -42,6 +42,8 @@ def build(schema: type, data: Any, path: str):
             raise RecipeError(f"missing required key {join(path, name)!r}")
     try:
         return schema(**values)
+    except RecipeError:
+        raise  # a section's own check, which names its key path
     except (TypeError, ValueError) as error:
         raise RecipeError(f"{path or 'recipe'}: {error}") from None
 

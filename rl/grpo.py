@@ -199,7 +199,11 @@ class GRPOTrainer:
         metrics = inspected.metrics(self.history.layer_ids) if inspected else {}
         keep = self.recipe.training.log_rollouts
         if keep is not False:
-            decode = self.pool.tokenizer.decode
+            tokenizer = self.pool.tokenizer  # the prompt as the model saw it, special tokens too
+
+            def decode(ids):
+                return tokenizer.decode(ids, skip_special_tokens=False)
+
             rows = sample_records(step, groups, inspected, decode, version, staleness)
             every = self.parallel.gather(rows)
             if self.rollouts is not None:

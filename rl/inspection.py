@@ -23,31 +23,69 @@ from moetune.rl.policy_batch import PolicyBatch, stack_routes
 from moetune.rl.rollout import Rollout
 
 
-def engine_routes(rollouts: list[Rollout], batch: PolicyBatch | None) -> torch.Tensor | None:
-    """[num_moe_layers, B, L, top_k] experts the engine routed the batch's tokens to (-1: not
-    fed); None unless every rollout carries them."""
-    if batch is None or not rollouts or any(r.routed_experts is None for r in rollouts):
-        return None
-    return stack_routes(rollouts, batch.input_ids.shape[1])
-
-
-def trainer_routes(chosen: list[list[torch.Tensor]], parts: int, shape) -> torch.Tensor:
-    """The routers' own choices over the first `parts` forwards (the batch's micro-batches, in
-    row order; idle passes come after them) -> [num_moe_layers, B, L, top_k]."""
-    return torch.stack([torch.cat(layer[:parts]).view(*shape, -1) for layer in chosen])
+def overlap_sums(engine: torch.Tensor, trainer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """routes [num_moe_layers, B, L, top_k] -> (summed top-k overlap, tokens counted), both
+    [num_moe_layers, B], over the tokens the engine routed (its rows of -1 left out)."""
+    fed = (engine[..., 0] >= 0).float()
+    return (route_overlap(engine, trainer) * fed).sum(-1), fed.sum(-1)
 
 
 def router_agreement(
     engine: torch.Tensor, trainer: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """routes [num_moe_layers, B, L, top_k] -> (per layer [num_moe_layers], per sequence [B])
-    mean top-k overlap over the tokens the engine routed (its rows of -1 left out); a
-    sequence or layer without such tokens gets nan."""
-    fed = (engine[..., 0] >= 0).float()
-    overlap = route_overlap(engine, trainer).cpu() * fed
-    per_layer = overlap.sum((1, 2)) / fed.sum((1, 2))
-    per_row = overlap.sum((0, 2)) / fed.sum((0, 2))
-    return per_layer, per_row
+    mean top-k overlap over the tokens the engine routed; nan where there are none."""
+    sums, counts = overlap_sums(engine, trainer)
+    return sums.sum(1) / counts.sum(1), sums.sum(0) / counts.sum(0)
+
+
+class RouterAgreement:
+    """Router agreement of a batch of `rollouts`, added micro-batch by micro-batch (so no
+    batch-sized route tensors are held): `add(rows, chosen)` after each forward run inside
+    model.routing_replay.recording_choices. `of` gives None unless the engine reported the
+    routes of every rollout."""
+
+    def __init__(self, rollouts: list[Rollout]):
+        self.rollouts = rollouts
+        self.row_sums = torch.zeros(len(rollouts), dtype=torch.float64)
+        self.row_counts = torch.zeros(len(rollouts), dtype=torch.float64)
+        self.layer_sums: torch.Tensor | None = None
+        self.layer_counts: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, rollouts: list[Rollout]) -> RouterAgreement | None:
+        if not rollouts or any(r.routed_experts is None for r in rollouts):
+            return None
+        return cls(rollouts)
+
+    def add(self, rows: slice, chosen: list[list[torch.Tensor]], length: int) -> None:
+        """The routers' own choices of one forward of the batch's `rows` (padded to `length`
+        tokens): per MoE layer a list holding one [len(rows) * length, top_k] tensor."""
+        rollouts = self.rollouts[rows]
+        if not chosen or not all(chosen):
+            return
+        mine = torch.stack([torch.cat(layer) for layer in chosen])
+        engine = stack_routes(rollouts, length)
+        if mine.numel() != engine.numel():
+            return  # not this batch's forward (another layer count or top-k)
+        sums, counts = overlap_sums(engine.to(mine.device), mine.view_as(engine))
+        sums, counts = sums.double().cpu(), counts.double().cpu()
+        index = range(len(self.rollouts))[rows]
+        self.row_sums[index.start : index.stop] += sums.sum(0)
+        self.row_counts[index.start : index.stop] += counts.sum(0)
+        if self.layer_sums is None:
+            self.layer_sums, self.layer_counts = sums.sum(1), counts.sum(1)
+        else:
+            self.layer_sums += sums.sum(1)
+            self.layer_counts += counts.sum(1)
+
+    def per_row(self) -> list[float]:
+        return (self.row_sums / self.row_counts).tolist()  # nan: no routed token
+
+    def per_layer(self) -> list[float] | None:
+        if self.layer_sums is None:
+            return None
+        return (self.layer_sums / self.layer_counts).tolist()
 
 
 def logprob_gaps(
@@ -77,18 +115,13 @@ class Inspected:
         batch: PolicyBatch,
         trainer_logprobs: torch.Tensor,
         advantages: torch.Tensor,
-        routes: torch.Tensor | None,
-        chosen: list[list[torch.Tensor]] | None,
-        parts: int,
+        agreement: RouterAgreement | None = None,
     ) -> Inspected:
         mean, most = logprob_gaps(trainer_logprobs, batch.sampler_logprobs, batch.completion_mask)
         inspected = cls(advantages.tolist(), mean.tolist(), most.tolist())
-        if routes is not None and chosen is not None and all(chosen):
-            mine = trainer_routes(chosen, parts, batch.input_ids.shape)
-            if mine.shape == routes.shape:
-                per_layer, per_row = router_agreement(routes, mine)
-                inspected.router_agreement = per_row.tolist()
-                inspected.layer_agreement = per_layer.tolist()
+        if agreement is not None and agreement.per_layer() is not None:
+            inspected.router_agreement = agreement.per_row()
+            inspected.layer_agreement = agreement.per_layer()
         return inspected
 
     def metrics(self, layer_ids: list[int]) -> dict[str, float]:

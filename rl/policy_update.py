@@ -27,7 +27,7 @@ from moetune.model.routing_replay import recording_choices
 from moetune.rl import algorithms
 from moetune.rl.collector import Groups
 from moetune.rl.data_parallel import DataParallel
-from moetune.rl.inspection import Inspected, engine_routes
+from moetune.rl.inspection import Inspected, RouterAgreement
 from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,9 @@ class PolicyUpdater:
         batch = batch.to(device) if batch is not None else None
         parts = self.micro_batches(len(flat))
         metrics, stats, entropies, loss = {}, [], [], 0.0
-        routes = engine_routes(flat, batch)  # the engine's, where it reported them
+        agreement = RouterAgreement.of(flat)  # None: the engine reported no routes
         with torch.no_grad():
-            with recording_choices(self.model) if routes is not None else nullcontext() as chosen:
-                old = self.logprobs(policy, batch, parts)
+            old = self.logprobs(policy, batch, parts, agreement)
             reference = None
             if algorithm.beta > 0:
                 with adapters_disabled(self.model) if self.lora_spec else nullcontext():
@@ -91,8 +90,7 @@ class PolicyUpdater:
             metrics["mismatch_kl"] = algorithms.mismatch_kl(
                 old, batch.sampler_logprobs, batch.completion_mask
             )
-            real_parts = sum(part is not None for part in parts)
-            self.inspected = Inspected.of(batch, old, advantages, routes, chosen, real_parts)
+            self.inspected = Inspected.of(batch, old, advantages, agreement)
         for iteration in range(algorithm.mu):
             for part in parts:
                 if part is None:
@@ -147,18 +145,27 @@ class PolicyUpdater:
         return parts
 
     def logprobs(
-        self, model, batch: PolicyBatch | None, parts: list[slice | None]
+        self,
+        model,
+        batch: PolicyBatch | None,
+        parts: list[slice | None],
+        agreement: RouterAgreement | None = None,
     ) -> torch.Tensor | None:
-        """[B, L-1] token logprobs of the batch in eval mode, micro-batch by micro-batch."""
+        """[B, L-1] token logprobs of the batch in eval mode, micro-batch by micro-batch; each
+        forward's own routes (before any replay) added to `agreement` when given."""
         model.eval()
         found = []
         for part in parts:
             if part is None:
                 self.idle_pass(model)
-            else:
+                continue
+            recording = recording_choices(self.model) if agreement is not None else nullcontext()
+            with recording as chosen:
                 found.append(
                     token_logprobs(model, batch.rows(part), self.recipe.rollout.temperature)[0]
                 )
+            if agreement is not None:
+                agreement.add(part, chosen, batch.input_ids.shape[1])
         return torch.cat(found) if found else None
 
     def idle_pass(self, model, backward: bool = False) -> None:

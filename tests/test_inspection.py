@@ -18,8 +18,9 @@ from moetune.model.routing_replay import (
 from moetune.recipes.cli import main
 from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
-from moetune.rl.inspection import Inspected, engine_routes, router_agreement, spread
-from moetune.rl.policy_batch import build_batch, token_logprobs
+from moetune.rl.inspection import Inspected, RouterAgreement, router_agreement, spread
+from moetune.rl.policy_batch import build_batch, stack_routes, token_logprobs
+from moetune.rl.rollout import Rollout
 from moetune.rl.rollouts_file import cut
 from moetune.training.metrics_file import MetricsFile
 
@@ -83,10 +84,12 @@ def test_router_agreement_is_one_for_equal_float32_weights_over_micro_batches():
     model = tiny_model()
     rollouts = rollouts_of(model, [torch.randint(1, 128, (5,)).tolist() for _ in range(2)], n=2)
     batch = build_batch(rollouts, pad_id=0)
-    routes = engine_routes(rollouts, batch)
-    with torch.no_grad(), recording_choices(model) as chosen:
-        old = torch.cat([token_logprobs(model, batch.rows(slice(i, i + 2)))[0] for i in (0, 2)])
-    inspected = Inspected.of(batch, old, torch.zeros(4), routes, chosen, parts=2)
+    agreement, old = RouterAgreement.of(rollouts), []
+    for rows in (slice(0, 3), slice(3, 6)):  # as PolicyUpdater.logprobs: micro-batch by micro-batch
+        with torch.no_grad(), recording_choices(model) as chosen:
+            old.append(token_logprobs(model, batch.rows(rows))[0])
+        agreement.add(rows, chosen, batch.input_ids.shape[1])
+    inspected = Inspected.of(batch, torch.cat(old), torch.zeros(4), agreement)
     assert inspected.router_agreement == [1.0] * 4
     assert inspected.metrics([1, 2]) == {
         "router_agreement": 1.0,
@@ -94,7 +97,22 @@ def test_router_agreement_is_one_for_equal_float32_weights_over_micro_batches():
         "router_agreement/layer_2": 1.0,
     }
     assert max(inspected.logprob_gap_max) < 1e-4
-    assert Inspected.of(batch, old, torch.zeros(4), None, None, 2).metrics([1, 2]) == {}
+
+    # another router than the engine's: the micro-batch sums equal one full-batch computation
+    with torch.no_grad():
+        model.routers()[0].weight.add_(torch.randn_like(model.routers()[0].weight))
+    agreement = RouterAgreement.of(rollouts)
+    for rows in (slice(0, 2), slice(2, 4)):
+        with torch.no_grad(), recording_choices(model) as chosen:
+            token_logprobs(model, batch.rows(rows))
+        agreement.add(rows, chosen, batch.input_ids.shape[1])
+    engine = stack_routes(rollouts, batch.input_ids.shape[1])
+    per_layer, per_row = router_agreement(engine, own_routes(model, batch.input_ids))
+    assert per_layer[0] < 0.9 and per_layer[1] < 1.0
+    torch.testing.assert_close(torch.tensor(agreement.per_layer()), per_layer)
+    torch.testing.assert_close(torch.tensor(agreement.per_row()), per_row)
+    assert Inspected.of(batch, torch.cat(old), torch.zeros(4)).metrics([1, 2]) == {}
+    assert RouterAgreement.of([*rollouts, Rollout([1], [2], "", "stop", [0.0])]) is None
 
 
 def test_a_resumed_file_keeps_the_rows_up_to_the_step_and_drops_a_torn_line(tmp_path):

@@ -205,7 +205,7 @@ class GRPOTrainer:
                 return tokenizer.decode(ids, skip_special_tokens=False)
 
             rows = sample_records(step, groups, inspected, decode, version, staleness)
-            every = self.parallel.gather(rows)
+            every = self.parallel.gather_to_main(rows)
             if self.rollouts is not None:
                 self.rollouts.write_rows(spread(number_groups(every), keep))
         return metrics

@@ -329,7 +329,14 @@ class GRPOTrainingSection:
     logging_steps: int = 1
     save_steps: int = 50
     max_nonfinite_in_row: int = 3  # stop after this many skipped (NaN/inf) updates in a row
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # metrics.jsonl is always written; tensorboard: <output_dir>/runs; wandb: a W&B run
+    # (files in <output_dir>/wandb; WANDB_MODE=offline for no network)
+    report_to: list[Literal["tensorboard", "wandb", "jsonl", "none"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    # Each step's samples appended to <output_dir>/rollouts.jsonl (`moetune rollouts show`):
+    # true all, false none, an int N at most N a step (spread evenly over the step's samples)
+    log_rollouts: bool | int = True
     resume_from_checkpoint: bool | str = False
     disable_tqdm: bool = False
 

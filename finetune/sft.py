@@ -201,6 +201,8 @@ def sft_config(recipe: SFTRecipe, chat: bool) -> SFTConfig:
     has_eval = bool(data.eval_source or data.eval_fraction)
     fields = dict(vars(training))
     fields.pop("resume_from_checkpoint")
+    # metrics.jsonl is always written; transformers knows no `jsonl` integration
+    fields["report_to"] = [name for name in training.report_to if name != "jsonl"] or "none"
     return SFTConfig(
         **fields,
         eval_strategy="steps" if has_eval and training.eval_steps else "no",

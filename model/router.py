@@ -45,6 +45,9 @@ class Router(nn.Module):
         # this router's own choice (rows of -1: choose), and a list collecting each choice.
         self.replay: torch.Tensor | None = None
         self.recorded: list[torch.Tensor] | None = None
+        # A list collecting this router's own top-k before any replay overrides it (router
+        # agreement with a rollout engine: moetune.model.routing_replay.recording_choices).
+        self.own_choices: list[torch.Tensor] | None = None
 
     def reset_buffers(self) -> None:
         self.load.zero_()
@@ -83,6 +86,8 @@ class Router(nn.Module):
         scores = self.scores(x)
         with torch.no_grad():
             expert_ids = self.select(scores)
+            if self.own_choices is not None:
+                self.own_choices.append(expert_ids)
             if self.replay is not None:
                 expert_ids = self.replayed(expert_ids)
         if self.recorded is not None:

@@ -9,6 +9,10 @@ routing replay of Ma et al., 2025).
 Routes are int tensors [num_moe_layers, ..., top_k] over the decoder's MoE layers (the MTP
 modules are not replayed); -1 rows let the router choose (padding, tokens the sampler never
 fed back, such as the last one it sampled).
+
+Router agreement measures that mismatch without removing it: `recording_choices` collects
+the experts each router picks itself (before a replay overrides them), and `route_overlap`
+compares them with the sampler's, |engine set & trainer set| / top_k per token.
 """
 
 from __future__ import annotations
@@ -49,3 +53,27 @@ def replaying_routes(model, routes: torch.Tensor | None) -> Iterator[None]:
     finally:
         for router in routers:
             router.replay = None
+
+
+@contextmanager
+def recording_choices(model) -> Iterator[list[list[torch.Tensor]]]:
+    """Collect every forward's own top-k, before a replay overrides it: yields one list per
+    MoE layer of [tokens, top_k] tensors, in call order."""
+    routers = model.routers()
+    for router in routers:
+        router.own_choices = []
+    try:
+        yield [router.own_choices for router in routers]
+    finally:
+        for router in routers:
+            router.own_choices = None
+
+
+def route_overlap(engine: torch.Tensor, trainer: torch.Tensor) -> torch.Tensor:
+    """Per token, the share of the engine's top-k experts the trainer also chose:
+    |engine set & trainer set| / top_k for routes [..., top_k] (float32, same shape less
+    top_k). The ids of a token are distinct (a top-k); rows of the engine's with a -1 are
+    not meaningful (mask them)."""
+    engine, trainer = engine.long(), trainer.long().to(engine.device)
+    shared = (engine[..., :, None] == trainer[..., None, :]).any(-1).sum(-1)
+    return shared.float() / engine.shape[-1]

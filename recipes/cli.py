@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "moetune.rewards.cli",
     "moetune.recipes.evaluate",
     "moetune.rl.rollout_server",
+    "moetune.rl.rollouts_file",
 )
 
 

@@ -7,6 +7,7 @@ pool (`rollout`), one engine's process (`worker_process`, running `rollout_worke
 remote engine through `rollout_remote` / `rollout_server`), what a sync sends
 (`engine_weights`), and how it travels (`weight_files` on one host, `weight_group` over
 torch.distributed). The policy's training engines under each launcher (`policy_engine`),
-data-parallel collection (`data_parallel`), FP8 checkpoints for vLLM (`vllm_fp8`), and
-pass@k evaluation (`evaluation`, `pass_at_k`).
+data-parallel collection (`data_parallel`), FP8 checkpoints for vLLM (`vllm_fp8`), what a
+person inspects of each step (`inspection`: rollouts.jsonl and router agreement;
+`rollouts_file`: `moetune rollouts show`), and pass@k evaluation (`evaluation`, `pass_at_k`).
 """

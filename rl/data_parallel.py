@@ -94,6 +94,15 @@ class DataParallel:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def gather_to_main(self, value) -> list | None:
+        """Every rank's `value` (any picklable object), in rank order, on the main process
+        only (None elsewhere): per-sample logs need not reach every rank."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
     def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Metrics of all ranks: `*_max` the max, counts and throughputs summed, the rest
         averaged."""

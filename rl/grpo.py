@@ -12,6 +12,8 @@
      modules, which the policy loss never reaches, are frozen.
   4. `pool.sync` pushes the changed (LoRA-merged) tensors to the workers; native engines,
      which apply the adapters themselves, get the LoRA tensors alone.
+  5. inspection (rl.inspection): router agreement logged beside the expert load, and the
+     step's samples appended to rollouts.jsonl (`moetune rollouts show` reads them).
 Under `accelerate launch` every process does this on its share of the prompts.
 Checkpoints (rl.checkpoint) let a resumed run repeat the uninterrupted one.
 """
@@ -36,6 +38,7 @@ from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
 from moetune.rl.collector import Collector
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.engine_weights import adapter_tensors, sync_weights
+from moetune.rl.inspection import number_groups, sample_records, spread
 from moetune.rl.policy_engine import policy_engine
 from moetune.rl.policy_update import PolicyUpdater
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
@@ -44,6 +47,7 @@ from moetune.rl.rollout_remote import parse_address
 from moetune.training.expert_load import ExpertLoadHistory
 from moetune.training.metrics_file import MetricsFile
 from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
+from moetune.training.reporting import Reporters
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +155,15 @@ class GRPOTrainer:
         self.history = ExpertLoadHistory(
             [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
         )
+        # Weight versions (the last step whose update they hold) of the policy and of the
+        # rollout engines; `rollouts` is the main process's rollouts.jsonl (None: not logged).
+        self.policy_version = self.engine_version = 0
+        self.rollouts: MetricsFile | None = None
 
     def step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
         groups = self.collector.collect(step)
+        version, staleness = self.engine_version, self.policy_version - self.engine_version
         metrics = groups.metrics(time.perf_counter() - started)
         if not self.parallel.sum(len(groups.problems)):
             log.warning("step %d: every group's rewards agreed; nothing to learn from", step)
@@ -162,6 +171,8 @@ class GRPOTrainer:
             return self.parallel.mean_metrics(metrics)
         trained = time.perf_counter()
         metrics |= self.updater.update(groups)
+        self.policy_version = step
+        metrics |= self.inspect(step, groups, version, staleness)
         train_tokens = sum(
             len(r.prompt_ids) + len(r.completion_ids) for group in groups.rollouts for r in group
         )
@@ -171,6 +182,7 @@ class GRPOTrainer:
         metrics |= self.balance(step)
         metrics["sync_seconds"] = self.sync_rollout_weights(self.pool.weights)
         metrics["sync_megabytes"] = self.pool.synced_bytes / 2**20
+        self.engine_version = self.policy_version
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         metrics["skipped_updates"] = float(self.updater.skipped_updates)
@@ -185,6 +197,24 @@ class GRPOTrainer:
                 return self.pool.sync(adapter_tensors(model, trainable_only=previous is not None))
             changed = sync_weights(model, previous)
         return self.pool.sync(changed)
+
+    def inspect(self, step: int, groups, version: int, staleness: int) -> dict[str, float]:
+        """Router agreement of the update's first forward; the samples (every rank's) appended
+        to rollouts.jsonl by the main process, as `training.log_rollouts` says."""
+        inspected = self.updater.inspected
+        metrics = inspected.metrics(self.history.layer_ids) if inspected else {}
+        keep = self.recipe.training.log_rollouts
+        if keep is not False:
+            tokenizer = self.pool.tokenizer  # the prompt as the model saw it, special tokens too
+
+            def decode(ids):
+                return tokenizer.decode(ids, skip_special_tokens=False)
+
+            rows = sample_records(step, groups, inspected, decode, version, staleness)
+            every = self.parallel.gather_to_main(rows)
+            if self.rollouts is not None:
+                self.rollouts.write_rows(spread(number_groups(every), keep))
+        return metrics
 
     def balance(self, step: int) -> dict[str, float]:
         """Log the update's expert load; move the aux-free bias only if the router trains."""
@@ -292,13 +322,13 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             first = trainer.checkpointer.load(checkpoint) + 1
         if checkpoint is not None or remote:  # remote engines start from their own weights
             trainer.sync_rollout_weights(None)
+        trainer.policy_version = trainer.engine_version = first - 1
         main = parallel.is_main
-        metrics_file = (
-            MetricsFile(output / "metrics.jsonl", first - 1 if checkpoint else None)
-            if main
-            else None
-        )
-        writer = tensorboard_writer(recipe, output) if main else None
+        resumed = first - 1 if checkpoint else None
+        metrics_file = MetricsFile(output / "metrics.jsonl", resumed) if main else None
+        if main and recipe.training.log_rollouts is not False:
+            trainer.rollouts = MetricsFile(output / "rollouts.jsonl", resumed)
+        reporters = Reporters(recipe.training.report_to, output, recipe) if main else None
         trainable = sum(
             getattr(p, "ds_numel", p.numel()) for p in trainer.engine.parameters
         )  # ZeRO-3: a shard
@@ -323,21 +353,19 @@ def run_grpo(recipe: GRPORecipe) -> dict:
                 step % recipe.training.logging_steps == 0 or step == recipe.training.max_steps
             ):
                 metrics_file.write({"step": step, **metrics})
-                if writer:
-                    for name, value in metrics.items():
-                        writer.add_scalar(name, value, step)
+                reporters.log(metrics, step)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
             if step % recipe.training.save_steps == 0:
                 trainer.checkpointer.save(output / f"checkpoint-{step}", step)
         trainer.checkpointer.save_weights(output)
         if main:
-            if writer:
-                writer.close()
+            reporters.close()
             trainer.history.plot(output / "expert_load.png")
             print(
                 f"finished step {recipe.training.max_steps}: "
                 f"reward {metrics.get('reward_mean', 0):.3f}; "
-                f"{'adapter' if spec else 'model'}, metrics.jsonl and expert_load.png in {output}"
+                f"{'adapter' if spec else 'model'}, metrics.jsonl"
+                f"{', rollouts.jsonl' if trainer.rollouts else ''} and expert_load.png in {output}"
             )
         parallel.barrier()
     return {
@@ -364,11 +392,3 @@ def remote_engines(addresses: list[str], parallel: DataParallel) -> list[str] | 
             f"data-parallel processes; each process needs one of its own"
         )
     return parallel.shard(addresses)
-
-
-def tensorboard_writer(recipe: GRPORecipe, output: Path):
-    if "tensorboard" not in recipe.training.report_to:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(output / "runs"))

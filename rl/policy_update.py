@@ -7,7 +7,9 @@ reference (LoRA: the adapter-disabled base; full: a frozen copy). Its denominato
 whole batch's, over every micro-batch and data-parallel rank, so the summed gradient is that
 of one process holding every group (a rank left with no group contributes zeros). A NaN/inf
 loss or gradient skips the update; `max_nonfinite_in_row` of them in a row stop the run.
-`mismatch_kl` compares the trainer's logprobs of the sampled tokens with the sampler's.
+`mismatch_kl` compares the trainer's logprobs of the sampled tokens with the sampler's;
+`inspected` keeps, per sequence, what rl.inspection makes of them (advantage, logprob gap,
+router agreement: the routers' own top-k in that forward against the engine's routes).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 
 from moetune.config.schema import GRPORecipe
 from moetune.model.lora import adapters_disabled
+from moetune.model.routing_replay import recording_choices
 from moetune.rl import algorithms
 from moetune.rl.collector import Groups
 from moetune.rl.data_parallel import DataParallel
+from moetune.rl.inspection import Inspected, RouterAgreement
 from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ class PolicyUpdater:
         self.lora_spec, self.parallel, self.pad_id = lora_spec, parallel, pad_id
         self.nonfinite_in_row = 0
         self.skipped_updates = 0
+        self.inspected: Inspected | None = None  # the last update's, per sequence
 
     def update(self, groups: Groups) -> dict[str, float]:
         """mu optimizer steps on this rank's groups; the update's metrics (loss: the whole
@@ -56,6 +61,7 @@ class PolicyUpdater:
         algorithm, rollout = self.recipe.algorithm, self.recipe.rollout
         policy = self.engine.policy
         flat = [r for group in groups.rollouts for r in group]
+        self.inspected = None
         batch = (
             build_batch(flat, self.pad_id, with_routes=algorithm.routing_replay) if flat else None
         )
@@ -68,8 +74,9 @@ class PolicyUpdater:
         batch = batch.to(device) if batch is not None else None
         parts = self.micro_batches(len(flat))
         metrics, stats, entropies, loss = {}, [], [], 0.0
+        agreement = RouterAgreement.of(flat)  # None: the engine reported no routes
         with torch.no_grad():
-            old = self.logprobs(policy, batch, parts)
+            old = self.logprobs(policy, batch, parts, agreement)
             reference = None
             if algorithm.beta > 0:
                 with adapters_disabled(self.model) if self.lora_spec else nullcontext():
@@ -83,6 +90,7 @@ class PolicyUpdater:
             metrics["mismatch_kl"] = algorithms.mismatch_kl(
                 old, batch.sampler_logprobs, batch.completion_mask
             )
+            self.inspected = Inspected.of(batch, old, advantages, agreement)
         for iteration in range(algorithm.mu):
             for part in parts:
                 if part is None:
@@ -143,18 +151,27 @@ class PolicyUpdater:
         return parts
 
     def logprobs(
-        self, model, batch: PolicyBatch | None, parts: list[slice | None]
+        self,
+        model,
+        batch: PolicyBatch | None,
+        parts: list[slice | None],
+        agreement: RouterAgreement | None = None,
     ) -> torch.Tensor | None:
-        """[B, L-1] token logprobs of the batch in eval mode, micro-batch by micro-batch."""
+        """[B, L-1] token logprobs of the batch in eval mode, micro-batch by micro-batch; each
+        forward's own routes (before any replay) added to `agreement` when given."""
         model.eval()
         found = []
         for part in parts:
             if part is None:
                 self.idle_pass(model)
-            else:
+                continue
+            recording = recording_choices(self.model) if agreement is not None else nullcontext()
+            with recording as chosen:
                 found.append(
                     token_logprobs(model, batch.rows(part), self.recipe.rollout.temperature)[0]
                 )
+            if agreement is not None:
+                agreement.add(part, chosen, batch.input_ids.shape[1])
         return torch.cat(found) if found else None
 
     def idle_pass(self, model, backward: bool = False) -> None:

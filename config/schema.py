@@ -228,10 +228,15 @@ class RolloutSection:
     max_new_tokens: int = 64
     max_model_len: int = 256
     timeout_s: float = 300.0  # a worker silent this long is restarted
+    sync_bucket_mb: float = 512  # the most a weight sync sends to an engine at once
     # host:port of `moetune rollout serve` engines used instead of local workers (backend,
     # workers, tensor_parallel_size, dtype are then the servers'); key: $MOETUNE_ROLLOUT_KEY.
     # Data-parallel process r of R uses remote[r::R]: at least one engine each, none shared.
     remote: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.sync_bucket_mb <= 0:
+            raise ValueError(f"sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
 
 
 # The epsilons a loss uses when the recipe leaves epsilon_low / epsilon_high unset: DAPO's

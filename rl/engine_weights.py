@@ -1,100 +1,172 @@
-"""The weights a rollout engine serves, read from the policy being trained.
+"""The weights a rollout engine serves, read from the policy being trained, block by block.
 
-`merged_tensors(model)` yields every decoder tensor under its HF name as an engine loads it:
-LoRA folded in (W + s B A; routed experts per selected expert), FP8 weights dequantised.
-`sync_weights(model, previous)` keeps those that changed since `previous` (the pool's copy of
-what it synced), the payload of `RolloutPool.sync`. Engines that apply adapters themselves
-(the native engine) are sent `adapter_tensors(model)` instead: the LoRA tensors alone.
+`weight_stream(model)` yields (HF name, tensor) for every tensor of the decoder as an engine
+loads it: LoRA folded in (W + s B A; routed experts per selected expert), FP8 weights
+dequantised. It walks the model one block at a time (the embedding, each decoder layer, the
+norm, the head), so a model sharded by ZeRO-3, FSDP2 or expert parallelism is gathered one
+block at a time (moetune.model.gathering) and no rank holds more than a block beyond its
+own shards. Sharded, it is collective: every rank iterates it in step.
+
+`trained_only=True` keeps what an optimizer step can have changed, known without a copy of
+the old weights: tensors computed from a trainable parameter (a trained weight, a LoRA base
+with its adapter, a routed expert with its adapter) and the aux-free bias of a router whose
+weight trains. Under LoRA the frozen base is never in it.
+
+`adapter_stream(model)` yields the LoRA tensors alone, for engines that apply the adapters
+themselves (the native engine).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 from moetune.kernels import dequantize_weight
-from moetune.model.checkpoint import checkpoint_layout, slot_tensor
-from moetune.model.fp8 import FrozenFP8Linear, dense_weight
+from moetune.model.checkpoint import Slot, checkpoint_layout, slot_tensor
+from moetune.model.fp8 import FrozenFP8Linear
+from moetune.model.gathering import gathered, whole
 
 ADAPTER_TENSOR = re.compile(r"\.lora_[AB]\.|\.lora\.")
 EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+BLOCK = re.compile(r"model\.(layers|mtp)\.\d+")
+LORA_BASE = ".base_layer.weight"
+
+Values = Callable[[str], torch.Tensor]  # state-dict name -> its whole tensor
 
 
-@torch.no_grad()
-def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every tensor of the decoder as an engine loads it: LoRA folded in
-    (W + s B A; for routed experts, per selected expert), FP8 weights dequantised to their
-    compute dtype. MTP modules (not used for generation) and FP8 scales are left out. The
-    model is not modified; unchanged tensors are views of it."""
+def weight_stream(model, trained_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every decoder tensor as an engine loads it, block by block (MTP
+    modules, not used for generation, and FP8 scales left out); `trained_only`: those an
+    optimizer step can have changed. Tensors are valid until the next one is asked for."""
     modules = dict(model.named_modules())
-    params = model.state_dict()
+    trained = trained_names(model) if trained_only else None
+
+    def wanted(name: str, slot: Slot) -> bool:
+        if slot.param.startswith("model.mtp.") or name.endswith("_scale_inv"):
+            return False
+        if ADAPTER_TENSOR.search(slot.param):
+            return False
+        return trained is None or bool(sources(name, slot, modules) & trained)
+
+    for block, entries in blocks(model, wanted):
+        with block_values(model, modules[block]) as value:
+            for name, slot in entries:  # a LoRA base goes out merged, under its own name
+                yield name.replace(".base_layer", ""), engine_tensor(name, slot, value, modules)
+
+
+def adapter_stream(model, trained_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every LoRA tensor (each adapted linear's lora_A/lora_B, each
+    routed-expert adapter's stacked A and B; MTP modules' included), block by block;
+    `trained_only`: the trainable ones."""
+    trained = trained_names(model) if trained_only else None
+    modules = dict(model.named_modules())
+
+    def wanted(name: str, slot: Slot) -> bool:
+        return bool(ADAPTER_TENSOR.search(slot.param)) and (
+            trained is None or slot.param in trained
+        )
+
+    for block, entries in blocks(model, wanted):
+        with block_values(model, modules[block]) as value:
+            for name, slot in entries:
+                yield name, slot_tensor({slot.param: value(slot.param)}, slot)
+
+
+def blocks(model, wanted) -> list[tuple[str, list[tuple[str, Slot]]]]:
+    """The `wanted(name, slot)` checkpoint entries grouped by the block (module name) that
+    holds them, in checkpoint order; blocks with none are left out."""
+    grouped: dict[str, list[tuple[str, Slot]]] = {}
     for name, slot in checkpoint_layout(model, model.config).items():
-        if (
-            slot.param.startswith("model.mtp.")
-            or name.endswith("_scale_inv")
-            or ADAPTER_TENSOR.search(slot.param)
-        ):
-            continue
-        owner = modules[slot.param.rpartition(".")[0]]
-        if name.endswith(".base_layer.weight"):  # a LoraLinear's base: W + s B A
-            lora_linear = modules[slot.param.removesuffix(".base_layer.weight")]
-            yield name.replace(".base_layer", ""), lora_linear.dense_weight()
-        elif isinstance(owner, FrozenFP8Linear):
-            yield name, dense_weight(owner)
-        elif match := EXPERT_WEIGHT.search(name):
-            yield name, expert_weight(owner, slot_tensor(params, slot), int(match[1]), match[2])
-        else:
-            yield name, slot_tensor(params, slot)
+        if wanted(name, slot):
+            match = BLOCK.match(slot.param)
+            block = match[0] if match else slot.param.rpartition(".")[0]
+            grouped.setdefault(block, []).append((name, slot))
+    return list(grouped.items())
 
 
-def adapter_tensors(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """HF name -> every LoRA tensor of `model` (each adapted linear's lora_A/lora_B, each
-    routed-expert adapter's stacked gate/up/down A and B; MTP modules' included), or only
-    those that train (`trainable_only`: what an optimizer step can have changed): what an
-    engine holding the same frozen base and adapters needs. Views of the model;
-    `RolloutPool.sync` copies them."""
-    params = model.state_dict()
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {
-        name: slot_tensor(params, slot)
-        for name, slot in checkpoint_layout(model, model.config).items()
-        if ADAPTER_TENSOR.search(slot.param) and (not trainable_only or slot.param in trainable)
-    }
+@contextmanager
+def block_values(model, block: torch.nn.Module) -> Iterator[Values]:
+    """Within the block, value(state-dict name) is that tensor of `block` whole, gathered
+    once per name (moetune.model.gathering; collective when the model is sharded)."""
+    cache: dict[str, torch.Tensor] = {}
+    with gathered(model, list(block.modules())):
+        tensors = model.state_dict(keep_vars=True)
+
+        def value(name: str) -> torch.Tensor:
+            if name not in cache:
+                cache[name] = whole(tensors[name]).detach()
+            return cache[name]
+
+        yield value
 
 
-def expert_weight(experts, weight: torch.Tensor, expert: int, proj: str) -> torch.Tensor:
-    """Routed expert `expert`'s `proj` ("gate", "up", "down") weight [out, in], dequantised if
-    FP8, with its adapter folded in if it has one."""
+def trained_names(model) -> set[str]:
+    """State-dict names an optimizer step can change: the trainable parameters, and the
+    aux-free bias of every router whose weight trains."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    routers = [n.removesuffix("weight") for n in names if n.endswith(".gate.weight")]
+    return names | {f"{router}e_score_correction_bias" for router in routers}
+
+
+def sources(name: str, slot: Slot, modules: dict) -> set[str]:
+    """The state-dict names an engine tensor is computed from (its adapter's included)."""
+    if name.endswith(LORA_BASE):
+        prefix = slot.param.removesuffix(LORA_BASE)
+        return {slot.param, f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"}
+    owner_name = slot.param.rpartition(".")[0]
+    match = EXPERT_WEIGHT.search(name)
+    lora = getattr(modules[owner_name], "lora", None) if match else None
+    if lora is None or int(match[1]) not in lora.expert_ids.tolist():
+        return {slot.param}
+    proj = match[2]
+    return {slot.param, f"{owner_name}.lora.{proj}_A", f"{owner_name}.lora.{proj}_B"}
+
+
+def engine_tensor(name: str, slot: Slot, value: Values, modules: dict) -> torch.Tensor:
+    """The tensor `name` as the engine loads it, from the block's whole tensors."""
+    if name.endswith(LORA_BASE):  # a LoraLinear's base: W + s B A
+        prefix = slot.param.removesuffix(LORA_BASE)
+        lora_b, lora_a = value(f"{prefix}.lora_B.weight"), value(f"{prefix}.lora_A.weight")
+        base = linear_weight(f"{prefix}.base_layer", value, modules, lora_b.dtype)
+        return base + modules[prefix].scaling * (lora_b @ lora_a)
+    owner_name = slot.param.rpartition(".")[0]
+    if isinstance(modules[owner_name], FrozenFP8Linear):
+        return linear_weight(owner_name, value, modules, None)
+    if match := EXPERT_WEIGHT.search(name):
+        return expert_weight(owner_name, slot, int(match[1]), match[2], value, modules)
+    return slot_tensor({slot.param: value(slot.param)}, slot)
+
+
+def linear_weight(path: str, value: Values, modules: dict, dtype) -> torch.Tensor:
+    """A linear's dense weight: FrozenFP8Linear dequantised to its compute dtype (or `dtype`)."""
+    linear = modules[path]
+    if isinstance(linear, FrozenFP8Linear):
+        weight, scale = value(f"{path}.weight"), value(f"{path}.weight_scale_inv")
+        return dequantize_weight(weight, scale, dtype=dtype or linear.compute_dtype)
+    weight = value(f"{path}.weight")
+    return weight if dtype is None else weight.to(dtype)
+
+
+def expert_weight(
+    owner_name: str, slot: Slot, expert: int, proj: str, value: Values, modules: dict
+) -> torch.Tensor:
+    """Routed expert `expert`'s `proj` weight [out, in], dequantised if FP8, with its adapter
+    folded in if it has one."""
+    experts = modules[owner_name]
+    weight = slot_tensor({slot.param: value(slot.param)}, slot)
     if weight.dtype == torch.float8_e4m3fn:
-        scale = getattr(experts, f"{proj}_proj_scale_inv")[expert]
+        scale = value(f"{owner_name}.{proj}_proj_scale_inv")[expert]
         weight = dequantize_weight(weight, scale, dtype=experts.compute_dtype)
     lora = experts.lora
     selected = [] if lora is None else lora.expert_ids.tolist()
     if expert not in selected:
         return weight
-    slot = selected.index(expert)
-    return weight + lora.scaling * (
-        getattr(lora, f"{proj}_B")[slot] @ getattr(lora, f"{proj}_A")[slot]
+    i = selected.index(expert)
+    lora_b, lora_a = (
+        value(f"{owner_name}.lora.{proj}_B")[i],
+        value(f"{owner_name}.lora.{proj}_A")[i],
     )
-
-
-@torch.no_grad()
-def sync_weights(model, previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors to push after an optimizer step: HF name -> contiguous CPU copy of each
-    `merged_tensors` entry that differs from `previous` (all of them when it is None; a name
-    missing from it counts as changed).
-    Typical use: `pool.sync(sync_weights(model, pool.weights))`."""
-    changed = {}
-    for name, tensor in merged_tensors(model):
-        current = tensor.detach().to("cpu")
-        old = None if previous is None else previous.get(name)
-        if (
-            old is None
-            or old.dtype != current.dtype
-            or old.shape != current.shape
-            or not torch.equal(old, current)
-        ):
-            changed[name] = torch.clone(current, memory_format=torch.contiguous_format)
-    return changed
+    return weight + lora.scaling * (lora_b @ lora_a)

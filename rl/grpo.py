@@ -10,8 +10,9 @@
   3. MoE care: the router is frozen unless `algorithm.update_router` (then the aux-free bias
      moves too); the expert load of the update's forwards is logged per layer (CV). The MTP
      modules, which the policy loss never reaches, are frozen.
-  4. `pool.sync` pushes the changed (LoRA-merged) tensors to the workers; native engines,
-     which apply the adapters themselves, get the LoRA tensors alone.
+  4. `pool.sync` streams the tensors the step changed (LoRA merged) to the workers, one
+     block gathered at a time; native engines, which apply the adapters themselves, get
+     the LoRA tensors alone.
   5. inspection (rl.inspection): router agreement logged beside the expert load, and the
      step's samples appended to rollouts.jsonl (`moetune rollouts show` reads them).
 Under `accelerate launch` every process does this on its share of the prompts.
@@ -37,12 +38,12 @@ from moetune.model.moe import MoE
 from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
 from moetune.rl.collector import Collector
 from moetune.rl.data_parallel import DataParallel
-from moetune.rl.engine_weights import adapter_tensors, sync_weights
+from moetune.rl.engine_weights import adapter_stream, weight_stream
 from moetune.rl.inspection import number_groups, sample_records, spread
 from moetune.rl.policy_engine import policy_engine
 from moetune.rl.policy_update import PolicyUpdater
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
-from moetune.rl.rollout import RolloutPool
+from moetune.rl.rollout import EnginesNeedWeights, RolloutPool
 from moetune.rl.rollout_remote import parse_address
 from moetune.training.expert_load import ExpertLoadHistory
 from moetune.training.metrics_file import MetricsFile
@@ -159,10 +160,14 @@ class GRPOTrainer:
         # rollout engines; `rollouts` is the main process's rollouts.jsonl (None: not logged).
         self.policy_version = self.engine_version = 0
         self.rollouts: MetricsFile | None = None
+        # A restarted engine is streamed the current weights on the spot where this rank holds
+        # them whole; under ZeRO-3 / FSDP2 every rank streams them together (`with_engines`).
+        if pool is not None and self.engine.holds_full_weights:
+            pool.weight_source = lambda: self.weight_stream(everything=True)
 
     def step(self, step: int) -> dict[str, float]:
         started = time.perf_counter()
-        groups = self.collector.collect(step)
+        groups = self.with_engines(lambda: self.collector.collect(step))
         version, staleness = self.engine_version, self.policy_version - self.engine_version
         metrics = groups.metrics(time.perf_counter() - started)
         if not self.parallel.sum(len(groups.problems)):
@@ -180,7 +185,7 @@ class GRPOTrainer:
             train_tokens * self.recipe.algorithm.mu / max(time.perf_counter() - trained, 1e-9)
         )
         metrics |= self.balance(step)
-        metrics["sync_seconds"] = self.sync_rollout_weights(self.pool.weights)
+        metrics["sync_seconds"] = self.sync_rollout_weights()
         metrics["sync_megabytes"] = self.pool.synced_bytes / 2**20
         self.engine_version = self.policy_version
         metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -188,15 +193,41 @@ class GRPOTrainer:
         metrics["skipped_updates"] = float(self.updater.skipped_updates)
         return self.parallel.mean_metrics(metrics)
 
-    def sync_rollout_weights(self, previous: dict | None) -> float:
-        """Push the tensors changed since `previous` (all: None) to this rank's engines; to
-        engines that apply the LoRA adapters themselves, the adapters alone (after a step,
-        the trained ones: the MTP modules' stay frozen)."""
-        with self.engine.full_weights() as model:
-            if self.pool.adapter is not None:
-                return self.pool.sync(adapter_tensors(model, trainable_only=previous is not None))
-            changed = sync_weights(model, previous)
-        return self.pool.sync(changed)
+    def weight_stream(self, everything: bool):
+        """What the engines load (moetune.rl.engine_weights), block by block: the tensors an
+        optimizer step can change, or `everything`; to engines that apply the LoRA adapters
+        themselves, the adapters alone. Sharded (ZeRO-3, FSDP2): every rank reads it."""
+        stream = adapter_stream if self.pool.adapter is not None else weight_stream
+        return stream(self.model, trained_only=not everything)
+
+    def sync_rollout_weights(self, everything: bool = False) -> float:
+        """Stream the tensors the step changed (`everything`: all) to this rank's engines;
+        seconds. Every rank calls it."""
+        seconds = self.pool.sync(self.weight_stream(everything))
+        self.resync_stale()
+        return seconds
+
+    def with_engines(self, request):
+        """request() on this rank's engines. Without a weight source (sharded policy), an
+        engine restarted meanwhile is streamed the current weights by every rank together,
+        and request runs again on the ranks where it failed. Every rank calls it."""
+        if self.pool.weight_source is not None:
+            return request()
+        result, done = None, False
+        while True:
+            if not done:
+                try:
+                    result, done = request(), True
+                except EnginesNeedWeights:
+                    pass
+            if not self.parallel.max(float(not done)):
+                return result
+            self.pool.sync(self.weight_stream(everything=True), stale_only=True)
+
+    def resync_stale(self) -> None:
+        """Give engines restarted during a sync the whole weights (every rank together)."""
+        if self.pool.weight_source is None and self.parallel.max(float(self.pool.stale)):
+            self.pool.sync(self.weight_stream(everything=True), stale_only=True)
 
     def inspect(self, step: int, groups, version: int, staleness: int) -> dict[str, float]:
         """Router agreement of the update's first forward; the samples (every rank's) appended
@@ -232,8 +263,10 @@ class GRPOTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """Greedy accuracy on the held-out problems, through the rollout engines."""
         problems, collector = self.eval_problems, self.collector
-        groups = self.pool.generate(
-            collector.encode(problems), 1, collector.sampling(0, 0, greedy=True)
+        groups = self.with_engines(
+            lambda: self.pool.generate(
+                collector.encode(problems), 1, collector.sampling(0, 0, greedy=True)
+            )
         )
         totals, _, _ = collector.rewards(problems, groups, step)
         threshold = self.recipe.eval.pass_threshold
@@ -308,6 +341,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         return_routed_experts=recipe.algorithm.routing_replay,
         remote=remote,
         adapter=spec,
+        sync_bucket_mb=rollout.sync_bucket_mb,
     )
     with pool:
         trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool, parallel)
@@ -321,7 +355,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         if checkpoint is not None:
             first = trainer.checkpointer.load(checkpoint) + 1
         if checkpoint is not None or remote:  # remote engines start from their own weights
-            trainer.sync_rollout_weights(None)
+            trainer.sync_rollout_weights(everything=True)
         trainer.policy_version = trainer.engine_version = first - 1
         main = parallel.is_main
         resumed = first - 1 if checkpoint else None

@@ -16,8 +16,10 @@ The trainer asks the same of all three. Its micro-batch losses are normalised by
 batch's denominators (rl.algorithms.policy_loss), so `backward` gives gradients whose sum over
 micro-batches and ranks is the whole batch's; `step` clips, updates and returns the gradient
 norm (nan: the update was skipped); `with full_weights() as model` gives a model with the full
-weights for a weight sync or a save (every rank must enter it); `save`/`load` write and
-restore the optimizer state (sharded: and the weights) inside a checkpoint folder.
+weights for a save (every rank must enter it); `holds_full_weights` says whether this rank
+holds every weight whole (a weight stream it can read alone, moetune.rl.engine_weights);
+`save`/`load` write and restore the optimizer state (sharded: and the weights) inside a
+checkpoint folder.
 
 Sharded, every rank must run the same number of forwards and backwards (parameters are
 gathered and gradients reduced collectively), so `lockstep` tells the trainer to pad a rank
@@ -67,6 +69,7 @@ class ReplicatedEngine:
 
     lockstep = False
     checkpoint_holds_weights = False  # `save` writes the optimizer state only
+    holds_full_weights = True
 
     def __init__(
         self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel
@@ -116,6 +119,7 @@ class DeepSpeedZeroEngine:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.zero = zero_config()
         self.stage = int(self.zero.get("stage", 0))
+        self.holds_full_weights = self.stage < 3  # ZeRO-3 partitions the parameters
         if self.stage not in (2, 3):
             raise RecipeError(
                 f"accelerate config: DeepSpeed zero_stage {self.stage}: GRPO trains "
@@ -208,6 +212,7 @@ class FSDP2Engine:
 
     lockstep = True
     checkpoint_holds_weights = True
+    holds_full_weights = False
 
     def __init__(
         self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel

@@ -7,22 +7,27 @@ where vLLM is absent, moetune's own `generate` (`backend="native"`). `generate` 
 prompts across the workers and returns, per sample, the token ids, text, finish reason and
 the sampler's logprob of every completion token.
 
-After each optimizer step `pool.sync(sync_weights(model, pool.weights))` pushes the tensors
-that changed (LoRA merged: moetune.rl.engine_weights) to every worker (moetune.rl.weight_files
-locally); `probe_mismatch_kl` then checks that the workers' logprobs on a fixed probe match
-the trainer's. A pool given the trainer's LoRA spec (`adapter=`) whose engines are all native
-has them attach the same adapters: `pool.sync(adapter_tensors(model))` then sends the
-adapters alone, never the frozen base.
+After each optimizer step `pool.sync(weight_stream(model, trained_only=True))` streams the
+tensors a step can change (LoRA merged: moetune.rl.engine_weights) to every worker, in
+buckets of at most `sync_bucket_mb`, each over the worker's own torch.distributed group with
+the pool (moetune.rl.weight_group: gloo over loopback for local workers); the pool keeps no
+copy. `probe_mismatch_kl` then checks that the workers' logprobs on a fixed probe match the
+trainer's. A pool given the trainer's LoRA spec (`adapter=`) whose engines are all native has
+them attach the same adapters: `pool.sync(adapter_stream(model, trained_only=True))` then
+sends the adapters alone, never the frozen base.
 
-A worker that dies, or does not answer within `timeout_s`, is killed and restarted with the
-weights synced so far, and its request is sent again (at most `max_retries` times; then a
-RuntimeError names the worker and what happened).
+A worker that dies, or does not answer within `timeout_s`, is killed and restarted, and its
+request is sent again (at most `max_retries` times; then a RuntimeError names the worker and
+what happened). A restarted engine starts from `model_dir`'s weights and is streamed the
+current ones from `pool.weight_source` (a function the trainer sets), or, without one, after
+a sync, raises EnginesNeedWeights: a trainer whose weights are sharded (ZeRO-3, FSDP2) then
+streams them collectively (`sync(..., stale_only=True)`) and asks again.
 
 `RolloutPool(model_dir, remote=["host:port", ...])` uses engines served elsewhere by
 `moetune rollout serve` (moetune.rl.rollout_remote) instead: the same requests over TCP, the
 weights over a torch.distributed group per engine. A remote engine that drops or falls
-silent is reconnected and given every weight synced so far if it is back within
-`start_timeout_s`; else a RuntimeError names its address.
+silent is reconnected and restored the same way if it is back within `start_timeout_s`;
+else a RuntimeError names its address.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import logging
 import os
 import time
 import weakref
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -46,7 +51,6 @@ from moetune.rl import weight_group
 from moetune.rl.algorithms import mismatch_kl
 from moetune.rl.rollout_remote import RemoteWorker, authkey_from_environment
 from moetune.rl.rollout_worker import EngineSpec, WorkerFailure, completion_logprobs
-from moetune.rl.weight_files import WeightFiles
 from moetune.rl.worker_process import WorkerProcess, visible_devices
 
 logger = logging.getLogger(__name__)
@@ -95,11 +99,15 @@ class Rollout:
     routed_experts: torch.Tensor | None = field(default=None, compare=False)
 
 
-def release(workers: list[WorkerProcess | RemoteWorker], files: WeightFiles) -> None:
-    """Kill the workers and remove the pool's weight files (a pool dropped unclosed)."""
+class EnginesNeedWeights(RuntimeError):
+    """A restarted engine has its checkpoint's weights, and the pool has no `weight_source`
+    to stream the current ones: sync them with `stale_only=True`, then ask again."""
+
+
+def release(workers: list[WorkerProcess | RemoteWorker]) -> None:
+    """Kill the workers (a pool dropped unclosed)."""
     for worker in workers:
         worker.kill()
-    files.remove()
 
 
 class RolloutPool:
@@ -116,11 +124,12 @@ class RolloutPool:
 
     adapter: the trainer's LoRA spec. Native engines (local, or remote ones that all report
     the native backend) attach these adapters, and `self.adapter` keeps it: sync them
-    `adapter_tensors(model)`. vLLM engines keep merged weights (`self.adapter` None).
+    `adapter_stream(model)`. vLLM engines keep merged weights (`self.adapter` None).
 
-    `weights` holds every tensor synced so far (HF name -> CPU copy): what a restarted
-    worker is given, and the natural `previous` for `sync_weights`. `restarts` counts restarts;
-    `synced_bytes` is the size of the last sync's tensors.
+    sync_bucket_mb: the most a sync sends at once (one bucket per worker at a time).
+    `weight_source`: None, or a function streaming every current weight (as `sync` takes
+    them) for a restarted engine. `restarts` counts restarts; `synced_bytes` is the size of
+    the last sync.
     """
 
     def __init__(
@@ -140,6 +149,7 @@ class RolloutPool:
         remote: list[str] | None = None,
         authkey: bytes | None = None,
         adapter: LoraSpec | None = None,
+        sync_bucket_mb: float = 512,
     ):
         from tokenizers import Tokenizer
 
@@ -173,14 +183,20 @@ class RolloutPool:
             start_timeout_s,
             max_retries,
         )
-        self.weights: dict[str, torch.Tensor] = {}
+        if sync_bucket_mb <= 0:
+            raise ValueError(f"sync_bucket_mb must be > 0, not {sync_bucket_mb}")
+        self.bucket_bytes = int(sync_bucket_mb * 2**20)
+        self.weight_source: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
         self.restarts, self.synced_bytes = 0, 0
         self.adapter = adapter if backend == "native" else None  # remote: once connected
+        self._synced = False  # the engines hold weights other than model_dir's
+        self._stale: set[int] = set()  # restarted engines still on model_dir's weights
+        self._store = weight_group.open_store(timeout_s)
         if remote:
             key = authkey or authkey_from_environment()
-            store = weight_group.open_store(timeout_s)
             self._workers = [
-                RemoteWorker(i, address, key, store, timeout_s) for i, address in enumerate(remote)
+                RemoteWorker(i, address, key, self._store, timeout_s)
+                for i, address in enumerate(remote)
             ]
         else:
             self._workers = [
@@ -201,8 +217,7 @@ class RolloutPool:
                 )
                 for i in range(workers)
             ]
-        self._files = WeightFiles()
-        self._finalizer = weakref.finalize(self, release, self._workers, self._files)
+        self._finalizer = weakref.finalize(self, release, self._workers)
         try:
             if remote:
                 for worker in self._workers:
@@ -213,12 +228,17 @@ class RolloutPool:
                         self._ask(worker, ("attach_adapter", adapter), "attaching the adapters")
             else:
                 for worker in self._workers:
-                    worker.start(restore=None)
+                    worker.start()
                 for worker in self._workers:
                     self._wait_ready(worker)
         except BaseException:
             self.close()
             raise
+
+    @property
+    def stale(self) -> bool:
+        """Some engine restarted without a weight source: `sync(full stream, stale_only=True)`."""
+        return bool(self._stale)
 
     @property
     def pids(self) -> list[int | None]:
@@ -287,28 +307,39 @@ class RolloutPool:
             lambda idx: ("score", [prompt_ids[i] for i in idx], [completion_ids[i] for i in idx]),
         )
 
-    def sync(self, weights: dict[str, torch.Tensor]) -> float:
-        """Push HF-named tensors (e.g. from `sync_weights`) to every worker, keeping CPU copies
-        in `weights`; returns seconds. They travel as one safetensors file in /dev/shm to local
-        workers (moetune.rl.weight_files), over each one's weight group (moetune.rl.weight_group)
-        to remote engines."""
+    def sync(
+        self,
+        tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        stale_only: bool = False,
+    ) -> float:
+        """Send HF-named tensors (a dict, or a stream such as `weight_stream(model)`, read as
+        it goes) to every worker in buckets of at most `sync_bucket_mb`; returns seconds.
+        `stale_only`: a full stream for the `stale` engines only. The stream is read to its
+        end whatever happens (a sharded model gathers in step on every rank): an engine
+        restarted meanwhile without a weight source is left `stale`, not raised about."""
         start = time.perf_counter()
-        tensors = {
-            name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()
-        }
-        self.weights.update(tensors)  # first: a worker restarted during the sync gets them too
-        if tensors and self.backend == "remote":
-            self._run({i: ("receive", tensors) for i in range(len(self._workers))})
-        elif tensors:
-            with self._files.written(tensors, "sync") as path:
-                self._run({i: ("update", path) for i in range(len(self._workers))})
+        targets = set(self._stale) if stale_only else set(range(len(self._workers)))
+        if stale_only:
+            self._stale.clear()
+        pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+        count = size = 0
+        for bucket in weight_group.buckets(pairs, self.bucket_bytes):
+            while True:  # each EnginesNeedWeights adds to self._stale: this ends
+                try:
+                    self._run({w: ("receive", bucket) for w in sorted(targets - self._stale)})
+                    break
+                except EnginesNeedWeights:
+                    continue  # a full stream follows for the stale; the rest get this bucket
+            count += len(bucket.specs)
+            size += bucket.nbytes
+        self._synced = self._synced or bool(count)
         seconds = time.perf_counter() - start
-        self.synced_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.synced_bytes = size
         logger.info(
             "synced %d tensors (%.1f MB) to %d workers in %.3f s",
-            len(tensors),
-            self.synced_bytes / 2**20,
-            len(self._workers),
+            count,
+            size / 2**20,
+            len(targets),
             seconds,
         )
         return seconds
@@ -316,7 +347,6 @@ class RolloutPool:
     def close(self) -> None:
         for worker in self._workers:
             worker.stop()
-        self._files.remove()
         self._finalizer.detach()
 
     def __enter__(self) -> Self:
@@ -385,30 +415,51 @@ class RolloutPool:
 
     def _restart(self, w: int) -> None:
         """Restart a local worker; reconnect to a remote one (whose server may itself have
-        restarted). Either way it gets every weight synced so far."""
+        restarted). Either way it then gets the current weights (`_restore`)."""
         start = time.perf_counter()
         worker = self._workers[w]
         worker.kill()
         if isinstance(worker, RemoteWorker):
             self._connect(worker)
         else:
-            with (
-                self._files.written(self.weights, f"restore-{w}") if self.weights else nullcontext()
-            ) as restore:
-                worker.start(restore)
-                self._wait_ready(worker)
+            worker.start()
+            self._wait_ready(worker)
         self.restarts += 1
         logger.warning(
-            "rollout worker %d (%s) restarted in %.1f s with %d synced tensors",
+            "rollout worker %d (%s) restarted in %.1f s",
             w,
             worker.label,
             time.perf_counter() - start,
-            len(self.weights),
         )
+        self._restore(w)
+
+    def _restore(self, w: int) -> None:
+        """Stream the current weights from `weight_source` to a (re)started engine; without
+        a source, an engine that should hold synced weights is stale (EnginesNeedWeights)."""
+        if not self._synced:
+            return
+        if self.weight_source is None:
+            self._stale.add(w)
+            raise EnginesNeedWeights(
+                f"rollout worker {w} ({self._workers[w].label}) restarted with its "
+                "checkpoint's weights and the pool has no weight source: sync them again"
+            )
+        worker = self._workers[w]
+        for bucket in weight_group.buckets(self.weight_source(), self.bucket_bytes):
+            worker.send("receive", bucket)
+            try:
+                worker.receive(self.timeout_s)
+            except WorkerFailure as failure:
+                worker.kill()
+                raise RuntimeError(
+                    f"rollout worker {w} ({worker.label}) {failure} while restoring its weights"
+                ) from failure
 
     def _wait_ready(self, worker: WorkerProcess) -> None:
+        """Wait for a started worker's engine, then form its weight group."""
         try:
             seconds = worker.receive(self.start_timeout_s)
+            worker.join(self._store, self.timeout_s)
         except WorkerFailure as failure:
             worker.kill()
             raise RuntimeError(
@@ -418,7 +469,7 @@ class RolloutPool:
 
     def _connect(self, worker: RemoteWorker) -> None:
         """Connect within start_timeout_s, check the engine takes our sequence lengths, and
-        push every weight synced so far."""
+        attach the adapters (adapter-only sync)."""
         worker.connect(self.start_timeout_s)
         served = worker.info["max_model_len"]
         if served < self.max_model_len:
@@ -429,8 +480,6 @@ class RolloutPool:
             )
         if self.adapter is not None:
             self._ask(worker, ("attach_adapter", self.adapter), "attaching the adapters")
-        if self.weights:
-            self._ask(worker, ("receive", self.weights), "receiving the synced weights")
         logger.info(
             "rollout worker %d (%s): %s engine connected",
             worker.index,

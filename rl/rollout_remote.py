@@ -197,9 +197,7 @@ class RemoteWorker:
     def send(self, method: str, *args) -> None:
         try:
             if method == "receive":
-                (tensors,) = args
-                self.conn.send(("receive", (weight_group.tensor_specs(tensors),)))
-                weight_group.send(self.group, tensors, self.device)
+                weight_group.push(self.conn.send, self.group, *args, self.device)
             else:
                 self.conn.send((method, args))
         except (OSError, RuntimeError) as error:  # torch.distributed's errors are RuntimeErrors

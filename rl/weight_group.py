@@ -1,22 +1,23 @@
-"""Weights over torch.distributed from a trainer to one remote rollout engine.
+"""Weights over torch.distributed from a trainer to one rollout engine, local or remote.
 
 The two form a process group of their own (trainer rank 0, engine rank 1), built directly on
 a TCPStore that the trainer opens: never the default group, which the trainer may hold under
 a launcher (accelerate, DeepSpeed) and vLLM holds for its own workers. gloo moves CPU
-tensors, NCCL GPU tensors. Names, shapes and dtypes travel beside (`tensor_specs`, over the
-request connection); the data goes as flat byte buckets of at most BUCKET_BYTES, packed in
-the same order on both sides (`layout`).
+tensors, NCCL GPU tensors. `buckets` packs a stream of tensors into flat byte buckets of a
+bounded size; `push` sends a bucket's names, shapes and dtypes over the request connection,
+then its bytes over the group, which `receive` unpacks in the same order (`layout`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-BUCKET_BYTES = 256 * 2**20
 ALIGN = 64  # every tensor starts at a multiple of this many bytes: any dtype can view its slice
 
 TensorSpec = tuple[str, tuple[int, ...], str]  # HF name, shape, dtype name ("bfloat16")
@@ -59,46 +60,72 @@ def device_of(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def tensor_specs(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
-    return [
-        (name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors.items()
-    ]
-
-
-def layout(specs: list[TensorSpec]) -> list[tuple[int, list[tuple[TensorSpec, int]]]]:
-    """The specs in order, packed into buckets of at most BUCKET_BYTES (a larger tensor goes
-    alone): [(bucket bytes, [(spec, byte offset), ...]), ...]."""
-    buckets, entries, size = [], [], 0
+def layout(specs: list[TensorSpec]) -> tuple[int, list[tuple[TensorSpec, int]]]:
+    """The bucket's size in bytes and each spec's byte offset in it, in order."""
+    entries, size = [], 0
     for spec in specs:
-        nbytes = math.prod(spec[1]) * getattr(torch, spec[2]).itemsize
-        if entries and size + nbytes > BUCKET_BYTES:
-            buckets.append((size, entries))
-            entries, size = [], 0
         entries.append((spec, size))
-        size += -(-nbytes // ALIGN) * ALIGN
-    if entries:
-        buckets.append((size, entries))
-    return buckets
+        size += aligned(math.prod(spec[1]) * getattr(torch, spec[2]).itemsize)
+    return size, entries
 
 
-def send(group, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Broadcast `tensors` (from rank 0) in the order of `tensor_specs(tensors)`."""
-    for size, entries in layout(tensor_specs(tensors)):
-        flat = torch.empty(size, dtype=torch.uint8, device=device)
-        for (name, _, _), offset in entries:
-            data = tensors[name].detach().reshape(-1).view(torch.uint8)
-            flat[offset : offset + data.numel()].copy_(data)
-        group.broadcast(flat, 0).wait()
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+class Bucket(NamedTuple):
+    """Tensors packed into one flat byte buffer as `layout(specs)` places them."""
+
+    specs: list[TensorSpec]
+    data: torch.Tensor  # uint8 [layout(specs)[0]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            math.prod(shape) * getattr(torch, dtype).itemsize for _, shape, dtype in self.specs
+        )
+
+
+def buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+    """Consecutive runs of `tensors` packed into CPU buckets of at most `bucket_bytes` (a larger
+    tensor alone), each copied in as it is read: the stream's tensors need only live until
+    the next is asked for. One buffer serves every bucket that fits it: use a bucket before
+    asking for the next."""
+    buffer = torch.empty(0, dtype=torch.uint8)
+    specs: list[TensorSpec] = []
+    size = 0
+    for name, tensor in tensors:
+        nbytes = aligned(tensor.numel() * tensor.element_size())
+        if specs and size + nbytes > bucket_bytes:
+            yield Bucket(specs, buffer[:size])
+            specs, size = [], 0
+        if size + nbytes > buffer.numel():
+            grown = torch.empty(max(bucket_bytes, size + nbytes), dtype=torch.uint8)
+            grown[:size].copy_(buffer[:size])
+            buffer = grown
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        buffer[size : size + data.numel()].copy_(data)
+        specs.append((name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
+        size += nbytes
+    if specs:
+        yield Bucket(specs, buffer[:size])
+
+
+def push(send: Callable[[tuple], None], group, bucket: Bucket, device: torch.device) -> None:
+    """Ask the engine to receive `bucket` (`send(("receive", (specs,)))` over its request
+    connection), then broadcast its bytes from rank 0."""
+    send(("receive", (bucket.specs,)))
+    group.broadcast(bucket.data.to(device), 0).wait()
 
 
 def receive(group, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
-    """Rank 1's side of `send`: name -> tensor (views of the received buckets)."""
+    """Rank 1's side of `push`: name -> tensor (views of the received bucket)."""
+    size, entries = layout(specs)
+    flat = torch.empty(size, dtype=torch.uint8, device=device)
+    group.broadcast(flat, 0).wait()
     tensors = {}
-    for size, entries in layout(specs):
-        flat = torch.empty(size, dtype=torch.uint8, device=device)
-        group.broadcast(flat, 0).wait()
-        for (name, shape, dtype), offset in entries:
-            dtype = getattr(torch, dtype)
-            nbytes = math.prod(shape) * dtype.itemsize
-            tensors[name] = flat[offset : offset + nbytes].view(dtype).view(shape)
+    for (name, shape, dtype), offset in entries:
+        dtype = getattr(torch, dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        tensors[name] = flat[offset : offset + nbytes].view(dtype).view(shape)
     return tensors

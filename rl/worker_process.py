@@ -3,8 +3,10 @@
 Each engine runs in its own process (and process group, so that killing it takes its
 tensor-parallel workers too), forked by a multiprocessing "forkserver" that has imported torch
 and moetune already, so a start or restart does not import them again; it never touches CUDA,
-and each worker takes the pool's environment. `receive` raises WorkerFailure when the engine
-dies or falls silent; the pool restarts it (moetune.rl.rollout).
+and each worker takes the pool's environment. Weights reach it over a gloo group of its own
+with the pool (moetune.rl.weight_group, over loopback), as they reach remote engines.
+`receive` raises WorkerFailure when the engine dies or falls silent; the pool restarts it
+(moetune.rl.rollout).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from multiprocessing.connection import wait
 
 import torch
 
-from moetune.rl.rollout_worker import EngineSpec, WorkerFailure, serve
+from moetune.rl import weight_group
+from moetune.rl.rollout_worker import LOOPBACK, EngineSpec, WorkerFailure, serve
 
 
 class WorkerProcess:
@@ -24,7 +27,8 @@ class WorkerProcess:
 
     def __init__(self, index: int, spec: EngineSpec):
         self.index, self.spec = index, spec
-        self.process = self.conn = None
+        self.process = self.conn = self.group = None
+        self.joins = 0
 
     @property
     def label(self) -> str:
@@ -38,21 +42,36 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return None if self.process is None else self.process.pid
 
-    def start(self, restore: str | None) -> None:
+    def start(self) -> None:
         context = worker_context()
         self.conn, child = context.Pipe()
         self.process = context.Process(
             target=serve,
-            args=(child, self.spec, restore, dict(os.environ)),
+            args=(child, self.spec, dict(os.environ)),
             name=f"rollout-worker-{self.index}",
         )
         self.process.start()
         child.close()
 
+    def join(self, store, timeout_s: float) -> None:
+        """Form this worker's weight group with the pool (gloo over loopback, pool rank 0),
+        once it is ready. WorkerFailure if the worker does not take part."""
+        self.joins += 1
+        prefix = f"{self.index}/{self.joins}"
+        self.send("join_group", store.port, prefix, "gloo", timeout_s)
+        try:
+            self.group = weight_group.join(store, prefix, 0, "gloo", timeout_s, LOOPBACK)
+        except RuntimeError as error:  # torch.distributed's timeout
+            raise WorkerFailure(f"formed no weight group ({error})") from None
+        self.receive(timeout_s)
+
     def send(self, method: str, *args) -> None:
         try:
-            self.conn.send((method, args))
-        except OSError:
+            if method == "receive":  # a bucket of weights over the group
+                weight_group.push(self.conn.send, self.group, *args, torch.device("cpu"))
+            else:
+                self.conn.send((method, args))
+        except (OSError, RuntimeError):
             pass  # a dead worker: receive() reports it
 
     def receive(self, timeout: float):
@@ -85,7 +104,7 @@ class WorkerProcess:
             self.process.kill()
         self.process.join()
         self.conn.close()
-        self.process = None
+        self.process = self.group = None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to exit; kill it if it has not within `timeout` seconds."""

@@ -4,6 +4,8 @@ errors, NaN skips, LoRA, routing replay (with rollouts.jsonl, router agreement a
 offline W&B run)."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -292,11 +294,17 @@ def test_lora_grpo_trains_only_adapters_against_the_adapter_free_reference(tmp_p
             if not p.requires_grad
         }
         first = trainer.step(1)
+        # The engine dies; restarted from the checkpoint, it cannot be given the weights on
+        # the spot, as under ZeRO-3 / FSDP2 (no weight source): the trainer streams them
+        # (every rank together) and collects again.
+        pool.weight_source = None
+        os.kill(pool.pids[0], signal.SIGKILL)
         second = trainer.step(2)
+        assert pool.restarts == 1 and not pool.stale
     assert first["kl"] == pytest.approx(0.0, abs=1e-9)  # LoRA B starts at zero: policy == base
     assert second["kl"] > 0
     # the native engines apply the adapters themselves: each sync sends those alone, and
-    # step 2 samples from exactly the policy step 1 left
+    # step 2 samples from exactly the policy step 1 left (after the restart too)
     trained = [p for p in trainer.model.parameters() if p.requires_grad]
     adapter_mb = sum(p.numel() * p.element_size() for p in trained) / 2**20
     assert first["sync_megabytes"] == second["sync_megabytes"] == pytest.approx(adapter_mb)

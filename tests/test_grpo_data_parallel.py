@@ -24,6 +24,7 @@ from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
 from moetune.rl.collector import Groups
 from moetune.rl.data_parallel import DataParallel
+from moetune.rl.engine_weights import weight_stream
 from moetune.rl.grpo import GRPOTrainer
 from moetune.rl.rollout import Rollout
 from moetune.training.model_loading import load_model, load_tokenizer
@@ -110,6 +111,8 @@ def two_updates(parallel: DataParallel, rows: slice, folder: Path) -> dict:
     trainer.updater.update(share)
     trainer.checkpointer.save(folder, 1)
     result = {"metrics": trainer.updater.update(share), "weights": full_weights(trainer)}
+    # what a weight sync streams, one block gathered at a time from the shards
+    result["stream"] = {n: t.clone() for n, t in weight_stream(trainer.model, trained_only=True)}
     restored = new_trainer(parallel, "dapo", KL)
     restored.checkpointer.load(folder)
     restored.updater.update(share)
@@ -194,6 +197,11 @@ def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_p
         for key, tensor in parallel[name]["weights"].items():
             torch.testing.assert_close(
                 parallel[name]["resumed"][key], tensor, rtol=0, atol=1e-7, msg=f"{name}: {key}"
+            )
+        assert parallel[name]["stream"].keys() == single["stream"].keys()
+        for key, tensor in single["stream"].items():
+            torch.testing.assert_close(
+                parallel[name]["stream"][key], tensor, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}"
             )
     for key, tensor in single["weights"].items():
         torch.testing.assert_close(single["resumed"][key], tensor, rtol=0, atol=0, msg=key)

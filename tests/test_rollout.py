@@ -18,8 +18,8 @@ from moetune.kernels import dequantize_weight
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.checkpoint import disk_tensors
 from moetune.model.lora import LoraSpec, apply_lora, merge_lora
-from moetune.rl.engine_weights import adapter_tensors, merged_tensors, sync_weights
-from moetune.rl.rollout import RolloutPool, SamplingSpec, probe_mismatch_kl
+from moetune.rl.engine_weights import adapter_stream, weight_stream
+from moetune.rl.rollout import EnginesNeedWeights, RolloutPool, SamplingSpec, probe_mismatch_kl
 from moetune.rl.rollout_worker import completion_logprobs
 from moetune.rl.worker_process import visible_devices
 
@@ -43,7 +43,10 @@ def vllm_pool(checkpoint):
 
 @pytest.fixture(scope="module")
 def native_pool(checkpoint):
-    with RolloutPool(checkpoint, backend="native", workers=2, timeout_s=60) as pool:
+    """Two native workers; syncs in buckets of at most 64 KiB (many per sync)."""
+    with RolloutPool(
+        checkpoint, backend="native", workers=2, timeout_s=60, sync_bucket_mb=1 / 16
+    ) as pool:
         yield pool
 
 
@@ -94,8 +97,8 @@ def tempered_logprobs(model, rollouts, temperature):
     return scores
 
 
-# --- sync_weights, no engine ------------------------------------------------------------
-def test_sync_weights_merges_lora_like_merge_lora_and_leaves_the_model_alone(checkpoint):
+# --- weight_stream, no engine -----------------------------------------------------------
+def test_weight_stream_merges_lora_like_merge_lora_and_leaves_the_model_alone(checkpoint):
     model = trainer(checkpoint)
     apply_lora(model, LoraSpec(rank=8, experts={1: [0, 5, 9]}))
     with torch.no_grad():
@@ -103,7 +106,7 @@ def test_sync_weights_merges_lora_like_merge_lora_and_leaves_the_model_alone(che
             if p.requires_grad:
                 p.normal_(0, 0.05)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pushed = sync_weights(model)
+    pushed = dict(weight_stream(model))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     merged = merge_lora(copy.deepcopy(model))
@@ -113,23 +116,34 @@ def test_sync_weights_merges_lora_like_merge_lora_and_leaves_the_model_alone(che
     assert set(pushed) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(pushed[name], tensor, rtol=0, atol=1e-6, msg=name)
-    changed = set(sync_weights(model, previous=sync_weights(trainer(checkpoint))))
+    # what a step can change, known from what trains: the adapted tensors, never the base
+    changed = set(dict(weight_stream(model, trained_only=True)))
     assert "model.layers.1.mlp.experts.5.up_proj.weight" in changed
     assert "model.layers.1.mlp.experts.1.up_proj.weight" not in changed  # not adapted
     assert "model.layers.2.self_attn.kv_b_proj.weight" in changed
     assert not any("lora" in name or "base_layer" in name for name in changed)
-    assert "lm_head.weight" not in changed and sync_weights(model, pushed) == {}
+    assert "lm_head.weight" not in changed and "model.embed_tokens.weight" not in changed
+    adapters = dict(adapter_stream(model))
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(t.numel() for t in adapters.values()) == sum(p.numel() for p in trained.values())
+    model.requires_grad_(False)
+    model.model.layers[1].mlp.gate.weight.requires_grad_(True)  # a router that trains
+    assert set(dict(weight_stream(model, trained_only=True))) == {
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.1.mlp.gate.e_score_correction_bias",  # the aux-free bias moves with it
+    }
+    assert dict(adapter_stream(model, trained_only=True)) == {}
 
 
-def test_sync_weights_dequantizes_a_frozen_fp8_base_and_merges_its_adapters(checkpoint):
+def test_weight_stream_dequantizes_a_frozen_fp8_base_and_merges_its_adapters(checkpoint):
     """FP8 weights go out dense (engines load bf16/fp32 checkpoints), with LoRA folded in."""
-    dense = sync_weights(trainer(checkpoint))
+    dense = dict(weight_stream(trainer(checkpoint)))
     model = DeepseekV3ForCausalLM.from_pretrained(checkpoint, fp8="frozen")
     apply_lora(model, LoraSpec(rank=8, components=("routed_experts",), experts={1: [5]}))
     lora = model.model.layers[1].mlp.experts.lora
     with torch.no_grad():
         lora.up_B.normal_(0, 0.05)
-    pushed = sync_weights(model)
+    pushed = dict(weight_stream(model))
     assert set(pushed) == set(dense)
     assert not any(t.dtype == torch.float8_e4m3fn for t in pushed.values())
     q_a = model.model.layers[2].self_attn.q_a_proj
@@ -163,7 +177,7 @@ def test_sampling_spec_and_pool_arguments_are_checked(checkpoint, tmp_path):
 def test_vllm_greedy_equals_moetune_greedy(checkpoint, vllm_pool):
     """float32, temperature 0: the same tokens as moetune's generate, logprobs within 1e-3."""
     model = trainer(checkpoint)
-    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    vllm_pool.sync(weight_stream(model))
     free = model.generate(PROMPTS, max_new_tokens=12)
     stop = [free.sequences[0][4]]  # prompt 0 stops by its 5th token
     sampling = SamplingSpec(temperature=0, max_new_tokens=12, stop_token_ids=stop)
@@ -185,7 +199,7 @@ def test_vllm_samples_carry_the_samplers_logprobs(checkpoint, vllm_pool):
     """temperature 0.8: each logprob is log_softmax(logits / 0.8) of the sampled token; the
     same seed gives the same samples."""
     model = trainer(checkpoint)
-    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    vllm_pool.sync(weight_stream(model))
     sampling = SamplingSpec(temperature=0.8, max_new_tokens=24, stop_token_ids=STOP, seed=3)
     rollouts = vllm_pool.generate(PROMPTS, n=4, sampling=sampling)
     assert_consistent(rollouts, PROMPTS, 4, sampling, vllm_pool.tokenizer)
@@ -202,22 +216,23 @@ def test_vllm_sync_makes_the_probe_match_the_trainer(checkpoint, vllm_pool):
     """After an optimizer step only the changed tensors go out, and the worker's logprobs on a
     fixed probe match the trainer's (float32: within 1e-3) and no longer the old weights'."""
     model = trainer(checkpoint)
-    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    vllm_pool.sync(weight_stream(model))
     old = assert_probe_matches(vllm_pool, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
-    pushed = sync_weights(model, vllm_pool.weights)
-    everything = set(dict(merged_tensors(model)))
-    assert set(pushed) == {n for n in everything if not n.endswith("e_score_correction_bias")}
+    pushed = dict(weight_stream(model, trained_only=True))
+    assert set(pushed) == set(dict(weight_stream(model)))  # everything trains
     assert vllm_pool.sync(pushed) > 0
     new = assert_probe_matches(vllm_pool, model)
     assert max(abs(a - b) for x, y in zip(old, new) for a, b in zip(x, y)) > 0.05
     assert probe_mismatch_kl(vllm_pool, model, PROMPTS, PROBE_COMPLETIONS) < 1e-6
+    model.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)
-    pushed = sync_weights(model, vllm_pool.weights)
+    pushed = dict(weight_stream(model, trained_only=True))
     assert set(pushed) == {"lm_head.weight"}
     vllm_pool.sync(pushed)
     assert_probe_matches(vllm_pool, model)
@@ -226,13 +241,13 @@ def test_vllm_sync_makes_the_probe_match_the_trainer(checkpoint, vllm_pool):
 @pytest.mark.integration
 def test_vllm_lora_sync_matches_the_adapted_model(checkpoint, vllm_pool):
     model = trainer(checkpoint)
-    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    vllm_pool.sync(weight_stream(model))
     apply_lora(model, LoraSpec(rank=8, experts={1: [0, 5, 9]}))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.05)
-    pushed = sync_weights(model, vllm_pool.weights)
+    pushed = dict(weight_stream(model, trained_only=True))
     assert "model.layers.1.mlp.experts.9.down_proj.weight" in pushed
     assert "model.layers.1.mlp.experts.8.down_proj.weight" not in pushed
     assert "model.embed_tokens.weight" not in pushed
@@ -246,12 +261,16 @@ def test_vllm_killed_worker_restarts_with_the_synced_weights(checkpoint, vllm_po
     with torch.no_grad():
         model.model.layers[2].self_attn.kv_b_proj.weight.mul_(1.3)
         model.lm_head.weight.mul_(0.7)
-    vllm_pool.sync(sync_weights(model, vllm_pool.weights))
+    vllm_pool.sync(weight_stream(model))
     sampling = SamplingSpec(temperature=0, max_new_tokens=6)
     before = vllm_pool.generate(PROMPTS, n=1, sampling=sampling)
     restarts = vllm_pool.restarts
-    os.kill(vllm_pool.pids[0], signal.SIGKILL)
-    assert vllm_pool.generate(PROMPTS, n=1, sampling=sampling) == before
+    vllm_pool.weight_source = lambda: weight_stream(model)  # as the trainer sets it
+    try:
+        os.kill(vllm_pool.pids[0], signal.SIGKILL)
+        assert vllm_pool.generate(PROMPTS, n=1, sampling=sampling) == before
+    finally:
+        vllm_pool.weight_source = None
     assert vllm_pool.restarts == restarts + 1
     assert_probe_matches(vllm_pool, model)
 
@@ -285,7 +304,7 @@ def test_native_backend_gives_the_same_results(checkpoint, native_pool):
     """Greedy and sampled rollouts equal moetune's generate with the documented seeds, across
     two workers; sync and score as with vLLM."""
     model = trainer(checkpoint)
-    native_pool.sync(sync_weights(model, native_pool.weights))
+    native_pool.sync(weight_stream(model))
     sampling = SamplingSpec(
         temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=8, stop_token_ids=STOP, seed=5
     )
@@ -307,7 +326,7 @@ def test_native_backend_gives_the_same_results(checkpoint, native_pool):
     assert_probe_matches(native_pool, model, atol=1e-5)
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)
-    native_pool.sync(sync_weights(model, native_pool.weights))
+    native_pool.sync(weight_stream(model))
     assert_probe_matches(native_pool, model, atol=1e-5)
 
 
@@ -325,12 +344,11 @@ def test_native_engines_take_the_adapter_alone(checkpoint):
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.05)
-    adapter = adapter_tensors(model)
     trained = [p for p in model.parameters() if p.requires_grad]
-    assert sum(t.numel() for t in adapter.values()) == sum(p.numel() for p in trained)
     with RolloutPool(checkpoint, backend="native", workers=1, timeout_s=60, adapter=spec) as pool:
         assert pool.adapter == spec
-        pool.sync(adapter)
+        pool.weight_source = lambda: adapter_stream(model)
+        pool.sync(adapter_stream(model, trained_only=True))
         assert pool.synced_bytes == sum(p.numel() * p.element_size() for p in trained)
         assert_probe_matches(pool, model, atol=1e-5)
         assert abs(probe_mismatch_kl(pool, model, PROMPTS, PROBE_COMPLETIONS)) < 1e-6
@@ -340,9 +358,15 @@ def test_native_engines_take_the_adapter_alone(checkpoint):
 
 
 @pytest.mark.integration
-def test_native_hung_worker_is_detected_within_the_timeout(native_pool):
-    """A stopped worker (SIGSTOP) is found out after timeout_s, restarted with the synced
-    weights, and its prompts come back as before."""
+def test_native_hung_worker_is_detected_and_resynced_by_the_trainer(checkpoint, native_pool):
+    """A stopped worker (SIGSTOP) is found out after timeout_s and restarted from the
+    checkpoint; with no weight source (a sharded trainer's case) the request raises
+    EnginesNeedWeights, and once the trainer streams the weights to the stale engine its
+    prompts come back as before."""
+    model = trainer(checkpoint)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.8)
+    native_pool.sync(weight_stream(model))
     sampling = SamplingSpec(temperature=0, max_new_tokens=4)
     before = native_pool.generate(PROMPTS, n=1, sampling=sampling)
     restarts = native_pool.restarts
@@ -350,11 +374,16 @@ def test_native_hung_worker_is_detected_within_the_timeout(native_pool):
     try:
         os.kill(native_pool.pids[1], signal.SIGSTOP)
         start = time.monotonic()
-        assert native_pool.generate(PROMPTS, n=1, sampling=sampling) == before
+        with pytest.raises(EnginesNeedWeights, match="rollout worker 1 .* no weight source"):
+            native_pool.generate(PROMPTS, n=1, sampling=sampling)
         assert time.monotonic() - start >= native_pool.timeout_s
     finally:
         native_pool.timeout_s = 60.0
-    assert native_pool.restarts >= restarts + 1  # + 1 more if the loaded machine delays worker 0
+    assert native_pool.stale and native_pool.restarts >= restarts + 1  # +1: a slow worker 0
+    native_pool.sync(weight_stream(model), stale_only=True)
+    assert not native_pool.stale
+    assert native_pool.generate(PROMPTS, n=1, sampling=sampling) == before
+    assert_probe_matches(native_pool, model, atol=1e-5)
 
 
 @pytest.mark.integration

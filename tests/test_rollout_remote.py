@@ -25,7 +25,7 @@ from moetune.model.lora import LoraSpec, apply_lora
 from moetune.recipes.cli import main
 from moetune.rl import weight_group
 from moetune.rl.data_parallel import DataParallel
-from moetune.rl.engine_weights import adapter_tensors, sync_weights
+from moetune.rl.engine_weights import adapter_stream, weight_stream
 from moetune.rl.grpo import remote_engines
 from moetune.rl.rollout import RolloutPool, SamplingSpec
 from moetune.rl.rollout_worker import completion_logprobs
@@ -132,9 +132,9 @@ def assert_scores_match(pool, model, atol):
     return theirs
 
 
-def test_weight_group_moves_mixed_tensors_in_several_buckets(monkeypatch):
-    """Two ranks in two threads: every dtype and shape arrives intact, bucket after bucket."""
-    monkeypatch.setattr(weight_group, "BUCKET_BYTES", 1024)
+def test_weight_group_moves_mixed_tensors_in_several_buckets():
+    """Two ranks in two threads: every dtype and shape arrives intact, bucket after bucket
+    (at most 1 KiB each, a larger tensor alone)."""
     tensors = {
         "w": torch.randn(10, 7),
         "half": torch.randn(300).to(torch.bfloat16),
@@ -143,16 +143,20 @@ def test_weight_group_moves_mixed_tensors_in_several_buckets(monkeypatch):
         "fp8": torch.randn(4, 4).to(torch.float8_e4m3fn),
         "big": torch.randn(600),
     }
-    specs = weight_group.tensor_specs(tensors)
-    assert len(weight_group.layout(specs)) == 3
     store, cpu = weight_group.open_store(10), torch.device("cpu")
+    received, names = {}, []
     with ThreadPoolExecutor(1) as thread:
         client = weight_group.connect_store("127.0.0.1", store.port, 10)
         engine = thread.submit(weight_group.join, client, "test", 1, "gloo", 10, "127.0.0.1")
         trainer = weight_group.join(store, "test", 0, "gloo", 10, "127.0.0.1")
-        received = thread.submit(weight_group.receive, engine.result(), specs, cpu)
-        weight_group.send(trainer, tensors, cpu)
-        received = received.result()
+        for bucket in weight_group.buckets(tensors.items(), 1024):  # each used before the next
+            names.append([name for name, _, _ in bucket.specs])
+            asked = []  # what the request connection carries
+            answer = thread.submit(weight_group.receive, engine.result(), bucket.specs, cpu)
+            weight_group.push(asked.append, trainer, bucket, cpu)
+            assert asked == [("receive", (bucket.specs,))]
+            received |= {name: t.clone() for name, t in answer.result().items()}
+    assert names == [["w", "half", "scalar"], ["ids", "fp8"], ["big"]]  # 64-byte aligned
     assert list(received) == list(tensors)
     for name, tensor in tensors.items():
         assert received[name].dtype == tensor.dtype and received[name].shape == tensor.shape
@@ -172,12 +176,15 @@ def test_remote_pool_generates_and_a_gloo_sync_lands(checkpoint, served, key):
         before = assert_scores_match(pool, original, atol=1e-5)
 
         model = stepped(checkpoint)
-        assert pool.sync(sync_weights(model, pool.weights)) > 0
+        pool.bucket_bytes = 2**16  # many buckets per sync
+        assert pool.sync(weight_stream(model)) > 0
         after = assert_scores_match(pool, model, atol=1e-5)
         assert max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x, y)) > 0.05
+        model.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(True)
         with torch.no_grad():
             model.lm_head.weight.mul_(1.5)
-        pushed = sync_weights(model, pool.weights)
+        pushed = dict(weight_stream(model, trained_only=True))
         assert set(pushed) == {"lm_head.weight"}
         pool.sync(pushed)
         assert_scores_match(pool, model, atol=1e-5)
@@ -256,7 +263,8 @@ def test_a_native_server_takes_the_adapter_alone_also_after_a_restart(checkpoint
             checkpoint, remote=[server.address], timeout_s=30, start_timeout_s=60, adapter=spec
         ) as pool:
             assert pool.adapter == spec
-            pool.sync(adapter_tensors(model))
+            pool.weight_source = lambda: adapter_stream(model)
+            pool.sync(adapter_stream(model, trained_only=True))
             assert pool.synced_bytes == sum(p.numel() * p.element_size() for p in trained)
             assert_scores_match(pool, model, atol=1e-5)
             server.stop()
@@ -273,7 +281,8 @@ def test_a_restarted_server_is_reconnected_one_that_hangs_or_stays_down_is_named
 ):
     with RolloutPool(checkpoint, remote=[served], timeout_s=30, start_timeout_s=60) as pool:
         model = stepped(checkpoint)
-        pool.sync(sync_weights(model, pool.weights))
+        pool.weight_source = lambda: weight_stream(model)
+        pool.sync(weight_stream(model))
         native_server.stop()
         native_server.start()  # on the same port, from the checkpoint's weights
         assert_scores_match(pool, model, atol=1e-5)  # reconnected and given the synced weights
@@ -306,7 +315,7 @@ def test_vllm_server_takes_weights_over_gloo(checkpoint, tmp_path, key):
         server.start()
         with RolloutPool(checkpoint, remote=[server.address], timeout_s=60) as pool:
             model = stepped(checkpoint)
-            pool.sync(sync_weights(model, pool.weights))
+            pool.sync(weight_stream(model))
             assert_scores_match(pool, model, atol=1e-3)
             sampling = SamplingSpec(temperature=0, max_new_tokens=6)
             rollouts = pool.generate(PROMPTS, n=1, sampling=sampling)

@@ -87,16 +87,15 @@ class Checkpointer:
 
     def save_weights(self, folder: Path) -> None:
         """The adapter (LoRA) or model, tokenizer and template; every rank calls it (ZeRO-3
-        gathers the weights), the main process writes."""
-        with self.engine.full_weights() as model:
-            if not self.parallel.is_main:
-                return
-            if self.lora_spec is not None:
-                save_adapter(model, self.lora_spec, folder, self.recipe.model.path)
-            else:
-                model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(str(folder))
-        save_template(folder, self.recipe.template)
+        and FSDP2 shards are gathered one block at a time), the main process writes."""
+        write = self.parallel.is_main
+        if self.lora_spec is not None:
+            save_adapter(self.model, self.lora_spec, folder, self.recipe.model.path, write=write)
+        else:
+            self.model.save_pretrained(folder, write=write)
+        if write:
+            self.tokenizer.save_pretrained(str(folder))
+            save_template(folder, self.recipe.template)
 
     def load(self, folder: Path) -> int:
         """Restore a checkpoint; returns its step."""

@@ -101,7 +101,7 @@ class GRPOTrainer:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         # The forwards run through `engine.policy` (a DeepSpeed engine under DeepSpeed, else
         # the model, FSDP-sharded under FSDP2); the model's own methods (routers, expert load)
-        # through `self.model`; syncs and saves read `engine.full_weights()`.
+        # through `self.model`, which syncs and saves read block by block.
         self.engine = policy_engine(model, training, parallel)
         if reference is not None:
             reference = self.engine.prepare_reference(reference)

@@ -15,11 +15,10 @@ The clipping norm is always the recipe's training.max_grad_norm.
 The trainer asks the same of all three. Its micro-batch losses are normalised by the whole
 batch's denominators (rl.algorithms.policy_loss), so `backward` gives gradients whose sum over
 micro-batches and ranks is the whole batch's; `step` clips, updates and returns the gradient
-norm (nan: the update was skipped); `with full_weights() as model` gives a model with the full
-weights for a save (every rank must enter it); `holds_full_weights` says whether this rank
-holds every weight whole (a weight stream it can read alone, moetune.rl.engine_weights);
-`save`/`load` write and restore the optimizer state (sharded: and the weights) inside a
-checkpoint folder.
+norm (nan: the update was skipped); `holds_full_weights` says whether this rank holds every
+weight whole (else weight syncs and saves gather one block at a time on every rank:
+moetune.rl.engine_weights, moetune.model.gathering); `save`/`load` write and restore the
+optimizer state (sharded: and the weights) inside a checkpoint folder.
 
 Sharded, every rank must run the same number of forwards and backwards (parameters are
 gathered and gradients reduced collectively), so `lockstep` tells the trainer to pad a rank
@@ -31,10 +30,8 @@ when none is left), and a non-finite norm after a step stops the run.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -89,9 +86,6 @@ class ReplicatedEngine:
         """Sum, clip and step; a NaN/inf gradient norm skips the step. The norm (nan if skipped)."""
         self.parallel.sum_gradients(self.parameters)
         return finite_norm_step(self.adamw, self.parameters, self.max_grad_norm)
-
-    def full_weights(self):
-        return nullcontext(self.model)
 
     def save(self, folder: Path) -> None:
         if self.parallel.is_main:
@@ -176,17 +170,6 @@ class DeepSpeedZeroEngine:
             )
         return norm
 
-    @contextmanager
-    def full_weights(self):
-        """ZeRO-3: gather the sharded parameters on every rank for the block."""
-        if self.stage < 3:
-            yield self.model
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-            yield self.model
-
     def save(self, folder: Path) -> None:
         """Every rank writes its shard of the optimizer state (DeepSpeed's own layout)."""
         self.policy.save_checkpoint(
@@ -205,10 +188,9 @@ class DeepSpeedZeroEngine:
 
 class FSDP2Engine:
     """FSDP2: every decoder layer (and the rest, at the root) sharded with `fully_shard`, AdamW
-    on the shards; `policy` is the sharded model. Weight syncs and saves read an unsharded CPU
-    replica that `full_weights` refreshes tensor by tensor (the rollout engines' weights are
-    held on CPU per rank anyway). Checkpoints are torch.distributed.checkpoint folders (every
-    rank writes its shards) holding the weights and the optimizer."""
+    on the shards; `policy` is the sharded model. Checkpoints are
+    torch.distributed.checkpoint folders (every rank writes its shards) holding the weights
+    and the optimizer."""
 
     lockstep = True
     checkpoint_holds_weights = True
@@ -228,7 +210,6 @@ class FSDP2Engine:
         self.options = {"reshard_after_forward": plugin.reshard_after_forward}
         if plugin.cpu_offload:
             self.options["offload_policy"] = plugin.cpu_offload
-        self.replica = copy.deepcopy(model).to("cpu").requires_grad_(False)
         self.model = self.policy = self.shard(model)
         self.adamw = new_adamw(model, training)  # on the sharded parameters
         self.parameters = [p for group in self.adamw.param_groups for p in group["params"]]
@@ -250,15 +231,6 @@ class FSDP2Engine:
 
     def step(self) -> float:
         return finite_norm_step(self.adamw, self.parameters, self.max_grad_norm)
-
-    @contextmanager
-    @torch.no_grad()
-    def full_weights(self):
-        """The replica, its tensors gathered from the shards one at a time on every rank."""
-        replica = dict(self.replica.named_parameters()) | dict(self.replica.named_buffers())
-        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
-            replica[name].copy_(tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
-        yield self.replica
 
     def save(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp

@@ -20,6 +20,7 @@ from test_rollout_remote import KEY, Server
 from tiny_configs import save_biased_tiny_arith
 
 from moetune.model import DeepseekV3ForCausalLM
+from moetune.model.gathering import gathered, whole
 from moetune.recipes.loader import load_recipe
 from moetune.recipes.run import resolve
 from moetune.rl.collector import Groups
@@ -83,8 +84,9 @@ def share_of(groups: Groups, rows: slice) -> Groups:
 
 
 def full_weights(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
-    with trainer.engine.full_weights() as model:  # ZeRO-3 and FSDP2 hold shards
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model = trainer.model
+    with gathered(model, list(model.modules())):  # ZeRO-3 and FSDP2 hold shards
+        return {k: whole(v).clone() for k, v in model.state_dict(keep_vars=True).items()}
 
 
 def updated_weights(

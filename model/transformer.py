@@ -57,10 +57,11 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(config, layer_idx)
         self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, next_embeds, cos, sin, mask):
-        """hidden, next_embeds [B, S, hidden] -> (block output, normed output for the head)."""
+    def forward(self, hidden, next_embeds, cos, sin, mask, cache=None):
+        """hidden, next_embeds [B, S, hidden] -> (block output, normed output for the head).
+        cache: a LatentCache holding this block's layer (speculative drafting)."""
         h = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        h = self.block(h, cos, sin, mask)
+        h = self.block(h, cos, sin, mask, cache)
         return h, self.shared_head_norm(h)
 
 

@@ -37,16 +37,18 @@ from moetune.model.transformer import build_attention_mask
 RECIPE_KEY = "rollout.speculative_tokens"
 
 
-def check_speculative_tokens(k: int, config, checkpoint: str | None = None) -> None:
+def check_speculative_tokens(
+    k: int, config, checkpoint: str | None = None, key: str = RECIPE_KEY
+) -> None:
     """Raise ValueError, naming the recipe key and the checkpoint, unless k speculative tokens
     can be drafted: k >= 0, and k > 0 only with MTP modules (num_nextn_predict_layers)."""
     name = checkpoint or getattr(config, "_name_or_path", "") or "the model"
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ValueError(f"{RECIPE_KEY}={k!r}: must be an integer >= 0 (0 turns speculation off)")
+        raise ValueError(f"{key}={k!r}: must be an integer >= 0 (0 turns speculation off)")
     depth = getattr(config, "num_nextn_predict_layers", 0) or 0
     if k > 0 and depth == 0:
         raise ValueError(
-            f"{RECIPE_KEY}={k}: checkpoint {name} has no MTP module "
+            f"{key}={k}: checkpoint {name} has no MTP module "
             "(num_nextn_predict_layers=0) to draft with; set it to 0"
         )
 

@@ -34,6 +34,7 @@ def run(args) -> int:
             ("max_new_tokens", args.max_new_tokens),
             ("pass_threshold", args.pass_threshold),
             ("output_dir", args.output),
+            ("speculative_tokens", args.speculative_tokens),
         )
         if value is not None
     }
@@ -142,6 +143,13 @@ def add_subcommand(subparsers) -> None:
         choices=("native", "vllm"),
         help="sampler: moetune's generate, or a vLLM engine (default native; "
         "without --data, the run's rollout engine)",
+    )
+    parser.add_argument(
+        "--speculative-tokens",
+        type=int,
+        help="draft this many tokens per round with the model's MTP modules and verify them "
+        "in one forward (speculative decoding: the same samples' distribution, faster); "
+        "default 0 (off); without --data, a GRPO run's rollout.speculative_tokens",
     )
     parser.add_argument(
         "--n", type=int, help="samples per problem = k (default 4; without --data, 1)"

@@ -3,7 +3,9 @@
 `merged_tensors(model)` yields every decoder tensor under its HF name as an engine loads it:
 LoRA folded in (W + s B A; routed experts per selected expert), FP8 weights dequantised.
 `sync_weights(model, previous)` keeps those that changed since `previous` (the pool's copy of
-what it synced), the payload of `RolloutPool.sync`.
+what it synced), the payload of `RolloutPool.sync`. With `mtp=True` (speculative decoding:
+the engines draft with them) the MTP modules go along, under their HF names
+(`model.layers.{num_hidden_layers + k}.*`).
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 @torch.no_grad()
-def merged_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_tensors(model, mtp: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every tensor of the decoder as an engine loads it: LoRA folded in
     (W + s B A; for routed experts, per selected expert), FP8 weights dequantised to their
-    compute dtype. MTP modules (not used for generation) and FP8 scales are left out. The
-    model is not modified; unchanged tensors are views of it."""
+    compute dtype. FP8 scales are left out, and the MTP modules unless `mtp` (the engines
+    draft with them). The model is not modified; unchanged tensors are views of it."""
     modules = dict(model.named_modules())
     params = model.state_dict()
     for name, slot in checkpoint_layout(model, model.config).items():
         if (
-            slot.param.startswith("model.mtp.")
+            (slot.param.startswith("model.mtp.") and not mtp)
             or name.endswith("_scale_inv")
             or ADAPTER_TENSOR.search(slot.param)
         ):
@@ -65,12 +67,15 @@ def expert_weight(experts, weight: torch.Tensor, expert: int, proj: str) -> torc
 
 
 @torch.no_grad()
-def sync_weights(model, previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def sync_weights(
+    model, previous: dict[str, torch.Tensor] | None = None, mtp: bool = False
+) -> dict[str, torch.Tensor]:
     """The tensors to push after an optimizer step: HF name -> contiguous CPU copy of each
-    `merged_tensors` entry that differs from `previous` (all of them when it is None; a name
-    missing from it counts as changed). Typical use: `pool.sync(sync_weights(model, pool.weights))`."""
+    `merged_tensors(model, mtp)` entry that differs from `previous` (all of them when it is
+    None; a name missing from it counts as changed). Typical use:
+    `pool.sync(sync_weights(model, pool.weights))`."""
     changed = {}
-    for name, tensor in merged_tensors(model):
+    for name, tensor in merged_tensors(model, mtp):
         current = tensor.detach().to("cpu")
         old = None if previous is None else previous.get(name)
         if (

@@ -8,6 +8,10 @@ whole batch's, over every micro-batch and data-parallel rank, so the summed grad
 of one process holding every group (a rank left with no group contributes zeros). A NaN/inf
 loss or gradient skips the update; `max_nonfinite_in_row` of them in a row stop the run.
 `mismatch_kl` compares the trainer's logprobs of the sampled tokens with the sampler's.
+With `algorithm.mtp_weight` > 0 the MTP loss on the sampled completions (the model's own,
+as SFT trains it), weighted by each micro-batch's share of the batch's completion tokens, is
+added to the policy loss: the rollout engines draft with the MTP modules (speculative
+decoding), and this keeps them predicting the policy's tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from moetune.model.lora import adapters_disabled
 from moetune.rl import algorithms
 from moetune.rl.collector import Groups
 from moetune.rl.data_parallel import DataParallel
-from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
+from moetune.rl.policy_batch import PolicyBatch, build_batch, policy_forward, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,8 @@ class PolicyUpdater:
         device = next(self.model.parameters()).device
         batch = batch.to(device) if batch is not None else None
         parts = self.micro_batches(len(flat))
-        metrics, stats, entropies, loss = {}, [], [], 0.0
+        metrics, stats, entropies, mtp_losses, loss = {}, [], [], [], 0.0
+        mtp_weight = algorithm.mtp_weight or 0.0
         with torch.no_grad():
             old = self.logprobs(policy, batch, parts)
             reference = None
@@ -90,8 +95,12 @@ class PolicyUpdater:
                     continue
                 micro = batch.rows(part)
                 policy.train()
-                logprobs, entropy = token_logprobs(
-                    policy, micro, rollout.temperature, with_entropy=iteration == 0
+                logprobs, entropy, mtp_loss = policy_forward(
+                    policy,
+                    micro,
+                    rollout.temperature,
+                    with_entropy=iteration == 0,
+                    with_mtp=mtp_weight > 0,
                 )
                 micro_loss, stat = algorithms.policy_loss(
                     algorithm.loss,
@@ -109,6 +118,11 @@ class PolicyUpdater:
                     global_tokens=global_tokens,
                     global_rows=global_rows,
                 )
+                if mtp_loss is not None:  # keeps the drafter up with the policy
+                    share = micro.completion_tokens / max(global_tokens, 1)
+                    micro_loss = micro_loss + mtp_weight * share * mtp_loss
+                    if iteration == 0:
+                        mtp_losses.append(float(mtp_loss.detach()))
                 if self.engine.backward(micro_loss):
                     loss += float(micro_loss.detach())
                 stats.append(stat)
@@ -122,6 +136,8 @@ class PolicyUpdater:
         kl = [s.kl for s in stats if s.kl is not None]
         if kl:
             metrics["kl"] = fmean(kl)
+        if mtp_losses:
+            metrics["mtp_loss"] = fmean(mtp_losses)
         tis = [s.tis_weight_mean for s in stats if s.tis_weight_mean is not None]
         if tis:
             metrics["tis_weight_mean"] = fmean(tis)

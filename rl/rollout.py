@@ -106,6 +106,8 @@ class RolloutPool:
     gpu_memory_utilization: vLLM's share of each GPU (ignored on CPU). seed: the engines' own.
     return_routed_experts: Rollouts carry the experts each token was routed to (for routing
     replay; the native engine always reports them, vLLM only on GPU).
+    speculative_tokens: tokens the engines draft per round with the checkpoint's MTP modules
+    (native: moetune.model.speculative; vLLM: `deepseek_mtp` where supported); 0 = off.
 
     remote: addresses ("host:port") of `moetune rollout serve` engines to use instead of
     starting workers here (backend, workers, tensor_parallel_size, dtype and the vLLM options
@@ -131,6 +133,7 @@ class RolloutPool:
         return_routed_experts: bool = False,
         remote: list[str] | None = None,
         authkey: bytes | None = None,
+        speculative_tokens: int = 0,
     ):
         from tokenizers import Tokenizer
 
@@ -186,6 +189,7 @@ class RolloutPool:
                         seed,
                         visible_devices(i, workers, tensor_parallel_size),
                         return_routed_experts,
+                        speculative_tokens,
                     ),
                 )
                 for i in range(workers)
@@ -271,6 +275,13 @@ class RolloutPool:
             len(prompt_ids),
             lambda idx: ("score", [prompt_ids[i] for i in idx], [completion_ids[i] for i in idx]),
         )
+
+    def acceptance_rate(self) -> float | None:
+        """The share of speculative drafts the engines kept since the last call (None: the
+        engines drafted nothing, or do not report it)."""
+        counts = self._run({i: ("drafts",) for i in range(len(self._workers))}).values()
+        proposed = sum(c[0] for c in counts)
+        return sum(c[1] for c in counts) / proposed if proposed else None
 
     def sync(self, weights: dict[str, torch.Tensor]) -> float:
         """Push HF-named tensors (e.g. from `sync_weights`) to every worker, keeping CPU copies

@@ -2,7 +2,9 @@
 
 Prompts of different lengths are left-padded; each step feeds only the new token and the
 cache supplies the past. Returns token ids, the logprob of each generated token under the
-distribution it was sampled from, and why each sequence stopped.
+distribution it was sampled from, and why each sequence stopped. `speculative_tokens=k`
+drafts k tokens per round with the MTP modules and verifies them in one forward
+(moetune.model.speculative): the same distribution, fewer sequential forwards.
 """
 
 from __future__ import annotations

@@ -270,3 +270,36 @@ def test_grpo_and_eval_refuse_speculation_without_mtp_before_any_engine(tmp_path
     message = capsys.readouterr().err
     assert "rollout.speculative_tokens=1" in message and str(no_mtp) in message
     assert not (tmp_path / "out" / "rollout_model").exists()
+
+
+@pytest.mark.integration
+def test_engines_speculate_and_take_mtp_syncs(tmp_path):
+    """Native and vLLM (method mtp) pools with k = 1: greedy tokens equal the trainer's plain
+    greedy; a sync of changed MTP tensors reaches both drafters and leaves the tokens alone;
+    the native engine reports its acceptance rate."""
+    pytest.importorskip("vllm", reason="vLLM is part of the cpu extra that `make test` installs")
+    from tiny_configs import save_biased_tiny_arith
+
+    from moetune.rl.engine_weights import sync_weights
+    from moetune.rl.rollout import RolloutPool, SamplingSpec
+
+    checkpoint = save_biased_tiny_arith(tmp_path / "model", seed=0)
+    trainer = DeepseekV3ForCausalLM.from_pretrained(checkpoint)
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
+    expected = trainer.generate(prompts, max_new_tokens=8).sequences
+    greedy = SamplingSpec(temperature=0.0, max_new_tokens=8)
+    before = sync_weights(trainer, mtp=True)
+    with torch.no_grad():
+        trainer.model.mtp[0].eh_proj.weight.mul_(1.5)
+    changed = sync_weights(trainer, before, mtp=True)
+    assert set(changed) == {f"model.layers.{trainer.config.num_hidden_layers}.eh_proj.weight"}
+    for backend in ("native", "vllm"):
+        with RolloutPool(checkpoint, backend=backend, speculative_tokens=1, timeout_s=120) as pool:
+            got = [group[0].completion_ids for group in pool.generate(prompts, 1, greedy)]
+            assert got == expected, backend
+            if backend == "native":
+                # since the last call: this request's drafts, then none
+                assert 0 <= pool.acceptance_rate() <= 1 and pool.acceptance_rate() is None
+            pool.sync(changed)
+            got = [group[0].completion_ids for group in pool.generate(prompts, 1, greedy)]
+            assert got == expected, backend

@@ -24,6 +24,16 @@ from moetune.config.schema import DataSection, EvalRecipe, EvalSection, ModelSec
 
 
 def run(args) -> int:
+    try:
+        recipe = build_recipe(args)
+    except ValueError as error:  # a section's own check, e.g. a negative --speculative-tokens
+        if isinstance(error, RecipeError):
+            raise
+        raise RecipeError(str(error)) from None
+    return run_recipe(recipe)
+
+
+def build_recipe(args) -> EvalRecipe:
     flags = {
         key: value
         for key, value in (
@@ -76,7 +86,7 @@ def run(args) -> int:
             rewards=rewards_of(args.reward),
             eval=EvalSection(**flags),
         )
-    return run_recipe(recipe)
+    return recipe
 
 
 def column_mapping(text: str | None) -> dict[str, str]:

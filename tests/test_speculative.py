@@ -270,6 +270,15 @@ def test_grpo_and_eval_refuse_speculation_without_mtp_before_any_engine(tmp_path
     message = capsys.readouterr().err
     assert "rollout.speculative_tokens=1" in message and str(no_mtp) in message
     assert not (tmp_path / "out" / "rollout_model").exists()
+    from moetune.model.char_tokenizer import char_tokenizer_fast
+
+    char_tokenizer_fast().save_pretrained(str(no_mtp))
+    evaluate = ["eval", "--model", str(no_mtp), "--data", "builtin:arithmetic", "--limit", "2",
+                "--reward", "math_accuracy", "--output", str(tmp_path / "eval")]  # fmt: skip
+    for k, expected in (("2", str(no_mtp)), ("-1", "must be >= 0")):
+        assert main([*evaluate, "--speculative-tokens", k]) == 2
+        message = capsys.readouterr().err
+        assert "eval.speculative_tokens" in message and expected in message, message
 
 
 @pytest.mark.integration

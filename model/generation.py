@@ -85,9 +85,17 @@ def generate(
         model.eval()
         try:
             decoder = SpeculativeDecoder(
-                model, prompts, speculative_tokens, max_new_tokens, temperature, top_k, top_p,
-                set(stop_token_ids or []), generator, pad_token_id,
-            )  # fmt: skip
+                model,
+                prompts,
+                speculative_tokens,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                set(stop_token_ids or []),
+                generator,
+                pad_token_id,
+            )
             return decoder.run(out, record_routes)
         finally:
             model.train(was_training)

@@ -89,17 +89,23 @@ def leading_accepts(accepted: torch.Tensor) -> torch.Tensor:
 class SpeculativeDecoder:
     """One batched `generate` call with k speculative tokens per round (see the module doc)."""
 
-    def __init__(self, model, prompts, k, max_new_tokens, temperature, top_k, top_p, stop,
-                 generator, pad_token_id):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        prompts: list[list[int]],
+        k: int,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop: set[int] | None = None,
+        generator: torch.Generator | None = None,
+        pad_token_id: int = 0,
+    ):
         check_speculative_tokens(k, model.config)
-        self.model, self.k = model, k
-        self.max_new_tokens, self.temperature, self.top_k, self.top_p = (
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-        )
-        self.stop, self.generator = stop, generator
+        self.model, self.k, self.max_new_tokens = model, k, max_new_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.stop, self.generator = stop or set(), generator
         self.modules = list(model.model.mtp)[: min(k, len(model.model.mtp))]
         config = model.config
         self.device = next(model.parameters()).device

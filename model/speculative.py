@@ -152,14 +152,13 @@ class SpeculativeDecoder:
     # -- the drafter ----------------------------------------------------------------------
     def mtp_forward(self, u, hidden, tokens, positions, visible, start):
         """Module u over [B, S] new positions written at cache slot `start` (attending to
-        `visible` [B, start + S]) -> (block output, head logits), both [B, S, ...]."""
+        `visible` [B, start + S]) -> (block output, normed output for the head), [B, S, H]."""
         module, cache = self.modules[u], self.mtp_caches[u]
         cache.length = start
         cos, sin = self.model.model.rotary(positions)
         mask = build_attention_mask(visible, tokens.shape[1], start, self.device, True)
         embeds = self.model.model.embed_tokens(tokens)
-        h, normed = module(hidden, embeds, cos, sin, mask, cache)
-        return h, self.model.lm_head(normed)
+        return module(hidden, embeds, cos, sin, mask, cache)
 
     def draft(self, hidden, fed, last, correction, start):
         """Draft k tokens after a round that fed `fed` [B, n] at slots [start, start + n),
@@ -172,24 +171,20 @@ class SpeculativeDecoder:
         next_tokens[rows, last] = correction
         visible = self.mask[:, :end]
         positions = (visible.cumsum(-1) - 1).clamp(min=0)
-        block_outputs, first_logits = [], None
-        for u in range(len(self.modules)):  # every module keeps its context of true entries
-            h, logits = self.mtp_forward(
+        for u in reversed(range(len(self.modules))):  # each keeps its context of true entries
+            h, normed = self.mtp_forward(
                 u, hidden, next_tokens, positions[:, start:end], visible, start
             )
-            block_outputs.append(h[rows, last])
-            if u == 0:
-                first_logits = logits[rows, last]
-        q = self.logprobs(first_logits).exp()
+        h_prev = h[rows, last]  # module 0's, the last to run
+        q = self.logprobs(self.model.lm_head(normed[rows, last])).exp()  # the head at one slot
         drafts, dists = [self.sample(q)], [q]
-        h_prev = block_outputs[0]
         position = positions[rows, start + last]
         chained = torch.zeros(len(self.modules), self.batch, self.k, dtype=torch.long)
         chained = chained.to(self.device)
         for s in range(2, self.k + 1):
             u = min(s, len(self.modules)) - 1
             chained[u, :, s - 2] = 1
-            h_prev, logits = self.mtp_forward(
+            h_prev, normed = self.mtp_forward(
                 u,
                 h_prev[:, None],
                 drafts[-1][:, None],
@@ -198,7 +193,7 @@ class SpeculativeDecoder:
                 end + s - 2,
             )
             h_prev = h_prev[:, 0]
-            q = self.logprobs(logits[:, 0]).exp()
+            q = self.logprobs(self.model.lm_head(normed[:, 0])).exp()
             drafts.append(self.sample(q))
             dists.append(q)
         return torch.stack(drafts, 1), torch.stack(dists, 1)
@@ -206,7 +201,8 @@ class SpeculativeDecoder:
     # -- verification -------------------------------------------------------------------
     def verify(self, logits, drafts, q):
         """Main logits [B, k+1, V] against drafts [B, k] from q [B, k, V] -> (kept drafts a
-        [B], new token [B], logprobs of the k + 1 candidate emissions [B, k+1])."""
+        [B], new token [B], the main model's logprobs of the k + 1 candidate emissions
+        [B, k+1], those candidates [B, k+1]: the drafts, the new token at index a)."""
         logp = self.logprobs(logits)
         rows = torch.arange(self.batch, device=self.device)
         if self.temperature > 0:
@@ -256,7 +252,8 @@ class SpeculativeDecoder:
                     self.accepted += int(a.cpu()[~done].sum())
                     slots = torch.arange(n, device=self.device)[None]
                     self.mask[:, start : start + n] *= (slots <= a[:, None]).long()
-                chunks_keep.append(self.mask[:, start : start + n].bool().cpu())
+                if record_routes:
+                    chunks_keep.append(self.mask[:, start : start + n].bool().cpu())
                 self.emit(out, done, emitted.cpu(), logps.cpu(), (a + 1).cpu())
                 if bool(done.all()):
                     break

@@ -55,7 +55,7 @@ def test_one_round_emits_the_target_distribution_exactly(temperature, top_p):
         result = model(decoder.tokens, attention_mask=decoder.mask[:, :3], cache=decoder.cache)
         new = int(result.logits[0, -1].argmax())
         main_next = model(torch.tensor([[1, 2, 3, new]])).logits[0, -1]
-        _, draft_logits = decoder.mtp_forward(
+        _, draft_normed = decoder.mtp_forward(
             0,
             result.hidden_states,
             torch.tensor([[2, 3, new]]),
@@ -63,7 +63,7 @@ def test_one_round_emits_the_target_distribution_exactly(temperature, top_p):
             decoder.mask[:, :3],
             0,
         )
-    pairs.append((main_next, draft_logits[0, -1]))
+    pairs.append((main_next, model.lm_head(draft_normed[0, -1])))
     for p_logits, q_logits in pairs:
         p = sampling_logprobs(p_logits, temperature, 0, top_p).exp()
         q = sampling_logprobs(q_logits, temperature, 0, top_p).exp()

@@ -44,7 +44,7 @@ format: $(STAMP)
 
 # The CPU benchmarks, each printing its ratio against a named peer (about an hour on 2 cores;
 # the GPU ones: bash bench/gpu.sh). Record figures in bench/RESULTS.md.
-BENCHES := moe_layer train_step lora fp8_gemm rewards routing_replay grpo_vs_trl save_memory weight_sync
+BENCHES := moe_layer train_step lora fp8_gemm rewards routing_replay grpo_vs_trl save_memory weight_sync speculative
 bench: $(STAMP)
 	for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 

@@ -233,10 +233,18 @@ class RolloutSection:
     # workers, tensor_parallel_size, dtype are then the servers'); key: $MOETUNE_ROLLOUT_KEY.
     # Data-parallel process r of R uses remote[r::R]: at least one engine each, none shared.
     remote: list[str] = field(default_factory=list)
+    # Speculative decoding: tokens drafted per round by the checkpoint's MTP module(s) and
+    # verified in one forward (native engine; vLLM where it supports deepseek_mtp). The
+    # samples are distributed as without it. 0 = off.
+    speculative_tokens: int = 0
 
     def __post_init__(self):
+        if self.speculative_tokens < 0:
+            raise RecipeError(
+                f"rollout.speculative_tokens={self.speculative_tokens}: must be >= 0 (0 = off)"
+            )
         if self.sync_bucket_mb <= 0:
-            raise ValueError(f"sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
+            raise RecipeError(f"rollout.sync_bucket_mb={self.sync_bucket_mb}: must be > 0")
 
 
 # The epsilons a loss uses when the recipe leaves epsilon_low / epsilon_high unset: DAPO's
@@ -277,6 +285,10 @@ class AlgorithmSection:
     # Replay the experts the rollout engine routed each token to in the trainer's forwards
     # (rollout.backend native; vLLM reports them on GPU only).
     routing_replay: bool = False
+    # Weight of the MTP loss on the sampled completions, added to the policy loss so that
+    # the drafter keeps up with the policy. None: 0.1 with rollout.speculative_tokens > 0,
+    # else 0 (the MTP modules stay frozen).
+    mtp_weight: float | None = None
 
     def __post_init__(self):
         low, high = LOSS_EPSILONS.get(self.loss, DEFAULT_EPSILONS)
@@ -392,6 +404,10 @@ class GRPORecipe:
 
     def __post_init__(self):
         sft_only_expert_parallel(self.model, "grpo")
+        if self.algorithm.mtp_weight is None:
+            self.algorithm.mtp_weight = 0.1 if self.rollout.speculative_tokens else 0.0
+        if self.algorithm.mtp_weight < 0:
+            raise ValueError(f"algorithm.mtp_weight={self.algorithm.mtp_weight}: must be >= 0")
 
 
 @dataclass
@@ -415,6 +431,13 @@ class EvalSection:
     max_new_tokens: int = 64
     pass_threshold: float = 1.0  # weighted reward at which a sample passes
     output_dir: str = "eval_out"
+    speculative_tokens: int = 0  # MTP drafts per round (as rollout.speculative_tokens); 0 = off
+
+    def __post_init__(self):
+        if self.speculative_tokens < 0:
+            raise ValueError(
+                f"eval.speculative_tokens={self.speculative_tokens}: must be >= 0 (0 = off)"
+            )
 
 
 @dataclass

@@ -124,6 +124,7 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
         raise ValueError(f"fp8 must be one of {FP8_MODES}, not {fp8!r}")
     path = Path(path)
     config = config or load_config(path)
+    config.name_or_path = str(path)  # errors name the checkpoint (not written to config.json)
     if fp8 != "frozen":
         config.quantization_config = None  # the weights are held dense
     weight_map = locate_tensors(path)

@@ -2,7 +2,9 @@
 
 Prompts of different lengths are left-padded; each step feeds only the new token and the
 cache supplies the past. Returns token ids, the logprob of each generated token under the
-distribution it was sampled from, and why each sequence stopped.
+distribution it was sampled from, and why each sequence stopped. `speculative_tokens=k`
+drafts k tokens per round with the MTP modules and verifies them in one forward
+(moetune.model.speculative): the same distribution, fewer sequential forwards.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from moetune.model.kv_cache import LatentCache
 from moetune.model.routing_replay import recording_routes
+from moetune.model.speculative import SpeculativeDecoder, check_speculative_tokens
 
 
 @dataclass
@@ -27,6 +30,13 @@ class GenerationOutput:
     logprobs: list[list[float]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
     routed_experts: list[torch.Tensor] | None = None
+    # speculative decoding: drafts proposed to rows still generating, and how many were kept
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -54,13 +64,41 @@ def generate(
     generator: torch.Generator | None = None,
     pad_token_id: int = 0,
     record_routes: bool = False,
+    speculative_tokens: int = 0,
 ) -> GenerationOutput:
     """Sample up to `max_new_tokens` per prompt. temperature 0 means greedy. Logprobs are
     of the distribution actually sampled from (temperature, top-k and top-p applied).
-    record_routes: also return the experts every token was routed to (routing replay)."""
+    record_routes: also return the experts every token was routed to (routing replay).
+    speculative_tokens: k > 0 drafts k tokens per round with the model's MTP modules and
+    verifies them in one forward (moetune.model.speculative); the tokens are distributed as
+    without it (greedy: the same tokens)."""
     prompts = input_ids.tolist() if torch.is_tensor(input_ids) else [list(p) for p in input_ids]
+    check_speculative_tokens(speculative_tokens, model.config)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
+    if speculative_tokens:
+        out = GenerationOutput([[] for _ in prompts], [[] for _ in prompts])
+        out.finish_reasons = ["length"] * len(prompts)
+        if max_new_tokens <= 0:
+            return out
+        was_training = model.training
+        model.eval()
+        try:
+            decoder = SpeculativeDecoder(
+                model,
+                prompts,
+                speculative_tokens,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                set(stop_token_ids or []),
+                generator,
+                pad_token_id,
+            )
+            return decoder.run(out, record_routes)
+        finally:
+            model.train(was_training)
     device = next(model.parameters()).device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     tokens = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=device)

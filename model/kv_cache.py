@@ -7,8 +7,9 @@ import torch
 
 class LatentCache:
     """Holds latent [L, B, T, kv_lora_rank] and k_rope [L, B, T, rope_dim] for `max_len`
-    positions. Layers append in order; `advance(n)` moves the shared write position after
-    all layers of a step have appended n tokens."""
+        positions. Layers append in order; `advance(n)` moves the shared write position after
+        all layers of a step have appended n tokens. `first_layer`: the index of the first layer it
+    holds (a cache of an MTP module's block, whose layer index follows the decoder's)."""
 
     def __init__(
         self,
@@ -19,12 +20,14 @@ class LatentCache:
         rope_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        first_layer: int = 0,
     ):
         self.latent = torch.zeros(
             num_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device
         )
         self.k_rope = torch.zeros(num_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
         self.length = 0
+        self.first_layer = first_layer
 
     @property
     def max_len(self) -> int:
@@ -32,6 +35,7 @@ class LatentCache:
 
     def append(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor):
         """Store [B, S, ...] new entries at the write position; return all entries so far."""
+        layer -= self.first_layer
         end = self.length + latent.shape[1]
         if end > self.max_len:
             raise ValueError(f"LatentCache holds {self.max_len} positions; {end} requested")
@@ -41,6 +45,18 @@ class LatentCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        """Drop the positions where keep [B, length] (bool) is False: each row's kept entries
+        move, in order, to the end of [0, n) (n = the most any row keeps), as left padding
+        does. Returns the new keep mask [B, n]; the write position becomes n."""
+        n = int(keep.sum(1).max())
+        order = torch.argsort(keep.int(), dim=1, stable=True)[:, keep.shape[1] - n :]
+        for store in (self.latent, self.k_rope):
+            index = order[None, :, :, None].expand(store.shape[0], -1, -1, store.shape[-1])
+            store[:, :, :n] = store[:, :, : keep.shape[1]].gather(2, index)
+        self.length = n
+        return keep.gather(1, order)
 
     def bytes_per_token(self) -> int:
         """Cache bytes per token across layers (latent + rope key)."""

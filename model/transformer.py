@@ -57,10 +57,11 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(config, layer_idx)
         self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, next_embeds, cos, sin, mask):
-        """hidden, next_embeds [B, S, hidden] -> (block output, normed output for the head)."""
+    def forward(self, hidden, next_embeds, cos, sin, mask, cache=None):
+        """hidden, next_embeds [B, S, hidden] -> (block output, normed output for the head).
+        cache: a LatentCache holding this block's layer (speculative drafting)."""
         h = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        h = self.block(h, cos, sin, mask)
+        h = self.block(h, cos, sin, mask, cache)
         return h, self.shared_head_norm(h)
 
 
@@ -226,9 +227,12 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         labels=None,
         cache: LatentCache | None = None,
         logits_to_keep: int = 0,
+        mtp_only: bool = False,
         **hf_kwargs,
     ):
         """input_ids [B, S]; labels [B, S] (unshifted, -100 ignored) -> CausalLMOutput.
+        mtp_only: the MTP loss trains the MTP modules only (the trunk's hidden states, the
+        embedding and the head enter it detached), as RL keeps its drafter up to date.
 
         Flags that HF trainers pass (use_cache, return_dict, num_items_in_batch, ...) are
         accepted and ignored; inputs that would change the result are refused."""
@@ -250,7 +254,9 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         out.lm_loss = next_token_loss(logits, labels, shift=1, documents=documents)
         out.loss = out.lm_loss
         if len(self.model.mtp) and self.config.mtp_loss_weight:
-            out.mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, mask, documents)
+            out.mtp_loss = self.mtp_loss(
+                hidden, input_ids, labels, cos, sin, mask, documents, detached=mtp_only
+            )
             out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
         balance = [
             m.mlp.balance_loss
@@ -262,13 +268,22 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
             out.loss = out.loss + self.config.aux_loss_alpha * out.aux_loss
         return out
 
-    def mtp_loss(self, hidden, input_ids, labels, cos, sin, mask, documents=None) -> torch.Tensor:
-        """Mean over depths k of the loss of predicting token i+k+1 at position i."""
+    def mtp_loss(
+        self, hidden, input_ids, labels, cos, sin, mask, documents=None, detached=False
+    ) -> torch.Tensor:
+        """Mean over depths k of the loss of predicting token i+k+1 at position i. detached:
+        no gradient reaches the trunk, the embedding or the head (the MTP modules only)."""
+        embed, head = self.model.embed_tokens, self.lm_head
+        if detached:
+            hidden = hidden.detach()
+            weight = embed.weight.detach()
+            embed = lambda ids: F.embedding(ids, weight)
+            head = lambda x: F.linear(x, self.lm_head.weight.detach())
         losses = []
         for k, module in enumerate(self.model.mtp, start=1):
             next_ids = torch.roll(input_ids, shifts=-k, dims=1)  # t_{i+k}; tail is masked below
-            hidden, normed = module(hidden, self.model.embed_tokens(next_ids), cos, sin, mask)
-            losses.append(next_token_loss(self.lm_head(normed), labels, k + 1, documents))
+            hidden, normed = module(hidden, embed(next_ids), cos, sin, mask)
+            losses.append(next_token_loss(head(normed), labels, k + 1, documents))
         return torch.stack(losses).mean()
 
     # Expert load balancing -------------------------------------------------------------

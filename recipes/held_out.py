@@ -60,6 +60,7 @@ def held_out_recipe(run, model_dir: str, rewards: list[RewardSpec], **given) -> 
             pass_threshold=run.eval.pass_threshold,
             backend=run.rollout.backend,
             max_new_tokens=run.rollout.max_new_tokens,
+            speculative_tokens=run.rollout.speculative_tokens,
         )
     else:
         data, dtype, from_run = run.data, run.model.dtype, {}

@@ -169,7 +169,7 @@ def plan_recipe(recipe) -> RecipePlan:
             gradient_checkpointing=checkpointing,
             optimizer="sgd" if recipe.recipe == "sft" and training.optim == "sgd" else "adamw",
             master_weights_fp32=plan.zero_stage >= 1,
-            train_mtp=recipe.recipe == "sft",
+            train_mtp=recipe.recipe == "sft" or bool(recipe.algorithm.mtp_weight),
             reference_copy=reference,
         )
     except ValueError as error:
@@ -224,6 +224,7 @@ def size_rollout(recipe, model) -> RolloutSizing:
         dtype_bytes=getattr(torch, rollout.dtype).itemsize,
         sequences=sequences,
         max_model_len=rollout.max_model_len,
+        speculative=rollout.speculative_tokens > 0,
     )
     share = GPU_MEMORY_UTILIZATION if vllm else 1.0
     usable = usable_bytes(recipe.plan.device_memory_gb, share)

@@ -12,6 +12,9 @@ the old weights: tensors computed from a trainable parameter (a trained weight, 
 with its adapter, a routed expert with its adapter) and the aux-free bias of a router whose
 weight trains. Under LoRA the frozen base is never in it.
 
+`mtp=True` (speculative decoding: the engines draft with them) sends the MTP modules along,
+under their HF names (`model.layers.{num_hidden_layers + k}.*`).
+
 `adapter_stream(model)` yields the LoRA tensors alone, for engines that apply the adapters
 themselves (the native engine).
 """
@@ -37,15 +40,17 @@ LORA_BASE = ".base_layer.weight"
 Values = Callable[[str], torch.Tensor]  # state-dict name -> its whole tensor
 
 
-def weight_stream(model, trained_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of every decoder tensor as an engine loads it, block by block (MTP
-    modules, not used for generation, and FP8 scales left out); `trained_only`: those an
-    optimizer step can have changed. Tensors are valid until the next one is asked for."""
+def weight_stream(
+    model, trained_only: bool = False, mtp: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every decoder tensor as an engine loads it, block by block (FP8
+    scales left out, and the MTP modules unless `mtp`); `trained_only`: those an optimizer
+    step can have changed. Tensors are valid until the next one is asked for."""
     modules = dict(model.named_modules())
     trained = trained_names(model) if trained_only else None
 
     def wanted(name: str, slot: Slot) -> bool:
-        if slot.param.startswith("model.mtp.") or name.endswith("_scale_inv"):
+        if (slot.param.startswith("model.mtp.") and not mtp) or name.endswith("_scale_inv"):
             return False
         if ADAPTER_TENSOR.search(slot.param):
             return False

@@ -23,6 +23,8 @@ from moetune.data.prompt_template import warn_on_mismatch
 from moetune.rewards import RewardSpec, score
 from moetune.rl.pass_at_k import pass_at_k
 
+EVAL_KEY = "eval.speculative_tokens (--speculative-tokens)"
+
 Sampler = Callable[[list[str], int], list[list[str]]]
 
 
@@ -113,8 +115,10 @@ def native_sampler(
     max_new_tokens: int,
     seed: int,
     dtype: str = "float32",
+    speculative_tokens: int = 0,
 ) -> Sampler:
-    """Sample with moetune's own generate; the tokenizer is the model folder's tokenizer.json."""
+    """Sample with moetune's own generate; the tokenizer is the model folder's tokenizer.json.
+    speculative_tokens: MTP drafts per round (speculative decoding; the same distribution)."""
     import torch
     from tokenizers import Tokenizer
 
@@ -129,6 +133,9 @@ def native_sampler(
         from moetune.model.adapters import load_adapter
 
         load_adapter(model, adapter)
+    from moetune.model.speculative import check_speculative_tokens
+
+    check_speculative_tokens(speculative_tokens, model.config, model_dir, EVAL_KEY)
     eos = model.config.eos_token_id
     stop = eos if isinstance(eos, list) else [eos]
     generator = torch.Generator().manual_seed(seed)
@@ -142,6 +149,7 @@ def native_sampler(
             top_p=top_p,
             stop_token_ids=stop,
             generator=generator,
+            speculative_tokens=speculative_tokens,
         )
         texts = [tokenizer.decode([t for t in seq if t not in stop]) for seq in out.sequences]
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -155,11 +163,13 @@ def evaluate_with_pool(recipe, problems: list[dict], show: Callable[[str], str])
     import tempfile
 
     from moetune.model import load_config
+    from moetune.model.speculative import check_speculative_tokens
     from moetune.rl.rollout import RolloutPool, SamplingSpec
     from moetune.training.merge import merge
 
     settings = recipe.eval
     config = load_config(recipe.model.path)
+    check_speculative_tokens(settings.speculative_tokens, config, recipe.model.path, EVAL_KEY)
     eos = config.eos_token_id
     sampling = SamplingSpec(
         temperature=settings.temperature,
@@ -179,6 +189,7 @@ def evaluate_with_pool(recipe, problems: list[dict], show: Callable[[str], str])
             dtype=recipe.model.dtype,
             max_model_len=min(config.max_position_embeddings, 4096),
             seed=recipe.data.seed,
+            speculative_tokens=settings.speculative_tokens,
         ) as pool:
             return evaluate(
                 problems,
@@ -248,7 +259,12 @@ def evaluate_recipe(recipe) -> EvalReport:
             break
     show = template_renderer(recipe.template, recipe.model.path, data.source, arithmetic)
     if settings.backend == "vllm":
-        report = evaluate_with_pool(recipe, problems, show)
+        try:
+            report = evaluate_with_pool(recipe, problems, show)
+        except ValueError as error:
+            if EVAL_KEY not in str(error):
+                raise
+            raise RecipeError(str(error)) from None
     else:
         try:
             sampler = native_sampler(
@@ -259,8 +275,9 @@ def evaluate_recipe(recipe) -> EvalReport:
                 settings.max_new_tokens,
                 data.seed,
                 recipe.model.dtype,
+                settings.speculative_tokens,
             )
-        except FileNotFoundError as error:  # no tokenizer.json
+        except (FileNotFoundError, ValueError) as error:  # no tokenizer.json; no MTP module
             raise RecipeError(str(error)) from None
         report = evaluate(
             problems, sampler, recipe.rewards, settings.n, settings.pass_threshold, show=show

@@ -35,6 +35,7 @@ from moetune.config.schema import GRPORecipe
 from moetune.data.problems import load_problems, stream_problems
 from moetune.data.prompt_template import warn_on_mismatch
 from moetune.model.moe import MoE
+from moetune.model.speculative import check_speculative_tokens
 from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
 from moetune.rl.collector import Collector
 from moetune.rl.data_parallel import DataParallel
@@ -95,7 +96,20 @@ class GRPOTrainer:
         if not algorithm.update_router:
             for router in model.routers():
                 router.weight.requires_grad_(False)
-        model.model.mtp.requires_grad_(False)  # the policy loss never reaches the MTP modules
+        if not algorithm.mtp_weight:
+            model.model.mtp.requires_grad_(False)  # the policy loss never reaches them
+        else:  # they train on the MTP loss: the drafter of speculative rollouts
+            if not len(model.model.mtp):
+                raise RecipeError(
+                    f"algorithm.mtp_weight={algorithm.mtp_weight}: the model has no MTP "
+                    "module (num_nextn_predict_layers=0) to train; set it to 0"
+                )
+            if not model.config.mtp_loss_weight:
+                model.config.mtp_loss_weight = 1.0  # the forward computes the MTP loss
+            if not algorithm.update_router:
+                for module in model.model.mtp:
+                    if isinstance(module.block.mlp, MoE):
+                        module.block.mlp.gate.weight.requires_grad_(False)
         reference = None
         if algorithm.beta > 0 and lora_spec is None:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -170,6 +184,10 @@ class GRPOTrainer:
         groups = self.with_engines(lambda: self.collector.collect(step))
         version, staleness = self.engine_version, self.policy_version - self.engine_version
         metrics = groups.metrics(time.perf_counter() - started)
+        if self.recipe.rollout.speculative_tokens:
+            acceptance = self.pool.acceptance_rate()  # None: the engines do not report it
+            if acceptance is not None:
+                metrics["acceptance_rate"] = acceptance
         if not self.parallel.sum(len(groups.problems)):
             log.warning("step %d: every group's rewards agreed; nothing to learn from", step)
             metrics["skipped_all_filtered"] = 1.0
@@ -197,8 +215,10 @@ class GRPOTrainer:
         """What the engines load (moetune.rl.engine_weights), block by block: the tensors an
         optimizer step can change, or `everything`; to engines that apply the LoRA adapters
         themselves, the adapters alone. Sharded (ZeRO-3, FSDP2): every rank reads it."""
-        stream = adapter_stream if self.pool.adapter is not None else weight_stream
-        return stream(self.model, trained_only=not everything)
+        if self.pool.adapter is not None:
+            return adapter_stream(self.model, trained_only=not everything)
+        speculating = self.recipe.rollout.speculative_tokens > 0  # the engines draft with MTP
+        return weight_stream(self.model, trained_only=not everything, mtp=speculating)
 
     def sync_rollout_weights(self, everything: bool = False) -> float:
         """Stream the tensors the step changed (`everything`: all) to this rank's engines;
@@ -323,6 +343,12 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model)
     spec = attach_lora(model, recipe.lora, recipe.training.seed)
+    try:  # before any engine starts
+        check_speculative_tokens(
+            rollout.speculative_tokens, model.config, recipe.model.path or recipe.model.config
+        )
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     if recipe.model.path and parallel.is_main:
         warn_on_mismatch(recipe.model.path, recipe.template)
     source = rollout_source(recipe, model, tokenizer, output, write=parallel.is_main)
@@ -342,6 +368,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         remote=remote,
         adapter=spec,
         sync_bucket_mb=rollout.sync_bucket_mb,
+        speculative_tokens=rollout.speculative_tokens,
     )
     with pool:
         trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool, parallel)

@@ -94,14 +94,36 @@ def token_logprobs(
 ) -> tuple[torch.Tensor, float | None]:
     """([B, L-1] logprob of each next token at `temperature` (float32; 0 off the
     completion), mean completion-token entropy or None)."""
+    logprobs, entropy, _ = policy_forward(model, batch, temperature, with_entropy)
+    return logprobs, entropy
+
+
+def policy_forward(
+    model,
+    batch: PolicyBatch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_mtp: bool = False,
+) -> tuple[torch.Tensor, float | None, torch.Tensor | None]:
+    """`token_logprobs`, and with_mtp also the MTP loss (the model's own, as SFT trains it:
+    mean over depths of the cross-entropy of each completion token) from the same forward.
+    It trains the MTP modules only: the policy's trunk, embedding and head enter it detached,
+    so it does not pull the policy towards its own samples."""
     device = next(model.parameters()).device
+    labels = None
+    if with_mtp:
+        targets = batch.input_ids[:, 1:].masked_fill(batch.completion_mask == 0, -100)
+        labels = torch.cat((torch.full_like(targets[:, :1], -100), targets), dim=1).to(device)
     with replaying_routes(model, batch.routes):
-        logits = model(
-            batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-        ).logits
-    logits = logits[:, :-1].float() / max(temperature, 1e-6)
+        out = model(
+            batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            labels=labels,
+            **({"mtp_only": True} if with_mtp else {}),
+        )
+    logits = out.logits[:, :-1].float() / max(temperature, 1e-6)
     targets = batch.input_ids[:, 1:].to(device)
     logprobs = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     mask = batch.completion_mask.to(device)
     entropy = entropy_from_logits(logits.detach(), mask) if with_entropy else None
-    return logprobs * mask, entropy
+    return logprobs * mask, entropy, out.mtp_loss if with_mtp else None

@@ -10,6 +10,10 @@ loss or gradient skips the update; `max_nonfinite_in_row` of them in a row stop 
 `mismatch_kl` compares the trainer's logprobs of the sampled tokens with the sampler's;
 `inspected` keeps, per sequence, what rl.inspection makes of them (advantage, logprob gap,
 router agreement: the routers' own top-k in that forward against the engine's routes).
+With `algorithm.mtp_weight` > 0 the MTP loss on the sampled completions (the model's own,
+as SFT trains it), weighted by each micro-batch's share of the batch's completion tokens, is
+added to the policy loss: the rollout engines draft with the MTP modules (speculative
+decoding), and this keeps them predicting the policy's tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from moetune.rl import algorithms
 from moetune.rl.collector import Groups
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.inspection import Inspected, RouterAgreement
-from moetune.rl.policy_batch import PolicyBatch, build_batch, token_logprobs
+from moetune.rl.policy_batch import PolicyBatch, build_batch, policy_forward, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,8 @@ class PolicyUpdater:
         device = next(self.model.parameters()).device
         batch = batch.to(device) if batch is not None else None
         parts = self.micro_batches(len(flat))
-        metrics, stats, entropies, loss = {}, [], [], 0.0
+        metrics, stats, entropies, mtp_losses, loss = {}, [], [], [], 0.0
+        mtp_weight = algorithm.mtp_weight or 0.0
         agreement = RouterAgreement.of(flat)  # None: the engine reported no routes
         with torch.no_grad():
             old = self.logprobs(policy, batch, parts, agreement)
@@ -98,8 +103,12 @@ class PolicyUpdater:
                     continue
                 micro = batch.rows(part)
                 policy.train()
-                logprobs, entropy = token_logprobs(
-                    policy, micro, rollout.temperature, with_entropy=iteration == 0
+                logprobs, entropy, mtp_loss = policy_forward(
+                    policy,
+                    micro,
+                    rollout.temperature,
+                    with_entropy=iteration == 0,
+                    with_mtp=mtp_weight > 0,
                 )
                 micro_loss, stat = algorithms.policy_loss(
                     algorithm.loss,
@@ -120,6 +129,11 @@ class PolicyUpdater:
                     global_tokens=global_tokens,
                     global_rows=global_rows,
                 )
+                if mtp_loss is not None:  # keeps the drafter up with the policy
+                    share = micro.completion_tokens / max(global_tokens, 1)
+                    micro_loss = micro_loss + mtp_weight * share * mtp_loss
+                    if iteration == 0:
+                        mtp_losses.append(float(mtp_loss.detach()))
                 if self.engine.backward(micro_loss):
                     loss += float(micro_loss.detach())
                 stats.append(stat)
@@ -136,6 +150,8 @@ class PolicyUpdater:
         dual = [s.dual_clip_fraction for s in stats if s.dual_clip_fraction is not None]
         if dual:
             metrics["policy_dual_clip_fraction"] = fmean(dual)
+        if mtp_losses:
+            metrics["mtp_loss"] = fmean(mtp_losses)
         tis = [s.tis_weight_mean for s in stats if s.tis_weight_mean is not None]
         if tis:
             metrics["tis_weight_mean"] = fmean(tis)

@@ -117,6 +117,8 @@ class RolloutPool:
     gpu_memory_utilization: vLLM's share of each GPU (ignored on CPU). seed: the engines' own.
     return_routed_experts: Rollouts carry the experts each token was routed to (for routing
     replay; the native engine always reports them, vLLM only on GPU).
+    speculative_tokens: tokens the engines draft per round with the checkpoint's MTP modules
+    (native: moetune.model.speculative; vLLM: `deepseek_mtp` where supported); 0 = off.
 
     remote: addresses ("host:port") of `moetune rollout serve` engines to use instead of
     starting workers here (backend, workers, tensor_parallel_size, dtype and the vLLM options
@@ -150,6 +152,7 @@ class RolloutPool:
         authkey: bytes | None = None,
         adapter: LoraSpec | None = None,
         sync_bucket_mb: float = 512,
+        speculative_tokens: int = 0,
     ):
         from tokenizers import Tokenizer
 
@@ -213,6 +216,7 @@ class RolloutPool:
                         visible_devices(i, workers, tensor_parallel_size),
                         return_routed_experts,
                         self.adapter,
+                        speculative_tokens,
                     ),
                 )
                 for i in range(workers)
@@ -306,6 +310,13 @@ class RolloutPool:
             len(prompt_ids),
             lambda idx: ("score", [prompt_ids[i] for i in idx], [completion_ids[i] for i in idx]),
         )
+
+    def acceptance_rate(self) -> float | None:
+        """The share of speculative drafts the engines kept since the last call (None: the
+        engines drafted nothing, or do not report it)."""
+        counts = self._run({i: ("drafts",) for i in range(len(self._workers))}).values()
+        proposed = sum(c[0] for c in counts)
+        return sum(c[1] for c in counts) / proposed if proposed else None
 
     def sync(
         self,

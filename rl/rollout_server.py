@@ -117,6 +117,7 @@ def run(args) -> int:
         args.gpu_memory_utilization,
         args.seed,
         return_routed_experts=args.return_routed_experts,
+        speculative_tokens=args.speculative_tokens,
     )
     engine = build_engine(spec)
     info = {
@@ -155,6 +156,12 @@ def add_subcommand(subparsers) -> None:
         help="checkpoint folder (config.json + weights) the engine starts from",
     )
     serve.add_argument("--backend", choices=("vllm", "native"), default="vllm")
+    serve.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=0,
+        help="tokens drafted per round by the checkpoint's MTP modules (0: off)",
+    )
     serve.add_argument(
         "--tensor-parallel-size",
         type=int,

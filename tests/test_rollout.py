@@ -14,10 +14,13 @@ import pytest
 import torch
 from tiny_configs import save_biased_tiny_arith
 
+from moetune.config.build import RecipeError
 from moetune.kernels import dequantize_weight
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.checkpoint import disk_tensors
 from moetune.model.lora import LoraSpec, apply_lora, merge_lora
+from moetune.recipes.loader import load_recipe
+from moetune.recipes.run import resolve
 from moetune.rl.engine_weights import adapter_stream, weight_stream
 from moetune.rl.rollout import EnginesNeedWeights, RolloutPool, SamplingSpec, probe_mismatch_kl
 from moetune.rl.rollout_worker import completion_logprobs
@@ -170,6 +173,10 @@ def test_sampling_spec_and_pool_arguments_are_checked(checkpoint, tmp_path):
         RolloutPool(checkpoint, backend="sglang")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         RolloutPool(tmp_path, backend="native")
+    with pytest.raises(ValueError, match="sync_bucket_mb must be > 0, not 0"):
+        RolloutPool(checkpoint, backend="native", sync_bucket_mb=0)
+    with pytest.raises(RecipeError, match=r"^rollout\.sync_bucket_mb=-1\.0: must be > 0$"):
+        load_recipe(resolve("grpo/arith_tiny"), ["rollout.sync_bucket_mb=-1"])
 
 
 # --- vLLM --------------------------------------------------------------------------------

@@ -155,7 +155,8 @@ def plan_memory(
     expert_parallel: N > 1 holds 1/N of every MoE layer's routed experts (weights, adapters,
     gradients, optimizer states) on each device, outside ZeRO (moetune.model.expert_parallel);
     the device count must be a multiple of N.
-    train_mtp: the MTP blocks run (SFT with mtp_loss_weight > 0; GRPO never runs them).
+    train_mtp: the MTP blocks run (SFT with mtp_loss_weight > 0; GRPO with
+    algorithm.mtp_weight > 0, which keeps the speculative drafter trained).
     reference_copy: a frozen copy of the whole model is held (GRPO's KL reference).
     """
     from moetune.model.experts import RoutedExperts
@@ -377,15 +378,21 @@ def plan_rollout(
     dtype_bytes: int,
     sequences: int,
     max_model_len: int,
+    speculative: bool = False,
 ) -> RolloutPlan:
     """Rollout engines for `model` (as built for training: FP8 bases and LoRA adapters are
-    read off it). vLLM serves a FP8 base in FP8 and skips the MTP blocks; the native engine
+    read off it). vLLM serves a FP8 base in FP8 and skips the MTP blocks (unless
+    `speculative`: its drafter holds them); the native engine
     loads the whole model in `dtype_bytes`. KV cache: `sequences` x `max_model_len` tokens,
     kv_lora_rank + qk_rope_head_dim values per token per layer, in `dtype_bytes`."""
     vllm = backend == "vllm"
     weights = 0
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if "lora" in name or name.endswith("gate.load") or (vllm and ".mtp." in name):
+        if (
+            "lora" in name
+            or name.endswith("gate.load")
+            or (vllm and not speculative and ".mtp." in name)
+        ):
             continue  # adapters are merged into the base; load counts are training-only
         if name.endswith("scale_inv"):
             weights += tensor.numel() * 4 if vllm else 0

@@ -1,0 +1,154 @@
+"""Speculative decoding from the MTP head: acceptance rate and native tokens/s at k = 0, 1, 2.
+
+The model is the tiny DeepSeek-V3 SFT-trained on builtin:arithmetic by sft/arith_tiny.yaml
+(the demo's SFT, its MTP module trained with mtp_loss_weight 0.3) at reduced steps, in a
+temporary folder (or --model: a checkpoint folder with MTP weights and tokenizer.json). The
+prompts are the GRPO recipe's held-out problems, rendered as GRPO shows them. Each
+configuration is timed over the same prompts, the k values alternating every repeat so that
+machine noise hits all alike; tokens_per_s is the median over repeats, speedup the median of
+each repeat's tokens/s against k = 0 (plain decoding) at the same batch size and temperature.
+Every configuration runs once untimed first (the first call at new shapes pays one-time
+costs of seconds). Greedy runs also check that every k gives plain decoding's tokens. One
+JSON line per configuration:
+
+    {"backend": "native", "k": 1, "acceptance": 0.9, "tokens_per_s": ..., "speedup": ...}
+
+    python bench/speculative.py [--model DIR | --sft-steps 300 --keep DIR] [--batch 1 16] \
+        [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def sft_checkpoint(folder: Path, steps: int) -> Path:
+    """The demo's SFT recipe, `steps` optimizer steps, saved to folder."""
+    from moetune.recipes.loader import load_recipe
+    from moetune.recipes.run import execute, resolve
+
+    recipe = load_recipe(
+        resolve("sft/arith_tiny.yaml"),
+        [
+            f"training.output_dir={folder}",
+            f"training.max_steps={steps}",
+            f"training.save_steps={steps}",
+            f"training.eval_steps={steps}",
+            "training.report_to=[]",
+        ],
+    )
+    execute(recipe)
+    return folder
+
+
+def prompts_of(model_dir: Path, count: int) -> list[list[int]]:
+    """The GRPO recipe's first `count` held-out problems, rendered and tokenized."""
+    from tokenizers import Tokenizer
+
+    from moetune.data.arithmetic import arithmetic_spec
+    from moetune.data.problems import load_problems
+    from moetune.recipes.loader import load_recipe
+    from moetune.recipes.run import resolve
+    from moetune.rl.evaluation import template_renderer
+
+    run = load_recipe(resolve("grpo/arith_tiny.yaml"), [f"model.path={model_dir}"])
+    problems = load_problems(run.eval, "eval", "test", count, 0, run.data.arithmetic)
+    show = template_renderer(
+        run.template, str(model_dir), run.eval.source, arithmetic_spec(run.data.arithmetic)
+    )
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return [tokenizer.encode(show(p["prompt"]), add_special_tokens=False).ids for p in problems]
+
+
+def measure(model, prompts, k, temperature, max_new_tokens, stop):
+    start = time.perf_counter()
+    out = model.generate(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        stop_token_ids=stop,
+        generator=torch.Generator().manual_seed(0),
+        speculative_tokens=k,
+    )
+    seconds = time.perf_counter() - start
+    tokens = sum(len(s) for s in out.sequences)
+    return tokens, seconds, out.draft_tokens, out.accepted_draft_tokens, out.sequences
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint folder with MTP weights (default: SFT one)")
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--keep", help="write the SFT checkpoint here (default: a temp folder)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    from moetune.model import DeepseekV3ForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="moetune-bench-spec-") as scratch:
+        folder = (
+            Path(args.model)
+            if args.model
+            else sft_checkpoint(Path(args.keep or scratch), args.sft_steps)
+        )
+        model = DeepseekV3ForCausalLM.from_pretrained(folder).eval()
+        eos = model.config.eos_token_id
+        stop = eos if isinstance(eos, list) else [eos]
+        all_prompts = prompts_of(folder, max(args.batch))
+    for temperature in args.temperature:
+        for batch in args.batch:
+            prompts = all_prompts[:batch]
+            rates = {k: [] for k in args.ks}  # tokens/s per repeat
+            drafted = {k: [0, 0, 0] for k in args.ks}  # drafts, kept, tokens
+            plain = None
+            for k in args.ks:  # warm-up: a first call at new shapes pays one-time costs
+                measure(model, prompts, k, temperature, args.max_new_tokens, stop)
+            for repeat in range(args.repeats):
+                order = args.ks if repeat % 2 == 0 else list(reversed(args.ks))
+                for k in order:
+                    tokens, seconds, drafts, kept, seqs = measure(
+                        model, prompts, k, temperature, args.max_new_tokens, stop
+                    )
+                    if temperature == 0 and k == args.ks[0]:
+                        plain = seqs
+                    if temperature == 0 and plain is not None:
+                        assert seqs == plain, f"k={k}: greedy tokens differ from plain decoding"
+                    rates[k].append(tokens / seconds)
+                    for i, value in enumerate((drafts, kept, tokens)):
+                        drafted[k][i] += value
+            base = rates[args.ks[0]]
+            for k in args.ks:
+                drafts, kept, tokens = drafted[k]
+                # medians: a 2-core machine shared with others stalls now and then
+                speedup = statistics.median(r / b for r, b in zip(rates[k], base))
+                print(
+                    json.dumps(
+                        {
+                            "backend": "native",
+                            "k": k,
+                            "acceptance": round(kept / drafts, 4) if drafts else None,
+                            "tokens_per_s": round(statistics.median(rates[k]), 1),
+                            "speedup": round(speedup, 3),
+                            "batch": batch,
+                            "temperature": temperature,
+                            "tokens_per_row": round(tokens / args.repeats / batch, 1),
+                        }
+                    ),
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

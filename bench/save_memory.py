@@ -81,9 +81,10 @@ class SaveMemory(TrainerCallback):
 def child(overrides: list[str]) -> None:
     from moetune.finetune.sft import run_sft
     from moetune.recipes.loader import load_recipe
-    from moetune.recipes.run import resolve
+    from moetune.recipes.run import leave_process_group, resolve
 
     run_sft(load_recipe(resolve("sft/arith_tiny"), overrides), callbacks=[SaveMemory])
+    leave_process_group()  # as `moetune run` does: gloo's threads can abort an exiting process
 
 
 def measure(engine: str, layers: int, wide: bool, folder: Path) -> list[dict]:

@@ -72,7 +72,7 @@ def child(config_file: str, output: str, bucket_mb: float) -> None:
     import torch
 
     from moetune.recipes.loader import load_recipe
-    from moetune.recipes.run import resolve
+    from moetune.recipes.run import leave_process_group, resolve
     from moetune.rl.data_parallel import DataParallel
     from moetune.rl.engine_weights import weight_stream
     from moetune.rl.grpo import GRPOTrainer, rollout_source
@@ -123,6 +123,7 @@ def child(config_file: str, output: str, bucket_mb: float) -> None:
         ),
         flush=True,
     )
+    leave_process_group()  # as `moetune run` does: gloo's threads can abort an exiting process
 
 
 def measure(engine: str, layers: int, bucket_mb: float, folder: Path) -> dict:

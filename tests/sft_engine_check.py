@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from moetune.finetune.sft import MoESFTTrainer, run_sft
 from moetune.recipes.loader import load_recipe
-from moetune.recipes.run import resolve
+from moetune.recipes.run import leave_process_group, resolve
 
 
 class EngineCheck(TrainerCallback):
@@ -86,3 +86,4 @@ class EngineCheck(TrainerCallback):
 if __name__ == "__main__":
     engine, recipe, *overrides = sys.argv[1:]
     run_sft(load_recipe(resolve(recipe), overrides), [lambda t: EngineCheck(t, engine)])
+    leave_process_group()  # as `moetune run` does: gloo's threads can abort an exiting process

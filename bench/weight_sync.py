@@ -32,15 +32,9 @@ import threading
 import time
 from pathlib import Path
 
+from save_memory import WIDER  # the same mid-size model as the save bench
+
 ROOT = Path(__file__).resolve().parent.parent
-WIDER = {
-    "hidden_size": 512,
-    "intermediate_size": 1024,
-    "moe_intermediate_size": 256,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "num_nextn_predict_layers": 0,
-}
 
 
 class PeakRSS:

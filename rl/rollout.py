@@ -455,16 +455,8 @@ class RolloutPool:
                 f"rollout worker {w} ({self._workers[w].label}) restarted with its "
                 "checkpoint's weights and the pool has no weight source: sync them again"
             )
-        worker = self._workers[w]
         for bucket in weight_group.buckets(self.weight_source(), self.bucket_bytes):
-            worker.send("receive", bucket)
-            try:
-                worker.receive(self.timeout_s)
-            except WorkerFailure as failure:
-                worker.kill()
-                raise RuntimeError(
-                    f"rollout worker {w} ({worker.label}) {failure} while restoring its weights"
-                ) from failure
+            self._ask(self._workers[w], ("receive", bucket), "restoring its weights")
 
     def _wait_ready(self, worker: WorkerProcess) -> None:
         """Wait for a started worker's engine, then form its weight group."""
@@ -498,9 +490,9 @@ class RolloutPool:
             worker.info["backend"],
         )
 
-    def _ask(self, worker: RemoteWorker, request: tuple, doing: str) -> None:
-        """Send one request to a remote engine while (re)connecting it; a RuntimeError names
-        it and what it was `doing` if it fails."""
+    def _ask(self, worker: WorkerProcess | RemoteWorker, request: tuple, doing: str) -> None:
+        """Send one request to an engine while (re)starting it; a RuntimeError names it and
+        what it was `doing` if it fails."""
         worker.send(*request)
         try:
             worker.receive(self.timeout_s)

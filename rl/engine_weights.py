@@ -56,8 +56,9 @@ def weight_stream(
             return False
         return trained is None or bool(sources(name, slot, modules) & trained)
 
+    tensors = model.state_dict(keep_vars=True)
     for block, entries in blocks(model, wanted):
-        with block_values(model, modules[block]) as value:
+        with block_values(model, modules[block], tensors) as value:
             for name, slot in entries:  # a LoRA base goes out merged, under its own name
                 yield name.replace(".base_layer", ""), engine_tensor(name, slot, value, modules)
 
@@ -74,8 +75,9 @@ def adapter_stream(model, trained_only: bool = False) -> Iterator[tuple[str, tor
             trained is None or slot.param in trained
         )
 
+    tensors = model.state_dict(keep_vars=True)
     for block, entries in blocks(model, wanted):
-        with block_values(model, modules[block]) as value:
+        with block_values(model, modules[block], tensors) as value:
             for name, slot in entries:
                 yield name, slot_tensor({slot.param: value(slot.param)}, slot)
 
@@ -93,12 +95,12 @@ def blocks(model, wanted) -> list[tuple[str, list[tuple[str, Slot]]]]:
 
 
 @contextmanager
-def block_values(model, block: torch.nn.Module) -> Iterator[Values]:
+def block_values(model, block: torch.nn.Module, tensors: dict) -> Iterator[Values]:
     """Within the block, value(state-dict name) is that tensor of `block` whole, gathered
-    once per name (moetune.model.gathering; collective when the model is sharded)."""
+    once per name (moetune.model.gathering; collective when the model is sharded).
+    `tensors`: the model's `state_dict(keep_vars=True)`, whose parameters are whole inside."""
     cache: dict[str, torch.Tensor] = {}
     with gathered(model, list(block.modules())):
-        tensors = model.state_dict(keep_vars=True)
 
         def value(name: str) -> torch.Tensor:
             if name not in cache:

@@ -403,7 +403,6 @@ class GRPORecipe:
     plan: PlanSection = field(default_factory=PlanSection)
 
     def __post_init__(self):
-        sft_only_expert_parallel(self.model, "grpo")
         if self.algorithm.mtp_weight is None:
             self.algorithm.mtp_weight = 0.1 if self.rollout.speculative_tokens else 0.0
         if self.algorithm.mtp_weight < 0:
@@ -452,15 +451,12 @@ class EvalRecipe:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
-        sft_only_expert_parallel(self.model, "eval")
-
-
-def sft_only_expert_parallel(model: ModelSection, recipe: str) -> None:
-    if model.expert_parallel != 1:
-        raise ValueError(
-            f"model.expert_parallel: {model.expert_parallel}: expert parallelism is "
-            f"for sft recipes so far; a {recipe} recipe needs 1"
-        )
+        if self.model.expert_parallel != 1:
+            raise ValueError(
+                f"model.expert_parallel: {self.model.expert_parallel}: `moetune eval` runs "
+                "in one process; evaluate an expert-parallel run's saved model with 1 "
+                "(its checkpoints hold every expert)"
+            )
 
 
 SCHEMAS = {"sft": SFTRecipe, "grpo": GRPORecipe, "eval": EvalRecipe}

@@ -15,10 +15,11 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from moetune.model.checkpoint import to_disk_name
-from moetune.model.expert_parallel import expert_adapter, require_full_experts
+from moetune.model.expert_parallel import expert_adapter, own_expert_adapter, sharded_layers
 from moetune.model.gathering import gathered, whole
 from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora
 from moetune.model.moe import MoE
@@ -27,10 +28,11 @@ PREFIX = "base_model.model."
 EXPERT_PROJECTIONS = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
 
 
-def adapter_tensors(model) -> dict[str, torch.Tensor]:
+def adapter_tensors(model, own: bool = False) -> dict[str, torch.Tensor]:
     """PEFT key -> tensor for every adapter in the model. Routed-expert adapters sharded by
     expert parallelism are gathered over their group, the adapters alone (every rank calls
-    it then); the experts' weights stay sharded."""
+    it then); the experts' weights stay sharded. `own`: this rank's expert adapters only,
+    views of its parameters (no collective)."""
     layers = model.config.num_hidden_layers
     tensors = {}
     for name, module in model.named_modules():
@@ -39,13 +41,25 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
             tensors[f"{PREFIX}{disk}.lora_A.weight"] = whole(module.lora_A.weight)
             tensors[f"{PREFIX}{disk}.lora_B.weight"] = whole(module.lora_B.weight)
         elif isinstance(module, MoE) and getattr(module.experts, "lora", None) is not None:
-            expert_ids, stacked = expert_adapter(module)
+            expert_ids, stacked = (own_expert_adapter if own else expert_adapter)(module)
             for slot, expert in enumerate(expert_ids):
                 for short, proj in EXPERT_PROJECTIONS:
                     for half in ("A", "B"):
                         key = f"{PREFIX}{disk}.experts.{expert}.{proj}.lora_{half}.weight"
                         tensors[key] = whole(stacked[f"{short}_{half}"])[slot]
     return tensors
+
+
+def every_rank_keys(model, keys) -> set[str]:
+    """The adapter keys of every rank of this rank's expert-parallel group (collective when
+    the experts are sharded): the keys of the whole adapter."""
+    layers = sharded_layers(model)
+    if not layers:
+        return set(keys)
+    group = layers[0].expert_parallel.groups.ep
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, sorted(keys), group=group)
+    return set().union(*every)
 
 
 def adapter_modules(model) -> list[torch.nn.Module]:
@@ -136,12 +150,12 @@ def load_adapter(model, path) -> LoraSpec:
 def load_adapter_weights(model, path) -> None:
     """Copy the adapter weights saved at `path` into the model's existing adapters. Fails
     naming any missing, unexpected or mis-shaped adapter tensor. Experts sharded by expert
-    parallelism: call it inside `full_experts(model)`."""
-    require_full_experts(model, "loading adapter weights")
-    expected = adapter_tensors(model)
+    parallelism: every rank calls it and loads its own experts' adapters."""
+    expected = adapter_tensors(model, own=True)
+    known = every_rank_keys(model, expected.keys())
     saved = load_file(Path(path) / "adapter_model.safetensors")
-    problems = [f"missing adapter tensor {k!r}" for k in sorted(expected.keys() - saved.keys())]
-    problems += [f"unexpected adapter tensor {k!r}" for k in sorted(saved.keys() - expected.keys())]
+    problems = [f"missing adapter tensor {k!r}" for k in sorted(known - saved.keys())]
+    problems += [f"unexpected adapter tensor {k!r}" for k in sorted(saved.keys() - known)]
     for key in sorted(expected.keys() & saved.keys()):
         if expected[key].shape != saved[key].shape:
             problems.append(

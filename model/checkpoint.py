@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from moetune.kernels import dequantize_weight, quantize_weight
 from moetune.model.config import DeepseekV3Config, load_config
+from moetune.model.expert_parallel import stacked_tensors
 from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
 from moetune.model.gathering import full_shapes, gathered, whole
 from moetune.model.safetensors_stream import SafetensorsStream, TensorEntry
@@ -146,16 +147,50 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
+    fill_from_checkpoint(model, path, weight_map)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, path) -> None:
+    """Copy a checkpoint folder's weights into `model` in place (resuming), one tensor at a
+    time, under the checkpoint_layout that `save_pretrained` writes. A model whose experts
+    are sharded by expert parallelism reads only the experts it holds (no collective)."""
+    path = Path(path)
+    fill_from_checkpoint(model, path, locate_tensors(path))
+
+
+def fill_from_checkpoint(model: torch.nn.Module, path: Path, weight_map: dict[str, str]) -> None:
+    """Copy every checkpoint tensor into its slot of the model (FP8 quantised or dequantised
+    to the slot's dtype). Every model tensor must come from the checkpoint and every
+    checkpoint tensor must fit one; expert-parallel ranks fill their own experts' rows."""
+    config = model.config
     params = model.state_dict()
     layout = checkpoint_layout(model, config)
     copies = mtp_shared_copies(config)
+    shards = own_expert_rows(model)
     names_of_param: dict[str, list[str]] = {}
     for disk_name, slot in layout.items():
         names_of_param.setdefault(slot.param, []).append(disk_name)
     filled: set[str] = set()
     problems: list[str] = []
+
+    def target_of(slot: Slot) -> torch.Tensor | None:
+        """The slot's tensor in this model (None: an expert another rank holds)."""
+        rows = shards.get(slot.param)
+        if rows is None:
+            return slot_tensor(params, slot)
+        if slot.index is None:  # transformers' stacked experts: this rank's rows
+            return params[slot.param]
+        expert, *rest = slot.index
+        if not rows.start <= expert < rows.stop:
+            return None
+        return params[slot.param][(expert - rows.start, *rest)]
+
+    device = str(next(iter(params.values())).device)
     for file in sorted(set(weight_map.values())):
-        with open_shard(path / file, device=str(device)) as shard:
+        with open_shard(path / file, device=device) as shard:
             for disk_name in shard.keys():
                 if disk_name in copies or (
                     disk_name.endswith("_scale_inv") and disk_name not in layout
@@ -168,19 +203,25 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
                 else:
                     problems.append(f"unexpected tensor {disk_name!r} in {file}")
                     continue
-                tensor = shard.get_tensor(disk_name)
-                target = slot_tensor(params, slot)
+                target = target_of(slot)
+                if target is None:
+                    filled.update(covers)
+                    continue
+                if slot.index is None and slot.param in shards:
+                    tensor = shard.get_slice(disk_name)[shards[slot.param]]
+                else:
+                    tensor = shard.get_tensor(disk_name)
                 scale_name = disk_name + "_scale_inv"
                 if target.dtype == torch.float8_e4m3fn and tensor.dtype != torch.float8_e4m3fn:
                     tensor, scale = quantize_weight(tensor)  # bf16 checkpoint, FP8 model
-                    slot_tensor(params, layout[scale_name]).copy_(scale)
+                    target_of(layout[scale_name]).copy_(scale)
                     filled.add(scale_name)
                 elif target.dtype != torch.float8_e4m3fn and tensor.dtype == torch.float8_e4m3fn:
                     if scale_name not in weight_map:
                         problems.append(f"FP8 tensor {disk_name!r} has no {scale_name!r}")
                         continue
                     scale = read_scale(path, weight_map, shard, file, disk_name)
-                    tensor = dequantize_weight(tensor, scale, dtype=dtype)
+                    tensor = dequantize_weight(tensor, scale, dtype=target.dtype)
                 if tuple(target.shape) != tuple(tensor.shape):
                     problems.append(
                         f"shape mismatch for {disk_name!r}: checkpoint "
@@ -189,26 +230,34 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
                     continue
                 target.copy_(tensor)
                 filled.update(covers)
-    missing = sorted(set(layout) - filled)
-    problems += [
-        f"missing tensor {name!r} (model shape {tuple(slot_shape(params, layout[name]))})"
-        for name in missing
-    ]
+    shapes = full_shapes(model)
+    for name in sorted(set(layout) - filled):
+        slot = layout[name]
+        shape = torch.empty(shapes[slot.param], device="meta")[slot.index or ()].shape
+        problems.append(f"missing tensor {name!r} (model shape {tuple(shape)})")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"checkpoint {path} does not match the model:\n  {shown}{more}")
-    model.eval()
-    return model
+
+
+def own_expert_rows(model: torch.nn.Module) -> dict[str, slice]:
+    """State-dict name of every expert-parallel stacked expert tensor -> the global expert
+    rows this rank holds."""
+    rows = {}
+    for name, moe in model.named_modules():
+        shard = getattr(moe, "expert_parallel", None)
+        if shard is not None:
+            for tensor_name, _ in stacked_tensors(moe.experts):
+                rows[f"{name}.experts.{tensor_name}"] = slice(
+                    shard.first, shard.first + shard.count
+                )
+    return rows
 
 
 def slot_tensor(params, slot: Slot) -> torch.Tensor:
     tensor = params[slot.param]
     return tensor if slot.index is None else tensor[slot.index]
-
-
-def slot_shape(params, slot: Slot) -> torch.Size:
-    return slot_tensor(params, slot).shape
 
 
 def locate_tensors(path: Path) -> dict[str, str]:

@@ -253,8 +253,48 @@ def expert_adapter(moe: MoE) -> tuple[list[int], dict[str, torch.Tensor]]:
     if shard is None:
         return lora.expert_ids.tolist(), tensors
     group = shard.groups.ep
-    ids = gather_rows(lora.expert_ids + shard.first, group)
-    return ids.tolist(), {name: gather_rows(t, group) for name, t in tensors.items()}
+    return adapted_experts(moe), {name: gather_rows(t, group) for name, t in tensors.items()}
+
+
+def adapted_experts(moe: MoE) -> list[int]:
+    """Global ids of the experts the layer's routed-expert adapter covers, in its slot order
+    (gathered over the EP group when sharded: collective)."""
+    lora, shard = moe.experts.lora, moe.expert_parallel
+    if shard is None:
+        return lora.expert_ids.tolist()
+    return gather_rows(lora.expert_ids + shard.first, shard.groups.ep).tolist()
+
+
+def own_expert_adapter(moe: MoE) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """This rank's part of the layer's routed-expert adapter: the global ids [S_rank] of the
+    adapted experts it holds and the stacked tensors (name -> [S_rank, ...], the parameters
+    themselves). Local: no collective."""
+    lora, shard = moe.experts.lora, moe.expert_parallel
+    first = 0 if shard is None else shard.first
+    return (lora.expert_ids + first).tolist(), dict(stacked_tensors(lora))
+
+
+@contextmanager
+def full_expert_adapters(layers: list[MoE]):
+    """Within the block the routed-expert adapters of `layers` are whole on every rank (global
+    expert ids), the experts' weights left sharded: for reading the adapters (the layers must
+    not compute inside). Collective: every rank enters."""
+    saved = []
+    for moe in layers:
+        lora, shard = moe.experts.lora, moe.expert_parallel
+        if lora is None or shard is None:
+            continue
+        saved.append((lora, lora.expert_ids, {n: t.data for n, t in stacked_tensors(lora)}))
+        for _, tensor in stacked_tensors(lora):
+            tensor.data = gather_rows(tensor.data, shard.groups.ep)
+        lora.expert_ids = gather_rows(lora.expert_ids + shard.first, shard.groups.ep)
+    try:
+        yield
+    finally:
+        for lora, ids, data in saved:
+            for name, tensor in stacked_tensors(lora):
+                tensor.data = data[name]
+            lora.expert_ids = ids
 
 
 def stacked_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -15,7 +15,12 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from moetune.model.expert_parallel import full_experts, sharded_layers, stacked_tensors
+from moetune.model.expert_parallel import (
+    full_expert_adapters,
+    full_experts,
+    sharded_layers,
+    stacked_tensors,
+)
 from moetune.model.moe import MoE
 
 
@@ -35,10 +40,11 @@ def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 @contextmanager
-def gathered(model: nn.Module, modules: list[nn.Module]):
+def gathered(model: nn.Module, modules: list[nn.Module], experts: bool = True):
     """Within the block, the parameters and buffers that `modules` hold themselves (not their
     children's) are whole on every rank: ZeRO-3 parameters gathered, expert-parallel MoE
-    layers' experts gathered (read DTensors with `whole`)."""
+    layers' experts gathered (read DTensors with `whole`). `experts=False`: of those MoE
+    layers, the routed-expert adapters alone (read-only: the layers must not compute)."""
     with ExitStack() as stack:
         partitioned = [
             p
@@ -52,7 +58,8 @@ def gathered(model: nn.Module, modules: list[nn.Module]):
             stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None))
         moe_layers = [m for m in modules if isinstance(m, MoE) and m.expert_parallel is not None]
         if moe_layers:
-            stack.enter_context(full_experts(model, moe_layers))
+            whole_layers = full_experts(model, moe_layers) if experts else None
+            stack.enter_context(whole_layers or full_expert_adapters(moe_layers))
         yield
 
 

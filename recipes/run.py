@@ -112,7 +112,7 @@ def run(args) -> int:
 def execute(recipe):
     """Run a checked recipe. A training run first leaves its resolved recipe in its output
     folder (`recipe.yaml`), which `moetune eval --model` reads for the run's held-out split."""
-    if recipe.recipe == "sft":  # a launch config SFT cannot train under fails before any write
+    if recipe.recipe != "eval":  # a launch config training cannot run under fails before any write
         from moetune.training.launcher import check_launch
 
         check_launch(recipe.model.expert_parallel)

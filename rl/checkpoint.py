@@ -21,6 +21,7 @@ from moetune.config.build import RecipeError
 from moetune.config.schema import GRPORecipe
 from moetune.data.prompt_template import save_template
 from moetune.model.adapters import load_adapter_weights, save_adapter
+from moetune.model.checkpoint import load_weights
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.policy_update import PolicyUpdater
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
@@ -86,8 +87,9 @@ class Checkpointer:
         self.parallel.barrier()
 
     def save_weights(self, folder: Path) -> None:
-        """The adapter (LoRA) or model, tokenizer and template; every rank calls it (ZeRO-3
-        and FSDP2 shards are gathered one block at a time), the main process writes."""
+        """The adapter (LoRA) or model, tokenizer and template; every rank calls it (ZeRO-3,
+        FSDP2 and expert-parallel shards are gathered one block at a time), the main process
+        writes."""
         write = self.parallel.is_main
         if self.lora_spec is not None:
             save_adapter(self.model, self.lora_spec, folder, self.recipe.model.path, write=write)
@@ -99,14 +101,11 @@ class Checkpointer:
 
     def load(self, folder: Path) -> int:
         """Restore a checkpoint; returns its step."""
-        if not self.engine.checkpoint_holds_weights:
+        if not self.engine.checkpoint_holds_weights:  # expert parallel: each rank its experts
             if self.lora_spec is not None:
                 load_adapter_weights(self.model, folder)
             else:
-                saved = type(self.model).from_pretrained(
-                    folder, dtype=self.model.dtype, config=self.model.config
-                )
-                self.model.load_state_dict(saved.state_dict())
+                load_weights(self.model, folder)
         self.engine.load(folder)
         trainer = torch.load(folder / "trainer.pt", weights_only=False)
         self.scheduler.load_state_dict(trainer["scheduler"])

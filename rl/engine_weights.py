@@ -29,8 +29,10 @@ import torch
 
 from moetune.kernels import dequantize_weight
 from moetune.model.checkpoint import Slot, checkpoint_layout, slot_tensor
+from moetune.model.expert_parallel import adapted_experts
 from moetune.model.fp8 import FrozenFP8Linear
 from moetune.model.gathering import gathered, whole
+from moetune.model.moe import MoE
 
 ADAPTER_TENSOR = re.compile(r"\.lora_[AB]\.|\.lora\.")
 EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -48,13 +50,14 @@ def weight_stream(
     step can have changed. Tensors are valid until the next one is asked for."""
     modules = dict(model.named_modules())
     trained = trained_names(model) if trained_only else None
+    adapted = adapted_expert_ids(model) if trained_only else {}
 
     def wanted(name: str, slot: Slot) -> bool:
         if (slot.param.startswith("model.mtp.") and not mtp) or name.endswith("_scale_inv"):
             return False
         if ADAPTER_TENSOR.search(slot.param):
             return False
-        return trained is None or bool(sources(name, slot, modules) & trained)
+        return trained is None or bool(sources(name, slot, adapted) & trained)
 
     tensors = model.state_dict(keep_vars=True)
     for block, entries in blocks(model, wanted):
@@ -76,8 +79,8 @@ def adapter_stream(model, trained_only: bool = False) -> Iterator[tuple[str, tor
         )
 
     tensors = model.state_dict(keep_vars=True)
-    for block, entries in blocks(model, wanted):
-        with block_values(model, modules[block], tensors) as value:
+    for block, entries in blocks(model, wanted):  # (expert parallel: the adapters gathered)
+        with block_values(model, modules[block], tensors, experts=False) as value:
             for name, slot in entries:
                 yield name, slot_tensor({slot.param: value(slot.param)}, slot)
 
@@ -95,12 +98,15 @@ def blocks(model, wanted) -> list[tuple[str, list[tuple[str, Slot]]]]:
 
 
 @contextmanager
-def block_values(model, block: torch.nn.Module, tensors: dict) -> Iterator[Values]:
+def block_values(
+    model, block: torch.nn.Module, tensors: dict, experts: bool = True
+) -> Iterator[Values]:
     """Within the block, value(state-dict name) is that tensor of `block` whole, gathered
     once per name (moetune.model.gathering; collective when the model is sharded).
-    `tensors`: the model's `state_dict(keep_vars=True)`, whose parameters are whole inside."""
+    `tensors`: the model's `state_dict(keep_vars=True)`, whose parameters are whole inside.
+    `experts=False`: expert-parallel routed experts stay sharded (their adapters are whole)."""
     cache: dict[str, torch.Tensor] = {}
-    with gathered(model, list(block.modules())):
+    with gathered(model, list(block.modules()), experts):
 
         def value(name: str) -> torch.Tensor:
             if name not in cache:
@@ -118,15 +124,25 @@ def trained_names(model) -> set[str]:
     return names | {f"{router}e_score_correction_bias" for router in routers}
 
 
-def sources(name: str, slot: Slot, modules: dict) -> set[str]:
-    """The state-dict names an engine tensor is computed from (its adapter's included)."""
+def adapted_expert_ids(model) -> dict[str, set[int]]:
+    """Routed-experts module name -> the global ids of the experts its adapter covers (expert
+    parallel: gathered over the ranks, collective)."""
+    return {
+        f"{name}.experts": set(adapted_experts(moe))
+        for name, moe in model.named_modules()
+        if isinstance(moe, MoE) and getattr(moe.experts, "lora", None) is not None
+    }
+
+
+def sources(name: str, slot: Slot, adapted: dict[str, set[int]]) -> set[str]:
+    """The state-dict names an engine tensor is computed from (its adapter's included);
+    `adapted`: adapted_expert_ids(model)."""
     if name.endswith(LORA_BASE):
         prefix = slot.param.removesuffix(LORA_BASE)
         return {slot.param, f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"}
     owner_name = slot.param.rpartition(".")[0]
     match = EXPERT_WEIGHT.search(name)
-    lora = getattr(modules[owner_name], "lora", None) if match else None
-    if lora is None or int(match[1]) not in lora.expert_ids.tolist():
+    if not match or int(match[1]) not in adapted.get(owner_name, ()):
         return {slot.param}
     proj = match[2]
     return {slot.param, f"{owner_name}.lora.{proj}_A", f"{owner_name}.lora.{proj}_B"}

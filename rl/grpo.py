@@ -34,6 +34,7 @@ from moetune.config.build import RecipeError
 from moetune.config.schema import GRPORecipe
 from moetune.data.problems import load_problems, stream_problems
 from moetune.data.prompt_template import warn_on_mismatch
+from moetune.model.expert_parallel import expert_parallel_size
 from moetune.model.moe import MoE
 from moetune.model.speculative import check_speculative_tokens
 from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
@@ -162,10 +163,10 @@ class GRPOTrainer:
             self.updater,
             parallel,
         )
-        self.eval_problems = None
+        self.eval_problems = None  # this rank's share of the held-out problems
         if recipe.eval.every:
-            self.eval_problems = load_problems(
-                recipe.eval, "eval", "test", recipe.eval.limit, 0, data.arithmetic
+            self.eval_problems = parallel.shard(
+                load_problems(recipe.eval, "eval", "test", recipe.eval.limit, 0, data.arithmetic)
             )
         self.history = ExpertLoadHistory(
             [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
@@ -281,22 +282,28 @@ class GRPOTrainer:
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Greedy accuracy on the held-out problems, through the rollout engines."""
+        """Greedy accuracy on the held-out problems, each rank's share through its rollout
+        engines. Every rank calls it."""
         problems, collector = self.eval_problems, self.collector
-        groups = self.with_engines(
-            lambda: self.pool.generate(
-                collector.encode(problems), 1, collector.sampling(0, 0, greedy=True)
+        correct = 0.0
+        if problems:
+            groups = self.with_engines(
+                lambda: self.pool.generate(
+                    collector.encode(problems), 1, collector.sampling(0, 0, greedy=True)
+                )
             )
-        )
-        totals, _, _ = collector.rewards(problems, groups, step)
-        threshold = self.recipe.eval.pass_threshold
-        return {"eval/accuracy": float((totals.flatten() >= threshold).float().mean())}
+            totals, _, _ = collector.rewards(problems, groups, step)
+            correct = float((totals.flatten() >= self.recipe.eval.pass_threshold).sum())
+        else:
+            self.with_engines(lambda: None)  # (joins a resync of the other ranks' engines)
+        total = self.parallel.sum(len(problems))
+        return {"eval/accuracy": self.parallel.sum(correct) / max(total, 1)}
 
 
 def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path, write: bool = True) -> Path:
     """The folder the rollout engines start from: the checkpoint itself when it holds a
-    tokenizer.json, else the policy's current weights written (unless `write` is False) to
-    output/rollout_model."""
+    tokenizer.json, else the policy's current weights written (by the process with `write`;
+    expert parallel: gathered one layer at a time by every rank) to output/rollout_model."""
     if (
         recipe.model.path
         and (Path(recipe.model.path) / "tokenizer.json").exists()
@@ -304,16 +311,17 @@ def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path, write: bo
     ):
         return Path(recipe.model.path)
     folder = output / "rollout_model"
-    if not write:
+    if not write and expert_parallel_size(model) == 1:
         return folder
     with torch.no_grad():
         merged = copy.deepcopy(model)
         if recipe.lora is not None:
             from moetune.model.lora import merge_lora
 
-            merge_lora(merged)
-        merged.save_pretrained(folder)
-    tokenizer.save_pretrained(str(folder))
+            merge_lora(merged)  # (expert parallel: each rank's own experts)
+        merged.save_pretrained(folder, write=write)
+    if write:
+        tokenizer.save_pretrained(str(folder))
     return folder
 
 
@@ -408,7 +416,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         )
         for step in bar:
             metrics = trainer.step(step)
-            if trainer.eval_problems and step % recipe.eval.every == 0 and main:
+            if trainer.eval_problems is not None and step % recipe.eval.every == 0:
                 metrics |= trainer.evaluate(step)
             if main and (
                 step % recipe.training.logging_steps == 0 or step == recipe.training.max_steps

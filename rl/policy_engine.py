@@ -3,7 +3,10 @@ optimizer step, weight gathering and optimizer checkpoint (`policy_engine` picks
 
 - `ReplicatedEngine`: AdamW on every rank's full replica, gradients summed over the
   data-parallel ranks (rl.data_parallel) before the step: one process, or
-  `accelerate launch` with recipes/accelerate/ddp.yaml (or torchrun).
+  `accelerate launch` with recipes/accelerate/ddp.yaml (or torchrun). With
+  `model.expert_parallel` N the routed experts are sharded instead (moetune.model.
+  expert_parallel): each rank holds and steps its own experts, whose gradients the experts'
+  hooks have already reduced; the rest is replicated as without.
 - `DeepSpeedZeroEngine`: a DeepSpeed ZeRO-2/3 engine around the same AdamW, picked when the
   launcher says DeepSpeed (`accelerate launch --config_file recipes/accelerate/zero3.yaml`):
   optimizer states and gradients (ZeRO-2) and the parameters too (ZeRO-3) are sharded over
@@ -32,12 +35,18 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from moetune.config.build import RecipeError
 from moetune.config.schema import GRPOTrainingSection
+from moetune.model.expert_parallel import (
+    clip_grad_norm_,
+    expert_parallel_size,
+    local_expert_parameters,
+)
 from moetune.rl.data_parallel import DataParallel
 from moetune.training.launcher import deepspeed_launch, fsdp_launch
 
@@ -50,9 +59,10 @@ def new_adamw(model: torch.nn.Module, training: GRPOTrainingSection) -> torch.op
     )
 
 
-def finite_norm_step(adamw: torch.optim.AdamW, parameters: list, max_norm: float) -> float:
-    """Clip to max_norm and step unless the norm is NaN/inf; the norm (nan when skipped)."""
-    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+def finite_norm_step(adamw: torch.optim.AdamW, clip: Callable[[], torch.Tensor]) -> float:
+    """Clip (`clip()` clips the gradients and returns their norm) and step unless the norm
+    is NaN/inf; the norm (nan when skipped)."""
+    norm = clip()
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     if math.isfinite(norm):
         adamw.step()
@@ -62,11 +72,12 @@ def finite_norm_step(adamw: torch.optim.AdamW, parameters: list, max_norm: float
 
 class ReplicatedEngine:
     """AdamW on this rank's full replica, gradients summed over data-parallel ranks; `policy`
-    is the model itself."""
+    is the model itself. Expert parallel: the routed experts are this rank's shard, every
+    forward is collective (`lockstep`), syncs and saves gather one layer at a time (no rank
+    holds every expert: not `holds_full_weights`) and each rank saves its own optimizer
+    state."""
 
-    lockstep = False
     checkpoint_holds_weights = False  # `save` writes the optimizer state only
-    holds_full_weights = True
 
     def __init__(
         self, model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel
@@ -74,6 +85,12 @@ class ReplicatedEngine:
         self.model, self.policy, self.adamw = model, model, new_adamw(model, training)
         self.parameters = [p for group in self.adamw.param_groups for p in group["params"]]
         self.max_grad_norm, self.parallel = training.max_grad_norm, parallel
+        own = {id(p) for p in local_expert_parameters(model)}
+        self.own_experts = [p for p in self.parameters if id(p) in own]
+        self.replicated = [p for p in self.parameters if id(p) not in own]
+        self.expert_parallel = expert_parallel_size(model) > 1
+        self.lockstep = self.expert_parallel
+        self.holds_full_weights = not self.expert_parallel
 
     def prepare_reference(self, reference: torch.nn.Module) -> torch.nn.Module:
         return reference
@@ -84,15 +101,31 @@ class ReplicatedEngine:
 
     def step(self) -> float:
         """Sum, clip and step; a NaN/inf gradient norm skips the step. The norm (nan if skipped)."""
-        self.parallel.sum_gradients(self.parameters)
-        return finite_norm_step(self.adamw, self.parameters, self.max_grad_norm)
+        self.parallel.sum_gradients(self.replicated)
+        for p in self.own_experts:  # reduced by their hooks as DDP would: to the mean over
+            if p.grad is not None:  # ranks; the trainer's losses add up over ranks
+                p.grad.mul_(self.parallel.world_size)
+        return finite_norm_step(self.adamw, lambda: clip_grad_norm_(self.model, self.max_grad_norm))
 
     def save(self, folder: Path) -> None:
-        if self.parallel.is_main:
-            torch.save(self.adamw.state_dict(), folder / "optimizer.pt")
+        if self.expert_parallel or self.parallel.is_main:
+            torch.save(self.adamw.state_dict(), self.optimizer_file(folder))
 
     def load(self, folder: Path) -> None:
-        self.adamw.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        file = self.optimizer_file(folder)
+        if not file.exists():
+            raise RecipeError(
+                f"training.resume_from_checkpoint: {folder} has no {file.name}: an "
+                "expert-parallel run resumes with the world size and model.expert_parallel "
+                "that saved it"
+            )
+        self.adamw.load_state_dict(torch.load(file, weights_only=False))
+
+    def optimizer_file(self, folder: Path) -> Path:
+        """optimizer.pt; expert parallel: each rank's (its experts' moments are its own)."""
+        if not self.expert_parallel:
+            return folder / "optimizer.pt"
+        return folder / f"optimizer.rank{self.parallel.rank}-of-{self.parallel.world_size}.pt"
 
 
 class DeepSpeedZeroEngine:
@@ -230,7 +263,9 @@ class FSDP2Engine:
         return True
 
     def step(self) -> float:
-        return finite_norm_step(self.adamw, self.parameters, self.max_grad_norm)
+        return finite_norm_step(
+            self.adamw, lambda: torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        )
 
     def save(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp

@@ -364,12 +364,17 @@ def test_expert_parallel_needs_an_initialised_world(monkeypatch):
         load_model(ModelSection(config="tiny_arith", expert_parallel=0))
 
 
-def test_expert_parallel_is_an_sft_recipe_key():
-    assert (
-        load_recipe(
-            RECIPES / "sft/arith_tiny.yaml", ["model.expert_parallel=2"]
-        ).model.expert_parallel
-        == 2
+def test_expert_parallel_is_a_training_recipe_key():
+    for recipe in ("sft/arith_tiny.yaml", "grpo/arith_tiny.yaml"):
+        loaded = load_recipe(RECIPES / recipe, ["model.expert_parallel=2"])
+        assert loaded.model.expert_parallel == 2
+
+
+def test_eval_refuses_expert_parallel(tmp_path):
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(
+        "recipe: eval\nmodel: {path: m}\ndata: {source: 'builtin:arithmetic'}\n"
+        "rewards: [{name: math_accuracy}]\n"
     )
-    with pytest.raises(RecipeError, match="model.expert_parallel: 2: .* a grpo recipe needs 1"):
-        load_recipe(RECIPES / "grpo/arith_tiny.yaml", ["model.expert_parallel=2"])
+    with pytest.raises(RecipeError, match="model.expert_parallel: 2: `moetune eval` runs in one"):
+        load_recipe(recipe, ["model.expert_parallel=2"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from test_rollout_remote import KEY, Server
 from tiny_configs import save_biased_tiny_arith
 
@@ -28,7 +29,7 @@ from moetune.rl.data_parallel import DataParallel
 from moetune.rl.engine_weights import weight_stream
 from moetune.rl.grpo import GRPOTrainer
 from moetune.rl.rollout import Rollout
-from moetune.training.model_loading import load_model, load_tokenizer
+from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
 
 pytestmark = pytest.mark.integration  # accelerate launches
 
@@ -76,7 +77,8 @@ def fresh_model(loss: str, *overrides: str):
 
 def new_trainer(parallel: DataParallel, loss: str, *overrides: str) -> GRPOTrainer:
     recipe, model = fresh_model(loss, *overrides)
-    return GRPOTrainer(recipe, model, load_tokenizer(recipe.model), None, None, parallel)
+    spec = attach_lora(model, recipe.lora, recipe.training.seed)
+    return GRPOTrainer(recipe, model, load_tokenizer(recipe.model), spec, None, parallel)
 
 
 def share_of(groups: Groups, rows: slice) -> Groups:
@@ -104,18 +106,21 @@ REINFORCE_PP = "algorithm.advantage=reinforce_pp"
 KL = "algorithm.beta=0.04"  # a frozen reference model (sharded too), which the second update feels
 
 
-def two_updates(parallel: DataParallel, rows: slice, folder: Path) -> dict:
+def two_updates(parallel: DataParallel, rows: slice, folder: Path, *overrides: str) -> dict:
     """Two dapo updates on this rank's `rows` of the groups with a checkpoint between them:
     {"weights", "metrics"} after the second, and "resumed": the weights after a fresh trainer
     restored from the checkpoint took the second update."""
     share = share_of(fixed_groups(4, 4), rows)
-    trainer = new_trainer(parallel, "dapo", KL)
+    trainer = new_trainer(parallel, "dapo", KL, *overrides)
+    if "model.expert_parallel=2" in overrides:  # each rank holds half of every layer's experts
+        moe = trainer.model.model.layers[1].mlp
+        assert (moe.expert_parallel.first, moe.experts.num_experts) == (8 * parallel.rank, 8)
     trainer.updater.update(share)
     trainer.checkpointer.save(folder, 1)
     result = {"metrics": trainer.updater.update(share), "weights": full_weights(trainer)}
     # what a weight sync streams, one block gathered at a time from the shards
     result["stream"] = {n: t.clone() for n, t in weight_stream(trainer.model, trained_only=True)}
-    restored = new_trainer(parallel, "dapo", KL)
+    restored = new_trainer(parallel, "dapo", KL, *overrides)
     restored.checkpointer.load(folder)
     restored.updater.update(share)
     return result | {"resumed": full_weights(restored)}
@@ -137,6 +142,14 @@ LAUNCHERS = {
     "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
     "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
     "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+}
+
+
+# model.expert_parallel: 2 over the 2 ranks (DDP for the rest), full fine-tuning and LoRA
+LORA = ("lora.rank=4", "lora.components=[attention, routed_experts]")
+EXPERT_PARALLEL = {
+    "ep": ("model.expert_parallel=2",),
+    "ep-lora": ("model.expert_parallel=2", *LORA),
 }
 
 
@@ -169,18 +182,26 @@ def rank_main(rank: int, store: str, out: str) -> None:
         results[name] = two_updates(
             parallel, slice(0, 3) if rank == 0 else slice(3, 4), Path(out).parent / name
         )
+    for launcher in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        os.environ.pop(launcher, None)
+    for name, overrides in EXPERT_PARALLEL.items():  # each rank runs half of the experts
+        results[name] = two_updates(
+            parallel, slice(0, 3) if rank == 0 else slice(3, 4), Path(out).parent / name, *overrides
+        )
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
 
 
 def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_path):
-    """Two ranks on unequal shares of the groups, under DDP, ZeRO-2, ZeRO-3 and FSDP2, with a
-    KL reference: the steps of one process holding every group (dapo divides by the tokens of
-    all ranks; grpo, checked under DDP, by their sequences; under DDP too, reinforce_pp
-    advantages normalised over both ranks' groups). Each launcher's checkpoint
-    (trainer.pt; DeepSpeed's per-rank shards; torch.distributed.checkpoint) restores the
-    weights and Adam moments: the next update lands on the same weights."""
+    """Two ranks on unequal shares of the groups, under DDP, ZeRO-2, ZeRO-3, FSDP2 and expert
+    parallelism (2 ranks sharing out the experts; full and LoRA), with a KL reference (LoRA:
+    the adapter-disabled policy): the steps of one process holding every group (dapo divides
+    by the tokens of all ranks; grpo, checked under DDP, by their sequences; under DDP too,
+    reinforce_pp advantages normalised over both ranks' groups). Each launcher's checkpoint
+    (trainer.pt; DeepSpeed's per-rank shards; torch.distributed.checkpoint; each
+    expert-parallel rank's own experts and optimizer file) restores the weights and Adam
+    moments: the next update lands on the same weights."""
     mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path / "ranks.pt")), nprocs=2)
     parallel = torch.load(tmp_path / "ranks.pt", weights_only=False)
     assert parallel["sums"] == ([3.0, 3.0], [1.0, 1.0], None)  # no gradient anywhere: still None
@@ -191,36 +212,44 @@ def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_p
     assert single["metrics"]["kl"] > 1e-4  # the policy has moved off the reference
     initial = fresh_model("dapo")[1].state_dict()
     assert sum(not torch.equal(initial[k], v) for k, v in single["weights"].items()) > 10
-    for name in LAUNCHERS:
+    single_lora = two_updates(DataParallel(), slice(0, 4), tmp_path / "single-lora", *LORA)
+    baselines = {name: single for name in [*LAUNCHERS, "ep"]} | {"ep-lora": single_lora}
+    for name, baseline in baselines.items():
         assert_same_step(
             (parallel[name]["weights"], parallel[name]["metrics"]),
-            (single["weights"], single["metrics"]),
+            (baseline["weights"], baseline["metrics"]),
         )
         for key, tensor in parallel[name]["weights"].items():
             torch.testing.assert_close(
                 parallel[name]["resumed"][key], tensor, rtol=0, atol=1e-7, msg=f"{name}: {key}"
             )
-        assert parallel[name]["stream"].keys() == single["stream"].keys()
-        for key, tensor in single["stream"].items():
+        assert parallel[name]["stream"].keys() == baseline["stream"].keys()
+        for key, tensor in baseline["stream"].items():
             torch.testing.assert_close(
                 parallel[name]["stream"][key], tensor, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}"
             )
-    for key, tensor in single["weights"].items():
-        torch.testing.assert_close(single["resumed"][key], tensor, rtol=0, atol=0, msg=key)
+    for baseline in (single, single_lora):
+        for key, tensor in baseline["weights"].items():
+            torch.testing.assert_close(baseline["resumed"][key], tensor, rtol=0, atol=0, msg=key)
+    # LoRA: the stream holds the merged attention and expert weights (the adapters' sources)
+    assert any(".experts.5.down_proj" in key for key in single_lora["stream"])
 
 
-def launch(out: Path, *overrides: str) -> list[dict]:
-    """`accelerate launch` of grpo/arith_tiny with zero3.yaml on 2 CPU processes (no
-    ACCELERATE_USE_CPU: the launcher's own DeepSpeed settings); the metrics."""
+def launch(out: Path, *overrides: str, config: str = "zero3") -> list[dict]:
+    """`accelerate launch` of grpo/arith_tiny with recipes/accelerate/{config}.yaml on 2 CPU
+    processes (zero3: no ACCELERATE_USE_CPU, the launcher's own DeepSpeed settings; ddp:
+    ACCELERATE_USE_CPU, as that config's header says for CPU); the metrics."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MOETUNE_ROLLOUT_KEY=KEY)
     env.pop("ACCELERATE_USE_CPU", None)
+    if config == "ddp":
+        env["ACCELERATE_USE_CPU"] = "true"
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
         [
             str(accelerate),
             "launch",
             "--config_file",
-            "recipes/accelerate/zero3.yaml",
+            f"recipes/accelerate/{config}.yaml",
             "--num_processes",
             "2",
             "--main_process_port",
@@ -248,15 +277,21 @@ def launch(out: Path, *overrides: str) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_path):
-    """Each of the 2 processes samples from a `moetune rollout serve` engine of its own, which
-    starts from other weights: the gathered ZeRO-3 weights reach it over gloo on connect and
-    after each step (the sampler's logprobs equal the trainer's)."""
-    rewards = tmp_path / "rewards.py"
+def digits_reward(folder: Path) -> str:
+    """A `rewards=` override: the share of digits in a completion (the tiny random model's
+    completions vary in it, so groups have advantages)."""
+    rewards = folder / "rewards.py"
     rewards.write_text(
         "def digits(prompts, completions, **columns):\n"
         "    return [sum(c.isdigit() for c in text) / len(text) for text in completions]\n"
     )
+    return f"rewards=[{{name: '{rewards}:digits'}}]"
+
+
+def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_path):
+    """Each of the 2 processes samples from a `moetune rollout serve` engine of its own, which
+    starts from other weights: the gathered ZeRO-3 weights reach it over gloo on connect and
+    after each step (the sampler's logprobs equal the trainer's)."""
     served = save_biased_tiny_arith(tmp_path / "served", seed=1)
     servers = [Server(served, tmp_path) for _ in range(2)]
     try:
@@ -265,7 +300,7 @@ def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_pa
         out = tmp_path / "run"
         rows = launch(
             out,
-            f"rewards=[{{name: '{rewards}:digits'}}]",
+            digits_reward(tmp_path),
             f"rollout.remote=[{','.join(server.address for server in servers)}]",
         )
     finally:
@@ -299,3 +334,35 @@ def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_pa
     total = sum(p.numel() for p in DeepseekV3ForCausalLM.from_pretrained(out).parameters())
     assert held[0] == held[1] and 0 < held[0] <= total / 2, (held, total)
     assert (out / "model-00001-of-00001.safetensors").exists()
+
+
+def test_expert_parallel_grpo_trains_on_local_engines_and_saves_every_expert(tmp_path):
+    """`model.expert_parallel: 2` over 2 processes, LoRA on attention and routed experts: each
+    rank holds half of every layer's experts, its native engine gets the whole adapter (its
+    experts' part gathered over the ranks) and samples exactly from the trainer's policy;
+    the held-out eval runs on both ranks' engines; each rank writes its own optimizer file and
+    the saved adapter holds every expert."""
+    out = tmp_path / "run"
+    rows = launch(
+        out,
+        "model.expert_parallel=2",
+        *LORA,
+        digits_reward(tmp_path),
+        "training.learning_rate=1e-2",
+        "eval.every=2",
+        "eval.limit=6",
+        config="ddp",
+    )
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(abs(r["mismatch_kl"]) < 1e-4 and r["grad_norm"] > 0 for r in rows)
+    assert all(r["router_agreement"] > 0.99 for r in rows)
+    assert all(r["sync_megabytes"] > 0 for r in rows)  # the adapter, each step
+    assert 0 <= rows[1]["eval/accuracy"] <= 1
+    checkpoint = out / "checkpoint-1"
+    assert sorted(p.name for p in checkpoint.glob("optimizer*.pt")) == [
+        "optimizer.rank0-of-2.pt",
+        "optimizer.rank1-of-2.pt",
+    ]
+    saved = load_file(out / "adapter_model.safetensors")
+    experts = {int(k.split(".experts.")[1].split(".")[0]) for k in saved if ".experts." in k}
+    assert experts == set(range(16))  # both ranks' experts, in one file

@@ -30,7 +30,8 @@ from moetune.data.prompt_template import few_shot_examples, save_template, sft_r
 from moetune.data.sft_data import load_sft_datasets
 from moetune.data.sources import column_names
 from moetune.model.adapters import load_adapter_weights, save_adapter
-from moetune.model.expert_parallel import clip_grad_norm_, expert_parallel_size, full_experts
+from moetune.model.checkpoint import load_weights
+from moetune.model.expert_parallel import clip_grad_norm_, expert_parallel_size
 from moetune.model.lora import LoraSpec
 from moetune.model.moe import MoE
 from moetune.training.expert_load import ExpertLoadHistory
@@ -127,14 +128,10 @@ class MoESFTTrainer(SFTTrainer):
         if self.is_fsdp_enabled:  # the checkpoint's sharded (DCP) weights
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.accelerator.unwrap_model(model or self.model)
-        with full_experts(model):  # expert parallel: load all experts, keep this rank's
-            if self.lora_spec is not None:
-                load_adapter_weights(model, resume_from_checkpoint)
-                return
-            saved = type(model).from_pretrained(
-                resume_from_checkpoint, dtype=model.dtype, config=model.config
-            )
-            model.load_state_dict(saved.state_dict())
+        if self.lora_spec is not None:  # expert parallel: each rank reads its own experts'
+            load_adapter_weights(model, resume_from_checkpoint)
+        else:
+            load_weights(model, resume_from_checkpoint)
 
 
 class MoEBookkeeping(TrainerCallback):

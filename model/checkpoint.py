@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from moetune.kernels import dequantize_weight, quantize_weight
 from moetune.model.config import DeepseekV3Config, load_config
-from moetune.model.expert_parallel import stacked_tensors
+from moetune.model.expert_parallel import shard_experts, stacked_tensors
 from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
 from moetune.model.gathering import full_shapes, gathered, whole
 from moetune.model.safetensors_stream import SafetensorsStream, TensorEntry
@@ -113,10 +113,13 @@ def mtp_shared_copies(config: DeepseekV3Config) -> dict[str, str]:
     return copies
 
 
-def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, fp8=None):
+def load_pretrained(
+    cls, path, dtype=torch.float32, device="cpu", config=None, fp8=None, expert_parallel=None
+):
     """Build `cls` from a checkpoint folder, reading one tensor at a time (peak memory:
     the model plus the largest tensor). Every model tensor must come from the checkpoint and
-    every checkpoint tensor must fit one.
+    every checkpoint tensor must fit one. `expert_parallel` (ExpertParallelGroups): the
+    routed experts are sharded before any is read, and each rank reads its own.
 
     fp8=None: FP8 weights are dequantised to `dtype`. fp8="frozen": the decoder's linears
     and routed experts hold FP8 weights as stored (a bf16 checkpoint is quantised on load).
@@ -143,6 +146,8 @@ def load_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None, f
             to_frozen_fp8(model)
         elif fp8 == "train":
             to_fp8_training(model)
+        if expert_parallel is not None:  # (shapes only: nothing to broadcast yet)
+            shard_experts(model, expert_parallel, broadcast=False)
     model.to_empty(device=device)
     for module in model.modules():
         if hasattr(module, "reset_buffers"):

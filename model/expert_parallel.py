@@ -25,10 +25,11 @@ as DDP leaves every other one, the mean over all ranks of each rank's loss gradi
 Gradient clipping must count every expert once: use `clip_grad_norm_` here. FSDP and
 DeepSpeed do not know of the sharding: EP composes with DDP (or none) only.
 
-Checkpoints: `save_pretrained` gathers one MoE layer's experts at a time itself (every rank
-calls it, one writes). `save_adapter`, `load_state_dict` and `apply_lora` need the full
-experts; run them inside `with full_experts(model):` on every rank (the collectives need
-all of them; let rank 0 alone write files). Within the block each rank holds every expert.
+Checkpoints: `save_pretrained` gathers one MoE layer's experts at a time itself, and
+`save_adapter` the expert adapters alone (every rank calls them, one writes);
+`from_pretrained(expert_parallel=groups)`, `load_weights` and `load_adapter_weights` read
+each rank's own experts; `apply_lora` draws adapters for all experts and keeps the rank's
+(collective). `with full_experts(model):` gives every rank every expert for the block.
 Every forward is collective too: the ranks of an EP group run their forwards in step.
 """
 
@@ -173,20 +174,14 @@ def expert_parallel_size(model: nn.Module) -> int:
     return layers[0].expert_parallel.groups.ep_size if layers else 1
 
 
-def require_full_experts(model: nn.Module, action: str) -> None:
-    """Refuse `action` on a model whose experts are sharded over ranks."""
-    if sharded_layers(model):
-        raise RuntimeError(
-            f"{action}: the routed experts are sharded over ranks (expert "
-            "parallelism); call it inside `with moetune.model.expert_parallel."
-            "full_experts(model):` on every rank"
-        )
-
-
-def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> nn.Module:
+def shard_experts(
+    model: nn.Module, groups: ExpertParallelGroups, broadcast: bool = True
+) -> nn.Module:
     """Keep only this rank's slice of every MoE layer's routed experts (and of their expert
     LoRA adapters) and make the layers dispatch tokens over `groups.ep`. In place; collective
-    (every rank calls it). Returns the model."""
+    (every rank calls it) unless `broadcast` is False: then each rank keeps its slice of its
+    own experts (a model on the meta device, about to be filled from a checkpoint).
+    Returns the model."""
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     if any(m.expert_parallel is not None for m in layers):
         raise ValueError("shard_experts: the experts are already sharded")
@@ -198,15 +193,17 @@ def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> nn.Module:
             )
     for moe in layers:
         count = moe.experts.num_experts // groups.ep_size
-        keep_slice(moe, ExpertShard(groups, groups.ep_rank * count, count, moe.experts.num_experts))
+        shard = ExpertShard(groups, groups.ep_rank * count, count, moe.experts.num_experts)
+        keep_slice(moe, shard, broadcast)
     hide_from_ddp(model)
     return model
 
 
-def keep_slice(moe: MoE, shard: ExpertShard) -> None:
+def keep_slice(moe: MoE, shard: ExpertShard, broadcast: bool = True) -> None:
     """Cut a full MoE layer's experts (and expert adapters) down to `shard`: this rank's
     slice of global rank 0's tensors, so that all ranks start from one model, as DDP makes
-    them (adapters or weights made apart on each rank may differ). Collective."""
+    them (adapters or weights made apart on each rank may differ). Collective, unless not
+    `broadcast`: then the slice of this rank's own experts."""
     experts, first, end = moe.experts, shard.first, shard.first + shard.count
     for name, tensor in stacked_tensors(experts):
         if tensor.shape[0] != shard.total:
@@ -215,16 +212,23 @@ def keep_slice(moe: MoE, shard: ExpertShard) -> None:
                 f"not stacked per expert ({shard.total} first)"
             )
     for _, tensor in stacked_tensors(experts):
-        tensor.data = from_rank0(tensor.data)[first:end].clone()
+        tensor.data = (from_rank0(tensor.data) if broadcast else tensor.data)[first:end].clone()
     experts.num_experts = shard.count
-    lora = getattr(experts, "lora", None)
-    if lora is not None:  # adapters stacked per selected expert (ExpertLora)
-        slots = ((lora.expert_ids >= first) & (lora.expert_ids < end)).nonzero().flatten()
-        for _, tensor in stacked_tensors(lora):
-            tensor.data = from_rank0(tensor.data).index_select(0, slots.to(tensor.device))
-        lora.expert_ids = lora.expert_ids[slots] - first
-        lora.all_experts = len(slots) == shard.count
+    if getattr(experts, "lora", None) is not None:
+        keep_adapter_slice(experts.lora, shard)
     moe.expert_parallel = shard
+
+
+def keep_adapter_slice(lora: nn.Module, shard: ExpertShard) -> None:
+    """Cut a routed-expert adapter (ExpertLora, global expert ids) made for all `shard.total`
+    experts down to the slots of the shard's experts: global rank 0's values, local ids.
+    Collective."""
+    first, end = shard.first, shard.first + shard.count
+    slots = ((lora.expert_ids >= first) & (lora.expert_ids < end)).nonzero().flatten()
+    for _, tensor in stacked_tensors(lora):
+        tensor.data = from_rank0(tensor.data).index_select(0, slots.to(tensor.device))
+    lora.expert_ids = lora.expert_ids[slots] - first
+    lora.all_experts = len(slots) == shard.count
 
 
 def gather_slices(moe: MoE) -> ExpertShard:

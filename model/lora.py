@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moetune.model.expert_parallel import require_full_experts
+from moetune.model.expert_parallel import hide_from_ddp, keep_adapter_slice, sharded_layers
 from moetune.model.experts import RoutedExperts
 from moetune.model.fp8 import FP8RoutedExperts, FrozenFP8Linear, compute_dtype, dense_weight
 from moetune.model.layers import GatedMLP
@@ -106,8 +106,18 @@ class ExpertLora(nn.Module):
     gate_A/up_A [S, r, hidden], gate_B/up_B [S, I, r], down_A [S, r, I], down_B [S, hidden, r].
     """
 
-    def __init__(self, experts: RoutedExperts, expert_ids: list[int], rank: int, scaling: float):
+    def __init__(
+        self,
+        experts: RoutedExperts,
+        expert_ids: list[int],
+        rank: int,
+        scaling: float,
+        num_experts: int | None = None,
+    ):
+        """expert_ids in [0, num_experts) (default: the module's experts; under expert
+        parallelism the layer's total, before the adapter is cut to the rank's share)."""
         super().__init__()
+        num_experts = num_experts or experts.num_experts
         hidden, inter = experts.down_proj.shape[1], experts.intermediate_size
         dtype = compute_dtype(experts)
         if rank * dtype.itemsize % 16:
@@ -116,11 +126,11 @@ class ExpertLora(nn.Module):
                 f"GEMMs need rows of a multiple of 16 bytes; use a rank multiple of 8"
             )
         if len(set(expert_ids)) != len(expert_ids) or not all(
-            0 <= e < experts.num_experts for e in expert_ids
+            0 <= e < num_experts for e in expert_ids
         ):
             raise ValueError(
                 f"lora.experts: {sorted(expert_ids)} must be distinct expert ids in "
-                f"[0, {experts.num_experts})"
+                f"[0, {num_experts})"
             )
         count = len(expert_ids)
         like = dict(device=experts.down_proj.device, dtype=dtype)
@@ -136,7 +146,7 @@ class ExpertLora(nn.Module):
         self.register_buffer(
             "expert_ids", torch.tensor(sorted(expert_ids), device=like["device"]), persistent=False
         )
-        self.all_experts = count == experts.num_experts
+        self.all_experts = count == num_experts
         self.scaling = scaling
 
     def arguments(self, counts: torch.Tensor, row_expert: torch.Tensor) -> tuple:
@@ -163,9 +173,9 @@ class ExpertLora(nn.Module):
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
-    """Freeze the model and attach adapters per `spec`. Returns the trainable parameter count."""
-    if "routed_experts" in spec.components:
-        require_full_experts(model, "apply_lora on routed experts")
+    """Freeze the model and attach adapters per `spec`. Returns the trainable parameter count.
+    Routed experts sharded by expert parallelism: each rank keeps its experts' adapters, cut
+    from adapters drawn for all (global rank 0's); collective then (every rank calls it)."""
     for p in model.parameters():
         p.requires_grad_(False)
     first, last = spec.layers or (0, len(model.model.layers) + len(model.model.mtp))
@@ -187,14 +197,21 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
                     "shared_experts",
                 )
             if "routed_experts" in spec.components:
-                chosen = (spec.experts or {}).get(index, range(mlp.experts.num_experts))
+                shard = mlp.expert_parallel
+                total = shard.total if shard is not None else mlp.experts.num_experts
+                chosen = (spec.experts or {}).get(index, range(total))
                 if len(chosen):
                     mlp.experts.lora = ExpertLora(
                         mlp.experts,
                         list(chosen),
                         spec.rank_of("routed_experts"),
                         spec.scaling("routed_experts"),
+                        total,
                     )
+                    if shard is not None:
+                        keep_adapter_slice(mlp.experts.lora, shard)
+    if sharded_layers(model):
+        hide_from_ddp(model)  # the new expert adapters are the rank's own too
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

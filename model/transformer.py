@@ -323,13 +323,17 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel):
         device="cpu",
         fp8: str | None = None,
         config=None,
+        expert_parallel=None,
     ):
         """Load a checkpoint folder. fp8="frozen" keeps (or makes) the decoder's linears and
         routed experts FP8, for a frozen base under LoRA; fp8="train" trains the decoder's
-        linears through FP8 GEMMs; see moetune.model.checkpoint."""
+        linears through FP8 GEMMs; `expert_parallel` (ExpertParallelGroups): each rank reads
+        and holds its own share of the routed experts; see moetune.model.checkpoint."""
         from moetune.model.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, config=config, fp8=fp8)
+        return load_pretrained(
+            cls, path, dtype, device, config=config, fp8=fp8, expert_parallel=expert_parallel
+        )
 
     def save_pretrained(self, path, max_shard_bytes: int = 5 * 2**30, write: bool = True, **_):
         from moetune.model.checkpoint import save_pretrained

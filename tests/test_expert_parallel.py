@@ -28,7 +28,7 @@ from tiny_configs import v2_lite_config, v3_config
 from moetune.config.build import RecipeError
 from moetune.config.schema import ModelSection
 from moetune.model import DeepseekV3ForCausalLM, expert_parallel
-from moetune.model.adapters import save_adapter
+from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.expert_parallel import (
     ExpertParallelGroups,
     clip_grad_norm_,
@@ -165,28 +165,41 @@ def check_causal_lm(rank: int, groups: ExpertParallelGroups) -> None:
 
 
 def check_lora(rank: int, groups: ExpertParallelGroups, folder: str) -> None:
-    """Adapters attached inside full_experts (as the recipes do), on an expert subset that
-    leaves rank 1 without adapters in layer 1; saved from the shards, gathering the expert
-    adapters alone (never the experts), into the same file as the full model's."""
+    """Adapters attached to the shards (each rank keeps its experts' share of adapters drawn
+    for all), on an expert subset that leaves rank 1 without adapters in layer 1; loaded and
+    saved from the shards, reading each rank's own rows and gathering the expert adapters
+    alone (never the experts), from and into the same file as the full model's."""
     config = v3_config()
     spec = LoraSpec(rank=8, alpha=16.0, experts={1: [0, 2, 5], 2: [3, 9, 12, 15]})
     torch.manual_seed(0)
     full = DeepseekV3ForCausalLM(config)
     sharded = shard_experts(copy.deepcopy(full), groups)
-    apply_lora(full, spec)
-    with torch.no_grad():
-        for p in full.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
-    with full_experts(sharded):
-        apply_lora(sharded, spec)
-        sharded.load_state_dict(full.state_dict())
+    for model in (full, sharded):
+        torch.manual_seed(1)
+        apply_lora(model, spec)
     assert sharded.model.layers[1].mlp.experts.lora.expert_ids.tolist() == (
         [0, 2, 5] if rank == 0 else []
     )
     assert sharded.model.layers[2].mlp.experts.lora.expert_ids.tolist() == (
         [3] if rank == 0 else [1, 4, 7]
     )
+    drawn = full.model.layers[2].mlp.experts.lora.down_A  # slots of experts 3, 9, 12, 15
+    own = sharded.model.layers[2].mlp.experts.lora.down_A
+    assert torch.equal(own, drawn[:1] if rank == 0 else drawn[1:])
+    with torch.no_grad():
+        for p in full.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    gather_slices = expert_parallel.gather_slices
+    expert_parallel.gather_slices = None  # a load or save that gathered experts would call it
+    try:
+        if rank == 0:
+            save_adapter(full, spec, f"{folder}/full_adapter")
+        dist.barrier()
+        load_adapter_weights(sharded, f"{folder}/full_adapter")
+        save_adapter(sharded, spec, f"{folder}/sharded_adapter", write=rank == 0)
+    finally:
+        expert_parallel.gather_slices = gather_slices
     ids = torch.randint(0, config.vocab_size, (2 * WORLD, 6))
     full(ids, labels=ids).loss.backward()
     mine = ids[2 * rank : 2 * rank + 2]
@@ -194,14 +207,7 @@ def check_lora(rank: int, groups: ExpertParallelGroups, folder: str) -> None:
     found = Mismatches()
     compare_grads(sharded, full, found)
     found.check()
-    gather_slices = expert_parallel.gather_slices
-    expert_parallel.gather_slices = None  # a save that gathered experts would call it
-    try:
-        save_adapter(sharded, spec, f"{folder}/sharded_adapter", write=rank == 0)
-    finally:
-        expert_parallel.gather_slices = gather_slices
     if rank == 0:
-        save_adapter(full, spec, f"{folder}/full_adapter")
         ours = load_file(f"{folder}/sharded_adapter/adapter_model.safetensors")
         theirs = load_file(f"{folder}/full_adapter/adapter_model.safetensors")
         assert ours.keys() == theirs.keys()
@@ -277,8 +283,25 @@ def check_load_model(rank: int, groups: ExpertParallelGroups, folder: str) -> No
     torch.testing.assert_close(
         experts.down_proj, full.model.layers[1].mlp.experts.down_proj[8 * rank : 8 * rank + 8]
     )
-    with pytest.raises(RecipeError, match=r"model.expert_parallel.*3.*world size 2"):
+    with pytest.raises(RecipeError, match=r"model.expert_parallel.*4.*world size 2"):
+        load_model(ModelSection(config=path, expert_parallel=4))
+    with pytest.raises(RecipeError, match=r"model.expert_parallel: .* 3 must divide .* 16"):
         load_model(ModelSection(config=path, expert_parallel=3))
+    # from a checkpoint, each rank reads its own experts (nothing gathered or broadcast)
+    if rank == 0:
+        full.save_pretrained(f"{folder}/checkpoint")
+    dist.barrier()
+    broadcast = expert_parallel.from_rank0
+    expert_parallel.from_rank0 = None
+    try:
+        loaded = load_model(ModelSection(path=f"{folder}/checkpoint", expert_parallel=2))
+    finally:
+        expert_parallel.from_rank0 = broadcast
+    state = loaded.state_dict()
+    for name, tensor in full.state_dict().items():
+        expected = tensor[8 * rank : 8 * rank + 8] if ".experts." in name else tensor
+        assert torch.equal(state[name], expected), name
+    assert loaded.model.layers[1].mlp.expert_parallel.first == 8 * rank
 
 
 CHECKS = {

@@ -16,7 +16,11 @@ import torch
 from moetune.config.build import RecipeError
 from moetune.config.schema import LoraSection, ModelSection
 from moetune.model import DeepseekV3Config, DeepseekV3ForCausalLM, load_config
-from moetune.model.expert_parallel import expert_parallel_groups, full_experts, shard_experts
+from moetune.model.expert_parallel import (
+    ExpertParallelGroups,
+    expert_parallel_groups,
+    shard_experts,
+)
 from moetune.model.lora import LoraSpec, apply_lora
 
 SHIPPED_CONFIGS = Path(str(files("moetune.model") / "configs"))
@@ -62,16 +66,24 @@ def shipped_config(name: str) -> str:
 
 
 def load_model(section: ModelSection, device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
-    """Load the checkpoint, or initialise fresh weights from the config (seeded)."""
+    """Load the checkpoint, or initialise fresh weights from the config (seeded). With
+    `model.expert_parallel` N > 1 the routed experts are sharded over groups of N ranks: a
+    checkpoint's are read by each rank for its own share alone; fresh ones are global rank
+    0's, cut up."""
     config = resolve_config(section)
     dtype = getattr(torch, section.dtype)
+    groups = expert_parallel_groups_of(section.expert_parallel, config)
     if section.path:
         if not Path(section.path).exists():
             raise RecipeError(f"model.path: {section.path}: no such folder")
-        model = DeepseekV3ForCausalLM.from_pretrained(
-            section.path, dtype=dtype, device=device, fp8=section.fp8, config=config
+        return DeepseekV3ForCausalLM.from_pretrained(
+            section.path,
+            dtype=dtype,
+            device=device,
+            fp8=section.fp8,
+            config=config,
+            expert_parallel=groups,
         )
-        return apply_expert_parallel(model, section.expert_parallel)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(section.seed)
         model = DeepseekV3ForCausalLM(config).to(device=device, dtype=dtype)
@@ -79,22 +91,27 @@ def load_model(section: ModelSection, device: str | torch.device = "cpu") -> Dee
         from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
 
         (to_frozen_fp8 if section.fp8 == "frozen" else to_fp8_training)(model)
-    return apply_expert_parallel(model, section.expert_parallel)
+    return shard_experts(model, groups) if groups is not None else model
 
 
-def apply_expert_parallel(model: DeepseekV3ForCausalLM, size: int) -> DeepseekV3ForCausalLM:
-    """`model.expert_parallel` N > 1: shard the routed experts over groups of N ranks. Under
-    torchrun / accelerate launch the process group is started here if it is not yet."""
+def expert_parallel_groups_of(size: int, config: DeepseekV3Config) -> ExpertParallelGroups | None:
+    """The process groups of `model.expert_parallel` N (None: 1, no sharding). Under torchrun
+    / accelerate launch the process group is started here if it is not yet. Collective."""
     if size == 1:
-        return model
+        return None
     if size < 1:
         raise RecipeError(f"model.expert_parallel: {size} must be >= 1")
+    if config.n_routed_experts % size:
+        raise RecipeError(
+            f"model.expert_parallel: expert parallel size {size} must divide n_routed_experts "
+            f"{config.n_routed_experts}"
+        )
     if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
         PartialState()  # init_process_group as the trainer would (nccl on GPUs, else gloo)
     try:
-        return shard_experts(model, expert_parallel_groups(size))
+        return expert_parallel_groups(size)
     except (RuntimeError, ValueError) as error:
         raise RecipeError(f"model.expert_parallel: {error}") from None
 
@@ -168,8 +185,7 @@ def attach_lora(
     if section is None:
         return None
     spec = lora_spec(section, len(model.model.layers) + len(model.model.mtp))
-    # expert parallel: adapters made for all experts, then sliced
-    with torch.random.fork_rng(devices=[]), full_experts(model):
+    with torch.random.fork_rng(devices=[]):  # (expert parallel: each rank its experts' share)
         torch.manual_seed(seed)
         apply_lora(model, spec)
     return spec

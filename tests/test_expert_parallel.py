@@ -40,6 +40,7 @@ from moetune.model.expert_parallel import (
 from moetune.model.fp8 import to_frozen_fp8
 from moetune.model.lora import LoraSpec, apply_lora
 from moetune.model.moe import MoE
+from moetune.recipes.cli import main
 from moetune.recipes.loader import load_recipe
 from moetune.training.model_loading import load_model
 
@@ -401,3 +402,21 @@ def test_eval_refuses_expert_parallel(tmp_path):
     )
     with pytest.raises(RecipeError, match="model.expert_parallel: 2: `moetune eval` runs in one"):
         load_recipe(recipe, ["model.expert_parallel=2"])
+
+
+def test_grpo_refuses_expert_parallel_under_deepspeed_before_any_work(
+    tmp_path, monkeypatch, capsys
+):
+    """Sharded experts train under DDP: a DeepSpeed (or FSDP) launch stops with the key."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    out = tmp_path / "out"
+    overrides = [
+        "model.path=null",
+        "model.config=tiny_arith",
+        "model.tokenizer=char",
+        "model.expert_parallel=2",
+        f"training.output_dir={out}",
+    ]
+    assert main(["run", "grpo/arith_tiny", *overrides]) == 2
+    assert "model.expert_parallel: sharded experts train under DDP" in capsys.readouterr().err
+    assert not out.exists()

@@ -143,8 +143,10 @@ class ExpertLora(nn.Module):
         for a in (self.gate_A, self.up_A, self.down_A):
             for slot in range(count if a.device.type != "meta" else 0):  # meta: shapes only
                 nn.init.kaiming_uniform_(a[slot], a=math.sqrt(5))
+        # (on the CPU for a model on the meta device: the ids are known values all the same)
+        ids_device = "cpu" if like["device"].type == "meta" else like["device"]
         self.register_buffer(
-            "expert_ids", torch.tensor(sorted(expert_ids), device=like["device"]), persistent=False
+            "expert_ids", torch.tensor(sorted(expert_ids), device=ids_device), persistent=False
         )
         self.all_experts = count == num_experts
         self.scaling = scaling

@@ -6,7 +6,8 @@ memory each training device holds (weights in bf16 or FP8, gradients and optimiz
 at the recipe's ZeRO stage, activations with or without gradient checkpointing, logits)
 and the verdict: fits, or how many devices would. A grpo recipe adds its rollout engines,
 which run on devices of their own: weights per tensor-parallel rank plus the latent KV
-cache of the sequences they sample at once. `moetune run RECIPE --dry-run` prints the same.
+cache of the sequences they sample at once, and the bytes each step's weight sync sends
+to each engine. `moetune run RECIPE --dry-run` prints the same.
 
 The recipe's `plan` section gives the device count, ZeRO stage and device memory;
 --devices and --device-memory-gb override them (any key too: plan.zero_stage=3). Stage 0
@@ -64,6 +65,10 @@ class RolloutSizing:
     memory: RolloutPlan
     usable: int  # bytes per device
     tensor_parallel_needed: int | None  # the smallest that fits; None: none does
+    sync_bytes: int  # what one step's weight sync sends to each engine
+    lora: bool
+    adapter_only: bool  # the sync sends the LoRA adapter alone (native engines apply it)
+    merged_sync_bytes: int  # the same sync as merged weights (what vLLM engines get)
 
     @property
     def fits(self) -> bool:
@@ -128,6 +133,9 @@ class RecipePlan:
                 "bytes_per_device": rollout.as_dict(),
                 "fits": sizing.fits,
                 "tensor_parallel_needed": sizing.tensor_parallel_needed,
+                "sync_bytes_per_step": sizing.sync_bytes,
+                "sync_adapter_only": sizing.adapter_only,
+                "merged_sync_bytes_per_step": sizing.merged_sync_bytes,
             }
         return plan
 
@@ -190,6 +198,9 @@ def plan_recipe(recipe) -> RecipePlan:
     )
     rollout = None
     if recipe.recipe == "grpo":
+        from moetune.rl.grpo import freeze_untrained
+
+        freeze_untrained(model, recipe.algorithm)  # what the syncs send follows
         rollout = size_rollout(recipe, model)
     return RecipePlan(
         recipe=recipe.recipe,
@@ -209,7 +220,10 @@ def plan_recipe(recipe) -> RecipePlan:
 
 def size_rollout(recipe, model) -> RolloutSizing:
     """GRPO's engines: vLLM samples every prompt of a step at once (split over the workers);
-    the native engine one prompt's group at a time, on one device."""
+    the native engine one prompt's group at a time, on one device. Each step's weight sync:
+    the trainable LoRA tensors to native engines, else every tensor a step changes (LoRA
+    merged) in the engines' dtype."""
+    from moetune.rl.engine_weights import sync_bytes
     from moetune.rl.rollout import GPU_MEMORY_UTILIZATION
 
     rollout, training = recipe.rollout, recipe.training
@@ -232,6 +246,9 @@ def size_rollout(recipe, model) -> RolloutSizing:
         needed = memory.tensor_parallel_needed(usable, model.config.num_attention_heads)
     else:
         needed = 1 if memory.total <= usable else None
+    adapter_only = recipe.lora is not None and not vllm
+    mtp, dtype = rollout.speculative_tokens > 0, getattr(torch, rollout.dtype)
+    merged = sync_bytes(model, adapter=False, mtp=mtp, dtype=dtype)
     return RolloutSizing(
         backend=rollout.backend,
         max_model_len=rollout.max_model_len,
@@ -239,6 +256,12 @@ def size_rollout(recipe, model) -> RolloutSizing:
         memory=memory,
         usable=usable,
         tensor_parallel_needed=needed,
+        sync_bytes=sync_bytes(model, adapter=True, mtp=mtp, dtype=dtype)
+        if adapter_only
+        else merged,
+        lora=recipe.lora is not None,
+        adapter_only=adapter_only,
+        merged_sync_bytes=merged,
     )
 
 
@@ -291,8 +314,21 @@ def format_plan(plan: RecipePlan, name: str) -> str:
                 f"{plan.device_memory_gb:g} GB per device ({sizing.usable / 1e9:,.1f} GB usable); "
                 f"rollout devices needed: {needed}"
             ),
+            f"weight sync per step and engine: {sync_line(sizing)}",
         ]
     return "\n".join(lines)
+
+
+def sync_line(sizing: RolloutSizing) -> str:
+    megabytes = f"{sizing.sync_bytes / 1e6:,.1f} MB"
+    if sizing.adapter_only:
+        ratio = sizing.merged_sync_bytes / max(sizing.sync_bytes, 1)
+        return (
+            f"{megabytes}, the LoRA adapter alone (merged weights would be "
+            f"{sizing.merged_sync_bytes / 1e6:,.1f} MB, {ratio:,.0f}x)"
+        )
+    merged = " with the LoRA adapter merged (vLLM engines)" if sizing.lora else ""
+    return f"{megabytes} of the weights a step changes{merged}"
 
 
 def run(args) -> int:

@@ -31,7 +31,7 @@ from moetune.kernels import dequantize_weight
 from moetune.model.checkpoint import Slot, checkpoint_layout, slot_tensor
 from moetune.model.expert_parallel import adapted_experts
 from moetune.model.fp8 import FrozenFP8Linear
-from moetune.model.gathering import gathered, whole
+from moetune.model.gathering import full_shapes, gathered, whole
 from moetune.model.moe import MoE
 
 ADAPTER_TENSOR = re.compile(r"\.lora_[AB]\.|\.lora\.")
@@ -49,6 +49,31 @@ def weight_stream(
     scales left out, and the MTP modules unless `mtp`); `trained_only`: those an optimizer
     step can have changed. Tensors are valid until the next one is asked for."""
     modules = dict(model.named_modules())
+    tensors = model.state_dict(keep_vars=True)
+    for block, entries in weight_entries(model, trained_only, mtp):
+        with block_values(model, modules[block], tensors) as value:
+            for name, slot in entries:  # a LoRA base goes out merged, under its own name
+                yield name.replace(".base_layer", ""), engine_tensor(name, slot, value, modules)
+
+
+def adapter_stream(model, trained_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every LoRA tensor (each adapted linear's lora_A/lora_B, each
+    routed-expert adapter's stacked A and B; MTP modules' included), block by block;
+    `trained_only`: the trainable ones."""
+    modules = dict(model.named_modules())
+    tensors = model.state_dict(keep_vars=True)
+    for block, entries in adapter_entries(model, trained_only):
+        # (expert parallel: the adapters gathered, never the experts)
+        with block_values(model, modules[block], tensors, experts=False) as value:
+            for name, slot in entries:
+                yield name, slot_tensor({slot.param: value(slot.param)}, slot)
+
+
+Entries = list[tuple[str, list[tuple[str, Slot]]]]  # [(block, [(checkpoint name, slot)])]
+
+
+def weight_entries(model, trained_only: bool, mtp: bool) -> Entries:
+    """What `weight_stream` sends, by block (collective under expert parallelism)."""
     trained = trained_names(model) if trained_only else None
     adapted = adapted_expert_ids(model) if trained_only else {}
 
@@ -59,30 +84,36 @@ def weight_stream(
             return False
         return trained is None or bool(sources(name, slot, adapted) & trained)
 
-    tensors = model.state_dict(keep_vars=True)
-    for block, entries in blocks(model, wanted):
-        with block_values(model, modules[block], tensors) as value:
-            for name, slot in entries:  # a LoRA base goes out merged, under its own name
-                yield name.replace(".base_layer", ""), engine_tensor(name, slot, value, modules)
+    return blocks(model, wanted)
 
 
-def adapter_stream(model, trained_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of every LoRA tensor (each adapted linear's lora_A/lora_B, each
-    routed-expert adapter's stacked A and B; MTP modules' included), block by block;
-    `trained_only`: the trainable ones."""
+def adapter_entries(model, trained_only: bool) -> Entries:
+    """What `adapter_stream` sends, by block."""
     trained = trained_names(model) if trained_only else None
-    modules = dict(model.named_modules())
 
     def wanted(name: str, slot: Slot) -> bool:
         return bool(ADAPTER_TENSOR.search(slot.param)) and (
             trained is None or slot.param in trained
         )
 
+    return blocks(model, wanted)
+
+
+def sync_bytes(model, adapter: bool, mtp: bool, dtype: torch.dtype) -> int:
+    """Bytes one step's sync sends to each engine, read from the shapes alone (a model on the
+    meta device will do): the trainable adapter tensors (`adapter`: engines that apply the
+    adapters themselves), else every tensor an optimizer step can change, in the engine's
+    `dtype` (LoRA merged, FP8 dequantised)."""
+    shapes = full_shapes(model)
     tensors = model.state_dict(keep_vars=True)
-    for block, entries in blocks(model, wanted):  # (expert parallel: the adapters gathered)
-        with block_values(model, modules[block], tensors, experts=False) as value:
-            for name, slot in entries:
-                yield name, slot_tensor({slot.param: value(slot.param)}, slot)
+    entries = adapter_entries(model, True) if adapter else weight_entries(model, True, mtp)
+    total = 0
+    for _, block in entries:
+        for _, slot in block:
+            shape = torch.empty(shapes[slot.param], device="meta")[slot.index or ()].shape
+            itemsize = tensors[slot.param].dtype.itemsize if adapter else dtype.itemsize
+            total += shape.numel() * itemsize
+    return total
 
 
 def blocks(model, wanted) -> list[tuple[str, list[tuple[str, Slot]]]]:

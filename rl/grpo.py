@@ -94,23 +94,7 @@ class GRPOTrainer:
                 f"training.prompts_per_step: {training.prompts_per_step} is not "
                 f"divisible by the {parallel.world_size} data-parallel processes"
             )
-        if not algorithm.update_router:
-            for router in model.routers():
-                router.weight.requires_grad_(False)
-        if not algorithm.mtp_weight:
-            model.model.mtp.requires_grad_(False)  # the policy loss never reaches them
-        else:  # they train on the MTP loss: the drafter of speculative rollouts
-            if not len(model.model.mtp):
-                raise RecipeError(
-                    f"algorithm.mtp_weight={algorithm.mtp_weight}: the model has no MTP "
-                    "module (num_nextn_predict_layers=0) to train; set it to 0"
-                )
-            if not model.config.mtp_loss_weight:
-                model.config.mtp_loss_weight = 1.0  # the forward computes the MTP loss
-            if not algorithm.update_router:
-                for module in model.model.mtp:
-                    if isinstance(module.block.mlp, MoE):
-                        module.block.mlp.gate.weight.requires_grad_(False)
+        freeze_untrained(model, algorithm)
         reference = None
         if algorithm.beta > 0 and lora_spec is None:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -298,6 +282,29 @@ class GRPOTrainer:
             self.with_engines(lambda: None)  # (joins a resync of the other ranks' engines)
         total = self.parallel.sum(len(problems))
         return {"eval/accuracy": self.parallel.sum(correct) / max(total, 1)}
+
+
+def freeze_untrained(model, algorithm) -> None:
+    """Freeze what GRPO does not train: the routers unless `algorithm.update_router`, the MTP
+    modules unless `algorithm.mtp_weight` (the policy loss never reaches them; with it they
+    train on the MTP loss, the drafter of speculative rollouts)."""
+    if not algorithm.update_router:
+        for router in model.routers():
+            router.weight.requires_grad_(False)
+    if not algorithm.mtp_weight:
+        model.model.mtp.requires_grad_(False)
+        return
+    if not len(model.model.mtp):
+        raise RecipeError(
+            f"algorithm.mtp_weight={algorithm.mtp_weight}: the model has no MTP "
+            "module (num_nextn_predict_layers=0) to train; set it to 0"
+        )
+    if not model.config.mtp_loss_weight:
+        model.config.mtp_loss_weight = 1.0  # the forward computes the MTP loss
+    if not algorithm.update_router:
+        for module in model.model.mtp:
+            if isinstance(module.block.mlp, MoE):
+                module.block.mlp.gate.weight.requires_grad_(False)
 
 
 def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path, write: bool = True) -> Path:

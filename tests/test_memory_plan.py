@@ -15,7 +15,10 @@ from moetune.model.fp8 import FP8RoutedExperts, to_frozen_fp8
 from moetune.model.info import build_on_meta, count_parameters
 from moetune.model.lora import LoraSpec, apply_lora
 from moetune.recipes.cli import main
-from moetune.recipes.run import shipped_recipes
+from moetune.recipes.loader import load_recipe
+from moetune.recipes.run import resolve, shipped_recipes
+from moetune.rl.engine_weights import adapter_stream, weight_stream
+from moetune.rl.grpo import freeze_untrained
 from moetune.training.memory_plan import (
     activation_bytes,
     block_activation_bytes,
@@ -23,6 +26,7 @@ from moetune.training.memory_plan import (
     plan_rollout,
     usable_bytes,
 )
+from moetune.training.model_loading import attach_lora, load_model
 
 V3_CONFIG = files("moetune.model") / "configs" / "deepseek_v3.json"
 GB = 10**9
@@ -364,6 +368,32 @@ def test_moetune_plan_grpo_sizes_the_rollout_engines(capsys):
     )
     assert rollout["fits"] and rollout["tensor_parallel_needed"] == 1
     assert plan["trainer"]["devices"] == 2 and plan["trainer"]["seq_len"] == 96
+
+
+@pytest.mark.parametrize(
+    "lora,backend",
+    [(False, "vllm"), (True, "vllm"), (True, "native")],
+    ids=["full", "lora-merged", "lora-adapter"],
+)
+def test_moetune_plan_reports_the_bytes_a_sync_sends(capsys, lora, backend):
+    """The plan's sync bytes (shapes on the meta device) are what a real step's sync streams
+    to each engine: the trained weights (LoRA merged, float32 engines) or the adapter alone."""
+    overrides = ["model.path=null", "model.config=tiny_arith", "model.tokenizer=char"]
+    overrides += [f"rollout.backend={backend}"]
+    if lora:
+        overrides += ["lora.rank=8", "lora.components=[attention, routed_experts]"]
+    plan = plan_json(capsys, "grpo/arith_tiny", *overrides)["rollout"]
+    recipe = load_recipe(resolve("grpo/arith_tiny"), overrides)
+    model = load_model(recipe.model)
+    attach_lora(model, recipe.lora)
+    freeze_untrained(model, recipe.algorithm)  # as the GRPO trainer does
+    stream = adapter_stream if backend == "native" and lora else weight_stream
+    sent = sum(t.numel() * t.element_size() for _, t in stream(model, trained_only=True))
+    assert plan["sync_bytes_per_step"] == sent and plan["sync_adapter_only"] == (
+        stream is adapter_stream
+    )
+    if lora:
+        assert plan["merged_sync_bytes_per_step"] > (sent if backend == "native" else 0)
 
 
 def test_moetune_plan_errors_exit_2(capsys):

@@ -15,6 +15,14 @@ JSON line per configuration:
 
     python bench/speculative.py [--model DIR | --sft-steps 300 --keep DIR] [--batch 1 16] \
         [--repeats 5]
+
+`--grpo-steps N` measures how acceptance holds up under RL instead: grpo/arith_tiny.yaml runs N
+steps from the SFT checkpoint (native engine, speculative_tokens 1) with algorithm.mtp_weight
+0 and 0.1; acceptance at k = 1 on the held-out prompts (batch 16, T = 1.0) before and after,
+and the rollouts' own acceptance at the first and last step. One JSON line per mtp_weight:
+
+    {"mtp_weight": 0.1, "steps": 30, "acceptance_before": .., "acceptance_after": ..,
+     "rollout_acceptance_first": .., "rollout_acceptance_last": .., "reward_first": ..}
 """
 
 from __future__ import annotations
@@ -67,6 +75,65 @@ def prompts_of(model_dir: Path, count: int) -> list[list[int]]:
     return [tokenizer.encode(show(p["prompt"]), add_special_tokens=False).ids for p in problems]
 
 
+def grpo_checkpoint(sft: Path, folder: Path, steps: int, mtp_weight: float) -> list[dict]:
+    """grpo/arith_tiny.yaml for `steps` steps from the SFT checkpoint, speculating with k = 1
+    on the native engine; the model saved to folder; the metrics rows."""
+    from moetune.recipes.loader import load_recipe
+    from moetune.recipes.run import execute, resolve
+
+    recipe = load_recipe(
+        resolve("grpo/arith_tiny.yaml"),
+        [
+            f"model.path={sft}",
+            "rollout.backend=native",
+            "rollout.speculative_tokens=1",
+            f"algorithm.mtp_weight={mtp_weight}",
+            f"training.max_steps={steps}",
+            f"training.save_steps={steps}",
+            f"training.output_dir={folder}",
+            "training.report_to=[]",
+            "training.log_rollouts=false",
+            "eval.every=0",
+        ],
+    )
+    execute(recipe)
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def acceptance(model_dir: Path, prompts, max_new_tokens: int) -> float:
+    """Drafts kept / drafted at k = 1, T = 1.0 over `prompts` (one batch)."""
+    from moetune.model import DeepseekV3ForCausalLM
+
+    model = DeepseekV3ForCausalLM.from_pretrained(model_dir).eval()
+    eos = model.config.eos_token_id
+    stop = eos if isinstance(eos, list) else [eos]
+    _, _, drafts, kept, _ = measure(model, prompts, 1, 1.0, max_new_tokens, stop)
+    return kept / drafts
+
+
+def acceptance_under_grpo(sft: Path, scratch: Path, steps: int, max_new_tokens: int) -> None:
+    prompts = prompts_of(sft, 16)
+    before = acceptance(sft, prompts, max_new_tokens)
+    for mtp_weight in (0.0, 0.1):
+        folder = scratch / f"grpo_mtp_{mtp_weight}"
+        rows = grpo_checkpoint(sft, folder, steps, mtp_weight)
+        print(
+            json.dumps(
+                {
+                    "mtp_weight": mtp_weight,
+                    "steps": steps,
+                    "acceptance_before": round(before, 4),
+                    "acceptance_after": round(acceptance(folder, prompts, max_new_tokens), 4),
+                    "rollout_acceptance_first": rows[0].get("acceptance_rate"),
+                    "rollout_acceptance_last": rows[-1].get("acceptance_rate"),
+                    "reward_first": rows[0]["reward_mean"],
+                    "reward_last": rows[-1]["reward_mean"],
+                }
+            ),
+            flush=True,
+        )
+
+
 def measure(model, prompts, k, temperature, max_new_tokens, stop):
     start = time.perf_counter()
     out = model.generate(
@@ -92,8 +159,15 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grpo-steps", type=int, help="acceptance before/after N GRPO steps")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.grpo_steps:
+        with tempfile.TemporaryDirectory(prefix="moetune-bench-spec-") as scratch:
+            sft = Path(args.model) if args.model else None
+            sft = sft or sft_checkpoint(Path(args.keep or scratch) / "sft", args.sft_steps)
+            acceptance_under_grpo(sft, Path(scratch), args.grpo_steps, args.max_new_tokens)
+        return
 
     from moetune.model import DeepseekV3ForCausalLM
 

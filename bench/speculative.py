@@ -17,7 +17,8 @@ JSON line per configuration:
         [--repeats 5]
 
 `--grpo-steps N` measures how acceptance holds up under RL instead: grpo/arith_tiny.yaml runs N
-steps from the SFT checkpoint (native engine, speculative_tokens 1) with algorithm.mtp_weight
+steps from the SFT checkpoint (default: `make demo`'s SFT, whose sign slips GRPO corrects;
+native engine, speculative_tokens 1) with algorithm.mtp_weight
 0 and 0.1; acceptance at k = 1 on the held-out prompts (batch 16, T = 1.0) before and after,
 and the rollouts' own acceptance at the first and last step. One JSON line per mtp_weight:
 
@@ -37,8 +38,10 @@ from pathlib import Path
 import torch
 
 
-def sft_checkpoint(folder: Path, steps: int) -> Path:
-    """The demo's SFT recipe, `steps` optimizer steps, saved to folder."""
+def sft_checkpoint(folder: Path, steps: int, sign_slip: float = 0.0) -> Path:
+    """The demo's SFT recipe, `steps` optimizer steps, saved to folder; `sign_slip`: the
+    share of negative answers demonstrated without their sign (the demo's flawed
+    demonstrator, which GRPO then corrects)."""
     from moetune.recipes.loader import load_recipe
     from moetune.recipes.run import execute, resolve
 
@@ -50,6 +53,7 @@ def sft_checkpoint(folder: Path, steps: int) -> Path:
             f"training.save_steps={steps}",
             f"training.eval_steps={steps}",
             "training.report_to=[]",
+            f"data.arithmetic.sign_slip={sign_slip}",
         ],
     )
     execute(recipe)
@@ -162,10 +166,13 @@ def main() -> None:
     parser.add_argument("--grpo-steps", type=int, help="acceptance before/after N GRPO steps")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    if args.grpo_steps:
+    if args.grpo_steps:  # from the demo's SFT (sign slips), which GRPO visibly moves
+        from moetune.recipes.demo import SIGN_SLIP
+
         with tempfile.TemporaryDirectory(prefix="moetune-bench-spec-") as scratch:
             sft = Path(args.model) if args.model else None
-            sft = sft or sft_checkpoint(Path(args.keep or scratch) / "sft", args.sft_steps)
+            keep = Path(args.keep or scratch) / "sft"
+            sft = sft or sft_checkpoint(keep, args.sft_steps, SIGN_SLIP)
             acceptance_under_grpo(sft, Path(scratch), args.grpo_steps, args.max_new_tokens)
         return
 

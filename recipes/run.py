@@ -114,8 +114,11 @@ def execute(recipe):
     folder (`recipe.yaml`), which `moetune eval --model` reads for the run's held-out split."""
     if recipe.recipe != "eval":  # a launch config training cannot run under fails before any write
         from moetune.training.launcher import check_launch
+        from moetune.training.model_loading import check_expert_parallel, resolve_config
 
         check_launch(recipe.model.expert_parallel)
+        if recipe.model.expert_parallel != 1:
+            check_expert_parallel(recipe.model.expert_parallel, resolve_config(recipe.model))
     if recipe.recipe != "eval" and int(os.environ.get("RANK", "0")) == 0:
         save_recipe(recipe, recipe.training.output_dir)
     module, function = RUNNERS[recipe.recipe].split(":")

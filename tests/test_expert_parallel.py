@@ -404,19 +404,31 @@ def test_eval_refuses_expert_parallel(tmp_path):
         load_recipe(recipe, ["model.expert_parallel=2"])
 
 
-def test_grpo_refuses_expert_parallel_under_deepspeed_before_any_work(
-    tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize(
+    "size,env,error",
+    [
+        (2, {"ACCELERATE_USE_DEEPSPEED": "true"}, "sharded experts train under DDP"),
+        (3, {"WORLD_SIZE": "3"}, "expert parallel size 3 must divide n_routed_experts 16"),
+        (4, {"WORLD_SIZE": "6"}, "expert parallel size 4 must divide the world size 6"),
+    ],
+    ids=["deepspeed", "experts", "world"],
+)
+@pytest.mark.parametrize("recipe", ["sft/arith_tiny", "grpo/arith_tiny"])
+def test_expert_parallel_that_cannot_run_stops_before_any_work(
+    tmp_path, monkeypatch, capsys, recipe, size, env, error
 ):
-    """Sharded experts train under DDP: a DeepSpeed (or FSDP) launch stops with the key."""
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    """A DeepSpeed (or FSDP) launch, or an EP size that does not divide the experts or the
+    processes: the run stops naming the key before it writes anything."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     out = tmp_path / "out"
     overrides = [
         "model.path=null",
         "model.config=tiny_arith",
         "model.tokenizer=char",
-        "model.expert_parallel=2",
+        f"model.expert_parallel={size}",
         f"training.output_dir={out}",
     ]
-    assert main(["run", "grpo/arith_tiny", *overrides]) == 2
-    assert "model.expert_parallel: sharded experts train under DDP" in capsys.readouterr().err
+    assert main(["run", recipe, *overrides]) == 2
+    assert f"model.expert_parallel: {error}" in capsys.readouterr().err
     assert not out.exists()

@@ -94,11 +94,10 @@ def load_model(section: ModelSection, device: str | torch.device = "cpu") -> Dee
     return shard_experts(model, groups) if groups is not None else model
 
 
-def expert_parallel_groups_of(size: int, config: DeepseekV3Config) -> ExpertParallelGroups | None:
-    """The process groups of `model.expert_parallel` N (None: 1, no sharding). Under torchrun
-    / accelerate launch the process group is started here if it is not yet. Collective."""
-    if size == 1:
-        return None
+def check_expert_parallel(size: int, config: DeepseekV3Config) -> None:
+    """`model.expert_parallel` N must be >= 1 and divide the routed experts and (under a
+    launcher, WORLD_SIZE set) the process count: a RecipeError naming the key otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if size < 1:
         raise RecipeError(f"model.expert_parallel: {size} must be >= 1")
     if config.n_routed_experts % size:
@@ -106,6 +105,19 @@ def expert_parallel_groups_of(size: int, config: DeepseekV3Config) -> ExpertPara
             f"model.expert_parallel: expert parallel size {size} must divide n_routed_experts "
             f"{config.n_routed_experts}"
         )
+    if size > 1 and world % size:
+        raise RecipeError(
+            f"model.expert_parallel: expert parallel size {size} must divide the world size "
+            f"{world} (the launcher's process count)"
+        )
+
+
+def expert_parallel_groups_of(size: int, config: DeepseekV3Config) -> ExpertParallelGroups | None:
+    """The process groups of `model.expert_parallel` N (None: 1, no sharding). Under torchrun
+    / accelerate launch the process group is started here if it is not yet. Collective."""
+    if size == 1:
+        return None
+    check_expert_parallel(size, config)
     if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 

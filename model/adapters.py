@@ -5,6 +5,13 @@ and `moetune_adapter.json` (the LoraSpec that rebuilds the adapter layout). Keys
   base_model.model.model.layers.{L}.self_attn.q_a_proj.lora_A.weight   [r, in]
   base_model.model.model.layers.{L}.mlp.experts.{E}.gate_proj.lora_B.weight   [out, r]
 MTP blocks use their checkpoint index L = num_hidden_layers + k.
+
+Loaders: moetune (`load_adapter`, `moetune merge`), vLLM (the keys, `r`, `lora_alpha`,
+`rank_pattern`) and PEFT 0.21's `PeftModel.from_pretrained` on transformers 5's model, which
+fuses each layer's experts (see `peft_targets`). PEFT gives a fused layer one adapter for
+every expert: an expert-subset (ESFT) adapter does not fit it, and PEFT's load fails
+("size mismatch for ...mlp.experts..."); moetune and vLLM load it. transformers' model has
+no MTP block: PEFT leaves the MTP adapters out.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -73,33 +81,85 @@ def adapter_modules(model) -> list[torch.nn.Module]:
     return held
 
 
-def peft_config(spec: LoraSpec, base_path: str | None) -> dict:
-    targets = sorted(
-        {"q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
-        if "attention" in spec.components
-        else set()
-    )
-    if set(spec.components) & {"dense_mlp", "shared_experts", "routed_experts"}:
-        targets += ["down_proj", "gate_proj", "up_proj"]
-    rank_pattern = {}
-    patterns = {
-        "attention": r"self_attn\.\w+",
-        "shared_experts": r"shared_experts\.\w+",
-        "routed_experts": r"experts\.\d+\.\w+",
-        "dense_mlp": r"mlp\.(gate|up|down)_proj",
+# rank_pattern keys, matched as PEFT and vLLM match them (the first key that matches a suffix
+# of the name from a "." on wins): against module names (vLLM; PEFT for attention) and
+# `<module>.weight` (PEFT, for the MLP projections it wraps as parameters). The routed experts
+# take the global `r`.
+RANK_PATTERNS = {
+    "attention": r"self_attn\.\w+",
+    "dense_mlp": r"mlp\.(gate|up|down)_proj(\.weight)?",
+    "shared_experts": r"shared_experts\.(gate|up|down)_proj(\.weight)?",
+}
+ROUTED_EXPERT = re.compile(r"(.*\.mlp\.experts)\.\d+\.(gate_proj|up_proj|down_proj)")
+
+
+def component_of(module: str) -> str:
+    if ROUTED_EXPERT.fullmatch(module):
+        return "routed_experts"
+    if ".self_attn." in module:
+        return "attention"
+    return "shared_experts" if ".shared_experts." in module else "dense_mlp"
+
+
+def peft_targets(modules) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) for the adapted `modules` (full names without
+    PEFT's prefix), for PEFT 0.21 on transformers 5, which fuses each MoE layer's experts.
+
+    PEFT rewrites every `target_modules` entry named `gate_proj`/`up_proj`/`down_proj`, or
+    ending in `.gate_proj` etc., as the fused experts `gate_up_proj`/`down_proj` of every MoE
+    layer, and resolves a regex `target_modules` to such leaf names first: a regex or any
+    name of a dense-MLP or shared-expert projection there would be dropped. So:
+    - attention: their full module names (PEFT wraps exactly those);
+    - dense MLP and shared experts: `target_parameters`, `<module>.weight` (PEFT wraps the
+      same nn.Linear, same LoRA and keys);
+    - routed experts: `model.layers.{L}.mlp.experts.{gate,up,down}_proj`, the per-layer
+      name PEFT gives the pre-fusion experts. PEFT wraps the experts of every MoE layer;
+      those of layers without adapters keep a zero lora_B (no effect, a missing-keys
+      warning)."""
+    target_modules, target_parameters = set(), set()
+    for name in modules:
+        component = component_of(name)
+        if component == "routed_experts":
+            match = ROUTED_EXPERT.fullmatch(name)
+            target_modules.add(f"{match.group(1)}.{match.group(2)}")
+        elif component == "attention":
+            target_modules.add(name)
+        else:
+            target_parameters.add(f"{name}.weight")
+    return sorted(target_modules), sorted(target_parameters)
+
+
+def peft_config(spec: LoraSpec, base_path: str | None, modules) -> dict:
+    """adapter_config.json for the adapted `modules` (full names without PEFT's prefix).
+
+    `r` is the routed experts' rank: PEFT sizes its fused experts from the global `r`
+    (2r for gate_up_proj, set when it loads); writing 2r into `rank_pattern` instead would
+    make vLLM's max_lora_rank check see 2r. Every other component present has its rank in
+    `rank_pattern`. One alpha: scaling = alpha / rank everywhere, as in moetune. vLLM reads
+    `r`, `lora_alpha` and the patterns (the targets only need to be there; the tensor names
+    say what loads) and ignores `target_parameters`. PEFT 0.21 warns that the dense-MLP and
+    shared-expert rank_pattern keys "did not match any targeted module" (its check counts
+    module targets, not parameter targets; its own `gate_up_proj` key gets the same
+    warning): the ranks do apply."""
+    target_modules, target_parameters = peft_targets(modules)
+    present = {component_of(name) for name in modules}
+    rank = spec.rank_of("routed_experts") if "routed_experts" in present else spec.rank
+    rank_pattern = {
+        pattern: spec.rank_of(component)
+        for component, pattern in RANK_PATTERNS.items()
+        if component in present
     }
-    for component, rank in spec.ranks.items():
-        rank_pattern[patterns[component]] = rank
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_path,
-        "r": spec.rank,
+        "r": rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": targets,
+        "target_modules": target_modules,
+        "target_parameters": target_parameters,
         "rank_pattern": rank_pattern,
-        "alpha_pattern": dict.fromkeys(rank_pattern, spec.alpha),
+        "alpha_pattern": {},
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -124,7 +184,9 @@ def save_adapter(
     partial = path / ".adapter_model.safetensors.partial"
     save_file(tensors, partial, metadata={"format": "pt"})
     os.replace(partial, path / "adapter_model.safetensors")
-    (path / "adapter_config.json").write_text(json.dumps(peft_config(spec, base_path), indent=2))
+    modules = sorted({key.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for key in tensors})
+    config = peft_config(spec, base_path, modules)
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (path / "moetune_adapter.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
 
 

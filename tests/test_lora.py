@@ -1,12 +1,20 @@
 """Expert-aware LoRA against a naive per-expert loop, and its invariants."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tiny_configs import v3_config
 
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.experts import RoutedExperts
-from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora, merge_lora
+from moetune.model.lora import (
+    COMPONENTS,
+    ExpertLora,
+    LoraLinear,
+    LoraSpec,
+    apply_lora,
+    merge_lora,
+)
 
 
 def randomize(module, std=0.3):
@@ -144,8 +152,6 @@ def test_merge_equals_base_plus_adapter():
 
 
 def test_misaligned_expert_rank_fails_clearly():
-    import pytest
-
     model = DeepseekV3ForCausalLM(v3_config()).to(torch.bfloat16)
     with pytest.raises(ValueError, match="rank 4 in torch.bfloat16.*multiple of 8"):
         apply_lora(model, LoraSpec(rank=4))
@@ -165,7 +171,8 @@ def test_adapter_saves_in_peft_format_and_reloads_to_identical_logits(tmp_path):
     randomize_adapters(model)
     save_adapter(model, spec, tmp_path / "adapter", base_path=str(tmp_path / "base"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert config["peft_type"] == "LORA" and config["r"] == 8  # the routed experts' rank
+    assert config["rank_pattern"]["self_attn\\.\\w+"] == 4
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert "base_model.model.model.layers.1.mlp.experts.7.up_proj.lora_B.weight" in keys
@@ -178,37 +185,73 @@ def test_adapter_saves_in_peft_format_and_reloads_to_identical_logits(tmp_path):
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
-def test_peft_loads_attention_and_routed_expert_adapters_on_transformers_model(tmp_path):
-    """PEFT's own loader on transformers' DeepseekV3ForCausalLM reproduces moetune's adapted
-    logits. (PEFT 0.21 reads `gate_proj`/`up_proj`/`down_proj` targets of a DeepSeek-V3 model as
-    the fused routed experts: it drops dense-MLP and shared-expert adapters, and sizes the
-    experts' rank from the global `r`, so per-component ranks do not load there. vLLM and
-    moetune load both; README, "Expert-aware LoRA".)"""
+PEFT_RANKS = {"attention": 6, "dense_mlp": 3, "shared_experts": 2, "routed_experts": 8}
+
+
+@pytest.fixture(scope="module")
+def peft_base(tmp_path_factory):
+    """A tiny V3 checkpoint (dense layer 0, MoE layers 1-2, one MTP block) for PEFT, input ids
+    and the base model's logits on them."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("peft") / "base"
+    model = DeepseekV3ForCausalLM(v3_config()).eval()
+    model.save_pretrained(path)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        return path, ids, model(ids).logits
+
+
+def peft_on_transformers(base, adapter):
+    """PEFT's own loader on transformers' model of the same checkpoint, float32."""
     import peft
     import transformers
 
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(theirs.eval(), adapter).eval()
+
+
+@pytest.mark.parametrize(
+    "components, layers",
+    [
+        (("attention",), None),
+        (("dense_mlp",), None),
+        (("shared_experts",), None),
+        (("routed_experts",), None),
+        (COMPONENTS, None),
+        (("attention", "routed_experts"), (2, 4)),  # PEFT: zero adapters on layer 1's experts
+    ],
+)
+def test_peft_loads_each_component_on_transformers_model(peft_base, tmp_path, components, layers):
+    """PEFT's PeftModel.from_pretrained on transformers' DeepseekV3ForCausalLM reproduces
+    moetune's adapted logits for each component, its own rank each, and for all together."""
     from moetune.model.adapters import save_adapter
 
-    model = DeepseekV3ForCausalLM(v3_config(num_nextn_predict_layers=0)).eval()
-    model.save_pretrained(tmp_path / "base")
-    spec = LoraSpec(rank=4, components=("attention", "routed_experts"))
+    path, ids, base = peft_base
+    ranks = {c: PEFT_RANKS[c] for c in components}
+    spec = LoraSpec(rank=4, alpha=5.0, components=components, ranks=ranks, layers=layers)
+    model = DeepseekV3ForCausalLM.from_pretrained(path).eval()
     apply_lora(model, spec)
     randomize_adapters(model)
-    save_adapter(model, spec, tmp_path / "adapter", base_path=str(tmp_path / "base"))
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", dtype=torch.float32
-    )
-    theirs = peft.PeftModel.from_pretrained(theirs.eval(), tmp_path / "adapter").eval()
-    ids = torch.randint(0, 128, (2, 10))
+    save_adapter(model, spec, tmp_path / "adapter", base_path=str(path))
+    theirs = peft_on_transformers(path, tmp_path / "adapter")
     with torch.no_grad():
         ours, peft_logits = model(ids).logits, theirs(ids).logits
-        adapted = (
-            (ours - DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base")(ids).logits)
-            .abs()
-            .max()
-        )
-    assert adapted > 1e-2  # the adapters change the output, and PEFT applies the same change
+    assert (ours - base).abs().max() > 1e-2  # a dropped adapter would give `base`
     torch.testing.assert_close(peft_logits, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_refuses_an_expert_subset_adapter(peft_base, tmp_path):
+    """ESFT adapters (some experts of a layer) do not fit PEFT's fused experts, whose adapter
+    covers every expert of the layer: PEFT's load fails, naming the layer."""
+    from moetune.model.adapters import save_adapter
+
+    path = peft_base[0]
+    spec = LoraSpec(rank=4, components=("routed_experts",), experts={1: [2, 7]})
+    model = DeepseekV3ForCausalLM.from_pretrained(path)
+    apply_lora(model, spec)
+    save_adapter(model, spec, tmp_path / "adapter", base_path=str(path))
+    with pytest.raises(RuntimeError, match=r"size mismatch for \S*layers\.1\.mlp\.experts\."):
+        peft_on_transformers(path, tmp_path / "adapter")
 
 
 def test_merge_cli_writes_a_checkpoint_equal_to_base_plus_adapter(tmp_path):
@@ -294,8 +337,6 @@ def test_merge_cli_fp8_writes_a_deepseek_fp8_checkpoint(tmp_path):
 
 
 def test_save_pretrained_refuses_unmerged_adapters(tmp_path):
-    import pytest
-
     model = DeepseekV3ForCausalLM(v3_config())
     apply_lora(model, LoraSpec(rank=4))
     with pytest.raises(ValueError, match="carries LoRA adapters"):
@@ -303,8 +344,6 @@ def test_save_pretrained_refuses_unmerged_adapters(tmp_path):
 
 
 def test_expert_subset_ids_are_checked():
-    import pytest
-
     model = DeepseekV3ForCausalLM(v3_config())
     with pytest.raises(ValueError, match="distinct expert ids in \\[0, 16\\)"):
         apply_lora(model, LoraSpec(rank=8, experts={1: [3, 16]}))

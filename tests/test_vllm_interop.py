@@ -124,3 +124,31 @@ def test_merged_lora_checkpoint_loads_in_vllm(checkpoint, tmp_path):
         torch.testing.assert_close(
             torch.tensor(result["logprobs"]), torch.tensor(ours.logprobs[i]), rtol=0, atol=1e-3
         )
+
+
+def test_vllm_reads_each_components_rank_from_a_saved_adapter(tmp_path):
+    """vLLM's PEFTHelper accepts moetune's adapter_config.json and gives each module the rank
+    and scaling moetune trained it with (rank_pattern, routed experts on the global `r`)."""
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from moetune.model.adapters import save_adapter
+    from moetune.model.lora import LoraSpec, apply_lora
+
+    ranks = {"attention": 6, "dense_mlp": 3, "shared_experts": 2, "routed_experts": 16}
+    spec = LoraSpec(rank=4, alpha=5.0, ranks=ranks, experts={1: [2, 7]})
+    model = DeepseekV3ForCausalLM(v3_config())
+    apply_lora(model, spec)
+    save_adapter(model, spec, tmp_path)
+    helper = PEFTHelper.from_local_dir(str(tmp_path), max_position_embeddings=256)
+    helper.validate_legal(LoRAConfig(max_lora_rank=16))  # the largest rank trained, not 2r
+    with pytest.raises(ValueError, match="greater than max_lora_rank"):
+        helper.validate_legal(LoRAConfig(max_lora_rank=8))
+    modules = {
+        "attention": "model.layers.3.self_attn.kv_b_proj",  # the MTP block's
+        "dense_mlp": "model.layers.0.mlp.down_proj",
+        "shared_experts": "model.layers.2.mlp.shared_experts.gate_proj",
+        "routed_experts": "model.layers.1.mlp.experts.7.up_proj",
+    }
+    for component, module in modules.items():
+        assert helper.get_rank_and_scaling(module) == (ranks[component], 5.0 / ranks[component])

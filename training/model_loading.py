@@ -95,9 +95,13 @@ def load_model(section: ModelSection, device: str | torch.device = "cpu") -> Dee
 
 
 def check_expert_parallel(size: int, config: DeepseekV3Config) -> None:
-    """`model.expert_parallel` N must be >= 1 and divide the routed experts and (under a
-    launcher, WORLD_SIZE set) the process count: a RecipeError naming the key otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """`model.expert_parallel` N must be >= 1 and divide the routed experts and the process
+    count (the initialised world's, else the launcher's WORLD_SIZE): a RecipeError naming
+    the key otherwise."""
+    if torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
     if size < 1:
         raise RecipeError(f"model.expert_parallel: {size} must be >= 1")
     if config.n_routed_experts % size:

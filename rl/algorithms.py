@@ -283,9 +283,9 @@ def policy_loss(
     capped at -c A (its gradient is 0 where the cap binds, i.e. r > c). Every kind's policy
     term is multiplied by the detached importance weight `importance_weights(old, sampler,
     mask, tis_cap, is_level, is_mode)` (default: TIS, min(exp(old - sampler), tis_cap) per
-    token) when sampler_logprobs is given, and gets beta * k3 added per token, k3 = exp(ref - logp) -
-    (ref - logp) - 1, when beta != 0 and ref_logprobs is given. epsilon_high defaults to
-    epsilon_low (DAPO's clip-higher sets it larger).
+    token) when sampler_logprobs is given, and gets beta * k3 added per token, k3 =
+    exp(ref - logp) - (ref - logp) - 1, when beta != 0 and ref_logprobs is given.
+    epsilon_high defaults to epsilon_low (DAPO's clip-higher sets it larger).
 
     The B rows may be one micro-batch (on one data-parallel rank) of a batch of `global_rows`
     sequences holding `global_tokens` counted tokens (default: these B rows and the tokens
@@ -316,7 +316,8 @@ def policy_loss(
                as verl's geo_mean loss (verl's GMPO recipe: epsilons 0.4 / 0.4), i.e. -A
                times the geometric mean of the clipped token ratios. With TIS the term is
                multiplied by the geometric mean of the sequence's TIS weights (as verl;
-               is_mode mask: a masked token zeroes its sequence's term); the KL term is the sequence's token mean of k3. Summed / global_rows.
+               is_mode mask: a masked token zeroes its sequence's term); the KL term is
+               the sequence's token mean of k3. Summed / global_rows.
     Dual-clip (`clip_ratio_c`) is for the clipped kinds only.
     """
     if kind not in LOSS_KINDS:

@@ -299,3 +299,30 @@ def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_pa
     total = sum(p.numel() for p in DeepseekV3ForCausalLM.from_pretrained(out).parameters())
     assert held[0] == held[1] and 0 < held[0] <= total / 2, (held, total)
     assert (out / "model-00001-of-00001.safetensors").exists()
+
+
+def test_async_grpo_with_dynamic_sampling_and_routing_replay_under_a_two_process_launch(
+    tmp_path,
+):
+    """rollout.max_staleness 1 under `accelerate launch` (ZeRO-3, 2 processes, a local native
+    engine each): step 2 learns from samples its engines generated while step 1 trained, with
+    dynamic sampling and routing replay on; checkpoint-1 holds each rank's queued round."""
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(
+        "def digits(prompts, completions, **columns):\n"
+        "    return [sum(c.isdigit() for c in text) / len(text) for text in completions]\n"
+    )
+    out = tmp_path / "run"
+    rows = launch(
+        out,
+        f"rewards=[{{name: '{rewards}:digits'}}]",
+        "rollout.max_staleness=1",
+        "algorithm.dynamic_sampling=true",
+        "algorithm.routing_replay=true",
+    )
+    assert [r["staleness_max"] for r in rows] == [0, 1]
+    assert rows[0]["update_overlap_s"] > 0 and all(r["grad_norm"] > 0 for r in rows)
+    state = torch.load(out / "checkpoint-1" / "trainer.pt", weights_only=False)
+    queued = [rank["lookahead"] for rank in state["ranks"]]
+    assert [[entry["step"] for entry in rank] for rank in queued] == [[2], [2]]
+    assert all(len(rank[0]["rollouts"]) == 2 for rank in queued)  # each rank's 2 prompts

@@ -148,12 +148,11 @@ def serve(conn, spec: EngineSpec, environment: dict[str, str]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.devices
     start = time.perf_counter()
     try:
-        requests = Requests(build_engine(spec), LOOPBACK, LOOPBACK)
+        requests = Requests(build_engine(spec), LOOPBACK, LOOPBACK, conn)
     except Exception:  # noqa: BLE001 -- reported to the pool, which raises it
         conn.send(answer("error", traceback.format_exc(), "start", time.monotonic()))
         return
     conn.send(answer("ok", time.perf_counter() - start, "start", time.monotonic()))
-    requests.conn = conn
     while (request := requests.next_request()) is not None:
         respond(conn, requests, request)
 

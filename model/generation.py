@@ -9,6 +9,7 @@ drafts k tokens per round with the MTP modules and verifies them in one forward
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -65,15 +66,21 @@ def generate(
     pad_token_id: int = 0,
     record_routes: bool = False,
     speculative_tokens: int = 0,
+    between_steps: Callable[[], None] | None = None,
 ) -> GenerationOutput:
     """Sample up to `max_new_tokens` per prompt. temperature 0 means greedy. Logprobs are
     of the distribution actually sampled from (temperature, top-k and top-p applied).
     record_routes: also return the experts every token was routed to (routing replay).
     speculative_tokens: k > 0 drafts k tokens per round with the model's MTP modules and
     verifies them in one forward (moetune.model.speculative); the tokens are distributed as
-    without it (greedy: the same tokens)."""
+    without it (greedy: the same tokens).
+    between_steps: called before each decoding forward after the prefill (before the forward
+    that samples token j, j >= 1): a rollout engine may swap the weights in place there (the
+    cache keeps what earlier weights wrote). Not with speculative decoding."""
     prompts = input_ids.tolist() if torch.is_tensor(input_ids) else [list(p) for p in input_ids]
     check_speculative_tokens(speculative_tokens, model.config)
+    if speculative_tokens and between_steps is not None:
+        raise ValueError("between_steps: speculative decoding has no pause between tokens")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
     if speculative_tokens:
@@ -124,7 +131,9 @@ def generate(
     model.eval()
     step_input = tokens
     with recording_routes(model) if record_routes else nullcontext() as recorded:
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
+            if step and between_steps is not None:
+                between_steps()
             visible = mask[:, : cache.length + step_input.shape[1]]
             logits = model(step_input, attention_mask=visible, cache=cache, logits_to_keep=1)
             logits = logits.logits[:, -1].float()

@@ -6,6 +6,9 @@
   with an optional k3 KL penalty and truncated importance sampling, aggregated over the whole
   batch (`global_tokens`, `global_rows`: the micro-batches' losses add up to the batch's),
   returning the loss and `PolicyLossStats`
+- `importance_weights`: the correction of a loss computed on samples another policy drew (the
+  engine's: train/inference mismatch, and asynchronous samples' lag), per token or per
+  sequence, truncated (TIS) or masked (MIS)
 - `soft_overlong_penalty` and `overlong_mask` (DAPO's overlong handling)
 - `mismatch_kl` (sampler vs trainer logprobs) and `entropy_from_logits`
 
@@ -13,8 +16,11 @@ Papers: GRPO, DeepSeekMath (arXiv 2402.03300); DAPO (2503.14476); Dr. GRPO, "Und
 R1-Zero-Like Training" (2503.20783); GSPO (2507.18071); RLOO, Ahmadian et al. 2024
 (2402.14740); REINFORCE++ (2501.03262); Pass@k Training (2508.10751); CISPO, MiniMax-M1
 (2506.13585); SAPO (2511.20347); GMPO (2507.20673); dual-clip PPO (1912.09729); TIS, Yao et
-al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; the k3 KL
-estimator, Schulman 2020, "Approximating KL Divergence".
+al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; MIS, Liu et
+al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the Training-Inference
+Mismatch" (sequence-level masked importance sampling) and IcePop (token-level masking, Ling
+team 2025, "Every Step Evolves: Scaling Reinforcement Learning for Trillion-Scale Thinking
+Model"); the k3 KL estimator, Schulman 2020, "Approximating KL Divergence".
 
 Shapes: B sequences of T (padded) completion tokens, V vocabulary, G groups of n samples.
 `mask` [B, T] is 1 on counted tokens; values under mask 0 are never used, so padding may hold
@@ -35,6 +41,8 @@ ADVANTAGE_KINDS = ("grpo", "dr_grpo", "leave_one_out", "rloo", "reinforce_pp", "
 BATCH_ADVANTAGE_KINDS = ("reinforce_pp",)
 LOSS_KINDS = ("grpo", "dapo", "dr_grpo", "gspo", "cispo", "sapo", "gmpo")
 CLIPPED_LOSS_KINDS = ("grpo", "dapo", "dr_grpo", "gspo")  # PPO's clip; dual-clip composes
+IS_LEVELS = ("token", "sequence")
+IS_MODES = ("truncate", "mask")
 
 
 def _grouped(rewards: Tensor, n: int) -> Tensor:
@@ -185,6 +193,8 @@ class PolicyLossStats:
     tis_weight_mean: float | None  # mean TIS weight over counted tokens; None without TIS
     # counted tokens where dual-clip's -c A cap binds; None without dual-clip
     dual_clip_fraction: float | None = None
+    # counted tokens whose importance weight the mask mode zeroed; None unless is_mode "mask"
+    is_masked_fraction: float | None = None
 
 
 def _check_shape(name: str, x: Tensor | None, shape: torch.Size, of: str) -> None:
@@ -196,6 +206,50 @@ def _check_shape(name: str, x: Tensor | None, shape: torch.Size, of: str) -> Non
 
 def _masked_mean(x: Tensor, m: Tensor) -> float:
     return float((x * m).sum() / m.sum().clamp(min=1))
+
+
+def importance_weights(
+    old_logprobs: Tensor,
+    sampler_logprobs: Tensor,
+    mask: Tensor,
+    cap: float,
+    level: str = "token",
+    mode: str = "truncate",
+) -> Tensor:
+    """Importance weights [B, T] (unitless, no gradient) of the trainer's policy before the
+    update (`old_logprobs`, nats) against the engine that sampled the tokens
+    (`sampler_logprobs`), all [B, T]; 1 where `mask` is 0.
+
+    level token:    w_t = exp(old_t - sampler_t), one weight per token.
+    level sequence: every token of a sequence carries its likelihood ratio
+                    w = exp(sum_t (old_t - sampler_t)) over the sequence's counted tokens.
+    mode truncate:  min(w, cap): truncated importance sampling (TIS, Yao et al. 2025, "Your
+                    Efficient RL Framework Secretly Brings You Off-Policy RL Training").
+    mode mask:      w where w <= cap, else 0: the token (sequence) is dropped from the loss
+                    (masked importance sampling: MIS, Liu et al. 2025, "When Speed Kills
+                    Stability", per sequence; IcePop's token-level masking). The loss's
+                    denominators are left as they are: a dropped token adds 0.
+    The comparison with the cap is made in log space, so huge sequence ratios do not overflow.
+    """
+    if level not in IS_LEVELS:
+        raise ValueError(f"unknown importance level {level!r}; valid: {', '.join(IS_LEVELS)}")
+    if mode not in IS_MODES:
+        raise ValueError(f"unknown importance mode {mode!r}; valid: {', '.join(IS_MODES)}")
+    if not cap > 0:
+        raise ValueError(f"the importance weight cap must be > 0, not {cap}")
+    _check_shape("sampler_logprobs", sampler_logprobs, old_logprobs.shape, "old_logprobs")
+    _check_shape("mask", mask, old_logprobs.shape, "old_logprobs")
+    keep = mask.bool()
+    dtype = torch.promote_types(old_logprobs.dtype, torch.float32)
+    log_w = torch.where(keep, old_logprobs.to(dtype) - sampler_logprobs.to(dtype), 0.0)
+    if level == "sequence":
+        log_w = log_w.sum(1, keepdim=True).expand_as(log_w)
+    log_cap = math.log(cap)
+    if mode == "truncate":
+        weights = log_w.clamp(max=log_cap).exp()
+    else:
+        weights = torch.where(log_w <= log_cap, log_w.clamp(max=log_cap).exp(), 0.0)
+    return torch.where(keep, weights, 1.0).detach()
 
 
 def policy_loss(
@@ -214,6 +268,8 @@ def policy_loss(
     beta: float = 0.0,
     sampler_logprobs: Tensor | None = None,
     tis_cap: float | None = None,
+    is_level: str = "token",
+    is_mode: str = "truncate",
     max_completion_length: int | None = None,
     global_tokens: int | None = None,
     global_rows: int | None = None,
@@ -225,10 +281,11 @@ def policy_loss(
     epsilon_low, 1 + epsilon_high) A) with r = exp(logp - old); with `clip_ratio_c` = c > 1
     (dual-clip PPO, Ye et al., arXiv 1912.09729) a negative advantage's term is further
     capped at -c A (its gradient is 0 where the cap binds, i.e. r > c). Every kind's policy
-    term is multiplied by the detached TIS weight min(exp(old - sampler), tis_cap) when
-    sampler_logprobs is given, and gets beta * k3 added per token, k3 = exp(ref - logp) -
-    (ref - logp) - 1, when beta != 0 and ref_logprobs is given. epsilon_high defaults to
-    epsilon_low (DAPO's clip-higher sets it larger).
+    term is multiplied by the detached importance weight `importance_weights(old, sampler,
+    mask, tis_cap, is_level, is_mode)` (default: TIS, min(exp(old - sampler), tis_cap) per
+    token) when sampler_logprobs is given, and gets beta * k3 added per token, k3 =
+    exp(ref - logp) - (ref - logp) - 1, when beta != 0 and ref_logprobs is given.
+    epsilon_high defaults to epsilon_low (DAPO's clip-higher sets it larger).
 
     The B rows may be one micro-batch (on one data-parallel rank) of a batch of `global_rows`
     sequences holding `global_tokens` counted tokens (default: these B rows and the tokens
@@ -258,8 +315,9 @@ def policy_loss(
                min(sgn(A) (logp - old), sgn(A) clip(logp - old, -epsilon_low, epsilon_high))
                as verl's geo_mean loss (verl's GMPO recipe: epsilons 0.4 / 0.4), i.e. -A
                times the geometric mean of the clipped token ratios. With TIS the term is
-               multiplied by the geometric mean of the sequence's TIS weights (as verl);
-               the KL term is the sequence's token mean of k3. Summed / global_rows.
+               multiplied by the geometric mean of the sequence's TIS weights (as verl;
+               is_mode mask: a masked token zeroes its sequence's term); the KL term is
+               the sequence's token mean of k3. Summed / global_rows.
     Dual-clip (`clip_ratio_c`) is for the clipped kinds only.
     """
     if kind not in LOSS_KINDS:
@@ -300,8 +358,7 @@ def policy_loss(
     log_ratio = torch.where(keep, logp - old, 0.0)
     tis = k3 = dual = None
     if sampler_logprobs is not None:
-        tis_log = torch.where(keep, old - sampler_logprobs.to(dtype), 0.0)
-        tis = tis_log.exp().clamp(max=tis_cap).detach()
+        tis = importance_weights(old, sampler_logprobs, mask, tis_cap, is_level, is_mode)
     if beta != 0 and ref_logprobs is not None:
         d = torch.where(keep, ref_logprobs.to(dtype) - logp, 0.0)
         k3 = d.exp() - d - 1
@@ -375,6 +432,11 @@ def policy_loss(
             kl=None if k3 is None else _masked_mean(k3, m),
             tis_weight_mean=None if tis is None else _masked_mean(tis, m),
             dual_clip_fraction=None if dual is None else _masked_mean(dual.to(dtype), m),
+            is_masked_fraction=(
+                _masked_mean((tis == 0).to(dtype), m)
+                if tis is not None and is_mode == "mask"
+                else None
+            ),
         )
     return loss, stats
 

@@ -3,8 +3,9 @@
 A checkpoint folder holds the weights (or LoRA adapter), tokenizer and prompt template (what
 the run's output folder holds at the end), the optimizer state in the engine's own layout
 (rl.policy_engine; sharded engines: with the weights), `trainer.pt` (the LR schedule and each
-rank's prompt position and torch/python RNG states) and `trainer_state.json` (the step and
-the skipped-update counts).
+rank's prompt position, torch/python RNG states and the rounds it sampled ahead for later
+steps, rl.async_collector: their samples, not regenerated on resume) and
+`trainer_state.json` (the step and the skipped-update counts).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from moetune.config.schema import GRPORecipe
 from moetune.data.prompt_template import save_template
 from moetune.model.adapters import load_adapter_weights, save_adapter
 from moetune.model.checkpoint import load_weights
+from moetune.rl.async_collector import Lookahead
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.policy_update import PolicyUpdater
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
@@ -29,7 +31,8 @@ from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
 
 class Checkpointer:
     """Writes and restores the state of one GRPO run: the model (through `engine`), the
-    `scheduler`, this rank's `stream` and RNGs, and `updater`'s skip counts. Every rank calls
+    `scheduler`, this rank's `stream`, RNGs and `lookahead` queue, and `updater`'s skip
+    counts. Every rank calls
     `save`, `save_weights` and `load` (sharded engines gather or write collectively)."""
 
     def __init__(
@@ -43,6 +46,7 @@ class Checkpointer:
         stream: PromptStream | StreamedPrompts,
         updater: PolicyUpdater,
         parallel: DataParallel,
+        lookahead: Lookahead | None = None,
     ):
         self.recipe, self.model, self.tokenizer, self.lora_spec = (
             recipe,
@@ -51,7 +55,7 @@ class Checkpointer:
             lora_spec,
         )
         self.engine, self.scheduler, self.stream, self.updater = engine, scheduler, stream, updater
-        self.parallel = parallel
+        self.parallel, self.lookahead = parallel, lookahead
 
     def save(self, folder: Path, step: int) -> None:
         """Weights (or adapter) + tokenizer + optimizer + each rank's prompt position and RNG,
@@ -62,6 +66,7 @@ class Checkpointer:
                 "stream": self.stream.state(),
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
+                "lookahead": self.lookahead.state() if self.lookahead else [],
             }
         )
         partial = folder.with_name(folder.name + ".partial")
@@ -119,6 +124,8 @@ class Checkpointer:
         torch.set_rng_state(mine["torch_rng"])
         random.setstate(mine["python_rng"])
         self.stream.restore(mine["stream"])
+        if self.lookahead is not None:
+            self.lookahead.restore(mine.get("lookahead", []))
         state = json.loads((folder / "trainer_state.json").read_text())
         self.updater.nonfinite_in_row = state["nonfinite_in_row"]
         self.updater.skipped_updates = state["skipped_updates"]

@@ -2,6 +2,11 @@
 sampled for each from the RolloutPool, scored by the recipe's rewards (plus DAPO's soft
 overlong penalty). With dynamic sampling, groups whose rewards all agree are dropped and new
 prompts refill them, for at most `max_refills` more sampling rounds.
+
+A step's first round may have been sampled ahead, while the trainer updated on earlier steps
+(rl.async_collector). Its groups holding a sample more than `rollout.max_staleness` weight
+versions older than the trainer's are dropped and their prompts sampled again (the stream's
+order is kept: no prompt is skipped or drawn twice).
 """
 
 from __future__ import annotations
@@ -16,7 +21,18 @@ from moetune.data.prompt_template import few_shot_examples, render
 from moetune.rewards import TrainerState, score
 from moetune.rl import algorithms
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
-from moetune.rl.rollout import Rollout, RolloutPool, SamplingSpec
+from moetune.rl.rollout import Generation, Rollout, RolloutPool, SamplingSpec
+
+
+@dataclass(eq=False)
+class Prefetched:
+    """A step's first round sampled ahead: its problems and the generation sent for them
+    (None: not sent yet), or, once collected (or restored from a checkpoint), its rollouts."""
+
+    step: int
+    problems: list[dict]
+    generation: Generation | None = None
+    rollouts: list[list[Rollout]] | None = None
 
 
 @dataclass
@@ -31,6 +47,18 @@ class Groups:
     zero_std_groups: int
     rounds: int
     logged: dict[str, list[float]] = field(default_factory=dict)  # log_metric calls, all rounds
+    # The trainer's weight version when the groups were collected (None: not known), and the
+    # samples dropped for being more than rollout.max_staleness versions older.
+    policy_version: int | None = None
+    dropped_stale: int = 0
+
+    def staleness(self) -> list[int]:
+        """Per kept sample, in order: how many versions its oldest token's weights were behind
+        the trainer's (`policy_version` - `Rollout.oldest_version`; 0: on-policy)."""
+        version = self.policy_version
+        return [
+            0 if version is None else version - r.oldest_version for g in self.rollouts for r in g
+        ]
 
     def metrics(self, seconds: float) -> dict[str, float]:
         """Rewards, lengths and filtering of the groups, sampled in `seconds`."""
@@ -47,7 +75,12 @@ class Groups:
             "completion_length_max": float(max(lengths)),
             "clipped_fraction": sum(r.finish_reason == "length" for r in flat) / max(len(flat), 1),
             "rollout_tokens_per_second": sum(lengths) / max(seconds, 1e-9),
+            "dropped_stale": float(self.dropped_stale),
         }
+        staleness = self.staleness()
+        if staleness:
+            metrics["staleness_mean"] = sum(staleness) / len(staleness)
+            metrics["staleness_max"] = float(max(staleness))
         metrics |= {f"reward/{name}": mean(values) for name, values in self.per_function.items()}
         metrics |= {f"reward_metric/{name}": mean(values) for name, values in self.logged.items()}
         return metrics
@@ -133,21 +166,54 @@ class Collector:
         }
         return totals.view(len(problems), n), values, result.metrics
 
-    def collect(self, step: int) -> Groups:
-        """The groups of `step` (rewards see step - 1 completed steps)."""
+    def prefetch(self, step: int) -> Prefetched:
+        """`step`'s first round of prompts, taken from the stream now (`submit` samples it)."""
+        return Prefetched(step, self.stream.take(self.local_prompts))
+
+    def submit(self, prefetched: Prefetched) -> None:
+        """Send a prefetched round to the engines (round 0's sampling seed), without waiting."""
+        n = self.recipe.algorithm.group_size
+        prompts = self.encode(prefetched.problems)
+        prefetched.generation = self.pool.submit(prompts, n, self.sampling(prefetched.step, 0))
+
+    def result(self, prefetched: Prefetched) -> list[list[Rollout]]:
+        """A prefetched round's rollouts, waiting for them (sent now if it was not)."""
+        if prefetched.rollouts is None:
+            if prefetched.generation is None:
+                self.submit(prefetched)
+            prefetched.rollouts = self.pool.collect(prefetched.generation)
+        return prefetched.rollouts
+
+    def collect(
+        self, step: int, policy_version: int | None = None, first: Prefetched | None = None
+    ) -> Groups:
+        """The groups of `step` (rewards see step - 1 completed steps). first: its first
+        round, sampled ahead; its groups with a sample more than rollout.max_staleness
+        versions older than `policy_version` (the trainer's weights) are dropped, and their
+        prompts sampled again in the next round."""
         algorithm = self.recipe.algorithm
         wanted, n = self.local_prompts, algorithm.group_size
         kept_problems, kept_rollouts, kept_rewards = [], [], []
         per_function: dict[str, list[float]] = {}
         logged: dict[str, list[float]] = {}
-        generated = zero_std = rounds = 0
-        while len(kept_problems) < wanted and rounds <= algorithm.max_refills:
-            problems = self.stream.take(wanted - len(kept_problems))
-            rollouts = self.pool.generate(self.encode(problems), n, self.sampling(step, rounds))
+        generated = zero_std = rounds = dropped = 0
+        redo: list[dict] = []  # prompts whose samples were too stale
+        while redo or (len(kept_problems) < wanted and rounds <= algorithm.max_refills):
+            if rounds == 0 and first is not None:
+                problems = first.problems
+                rollouts = self.result(first)
+                problems, rollouts, redo = self.fresh(problems, rollouts, policy_version)
+                dropped += n * len(redo)
+            else:
+                taken = self.stream.take(wanted - len(kept_problems) - len(redo))
+                problems, redo = redo + taken, []
+                rollouts = self.pool.generate(self.encode(problems), n, self.sampling(step, rounds))
+            rounds += 1
+            if not problems:  # every prefetched group was stale
+                continue
             totals, values, round_logged = self.rewards(problems, rollouts, step - 1)
             for name, logged_values in round_logged.items():
                 logged.setdefault(name, []).extend(logged_values)
-            rounds += 1
             generated += len(problems)
             flat = algorithms.zero_std_groups(totals.flatten(), n)
             zero_std += int(flat.sum())
@@ -159,11 +225,37 @@ class Collector:
                 kept_rewards.append(totals[g])
                 for name, vals in values.items():
                     per_function.setdefault(name, []).extend(vals[g * n : (g + 1) * n])
-            if not algorithm.dynamic_sampling:
+            if not algorithm.dynamic_sampling and not redo:
                 break
         rewards = torch.stack(kept_rewards) if kept_rewards else torch.zeros(0, n)
         return Groups(
-            kept_problems, kept_rollouts, rewards, per_function, generated, zero_std, rounds, logged
+            kept_problems,
+            kept_rollouts,
+            rewards,
+            per_function,
+            generated,
+            zero_std,
+            rounds,
+            logged,
+            policy_version,
+            dropped,
+        )
+
+    def fresh(
+        self, problems: list[dict], rollouts: list[list[Rollout]], policy_version: int | None
+    ) -> tuple[list[dict], list[list[Rollout]], list[dict]]:
+        """(problems, rollouts) of the groups within rollout.max_staleness versions of
+        `policy_version` (None: all), and the problems of the others."""
+        if policy_version is None:
+            return problems, rollouts, []
+        limit = self.recipe.rollout.max_staleness
+        stale = [
+            any(policy_version - r.oldest_version > limit for r in group) for group in rollouts
+        ]
+        return (
+            [p for p, s in zip(problems, stale) if not s],
+            [g for g, s in zip(rollouts, stale) if not s],
+            [p for p, s in zip(problems, stale) if s],
         )
 
 

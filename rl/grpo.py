@@ -15,6 +15,8 @@
      the LoRA tensors alone.
   5. inspection (rl.inspection): router agreement logged beside the expert load, and the
      step's samples appended to rollouts.jsonl (`moetune rollouts show` reads them).
+With `rollout.max_staleness` k > 0 the engines sample the first rounds of the next k steps
+while 2-4 run (rl.async_collector): the samples are then up to k weight versions old.
 Under `accelerate launch` every process does this on its share of the prompts.
 Checkpoints (rl.checkpoint) let a resumed run repeat the uninterrupted one.
 """
@@ -37,6 +39,7 @@ from moetune.data.prompt_template import warn_on_mismatch
 from moetune.model.expert_parallel import expert_parallel_size
 from moetune.model.moe import MoE
 from moetune.model.speculative import check_speculative_tokens
+from moetune.rl.async_collector import Lookahead
 from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
 from moetune.rl.collector import Collector
 from moetune.rl.data_parallel import DataParallel
@@ -65,10 +68,19 @@ class GRPOTrainer:
     the expert-load `history` and the held-out `eval_problems` (None: no periodic eval).
 
     `step(n)`: collector.collect -> Groups for this rank's share of training.prompts_per_step
-    (none kept on any rank: logged, no update); updater.update on them (mu optimizer steps);
-    the expert load logged (and the aux-free bias moved when the router trains); the changed
-    weights synced to the rollout engines; the LR scheduler stepped. Returns the step's
-    metrics merged over ranks.
+    (none kept on any rank: logged, no update); the `lookahead` sends the first rounds of the
+    next rollout.max_staleness steps to the engines; updater.update on the groups (mu
+    optimizer steps); the expert load logged (and the aux-free bias moved when the router
+    trains); the changed weights synced to the rollout engines; the LR scheduler stepped.
+    Returns the step's metrics merged over ranks; beside the update's and the groups' ones:
+      trainer_idle_s    seconds the trainer waited for generations (collect, and a sync
+                        waiting for those in flight)
+      engine_idle_s     seconds of the step an engine was not generating (mean over engines;
+                        a generation counts in the step whose end reads its answer)
+      update_overlap_s  seconds of the update an engine was generating (mean over engines)
+      staleness_mean / staleness_max, dropped_stale: see rl.collector.Groups
+    `policy_version` is the version of the trainer's weights: the last step whose update they
+    hold (the engines': `pool.version`).
     """
 
     def __init__(
@@ -133,6 +145,7 @@ class GRPOTrainer:
             parallel.rank,
             stop_ids,
         )
+        self.lookahead = Lookahead(self.collector, recipe.rollout.max_staleness)
         self.updater = PolicyUpdater(
             recipe, model, self.engine, reference, lora_spec, parallel, pad_id
         )
@@ -146,6 +159,7 @@ class GRPOTrainer:
             stream,
             self.updater,
             parallel,
+            self.lookahead,
         )
         self.eval_problems = None  # this rank's share of the held-out problems
         if recipe.eval.every:
@@ -155,9 +169,9 @@ class GRPOTrainer:
         self.history = ExpertLoadHistory(
             [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
         )
-        # Weight versions (the last step whose update they hold) of the policy and of the
-        # rollout engines; `rollouts` is the main process's rollouts.jsonl (None: not logged).
-        self.policy_version = self.engine_version = 0
+        # The policy's weight version (the last step whose update it holds); `rollouts` is the
+        # main process's rollouts.jsonl (None: not logged).
+        self.policy_version = 0
         self.rollouts: MetricsFile | None = None
         # A restarted engine is streamed the current weights on the spot where this rank holds
         # them whole; under ZeRO-3 / FSDP2 every rank streams them together (`with_engines`).
@@ -165,36 +179,56 @@ class GRPOTrainer:
             pool.weight_source = lambda: self.weight_stream(everything=True)
 
     def step(self, step: int) -> dict[str, float]:
-        started = time.perf_counter()
-        groups = self.with_engines(lambda: self.collector.collect(step))
-        version, staleness = self.engine_version, self.policy_version - self.engine_version
-        metrics = groups.metrics(time.perf_counter() - started)
+        started, waited = time.monotonic(), self.pool.waited_seconds
+        first = self.lookahead.take(step)
+        groups = self.with_engines(lambda: self.collector.collect(step, self.policy_version, first))
+        metrics = groups.metrics(time.monotonic() - started)
         if self.recipe.rollout.speculative_tokens:
             acceptance = self.pool.acceptance_rate()  # None: the engines do not report it
             if acceptance is not None:
                 metrics["acceptance_rate"] = acceptance
+        # the engines sample the next steps' first rounds while this one trains
+        self.with_engines(lambda: self.lookahead.fill(step, self.recipe.training.max_steps))
         if not self.parallel.sum(len(groups.problems)):
             log.warning("step %d: every group's rewards agreed; nothing to learn from", step)
             metrics["skipped_all_filtered"] = 1.0
-            return self.parallel.mean_metrics(metrics)
-        trained = time.perf_counter()
+            return self.parallel.mean_metrics(metrics | self.idle(started, None, waited))
+        trained = time.monotonic()
         metrics |= self.updater.update(groups)
+        update = (trained, time.monotonic())
         self.policy_version = step
-        metrics |= self.inspect(step, groups, version, staleness)
+        metrics |= self.inspect(step, groups)
         train_tokens = sum(
             len(r.prompt_ids) + len(r.completion_ids) for group in groups.rollouts for r in group
         )
         metrics["train_tokens_per_second"] = (
-            train_tokens * self.recipe.algorithm.mu / max(time.perf_counter() - trained, 1e-9)
+            train_tokens * self.recipe.algorithm.mu / max(time.monotonic() - trained, 1e-9)
         )
         metrics |= self.balance(step)
         metrics["sync_seconds"] = self.sync_rollout_weights()
         metrics["sync_megabytes"] = self.pool.synced_bytes / 2**20
-        self.engine_version = self.policy_version
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         metrics["skipped_updates"] = float(self.updater.skipped_updates)
-        return self.parallel.mean_metrics(metrics)
+        return self.parallel.mean_metrics(metrics | self.idle(started, update, waited))
+
+    def idle(
+        self, started: float, update: tuple[float, float] | None, waited: float
+    ) -> dict[str, float]:
+        """trainer_idle_s, engine_idle_s and update_overlap_s (see the class) of a step that
+        began at `started` (time.monotonic()) and ran its update over `update` (None: none);
+        `waited`: the pool's waited_seconds when it began."""
+        busy, workers = self.pool.take_busy(), max(len(self.pool.pids), 1)
+
+        def generating(start: float, end: float) -> float:
+            return sum(max(0.0, min(b, end) - max(a, start)) for _, a, b in busy) / workers
+
+        ended = time.monotonic()
+        return {
+            "trainer_idle_s": self.pool.waited_seconds - waited,
+            "engine_idle_s": ended - started - generating(started, ended),
+            "update_overlap_s": generating(*update) if update else 0.0,
+        }
 
     def weight_stream(self, everything: bool):
         """What the engines load (moetune.rl.engine_weights), block by block: the tensors an
@@ -206,9 +240,9 @@ class GRPOTrainer:
         return weight_stream(self.model, trained_only=not everything, mtp=speculating)
 
     def sync_rollout_weights(self, everything: bool = False) -> float:
-        """Stream the tensors the step changed (`everything`: all) to this rank's engines;
-        seconds. Every rank calls it."""
-        seconds = self.pool.sync(self.weight_stream(everything))
+        """Stream the tensors the step changed (`everything`: all) to this rank's engines, as
+        weight version `policy_version`; seconds. Every rank calls it."""
+        seconds = self.pool.sync(self.weight_stream(everything), version=self.policy_version)
         self.resync_stale()
         return seconds
 
@@ -234,7 +268,7 @@ class GRPOTrainer:
         if self.pool.weight_source is None and self.parallel.max(float(self.pool.stale)):
             self.pool.sync(self.weight_stream(everything=True), stale_only=True)
 
-    def inspect(self, step: int, groups, version: int, staleness: int) -> dict[str, float]:
+    def inspect(self, step: int, groups) -> dict[str, float]:
         """Router agreement of the update's first forward; the samples (every rank's) appended
         to rollouts.jsonl by the main process, as `training.log_rollouts` says."""
         inspected = self.updater.inspected
@@ -246,7 +280,7 @@ class GRPOTrainer:
             def decode(ids):
                 return tokenizer.decode(ids, skip_special_tokens=False)
 
-            rows = sample_records(step, groups, inspected, decode, version, staleness)
+            rows = sample_records(step, groups, inspected, decode)
             every = self.parallel.gather_to_main(rows)
             if self.rollouts is not None:
                 self.rollouts.write_rows(spread(number_groups(every), keep))
@@ -384,8 +418,14 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         adapter=spec,
         sync_bucket_mb=rollout.sync_bucket_mb,
         speculative_tokens=rollout.speculative_tokens,
+        partial_rollouts=rollout.partial_rollouts,
     )
     with pool:
+        if rollout.partial_rollouts and "vllm" in pool.engine_backends:
+            raise RecipeError(
+                "rollout.partial_rollouts: vLLM engines (here the remote ones) cannot swap "
+                "weights in the middle of a generation; serve native engines or set it false"
+            )
         trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool, parallel)
         resume = recipe.training.resume_from_checkpoint
         checkpoint = (
@@ -396,9 +436,9 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         first = 1
         if checkpoint is not None:
             first = trainer.checkpointer.load(checkpoint) + 1
+        trainer.policy_version = first - 1
         if checkpoint is not None or remote:  # remote engines start from their own weights
             trainer.sync_rollout_weights(everything=True)
-        trainer.policy_version = trainer.engine_version = first - 1
         main = parallel.is_main
         resumed = first - 1 if checkpoint else None
         metrics_file = MetricsFile(output / "metrics.jsonl", resumed) if main else None

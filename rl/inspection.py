@@ -135,19 +135,15 @@ class Inspected:
         return metrics
 
 
-def sample_records(
-    step: int,
-    groups,
-    inspected: Inspected | None,
-    decode,
-    version: int,
-    staleness: int,
-) -> list[dict]:
+def sample_records(step: int, groups, inspected: Inspected | None, decode) -> list[dict]:
     """One rollouts.jsonl row per sample of this rank's `groups` (rl.collector.Groups), in
     order; `group` numbers this rank's groups (rl.inspection.number_groups makes it global).
-    decode: token ids -> text (the prompt as the model saw it, template included)."""
+    decode: token ids -> text (the prompt as the model saw it, template included).
+    policy_version / version_max: the oldest / newest weight version that sampled one of its
+    tokens (they differ only when a sync landed mid-generation: partial rollouts)."""
     n = len(groups.rollouts[0]) if groups.rollouts else 0
     rewards = groups.rewards.flatten().tolist()
+    staleness = groups.staleness()
     rows = []
     for index, rollout in enumerate(r for group in groups.rollouts for r in group):
         row = {
@@ -159,8 +155,9 @@ def sample_records(
             "rewards": {name: values[index] for name, values in groups.per_function.items()},
             "reward": rewards[index],
             "advantage": None,
-            "policy_version": version,
-            "staleness": staleness,
+            "policy_version": rollout.oldest_version,
+            "version_max": max(rollout.versions, default=rollout.oldest_version),
+            "staleness": staleness[index],
             "finish_reason": rollout.finish_reason,
             "completion_tokens": len(rollout.completion_ids),
             "logprob_gap": None,

@@ -125,6 +125,8 @@ class PolicyUpdater:
                     beta=algorithm.beta,
                     sampler_logprobs=micro.sampler_logprobs if algorithm.tis_cap else None,
                     tis_cap=algorithm.tis_cap,
+                    is_level=algorithm.is_level,
+                    is_mode=algorithm.is_mode,
                     max_completion_length=rollout.max_new_tokens,
                     global_tokens=global_tokens,
                     global_rows=global_rows,
@@ -155,6 +157,9 @@ class PolicyUpdater:
         tis = [s.tis_weight_mean for s in stats if s.tis_weight_mean is not None]
         if tis:
             metrics["tis_weight_mean"] = fmean(tis)
+        masked = [s.is_masked_fraction for s in stats if s.is_masked_fraction is not None]
+        if masked:
+            metrics["is_masked_fraction"] = fmean(masked)
         return metrics
 
     def micro_batches(self, rows: int) -> list[slice | None]:

@@ -38,6 +38,7 @@ import logging
 import os
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,13 @@ from moetune.model.lora import LoraSpec
 from moetune.rl import weight_group
 from moetune.rl.algorithms import mismatch_kl
 from moetune.rl.rollout_remote import RemoteWorker, authkey_from_environment
-from moetune.rl.rollout_worker import EngineSpec, WorkerFailure, completion_logprobs
+from moetune.rl.rollout_worker import (
+    SYNC_METHODS,
+    Answer,
+    EngineSpec,
+    WorkerFailure,
+    completion_logprobs,
+)
 from moetune.rl.worker_process import WorkerProcess, visible_devices
 
 logger = logging.getLogger(__name__)
@@ -97,11 +104,45 @@ class Rollout:
     # The experts each prompt + completion token was routed to, [num_moe_layers, tokens, top_k]
     # int16 (-1: not fed back), where the engine reports them (native always; vLLM on GPU).
     routed_experts: torch.Tensor | None = field(default=None, compare=False)
+    # The version of the weights (the last trainer step whose update they held) that sampled
+    # each completion token: all one unless a sync landed mid-generation (partial rollouts).
+    versions: list[int] = field(default_factory=list)
+
+    @property
+    def oldest_version(self) -> int:
+        """The version of the oldest weights that sampled a token (0 when none is recorded)."""
+        return min(self.versions, default=0)
 
 
 class EnginesNeedWeights(RuntimeError):
     """A restarted engine has its checkpoint's weights, and the pool has no `weight_source`
     to stream the current ones: sync them with `stale_only=True`, then ask again."""
+
+
+@dataclass(eq=False)
+class Call:
+    """One request (method, *args) to worker `worker`, until its Answer is read; `sent`: to
+    the engine now serving (a restarted engine is sent its requests again)."""
+
+    worker: int
+    request: tuple
+    sent: bool = False
+    answer: Answer | None = None
+
+    @property
+    def method(self) -> str:
+        return self.request[0]
+
+
+@dataclass(eq=False)
+class Generation:
+    """A generation `RolloutPool.submit` sent: its prompts, n samples each, one Call per
+    worker's share of the prompts, and when it was submitted (time.perf_counter())."""
+
+    prompts: list[list[int]]
+    n: int
+    calls: list[Call]
+    submitted: float
 
 
 def release(workers: list[WorkerProcess | RemoteWorker]) -> None:
@@ -131,7 +172,15 @@ class RolloutPool:
     sync_bucket_mb: the most a sync sends at once (one bucket per worker at a time).
     `weight_source`: None, or a function streaming every current weight (as `sync` takes
     them) for a restarted engine. `restarts` counts restarts; `synced_bytes` is the size of
-    the last sync.
+    the last sync; `version` is the engines' weight version (the last sync's).
+
+    Requests may overlap: `submit` sends a generation and returns at once, `collect` waits
+    for it; each engine answers its requests in order. A `sync` while generations are in
+    flight waits for them to finish first (their samples are of the weights they began
+    with), unless `partial_rollouts`: then the native engines take the new weights between
+    two decoding steps and go on with them (each token records its version).
+    `waited_seconds` adds up the time spent waiting for generations (`collect`, and a sync
+    waiting for them); `take_busy()` gives the engines' generation intervals.
     """
 
     def __init__(
@@ -153,6 +202,7 @@ class RolloutPool:
         adapter: LoraSpec | None = None,
         sync_bucket_mb: float = 512,
         speculative_tokens: int = 0,
+        partial_rollouts: bool = False,
     ):
         from tokenizers import Tokenizer
 
@@ -191,6 +241,8 @@ class RolloutPool:
         self.bucket_bytes = int(sync_bucket_mb * 2**20)
         self.weight_source: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None
         self.restarts, self.synced_bytes = 0, 0
+        self.version, self.partial_rollouts, self.waited_seconds = 0, partial_rollouts, 0.0
+        self._busy: list[tuple[int, float, float]] = []  # (worker, start, end) of generations
         self.adapter = adapter if backend == "native" else None  # remote: once connected
         self._synced = False  # the engines hold weights other than model_dir's
         self._stale: set[int] = set()  # restarted engines still on model_dir's weights
@@ -218,9 +270,11 @@ class RolloutPool:
                         self.adapter,
                         speculative_tokens,
                     ),
+                    timeout_s,
                 )
                 for i in range(workers)
             ]
+        self._inflight: list[deque[Call]] = [deque() for _ in self._workers]
         self._finalizer = weakref.finalize(self, release, self._workers)
         try:
             if remote:
@@ -250,17 +304,28 @@ class RolloutPool:
         for remote engines."""
         return [w.pid for w in self._workers]
 
+    @property
+    def engine_backends(self) -> list[str]:
+        """Each engine's backend ("native" or "vllm"; remote engines': their servers')."""
+        return [
+            w.info["backend"] if isinstance(w, RemoteWorker) else self.backend
+            for w in self._workers
+        ]
+
     # Requests --------------------------------------------------------------------------
     def generate(
         self, prompts: list[list[int]], n: int, sampling: SamplingSpec
     ) -> list[list[Rollout]]:
         """n samples for each prompt (token ids), prompts split across the workers."""
+        return self.collect(self.submit(prompts, n, sampling))
+
+    def submit(self, prompts: list[list[int]], n: int, sampling: SamplingSpec) -> Generation:
+        """Send `generate`'s request and return without waiting: `collect` gives the samples."""
         self._check_lengths(prompts, sampling.max_new_tokens)
         if n < 1:
             raise ValueError(f"generate: n must be >= 1, not {n}")
-        start = time.perf_counter()
         seeds = [sampling.seed + p * n for p in range(len(prompts))]
-        results = self._scatter(
+        calls = self._calls(
             len(prompts),
             lambda idx: (
                 "generate",
@@ -268,8 +333,21 @@ class RolloutPool:
                 n,
                 sampling,
                 [seeds[p] for p in idx],
+                self.partial_rollouts,
             ),
         )
+        self._send(calls)
+        return Generation(prompts, n, calls, time.perf_counter())
+
+    def collect(self, generation: Generation) -> list[list[Rollout]]:
+        """The samples of a submitted generation, waiting for them (a restarted engine is
+        asked again)."""
+        start = time.perf_counter()
+        try:
+            self._send([c for c in generation.calls if not c.sent])  # asked again
+            results = [item for answer in self._gather(generation.calls) for item in answer]
+        finally:
+            self.waited_seconds += time.perf_counter() - start
         rollouts = [
             [
                 Rollout(
@@ -279,22 +357,29 @@ class RolloutPool:
                     reason,
                     logprobs,
                     routes,
+                    versions,
                 )
-                for ids, logprobs, reason, routes in samples
+                for ids, logprobs, reason, routes, versions in samples
             ]
-            for prompt, samples in zip(prompts, results)
+            for prompt, samples in zip(generation.prompts, results)
         ]
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - generation.submitted
         tokens = sum(len(r.completion_ids) for group in rollouts for r in group)
         logger.info(
             "generated %d tokens (%d prompts x %d) in %.2f s: %.0f tokens/s",
             tokens,
-            len(prompts),
-            n,
+            len(generation.prompts),
+            generation.n,
             seconds,
             tokens / seconds,
         )
         return rollouts
+
+    def take_busy(self) -> list[tuple[int, float, float]]:
+        """(worker, start, end) on time.monotonic() of each generation request the engines
+        answered since the last call (remote engines': placed to end when read)."""
+        busy, self._busy = self._busy, []
+        return busy
 
     def score(
         self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
@@ -322,16 +407,23 @@ class RolloutPool:
         self,
         tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
         stale_only: bool = False,
+        version: int | None = None,
     ) -> float:
         """Send HF-named tensors (a dict, or a stream such as `weight_stream(model)`, read as
         it goes) to every worker in buckets of at most `sync_bucket_mb`; returns seconds.
         `stale_only`: a full stream for the `stale` engines only. The stream is read to its
         end whatever happens (a sharded model gathers in step on every rank): an engine
-        restarted meanwhile without a weight source is left `stale`, not raised about."""
+        restarted meanwhile without a weight source is left `stale`, not raised about.
+        version: of the weights sent (default: the engines' + 1; stale_only: theirs).
+        Generations in flight finish first unless `partial_rollouts` (see the class)."""
         start = time.perf_counter()
         targets = set(self._stale) if stale_only else set(range(len(self._workers)))
         if stale_only:
             self._stale.clear()
+        if version is None:
+            version = self.version if stale_only else self.version + 1
+        if not self.partial_rollouts:
+            self._drain(targets)
         pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
         count = size = 0
         for bucket in weight_group.buckets(pairs, self.bucket_bytes):
@@ -343,6 +435,13 @@ class RolloutPool:
                     continue  # a full stream follows for the stale; the rest get this bucket
             count += len(bucket.specs)
             size += bucket.nbytes
+        while True:
+            try:
+                self._run({w: ("set_version", version) for w in sorted(targets - self._stale)})
+                break
+            except EnginesNeedWeights:
+                continue
+        self.version = version
         self._synced = self._synced or bool(count)
         seconds = time.perf_counter() - start
         self.synced_bytes = size
@@ -367,69 +466,127 @@ class RolloutPool:
         self.close()
 
     # Dispatch and recovery -------------------------------------------------------------
-    def _scatter(self, count: int, request) -> list:
+    def _calls(self, count: int, request) -> list[Call]:
         """Split range(count) into contiguous chunks, one per worker; `request(indices)` gives
-        a worker's (method, *args). Returns the answers' items in order."""
+        a worker's (method, *args)."""
         workers = min(count, len(self._workers))
         bounds = [count * w // workers for w in range(workers + 1)] if workers else [0]
         chunks = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
-        answers = self._run({w: request(idx) for w, idx in enumerate(chunks)})
-        return [item for w in range(len(chunks)) for item in answers[w]]
+        return [Call(w, request(idx)) for w, idx in enumerate(chunks)]
+
+    def _scatter(self, count: int, request) -> list:
+        """`_calls`' requests sent and answered; the answers' items in order."""
+        calls = self._calls(count, request)
+        self._send(calls)
+        return [item for answer in self._gather(calls) for item in answer]
 
     def _run(self, requests: dict[int, tuple]) -> dict[int, object]:
         """Send each worker its request, then collect every answer (so none is left in a
         pipe), raising the first error after that."""
-        for w in requests:
-            if self._workers[w].down:  # killed when an earlier request gave up on it
+        calls = [Call(w, request) for w, request in requests.items()]
+        self._send(calls)
+        return dict(zip(requests, self._gather(calls)))
+
+    def _send(self, calls: list[Call]) -> None:
+        """Send the calls, restarting first any of their workers that is down (killed when an
+        earlier request gave up on it)."""
+        for w in sorted({c.worker for c in calls}):
+            if self._workers[w].down:
                 self._restart(w)
-        for w, request in requests.items():
-            self._workers[w].send(*request)
+        for call in calls:
+            self._workers[call.worker].send(*call.request)
+            call.sent = True
+            self._inflight[call.worker].append(call)
+
+    def _gather(self, calls: list[Call]) -> list:
+        """The calls' answers in order, every one read before the first error is raised."""
         deadline = time.monotonic() + self.timeout_s
-        answers, errors = {}, []
-        for w, request in requests.items():
+        answers, errors = [], []
+        for call in calls:
             try:
-                answers[w] = self._answer(w, request, deadline)
+                answers.append(self._answer(call, deadline))
             except RuntimeError as error:
                 errors.append(error)
+                answers.append(None)
         if errors:
             raise errors[0]
         return answers
 
-    def _answer(self, w: int, request: tuple, deadline: float):
-        """Worker w's answer to `request` (already sent). A worker that dies or is silent past
-        the deadline is restarted and asked again, up to max_retries times."""
-        failures = 0
-        while True:
+    def _drain(self, workers: Iterable[int]) -> None:
+        """Wait for the answers to every request in flight on these workers, kept for their
+        calls (an error is raised when its call is collected)."""
+        start = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
+        for w in workers:
+            while self._inflight[w]:
+                try:
+                    self._answer(self._inflight[w][0], deadline)
+                except RuntimeError:
+                    continue  # stored in its call, or the call was dropped with the worker
+        self.waited_seconds += time.perf_counter() - start
+
+    def _answer(self, call: Call, deadline: float):
+        """The call's answer (sent already); answers of its worker's earlier requests read
+        meanwhile go to their calls (the first in flight of the same method). A worker that
+        dies or is silent past the deadline is restarted and its requests sent again, up to
+        max_retries times."""
+        w, failures = call.worker, 0
+        while call.answer is None:
+            worker = self._workers[w]
             try:
-                return self._workers[w].receive(max(0.0, deadline - time.monotonic()))
+                reply = worker.next_answer(max(0.0, deadline - time.monotonic()))
             except WorkerFailure as failure:
                 failures += 1
-                worker = self._workers[w]
                 if failures > self.max_retries:
                     worker.kill()
+                    self._drop_inflight(w)
                     raise RuntimeError(
                         f"rollout worker {w} ({worker.label}) {failure} during "
-                        f"{request[0]!r}, {failures} times: giving up"
+                        f"{call.method!r}, {failures} times: giving up"
                     ) from failure
                 logger.warning(
                     "rollout worker %d (%s) %s during %r: restarting it (retry %d of %d)",
                     w,
                     worker.label,
                     failure,
-                    request[0],
+                    call.method,
                     failures,
                     self.max_retries,
                 )
                 self._restart(w)
-                self._workers[w].send(*request)
                 deadline = time.monotonic() + self.timeout_s
+                continue
+            owner = next((c for c in self._inflight[w] if c.method == reply.method), None)
+            if owner is None:
+                raise RuntimeError(
+                    f"rollout worker {w} ({worker.label}) answered {reply.method!r}, "
+                    "which was not asked"
+                )
+            self._inflight[w].remove(owner)
+            owner.answer = reply
+            if reply.method == "generate":
+                self._busy.append((w, reply.started, reply.started + reply.seconds))
+        if call.answer.status == "error":
+            raise self._workers[w].error(call.answer)
+        return call.answer.value
+
+    def _drop_inflight(self, w: int) -> list[Call]:
+        """Worker w's requests in flight, no longer sent (its engine is gone)."""
+        calls = list(self._inflight[w])
+        self._inflight[w].clear()
+        for call in calls:
+            call.sent = False
+        return calls
 
     def _restart(self, w: int) -> None:
         """Restart a local worker; reconnect to a remote one (whose server may itself have
-        restarted). Either way it then gets the current weights (`_restore`)."""
+        restarted). Either way it then gets the current weights (`_restore`) and is asked
+        again what it had not answered (raising EnginesNeedWeights: left unsent, `collect`
+        asks again)."""
         start = time.perf_counter()
         worker = self._workers[w]
         worker.kill()
+        unanswered = self._drop_inflight(w)
         if isinstance(worker, RemoteWorker):
             self._connect(worker)
         else:
@@ -443,6 +600,12 @@ class RolloutPool:
             time.perf_counter() - start,
         )
         self._restore(w)
+        # What it was asked before: a sync's requests are done (it was given the current
+        # weights), the rest are asked again, in order.
+        for call in unanswered:
+            if call.method in SYNC_METHODS:
+                call.answer = Answer("ok", None, call.method, time.monotonic(), 0.0)
+        self._send([c for c in unanswered if c.answer is None])
 
     def _restore(self, w: int) -> None:
         """Stream the current weights from `weight_source` to a (re)started engine; without
@@ -457,11 +620,12 @@ class RolloutPool:
             )
         for bucket in weight_group.buckets(self.weight_source(), self.bucket_bytes):
             self._ask(self._workers[w], ("receive", bucket), "restoring its weights")
+        self._ask(self._workers[w], ("set_version", self.version), "restoring its weights")
 
     def _wait_ready(self, worker: WorkerProcess) -> None:
         """Wait for a started worker's engine, then form its weight group."""
         try:
-            seconds = worker.receive(self.start_timeout_s)
+            seconds = worker.receive(self.start_timeout_s).value
             worker.join(self._store, self.timeout_s)
         except WorkerFailure as failure:
             worker.kill()

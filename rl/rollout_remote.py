@@ -28,7 +28,7 @@ from multiprocessing.connection import (
 import torch
 
 from moetune.rl import weight_group
-from moetune.rl.rollout_worker import WorkerFailure
+from moetune.rl.rollout_worker import Answer, EngineLink, WorkerFailure
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def authenticated(
     return conn
 
 
-class RemoteWorker:
+class RemoteWorker(EngineLink):
     """One `moetune rollout serve` engine at `address` ("host:port") and the connection to it.
 
     On `connect` the trainer (this process, rank 0) and the engine (rank 1) join a fresh
@@ -125,6 +125,7 @@ class RemoteWorker:
         self.info: dict = {}  # the engine's ready message: backend, dtype, max_model_len, ...
         self.local_host = ""  # this machine's address on the connection (gloo binds to it)
         self.connections = 0
+        self.early: list[Answer] = []  # answers read before their turn (see push_bucket)
 
     @property
     def label(self) -> str:
@@ -155,7 +156,7 @@ class RemoteWorker:
                     handshake_s=max(min(remaining, self.timeout_s), 0.1),
                     io_s=self.timeout_s,
                 )
-                self.info = self.receive(max(remaining, 0.1))
+                self.info = self.receive(max(remaining, 0.1)).value
                 break
             except AuthenticationError as error:
                 self.kill()
@@ -197,32 +198,33 @@ class RemoteWorker:
     def send(self, method: str, *args) -> None:
         try:
             if method == "receive":
-                weight_group.push(self.conn.send, self.group, *args, self.device)
+                self.send_bucket(*args, self.device)
             else:
                 self.conn.send((method, args))
         except (OSError, RuntimeError) as error:  # torch.distributed's errors are RuntimeErrors
             self.failure = f"failed during {method!r} ({error})"
+        except WorkerFailure as failure:
+            self.failure = f"{failure} during {method!r}"
 
-    def receive(self, timeout: float):
-        """The engine's next answer. WorkerFailure if the connection dropped, a send failed or
-        nothing came within `timeout` seconds; RuntimeError if the engine raised."""
-        if self.failure:
-            raise WorkerFailure(self.failure)
+    def read(self, timeout: float) -> Answer:
+        """The next answer on the connection, whatever its status. WorkerFailure if the
+        connection dropped or nothing came within `timeout` seconds. Its `started` is put on
+        this machine's clock (the engine's is another's): the answer is placed to end when it
+        was read."""
         if not wait([self.conn], timeout):
             raise WorkerFailure(f"did not answer within {timeout:.1f} s")
         try:
-            status, value = self.conn.recv()
+            reply = Answer(*self.conn.recv())
         except (EOFError, OSError) as error:
             raise WorkerFailure(f"dropped the connection ({error or 'end of file'})") from None
-        if status == "error":
-            raise RuntimeError(f"rollout worker {self.index} ({self.address}) failed:\n{value}")
-        return value
+        return reply._replace(started=time.monotonic() - reply.seconds)
 
     def kill(self) -> None:
         """Drop the connection and the group (the server then waits for the next trainer)."""
         if self.conn is not None:
             self.conn.close()
         self.conn = self.group = self.failure = None
+        self.early = []
 
     def stop(self) -> None:
         if self.conn is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from moetune.rl.rollout_remote import KEY_VARIABLE, TCPConnection, authenticated
-from moetune.rl.rollout_worker import EngineSpec, Requests, build_engine, respond
+from moetune.rl.rollout_worker import EngineSpec, Requests, answer, build_engine, respond
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ class EngineServer:
     def serve_forever(self) -> None:
         conn = requests = None
         while True:
-            if self.listener in wait([self.listener] if conn is None else [self.listener, conn]):
+            waiting = [self.listener] if conn is None else [self.listener, conn]
+            # requests held back by a partial rollout are answered before any new connection
+            if (requests is None or not requests.backlog) and self.listener in wait(waiting):
                 accepted = self.accept()
                 if accepted is not None:
                     if conn is not None:
@@ -68,7 +70,7 @@ class EngineServer:
                     conn, requests = accepted
                 continue
             try:
-                request = conn.recv()
+                request = requests.next_request()
                 if request is not None:
                     respond(conn, requests, request)
                     continue
@@ -85,14 +87,14 @@ class EngineServer:
             conn = authenticated(
                 sock, self.authkey, server=True, handshake_s=HANDSHAKE_S, io_s=IO_S
             )
-            conn.send(("ready", self.info))
+            conn.send(answer("ok", self.info, "connect", time.monotonic()))
         except (AuthenticationError, OSError, EOFError) as error:
             if conn is not None:
                 conn.close()
             logger.warning("refused a connection from %s:%d: %s", host, port, error)
             return None
         logger.info("trainer connected from %s:%d", host, port)
-        return conn, Requests(self.engine, trainer_host=host, local_host=local_host)
+        return conn, Requests(self.engine, host, local_host, conn)
 
 
 def run(args) -> int:

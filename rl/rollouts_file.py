@@ -7,8 +7,10 @@ training.log_rollouts: false), one JSON object per sample:
   rewards {name: value}, reward each reward function's value, and the weighted total
   advantage                     the group advantage the update used
   policy_version, staleness     the step whose weights the engine sampled with (0: the
-                                initial ones); how many updates the trainer's weights were
-                                ahead of those when it learned from the sample (0: on-policy)
+                                initial ones; the oldest, if a sync landed mid-generation);
+                                how many updates the trainer's weights were ahead of those
+                                when it learned from the sample (0: on-policy)
+  version_max                   the newest weights that sampled one of its tokens
   finish_reason, completion_tokens
   logprob_gap, logprob_gap_max  mean and max |trainer logprob - engine logprob| over the
                                 completion tokens (the trainer's before its update)

@@ -4,14 +4,15 @@ The two form a process group of their own (trainer rank 0, engine rank 1), built
 a TCPStore that the trainer opens: never the default group, which the trainer may hold under
 a launcher (accelerate, DeepSpeed) and vLLM holds for its own workers. gloo moves CPU
 tensors, NCCL GPU tensors. `buckets` packs a stream of tensors into flat byte buckets of a
-bounded size; `push` sends a bucket's names, shapes and dtypes over the request connection,
-then its bytes over the group, which `receive` unpacks in the same order (`layout`).
+bounded size; a bucket's names, shapes and dtypes go over the request connection
+(moetune.rl.rollout_worker.push_bucket), then `push` sends its bytes over the group, which
+`receive` unpacks in the same order (`layout`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -111,10 +112,8 @@ def buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
         yield Bucket(specs, buffer[:size])
 
 
-def push(send: Callable[[tuple], None], group, bucket: Bucket, device: torch.device) -> None:
-    """Ask the engine to receive `bucket` (`send(("receive", (specs,)))` over its request
-    connection), then broadcast its bytes from rank 0."""
-    send(("receive", (bucket.specs,)))
+def push(group, bucket: Bucket, device: torch.device) -> None:
+    """Broadcast `bucket`'s bytes from rank 0 (the engine, told its specs, is receiving)."""
     group.broadcast(bucket.data.to(device), 0).wait()
 
 

@@ -6,7 +6,8 @@ and moetune already, so a start or restart does not import them again; it never 
 and each worker takes the pool's environment. Weights reach it over a gloo group of its own
 with the pool (moetune.rl.weight_group, over loopback), as they reach remote engines.
 `receive` raises WorkerFailure when the engine dies or falls silent; the pool restarts it
-(moetune.rl.rollout).
+(moetune.rl.rollout). Several requests may be in flight: the engine answers them in order,
+except that a weight sync's answers overtake a partial rollout's.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ from multiprocessing.connection import wait
 import torch
 
 from moetune.rl import weight_group
-from moetune.rl.rollout_worker import LOOPBACK, EngineSpec, WorkerFailure, serve
+from moetune.rl.rollout_worker import LOOPBACK, Answer, EngineLink, EngineSpec, WorkerFailure, serve
 
 
-class WorkerProcess:
-    """One engine process (its own process group) and the pipe to it."""
+class WorkerProcess(EngineLink):
+    """One engine process (its own process group) and the pipe to it. timeout_s: the longest
+    a weight bucket waits for the engine to take it. `early`: answers read before their turn
+    (while a bucket waited), which `receive` gives first."""
 
-    def __init__(self, index: int, spec: EngineSpec):
-        self.index, self.spec = index, spec
-        self.process = self.conn = self.group = None
+    def __init__(self, index: int, spec: EngineSpec, timeout_s: float = 300.0):
+        self.index, self.spec, self.timeout_s = index, spec, timeout_s
+        self.process = self.conn = self.group = self.failure = None
         self.joins = 0
+        self.early: list[Answer] = []
 
     @property
     def label(self) -> str:
@@ -68,27 +72,23 @@ class WorkerProcess:
     def send(self, method: str, *args) -> None:
         try:
             if method == "receive":  # a bucket of weights over the group
-                weight_group.push(self.conn.send, self.group, *args, torch.device("cpu"))
+                self.send_bucket(*args, torch.device("cpu"))
             else:
                 self.conn.send((method, args))
         except (OSError, RuntimeError):
             pass  # a dead worker: receive() reports it
+        except WorkerFailure as failure:
+            self.failure = f"{failure} during {method!r}"
 
-    def receive(self, timeout: float):
-        """The worker's next answer. Raises WorkerFailure if it dies or is silent for
-        `timeout` seconds, RuntimeError if its engine raised."""
+    def read(self, timeout: float) -> Answer:
+        """The next answer on the pipe, whatever its status. WorkerFailure if the worker dies
+        or is silent for `timeout` seconds."""
         ready = wait([self.conn, self.process.sentinel], timeout)
         if self.conn in ready:
             try:
-                status, value = self.conn.recv()
+                return Answer(*self.conn.recv())
             except (EOFError, OSError):
-                status, value = None, None
-            if status == "error":
-                raise RuntimeError(
-                    f"rollout worker {self.index} ({self.spec.backend}) failed:\n{value}"
-                )
-            if status is not None:
-                return value
+                pass
         if ready:
             self.process.join(1)
             raise WorkerFailure(f"died (exit code {self.process.exitcode})")
@@ -104,7 +104,8 @@ class WorkerProcess:
             self.process.kill()
         self.process.join()
         self.conn.close()
-        self.process = self.group = None
+        self.process = self.group = self.failure = None
+        self.early = []
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to exit; kill it if it has not within `timeout` seconds."""

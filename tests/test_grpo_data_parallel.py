@@ -366,3 +366,25 @@ def test_expert_parallel_grpo_trains_on_local_engines_and_saves_every_expert(tmp
     saved = load_file(out / "adapter_model.safetensors")
     experts = {int(k.split(".experts.")[1].split(".")[0]) for k in saved if ".experts." in k}
     assert experts == set(range(16))  # both ranks' experts, in one file
+
+
+def test_async_grpo_with_dynamic_sampling_and_routing_replay_under_a_two_process_launch(
+    tmp_path,
+):
+    """rollout.max_staleness 1 under `accelerate launch` (ZeRO-3, 2 processes, a local native
+    engine each): step 2 learns from samples its engines generated while step 1 trained, with
+    dynamic sampling and routing replay on; checkpoint-1 holds each rank's queued round."""
+    out = tmp_path / "run"
+    rows = launch(
+        out,
+        digits_reward(tmp_path),
+        "rollout.max_staleness=1",
+        "algorithm.dynamic_sampling=true",
+        "algorithm.routing_replay=true",
+    )
+    assert [r["staleness_max"] for r in rows] == [0, 1]
+    assert rows[0]["update_overlap_s"] > 0 and all(r["grad_norm"] > 0 for r in rows)
+    state = torch.load(out / "checkpoint-1" / "trainer.pt", weights_only=False)
+    queued = [rank["lookahead"] for rank in state["ranks"]]
+    assert [[entry["step"] for entry in rank] for rank in queued] == [[2], [2]]
+    assert all(len(rank[0]["rollouts"]) == 2 for rank in queued)  # each rank's 2 prompts

@@ -8,12 +8,12 @@ import pytest
 from tiny_configs import v3_config
 
 from moetune.config.build import RecipeError
-from moetune.config.schema import EvalRecipe
+from moetune.config.schema import AlgorithmSection, EvalRecipe
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.char_tokenizer import char_tokenizer
 from moetune.recipes.cli import main
 from moetune.recipes.loader import load_recipe
-from moetune.recipes.run import shipped_recipes
+from moetune.recipes.run import resolve, shipped_recipes
 
 RECIPE = """\
 recipe: eval
@@ -94,6 +94,36 @@ def test_recipe_errors_name_the_key(tmp_path, edit, overrides, message):
     with pytest.raises(RecipeError) as error:
         load_recipe(write(tmp_path, text), overrides, EvalRecipe)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rollout.max_staleness=-1"], "rollout.max_staleness: -1: must be >= 0"),
+        (["algorithm.is_mode=clip"], "algorithm.is_mode"),
+        (["algorithm.is_level=word"], "algorithm.is_level"),
+        (["rollout.max_staleness=1", "algorithm.tis_cap=null"], "algorithm.tis_cap: null"),
+        (
+            ["rollout.partial_rollouts=true", "rollout.backend=native"],
+            "needs rollout.max_staleness",
+        ),
+        (["rollout.partial_rollouts=true", "rollout.max_staleness=1"], "partial_rollouts: vLLM"),
+        (
+            [
+                "rollout.partial_rollouts=true",
+                "rollout.max_staleness=1",
+                "rollout.backend=native",
+                "rollout.speculative_tokens=1",
+            ],
+            "rollout.partial_rollouts: speculative decoding",
+        ),
+    ],
+)
+def test_async_grpo_keys_are_checked(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(resolve("grpo/arith_tiny"), overrides)
+    with pytest.raises(RecipeError, match="algorithm.is_mode: 'clip'"):
+        AlgorithmSection(is_mode="clip")  # built in code, not from YAML
 
 
 def test_cli_prints_recipe_errors_without_traceback_and_exits_2(tmp_path):

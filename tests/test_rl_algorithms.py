@@ -10,6 +10,7 @@ import torch
 from moetune.rl.algorithms import (
     entropy_from_logits,
     group_advantages,
+    importance_weights,
     mismatch_kl,
     overlong_mask,
     policy_loss,
@@ -183,6 +184,64 @@ def test_truncated_importance_sampling_weights_the_policy_term():
     assert stats.tis_weight_mean == pytest.approx(1.06)
     with pytest.raises(ValueError, match="tis_cap"):
         policy_loss("grpo", logp, old, adv, mask, sampler_logprobs=sampler)
+
+
+def reference_importance_weights(old, sampler, mask, cap, level, mode):
+    """The weights as the TIS / MIS papers write them, one sequence at a time in Python."""
+    out = []
+    for o_row, s_row, m_row in zip(old.tolist(), sampler.tolist(), mask.tolist()):
+        logs = [o - s for o, s, m in zip(o_row, s_row, m_row) if m]
+        if level == "sequence":
+            logs = [sum(logs)] * len(logs)
+        weights = iter(
+            min(math.exp(x), cap)
+            if mode == "truncate"
+            else (math.exp(x) if x <= math.log(cap) else 0.0)
+            for x in logs
+        )
+        out.append([next(weights) if m else 1.0 for m in m_row])
+    return torch.tensor(out, dtype=F64)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_importance_weights_match_the_papers_on_random_inputs(level, mode):
+    generator = torch.Generator().manual_seed(3)
+    old = -torch.rand(6, 5, generator=generator, dtype=F64) * 3
+    sampler = old + torch.randn(6, 5, generator=generator, dtype=F64) * 0.5
+    mask = (torch.rand(6, 5, generator=generator) > 0.3).long()
+    mask[0] = 0  # a row without counted tokens: weights 1, never nan
+    sampler[1, 0], old[1, 0] = float("-inf"), float("-inf")  # padding may hold anything
+    mask[1, 0] = 0
+    for cap in (0.8, 1.3, 2.0):
+        got = importance_weights(old, sampler, mask, cap, level, mode)
+        torch.testing.assert_close(
+            got, reference_importance_weights(old, sampler, mask, cap, level, mode)
+        )
+    kept = importance_weights(old, sampler, mask, 1.3, level, mode)[mask.bool()]
+    assert (kept <= 1.3).all() and (mode == "truncate" or (kept == 0).any())
+    # in the loss: the policy term of every token times its weight (grpo: sequence means)
+    logp = old + torch.randn(6, 5, generator=generator, dtype=F64) * 0.1
+    adv = torch.randn(6, generator=generator, dtype=F64)
+    kw = dict(sampler_logprobs=sampler, tis_cap=1.3, is_level=level, is_mode=mode)
+    loss, stats = policy_loss("dapo", logp, old, adv, mask, **kw)
+    ratio = torch.where(mask.bool(), logp - old, 0.0).exp()
+    token = -torch.minimum(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None])
+    weights = reference_importance_weights(old, sampler, mask, 1.3, level, mode)
+    torch.testing.assert_close(loss, (token * weights * mask).sum() / mask.sum())
+    masked = ((weights == 0) & mask.bool()).sum() / mask.sum()
+    assert stats.is_masked_fraction == (pytest.approx(float(masked)) if mode == "mask" else None)
+
+
+def test_importance_weights_check_their_arguments():
+    x = torch.zeros(1, 2)
+    for kw, message in (
+        (dict(level="word"), "importance level"),
+        (dict(mode="clip"), "importance mode"),
+        (dict(cap=0.0), "cap must be > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            importance_weights(x, x, x, **(dict(cap=2.0) | kw))
 
 
 def test_grpo_gradient_is_minus_advantage_times_ratio_over_tokens():

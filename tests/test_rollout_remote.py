@@ -151,10 +151,8 @@ def test_weight_group_moves_mixed_tensors_in_several_buckets():
         trainer = weight_group.join(store, "test", 0, "gloo", 10, "127.0.0.1")
         for bucket in weight_group.buckets(tensors.items(), 1024):  # each used before the next
             names.append([name for name, _, _ in bucket.specs])
-            asked = []  # what the request connection carries
             answer = thread.submit(weight_group.receive, engine.result(), bucket.specs, cpu)
-            weight_group.push(asked.append, trainer, bucket, cpu)
-            assert asked == [("receive", (bucket.specs,))]
+            weight_group.push(trainer, bucket, cpu)
             received |= {name: t.clone() for name, t in answer.result().items()}
     assert names == [["w", "half", "scalar"], ["ids", "fp8"], ["big"]]  # 64-byte aligned
     assert list(received) == list(tensors)
@@ -214,9 +212,13 @@ def test_each_data_parallel_process_gets_its_own_engines():
 
 
 @pytest.mark.integration
-def test_grpo_trains_against_a_served_engine(served, key, tmp_path):
+@pytest.mark.parametrize(
+    "asynchronous", [[], ["rollout.max_staleness=1", "rollout.partial_rollouts=true"]]
+)
+def test_grpo_trains_against_a_served_engine(served, key, tmp_path, asynchronous):
     """The engine serves other weights than the fresh trainer's: the push on connect makes
-    step 1 sample from the trainer's policy, each step's sync keeps it so."""
+    step 1 sample from the trainer's policy, each step's sync keeps it so. Asynchronous, with
+    partial rollouts: step 2 learns from samples generated while step 1 trained."""
     rewards = tmp_path / "rewards.py"
     rewards.write_text(
         "def length(prompts, completions, **columns):\n"
@@ -234,14 +236,18 @@ def test_grpo_trains_against_a_served_engine(served, key, tmp_path):
                 "algorithm.dynamic_sampling=false",
                 "training.max_steps=2",
                 f"training.output_dir={out}",
+                *asynchronous,
             ]
         )
         == 0
     )
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2]
-    assert all(abs(r["mismatch_kl"]) < 1e-4 and r["sync_seconds"] > 0 for r in logged)
-    assert logged[0]["grad_norm"] > 0
+    assert abs(logged[0]["mismatch_kl"]) < 1e-4 and logged[0]["grad_norm"] > 0
+    assert all(r["sync_seconds"] > 0 for r in logged)
+    assert logged[1]["staleness_max"] == (1 if asynchronous else 0)
+    if not asynchronous:  # on-policy: the engine's logprobs are the trainer's
+        assert abs(logged[1]["mismatch_kl"]) < 1e-4
 
 
 @pytest.mark.integration

@@ -247,8 +247,17 @@ class RolloutSection:
     # version that sampled it). Native engines only (local or remote); false: a sync waits
     # for the generations in flight to finish.
     partial_rollouts: bool = False
+    # N consecutive trainer processes share one pool of engines (its `workers`, or its share
+    # of `remote`): the first samples and scores all their prompts and sends each its share of
+    # the groups; the others train only (moetune.rl.pool_share). 1: a pool per process. For
+    # expert parallelism over many GPUs with engines on machines of their own.
+    processes_per_pool: int = 1
 
     def __post_init__(self):
+        if self.processes_per_pool < 1:
+            raise RecipeError(
+                f"rollout.processes_per_pool: {self.processes_per_pool}: must be >= 1"
+            )
         if self.max_staleness < 0:
             raise RecipeError(
                 f"rollout.max_staleness: {self.max_staleness}: must be >= 0 (0 = synchronous)"

@@ -43,7 +43,7 @@ class Checkpointer:
         lora_spec,
         engine,
         scheduler,
-        stream: PromptStream | StreamedPrompts,
+        stream: PromptStream | StreamedPrompts | None,
         updater: PolicyUpdater,
         parallel: DataParallel,
         lookahead: Lookahead | None = None,
@@ -63,7 +63,7 @@ class Checkpointer:
         process) and renamed into place."""
         ranks = self.parallel.gather(
             {
-                "stream": self.stream.state(),
+                "stream": self.stream.state() if self.stream is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
                 "lookahead": self.lookahead.state() if self.lookahead else [],
@@ -123,7 +123,8 @@ class Checkpointer:
         mine = trainer["ranks"][self.parallel.rank]
         torch.set_rng_state(mine["torch_rng"])
         random.setstate(mine["python_rng"])
-        self.stream.restore(mine["stream"])
+        if self.stream is not None:  # (a shared pool's follower has none)
+            self.stream.restore(mine["stream"])
         if self.lookahead is not None:
             self.lookahead.restore(mine.get("lookahead", []))
         state = json.loads((folder / "trainer_state.json").read_text())

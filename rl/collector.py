@@ -52,6 +52,29 @@ class Groups:
     policy_version: int | None = None
     dropped_stale: int = 0
 
+    def share(self, part: int, parts: int) -> Groups:
+        """Every parts-th group from `part` (rl.pool_share: a process's share of the groups
+        its pool's leader collected). The sampling counts (generated, zero-std, rounds,
+        dropped, logged metrics) stay with part 0."""
+        n = self.rewards.shape[1]
+        picked = list(range(part, len(self.problems), parts))
+        first = part == 0
+        return Groups(
+            [self.problems[g] for g in picked],
+            [self.rollouts[g] for g in picked],
+            self.rewards[picked],
+            {
+                name: [v for g in picked for v in values[g * n : (g + 1) * n]]
+                for name, values in self.per_function.items()
+            },
+            self.generated_groups if first else 0,
+            self.zero_std_groups if first else 0,
+            self.rounds if first else 0,
+            self.logged if first else {},
+            self.policy_version,
+            self.dropped_stale if first else 0,
+        )
+
     def staleness(self) -> list[int]:
         """Per kept sample, in order: how many versions its oldest token's weights were behind
         the trainer's (`policy_version` - `Rollout.oldest_version`; 0: on-policy)."""

@@ -23,6 +23,7 @@ Checkpoints (rl.checkpoint) let a resumed run repeat the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -47,6 +48,7 @@ from moetune.rl.engine_weights import adapter_stream, weight_stream
 from moetune.rl.inspection import number_groups, sample_records, spread
 from moetune.rl.policy_engine import policy_engine
 from moetune.rl.policy_update import PolicyUpdater
+from moetune.rl.pool_share import PoolShare
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
 from moetune.rl.rollout import EnginesNeedWeights, RolloutPool
 from moetune.rl.rollout_remote import parse_address
@@ -89,10 +91,12 @@ class GRPOTrainer:
         model,
         tokenizer,
         lora_spec,
-        pool: RolloutPool,
+        pool: RolloutPool | None,
         parallel: DataParallel | None = None,
+        share: PoolShare | None = None,
     ):
         parallel = parallel or DataParallel()
+        share = share or PoolShare.of(parallel, 1)
         self.recipe, self.model, self.pool, self.lora_spec, self.parallel = (
             recipe,
             model,
@@ -100,6 +104,7 @@ class GRPOTrainer:
             lora_spec,
             parallel,
         )
+        self.share = share  # a follower of a shared pool (not `share.leads`) has no engines
         algorithm, training = recipe.algorithm, recipe.training
         if training.prompts_per_step % parallel.world_size:
             raise RecipeError(
@@ -124,28 +129,32 @@ class GRPOTrainer:
         stop_ids = eos if isinstance(eos, list) else [eos]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         data = recipe.data
-        if data.streaming:
+        # The pool's leader samples for its `share.size` processes (alone: share.index is the
+        # rank, share.pools the world size); its followers have no stream of their own.
+        stream = self.collector = self.lookahead = None
+        if share.leads and data.streaming:
             stream = StreamedPrompts(
                 stream_problems(data, "data", "train", data.limit, training.seed, data.arithmetic),
                 training.seed,
-                parallel.rank,
-                parallel.world_size,
+                share.index,
+                share.pools,
             )
-        else:
+        elif share.leads:
             problems = load_problems(
                 data, "data", "train", data.limit, training.seed, data.arithmetic
             )
-            stream = PromptStream(parallel.shard(problems), training.seed + parallel.rank)
-        self.collector = Collector(
-            recipe,
-            tokenizer,
-            pool,
-            stream,
-            training.prompts_per_step // parallel.world_size,
-            parallel.rank,
-            stop_ids,
-        )
-        self.lookahead = Lookahead(self.collector, recipe.rollout.max_staleness)
+            stream = PromptStream(share.shard(problems), training.seed + parallel.rank)
+        if share.leads:
+            self.collector = Collector(
+                recipe,
+                tokenizer,
+                pool,
+                stream,
+                training.prompts_per_step // parallel.world_size * share.size,
+                parallel.rank,
+                stop_ids,
+            )
+            self.lookahead = Lookahead(self.collector, recipe.rollout.max_staleness)
         self.updater = PolicyUpdater(
             recipe, model, self.engine, reference, lora_spec, parallel, pad_id
         )
@@ -161,11 +170,12 @@ class GRPOTrainer:
             parallel,
             self.lookahead,
         )
-        self.eval_problems = None  # this rank's share of the held-out problems
+        self.eval_problems = None  # this pool's share of the held-out problems (followers: [])
         if recipe.eval.every:
-            self.eval_problems = parallel.shard(
-                load_problems(recipe.eval, "eval", "test", recipe.eval.limit, 0, data.arithmetic)
+            held_out = load_problems(
+                recipe.eval, "eval", "test", recipe.eval.limit, 0, data.arithmetic
             )
+            self.eval_problems = share.shard(held_out) if share.leads else []
         self.history = ExpertLoadHistory(
             [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
         )
@@ -174,21 +184,29 @@ class GRPOTrainer:
         self.policy_version = 0
         self.rollouts: MetricsFile | None = None
         # A restarted engine is streamed the current weights on the spot where this rank holds
-        # them whole; under ZeRO-3 / FSDP2 every rank streams them together (`with_engines`).
+        # them whole; sharded (ZeRO-3, FSDP2, expert parallel) every rank streams them together
+        # (`with_engines`). Every rank streams the same kind: the adapters alone if the engines
+        # apply them (native), else merged weights.
         if pool is not None and self.engine.holds_full_weights:
             pool.weight_source = lambda: self.weight_stream(everything=True)
+        self.tokenizer = pool.tokenizer if pool is not None else tokenizer.backend_tokenizer
+        self.adapter_sync = bool(parallel.max(float(pool is not None and pool.adapter is not None)))
 
     def step(self, step: int) -> dict[str, float]:
-        started, waited = time.monotonic(), self.pool.waited_seconds
-        first = self.lookahead.take(step)
+        started = time.monotonic()
+        waited = self.pool.waited_seconds if self.pool is not None else 0.0
+        groups, metrics = None, {}
+        first = self.lookahead.take(step) if self.lookahead is not None else None
         groups = self.with_engines(lambda: self.collector.collect(step, self.policy_version, first))
-        metrics = groups.metrics(time.monotonic() - started)
-        if self.recipe.rollout.speculative_tokens:
+        if self.share.leads:  # (a shared pool's followers: their share comes from its leader)
+            metrics = groups.metrics(time.monotonic() - started)
+        if self.recipe.rollout.speculative_tokens and self.pool is not None:
             acceptance = self.pool.acceptance_rate()  # None: the engines do not report it
             if acceptance is not None:
                 metrics["acceptance_rate"] = acceptance
         # the engines sample the next steps' first rounds while this one trains
         self.with_engines(lambda: self.lookahead.fill(step, self.recipe.training.max_steps))
+        groups = self.share.scatter(groups)
         if not self.parallel.sum(len(groups.problems)):
             log.warning("step %d: every group's rewards agreed; nothing to learn from", step)
             metrics["skipped_all_filtered"] = 1.0
@@ -206,7 +224,8 @@ class GRPOTrainer:
         )
         metrics |= self.balance(step)
         metrics["sync_seconds"] = self.sync_rollout_weights()
-        metrics["sync_megabytes"] = self.pool.synced_bytes / 2**20
+        if self.pool is not None:
+            metrics["sync_megabytes"] = self.pool.synced_bytes / 2**20
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         metrics["skipped_updates"] = float(self.updater.skipped_updates)
@@ -217,7 +236,9 @@ class GRPOTrainer:
     ) -> dict[str, float]:
         """trainer_idle_s, engine_idle_s and update_overlap_s (see the class) of a step that
         began at `started` (time.monotonic()) and ran its update over `update` (None: none);
-        `waited`: the pool's waited_seconds when it began."""
+        `waited`: the pool's waited_seconds when it began. (None on a shared pool's follower.)"""
+        if self.pool is None:
+            return {}
         busy, workers = self.pool.take_busy(), max(len(self.pool.pids), 1)
 
         def generating(start: float, end: float) -> float:
@@ -234,7 +255,7 @@ class GRPOTrainer:
         """What the engines load (moetune.rl.engine_weights), block by block: the tensors an
         optimizer step can change, or `everything`; to engines that apply the LoRA adapters
         themselves, the adapters alone. Sharded (ZeRO-3, FSDP2): every rank reads it."""
-        if self.pool.adapter is not None:
+        if self.adapter_sync:
             return adapter_stream(self.model, trained_only=not everything)
         speculating = self.recipe.rollout.speculative_tokens > 0  # the engines draft with MTP
         return weight_stream(self.model, trained_only=not everything, mtp=speculating)
@@ -242,17 +263,29 @@ class GRPOTrainer:
     def sync_rollout_weights(self, everything: bool = False) -> float:
         """Stream the tensors the step changed (`everything`: all) to this rank's engines, as
         weight version `policy_version`; seconds. Every rank calls it."""
-        seconds = self.pool.sync(self.weight_stream(everything), version=self.policy_version)
+        seconds = self.send(self.weight_stream(everything), version=self.policy_version)
         self.resync_stale()
         return seconds
 
+    def send(self, stream, **options) -> float:
+        """pool.sync(stream, **options): seconds. A shared pool's follower, which has no
+        engines, reads the stream only if the policy is sharded (its gathers are collective)."""
+        if self.pool is not None:
+            return self.pool.sync(stream, **options)
+        started = time.perf_counter()
+        if not self.engine.holds_full_weights:
+            for _ in stream:
+                pass
+        return time.perf_counter() - started
+
     def with_engines(self, request):
-        """request() on this rank's engines. Without a weight source (sharded policy), an
-        engine restarted meanwhile is streamed the current weights by every rank together,
-        and request runs again on the ranks where it failed. Every rank calls it."""
-        if self.pool.weight_source is not None:
-            return request()
-        result, done = None, False
+        """request() on this rank's engines (a shared pool's follower: None, request not run).
+        With a sharded policy an engine restarted meanwhile is streamed the current weights by
+        every rank together, and request runs again on the ranks where it failed. Every rank
+        calls it."""
+        if self.engine.holds_full_weights:  # (a restarted engine resyncs from weight_source)
+            return request() if self.share.leads else None
+        result, done = None, not self.share.leads
         while True:
             if not done:
                 try:
@@ -261,12 +294,14 @@ class GRPOTrainer:
                     pass
             if not self.parallel.max(float(not done)):
                 return result
-            self.pool.sync(self.weight_stream(everything=True), stale_only=True)
+            self.send(self.weight_stream(everything=True), stale_only=True)
 
     def resync_stale(self) -> None:
         """Give engines restarted during a sync the whole weights (every rank together)."""
-        if self.pool.weight_source is None and self.parallel.max(float(self.pool.stale)):
-            self.pool.sync(self.weight_stream(everything=True), stale_only=True)
+        if self.engine.holds_full_weights:
+            return
+        if self.parallel.max(float(self.pool is not None and self.pool.stale)):
+            self.send(self.weight_stream(everything=True), stale_only=True)
 
     def inspect(self, step: int, groups) -> dict[str, float]:
         """Router agreement of the update's first forward; the samples (every rank's) appended
@@ -275,10 +310,9 @@ class GRPOTrainer:
         metrics = inspected.metrics(self.history.layer_ids) if inspected else {}
         keep = self.recipe.training.log_rollouts
         if keep is not False:
-            tokenizer = self.pool.tokenizer  # the prompt as the model saw it, special tokens too
 
-            def decode(ids):
-                return tokenizer.decode(ids, skip_special_tokens=False)
+            def decode(ids):  # the prompt as the model saw it, special tokens too
+                return self.tokenizer.decode(ids, skip_special_tokens=False)
 
             rows = sample_records(step, groups, inspected, decode)
             every = self.parallel.gather_to_main(rows)
@@ -384,7 +418,8 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             "set rollout.backend: native (or run on a GPU)"
         )
     parallel = DataParallel.from_environment()
-    remote = remote_engines(rollout.remote, parallel)
+    share = PoolShare.of(parallel, rollout.processes_per_pool)
+    remote = remote_engines(rollout.remote, share)
     torch.manual_seed(recipe.training.seed)
     random.seed(recipe.training.seed)
     output = Path(recipe.training.output_dir)
@@ -404,29 +439,31 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     if torch.cuda.is_available():  # the policy trains on this rank's GPU
         model.to(torch.cuda.current_device())
     parallel.barrier()  # the main process has written it before any engine reads it
-    pool = RolloutPool(
-        source,
-        backend=rollout.backend,
-        workers=rollout.workers,
-        tensor_parallel_size=rollout.tensor_parallel_size,
-        dtype=rollout.dtype,
-        max_model_len=rollout.max_model_len,
-        timeout_s=rollout.timeout_s,
-        seed=recipe.training.seed + parallel.rank,
-        return_routed_experts=recipe.algorithm.routing_replay,
-        remote=remote,
-        adapter=spec,
-        sync_bucket_mb=rollout.sync_bucket_mb,
-        speculative_tokens=rollout.speculative_tokens,
-        partial_rollouts=rollout.partial_rollouts,
-    )
-    with pool:
-        if rollout.partial_rollouts and "vllm" in pool.engine_backends:
+    pool = None  # a shared pool's follower: the leader holds the engines
+    if share.leads:
+        pool = RolloutPool(
+            source,
+            backend=rollout.backend,
+            workers=rollout.workers,
+            tensor_parallel_size=rollout.tensor_parallel_size,
+            dtype=rollout.dtype,
+            max_model_len=rollout.max_model_len,
+            timeout_s=rollout.timeout_s,
+            seed=recipe.training.seed + parallel.rank,
+            return_routed_experts=recipe.algorithm.routing_replay,
+            remote=remote,
+            adapter=spec,
+            sync_bucket_mb=rollout.sync_bucket_mb,
+            speculative_tokens=rollout.speculative_tokens,
+            partial_rollouts=rollout.partial_rollouts,
+        )
+    with pool or contextlib.nullcontext():
+        if rollout.partial_rollouts and pool is not None and "vllm" in pool.engine_backends:
             raise RecipeError(
                 "rollout.partial_rollouts: vLLM engines (here the remote ones) cannot swap "
                 "weights in the middle of a generation; serve native engines or set it false"
             )
-        trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool, parallel)
+        trainer = GRPOTrainer(recipe, model, tokenizer, spec, pool, parallel, share)
         resume = recipe.training.resume_from_checkpoint
         checkpoint = (
             Path(resume)
@@ -437,7 +474,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         if checkpoint is not None:
             first = trainer.checkpointer.load(checkpoint) + 1
         trainer.policy_version = first - 1
-        if checkpoint is not None or remote:  # remote engines start from their own weights
+        if checkpoint is not None or rollout.remote:  # remote engines start from their own
             trainer.sync_rollout_weights(everything=True)
         main = parallel.is_main
         resumed = first - 1 if checkpoint else None
@@ -451,7 +488,8 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         if main:
             print(
                 f"GRPO: {trainable:,} trainable parameters, {parallel.world_size} process(es), "
-                f"{'remote' if remote else rollout.backend} rollouts x {len(pool.pids)} each, "
+                f"{'remote' if remote else rollout.backend} rollouts x {len(pool.pids)} per "
+                f"{share.size} process(es), "
                 f"{recipe.training.max_steps} steps from step {first}"
             )
         metrics: dict[str, float] = {}
@@ -491,10 +529,10 @@ def run_grpo(recipe: GRPORecipe) -> dict:
     }
 
 
-def remote_engines(addresses: list[str], parallel: DataParallel) -> list[str] | None:
-    """This process's share of `rollout.remote` (None: none given): every world_size-th
-    address from its rank, so each data-parallel process syncs its own engines and no two
-    share one."""
+def remote_engines(addresses: list[str], share: PoolShare) -> list[str] | None:
+    """This process's pool's share of `rollout.remote` (None: none given, or a shared pool's
+    follower): every pools-th address from the pool's index, so each pool syncs its own
+    engines and no two share one."""
     if not addresses:
         return None
     for address in addresses:
@@ -502,9 +540,9 @@ def remote_engines(addresses: list[str], parallel: DataParallel) -> list[str] | 
             parse_address(address)
         except ValueError as error:
             raise RecipeError(str(error)) from None
-    if len(addresses) < parallel.world_size:
+    if len(addresses) < share.pools:
         raise RecipeError(
-            f"rollout.remote: {len(addresses)} engine(s) for {parallel.world_size} "
-            f"data-parallel processes; each process needs one of its own"
+            f"rollout.remote: {len(addresses)} engine(s) for {share.pools} rollout pools "
+            f"(trainer processes / rollout.processes_per_pool); each pool needs one of its own"
         )
-    return parallel.shard(addresses)
+    return share.shard(addresses) if share.leads else None

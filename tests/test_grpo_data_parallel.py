@@ -283,7 +283,7 @@ def digits_reward(folder: Path) -> str:
     rewards = folder / "rewards.py"
     rewards.write_text(
         "def digits(prompts, completions, **columns):\n"
-        "    return [sum(c.isdigit() for c in text) / len(text) for text in completions]\n"
+        "    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]\n"
     )
     return f"rewards=[{{name: '{rewards}:digits'}}]"
 
@@ -336,16 +336,19 @@ def test_zero3_trainers_train_on_remote_engines_and_checkpoint_every_rank(tmp_pa
     assert (out / "model-00001-of-00001.safetensors").exists()
 
 
-def test_expert_parallel_grpo_trains_on_local_engines_and_saves_every_expert(tmp_path):
-    """`model.expert_parallel: 2` over 2 processes, LoRA on attention and routed experts: each
-    rank holds half of every layer's experts, its native engine gets the whole adapter (its
-    experts' part gathered over the ranks) and samples exactly from the trainer's policy;
-    the held-out eval runs on both ranks' engines; each rank writes its own optimizer file and
-    the saved adapter holds every expert."""
+def test_expert_parallel_grpo_shares_one_pool_and_saves_every_expert(tmp_path):
+    """`model.expert_parallel: 2` over 2 processes, LoRA on attention and routed experts, the
+    two processes sharing one rollout pool (`rollout.processes_per_pool: 2`): each rank holds
+    half of every layer's experts; rank 0's native engine, the only one, gets the whole
+    adapter (the experts' part gathered over both ranks) and samples exactly from the
+    trainer's policy, for both ranks, which each train on their share of the groups; the
+    held-out eval runs on it; each rank writes its own optimizer file and the saved adapter
+    holds every expert."""
     out = tmp_path / "run"
     rows = launch(
         out,
         "model.expert_parallel=2",
+        "rollout.processes_per_pool=2",
         *LORA,
         digits_reward(tmp_path),
         "training.learning_rate=1e-2",
@@ -354,6 +357,9 @@ def test_expert_parallel_grpo_trains_on_local_engines_and_saves_every_expert(tmp
         config="ddp",
     )
     assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["groups_used"] == 4 for r in rows)  # rank 0 sampled the 2 x 2 prompts
+    samples = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert {(r["step"], r["rank"]) for r in samples} == {(1, 0), (1, 1), (2, 0), (2, 1)}
     assert all(abs(r["mismatch_kl"]) < 1e-4 and r["grad_norm"] > 0 for r in rows)
     assert all(r["router_agreement"] > 0.99 for r in rows)
     assert all(r["sync_megabytes"] > 0 for r in rows)  # the adapter, each step

@@ -27,6 +27,7 @@ from moetune.rl import weight_group
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.engine_weights import adapter_stream, weight_stream
 from moetune.rl.grpo import remote_engines
+from moetune.rl.pool_share import PoolShare
 from moetune.rl.rollout import RolloutPool, SamplingSpec
 from moetune.rl.rollout_worker import completion_logprobs
 
@@ -200,15 +201,27 @@ def test_the_key_is_required_and_checked(checkpoint, served, monkeypatch, capsys
         RolloutPool(checkpoint, remote=[served], authkey=b"wrong")
 
 
-def test_each_data_parallel_process_gets_its_own_engines():
+def test_each_rollout_pool_gets_its_own_engines():
+    """A pool per process (rollout.processes_per_pool 1), or one per N processes: its
+    leader takes every pools-th engine, its followers none."""
     engines = ["a:1", "b:2", "c:3"]
-    assert remote_engines(engines, DataParallel(0, 2)) == ["a:1", "c:3"]
-    assert remote_engines(engines, DataParallel(1, 2)) == ["b:2"]
-    assert remote_engines([], DataParallel()) is None
-    with pytest.raises(RecipeError, match="3 engine.* for 4 data-parallel processes"):
-        remote_engines(engines, DataParallel(0, 4))
+
+    def alone(rank: int, world: int) -> PoolShare:
+        return PoolShare.of(DataParallel(rank, world), 1)
+
+    assert remote_engines(engines, alone(0, 2)) == ["a:1", "c:3"]
+    assert remote_engines(engines, alone(1, 2)) == ["b:2"]
+    assert remote_engines([], alone(0, 1)) is None
+    with pytest.raises(RecipeError, match="3 engine.* for 4 rollout pools"):
+        remote_engines(engines, alone(0, 4))
     with pytest.raises(RecipeError, match="'b' is not host:port"):
-        remote_engines(["a:1", "b"], DataParallel())
+        remote_engines(["a:1", "b"], alone(0, 1))
+    # 8 processes in pools of 4: ranks 0 and 4 lead, with engines a, c and b
+    assert remote_engines(engines, PoolShare(4, 0, 2, 0)) == ["a:1", "c:3"]
+    assert remote_engines(engines, PoolShare(4, 1, 2, 0)) == ["b:2"]
+    assert remote_engines(engines, PoolShare(4, 1, 2, 3)) is None
+    with pytest.raises(RecipeError, match="processes_per_pool: 3 must be >= 1 and divide the 4"):
+        PoolShare.of(DataParallel(0, 4), 3)
 
 
 @pytest.mark.integration

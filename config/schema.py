@@ -186,6 +186,9 @@ class PlanSection:
     devices: int = 1
     zero_stage: Literal[0, 1, 2, 3] = 0
     device_memory_gb: float = 80.0
+    # GRPO: the rollout engines run on devices of their own (`moetune rollout serve`, which
+    # gives vLLM 0.9 of each), not beside the trainer (0.5)
+    rollout_own_devices: bool = False
 
 
 @dataclass

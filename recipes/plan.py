@@ -62,6 +62,7 @@ class RolloutSizing:
     backend: str
     max_model_len: int
     device_share: float  # of each device an engine may take (vLLM's gpu_memory_utilization)
+    own_devices: bool  # the engines run on devices of their own (else beside the trainer)
     memory: RolloutPlan
     usable: int  # bytes per device
     tensor_parallel_needed: int | None  # the smallest that fits; None: none does
@@ -219,17 +220,22 @@ def plan_recipe(recipe) -> RecipePlan:
 
 
 def size_rollout(recipe, model) -> RolloutSizing:
-    """GRPO's engines: vLLM samples every prompt of a step at once (split over the workers);
-    the native engine one prompt's group at a time, on one device. Each step's weight sync:
+    """GRPO's engines: vLLM samples every prompt of its pool's processes at once (split over
+    the workers); the native engine one prompt's group at a time, on one device. On devices
+    of their own (`plan.rollout_own_devices`) vLLM takes 0.9 of each, else half of the
+    trainer's. Each step's weight sync:
     the trainable LoRA tensors to native engines, else every tensor a step changes (LoRA
     merged) in the engines' dtype."""
     from moetune.rl.engine_weights import sync_bytes
     from moetune.rl.rollout import GPU_MEMORY_UTILIZATION
+    from moetune.rl.rollout_server import SERVED_GPU_MEMORY_UTILIZATION
 
     rollout, training = recipe.rollout, recipe.training
     vllm = rollout.backend == "vllm"
     group = recipe.algorithm.group_size
-    sequences = math.ceil(training.prompts_per_step / rollout.workers) * group if vllm else group
+    pools = max(recipe.plan.devices // rollout.processes_per_pool, 1)
+    per_pool = math.ceil(training.prompts_per_step / pools)  # prompts a pool samples a step
+    sequences = math.ceil(per_pool / rollout.workers) * group if vllm else group
     memory = plan_rollout(
         model,
         backend=rollout.backend,
@@ -240,7 +246,10 @@ def size_rollout(recipe, model) -> RolloutSizing:
         max_model_len=rollout.max_model_len,
         speculative=rollout.speculative_tokens > 0,
     )
-    share = GPU_MEMORY_UTILIZATION if vllm else 1.0
+    if recipe.plan.rollout_own_devices:
+        share = SERVED_GPU_MEMORY_UTILIZATION if vllm else 1.0
+    else:
+        share = GPU_MEMORY_UTILIZATION if vllm else 1.0
     usable = usable_bytes(recipe.plan.device_memory_gb, share)
     if vllm:
         needed = memory.tensor_parallel_needed(usable, model.config.num_attention_heads)
@@ -253,6 +262,7 @@ def size_rollout(recipe, model) -> RolloutSizing:
         backend=rollout.backend,
         max_model_len=rollout.max_model_len,
         device_share=share,
+        own_devices=recipe.plan.rollout_own_devices,
         memory=memory,
         usable=usable,
         tensor_parallel_needed=needed,
@@ -296,6 +306,7 @@ def format_plan(plan: RecipePlan, name: str) -> str:
     if plan.rollout is not None:
         sizing, rollout = plan.rollout, plan.rollout.memory
         tp = sizing.tensor_parallel_needed
+        where = "of their own" if sizing.own_devices else "beside the trainer's"
         needed = (
             f"{rollout.workers * tp} (tensor_parallel_size {tp})"
             if tp
@@ -303,9 +314,9 @@ def format_plan(plan: RecipePlan, name: str) -> str:
         )
         lines += [
             (
-                f"rollout memory per device ({rollout.workers} {sizing.backend} engine(s) x "
-                f"tensor_parallel_size {rollout.tensor_parallel_size} = {rollout.devices} "
-                f"device(s) beside the trainer's; {rollout.sequences} sequences x "
+                f"rollout memory per device ({rollout.workers} {sizing.backend} engine(s) per "
+                f"pool x tensor_parallel_size {rollout.tensor_parallel_size} = "
+                f"{rollout.devices} device(s) {where}; {rollout.sequences} sequences x "
                 f"{sizing.max_model_len} tokens cached per engine):"
             ),
             format_parts(rollout.as_dict()),

@@ -283,7 +283,7 @@ class GRPOTrainer:
         With a sharded policy an engine restarted meanwhile is streamed the current weights by
         every rank together, and request runs again on the ranks where it failed. Every rank
         calls it."""
-        if self.engine.holds_full_weights:  # (a restarted engine resyncs from weight_source)
+        if not self.resync_together:  # (a restarted engine resyncs from weight_source)
             return request() if self.share.leads else None
         result, done = None, not self.share.leads
         while True:
@@ -296,9 +296,18 @@ class GRPOTrainer:
                 return result
             self.send(self.weight_stream(everything=True), stale_only=True)
 
+    @property
+    def resync_together(self) -> bool:
+        """Whether every rank streams the weights to a restarted engine together: the pool has
+        no weight source (a sharded policy); on a shared pool's follower, whose leader's pool
+        does not say, the same test on the policy engine."""
+        if self.pool is not None:
+            return self.pool.weight_source is None
+        return not self.engine.holds_full_weights
+
     def resync_stale(self) -> None:
         """Give engines restarted during a sync the whole weights (every rank together)."""
-        if self.engine.holds_full_weights:
+        if not self.resync_together:
             return
         if self.parallel.max(float(self.pool is not None and self.pool.stale)):
             self.send(self.weight_stream(everything=True), stale_only=True)

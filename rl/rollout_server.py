@@ -30,6 +30,7 @@ from moetune.rl.rollout_worker import EngineSpec, Requests, answer, build_engine
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 51200
+SERVED_GPU_MEMORY_UTILIZATION = 0.9  # a served engine's GPUs are its own
 HANDSHAKE_S = 30.0  # a connecting peer must authenticate within this
 IO_S = 600.0  # the longest a single read or write to the trainer may block
 
@@ -120,6 +121,7 @@ def run(args) -> int:
         args.seed,
         return_routed_experts=args.return_routed_experts,
         speculative_tokens=args.speculative_tokens,
+        enable_expert_parallel=args.enable_expert_parallel,
     )
     engine = build_engine(spec)
     info = {
@@ -170,6 +172,14 @@ def add_subcommand(subparsers) -> None:
         default=1,
         help="GPUs of this machine the vLLM engine spans (default 1)",
     )
+    serve.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help=(
+            "vLLM shards the routed experts over the tensor-parallel GPUs instead of splitting "
+            "each expert (its enable_expert_parallel; GPUs, not tested on CPU)"
+        ),
+    )
     serve.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     serve.add_argument(
         "--max-model-len",
@@ -180,7 +190,7 @@ def add_subcommand(subparsers) -> None:
     serve.add_argument(
         "--gpu-memory-utilization",
         type=float,
-        default=0.9,
+        default=SERVED_GPU_MEMORY_UTILIZATION,
         help="vLLM's share of each GPU (default 0.9: the GPUs are its own)",
     )
     serve.add_argument("--seed", type=int, default=0)

@@ -73,6 +73,7 @@ class EngineSpec:
     return_routed_experts: bool = False  # vLLM (GPU): report each token's experts (native: always)
     adapter: LoraSpec | None = None  # native: attach these adapters; syncs then send only them
     speculative_tokens: int = 0  # MTP drafts per round (rollout.speculative_tokens); 0 = off
+    enable_expert_parallel: bool = False  # vLLM: experts sharded over the TP GPUs (serve flag)
 
 
 class WorkerFailure(Exception):
@@ -293,6 +294,7 @@ class VllmEngine:
             compilation_config={"custom_ops": ["none"]} if cpu else None,
             **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}),
             **({"speculative_config": speculative} if speculative else {}),
+            **({"enable_expert_parallel": True} if spec.enable_expert_parallel else {}),
             **loading,
         )
         # Reloading some layers only is the plan, not worth a warning per layer left alone.

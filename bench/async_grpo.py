@@ -9,8 +9,10 @@ a subprocess with OMP_NUM_THREADS=1 and torch.set_num_threads(1): the trainer an
 process take one thread each, a core each of a 2-core machine.
 
 Per run: samples/s = the samples the updates learned from (groups used x 8) over the wall
-time from the end of step 1 to the end of the last step (step 1 pays first-shape costs);
-the trainer's and the engine's idle shares of that time (trainer_idle_s, engine_idle_s);
+time from the start of step 1 to the end of the last step (no start-up; from step 1, since
+an asynchronous run's first step sends the next k steps' generations, which a later start
+would leave out); the trainer's and the engine's idle shares of that time (trainer_idle_s,
+engine_idle_s);
 greedy accuracy on the first --held-out held-out problems after the last step (the demo's
 `moetune eval` path). Seeds are training.seed (prompt order, sampling). One JSON line per
 max_staleness, means over the seeds, each seed's figures beside them, and the ratio of
@@ -45,9 +47,10 @@ def run_side(model_dir: Path, out: Path, steps: int, seed: int, staleness: int, 
     from moetune.recipes.run import execute, resolve
     from moetune.rl import grpo
 
-    ends, step = [], grpo.GRPOTrainer.step
+    starts, ends, step = [], [], grpo.GRPOTrainer.step
 
     def stamped_step(self, number):
+        starts.append(time.perf_counter())
         metrics = step(self, number)
         ends.append(time.perf_counter())
         return metrics
@@ -72,12 +75,12 @@ def run_side(model_dir: Path, out: Path, steps: int, seed: int, staleness: int, 
     execute(recipe)  # writes recipe.yaml beside the weights, as `moetune run` does
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     accuracy = held_out_accuracy(out, recipe, held_out, out / "held_out")
-    return {"ends": ends, "rows": rows, "accuracy": accuracy}
+    return {"starts": starts, "ends": ends, "rows": rows, "accuracy": accuracy}
 
 
 def summary(result: dict, group: int) -> dict:
-    ends, rows = result["ends"], result["rows"][1:]  # from the end of step 1
-    wall = ends[-1] - ends[0]
+    rows = result["rows"]
+    wall = result["ends"][-1] - result["starts"][0]
     return {
         "samples_per_s": sum(r["groups_used"] for r in rows) * group / wall,
         "trainer_idle": sum(r["trainer_idle_s"] for r in rows) / wall,

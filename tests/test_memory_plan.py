@@ -357,15 +357,20 @@ def test_moetune_plan_grpo_sizes_the_rollout_engines(capsys):
         plan["rollout"],
         load_config(files("moetune.model") / "configs" / "tiny_arith.json"),
     )
+    # 16 prompts a step over 2 processes, each its own pool of 2 workers: 4 prompts x 8 each
     assert (rollout["backend"], rollout["devices"], rollout["sequences_per_worker"]) == (
         "vllm",
         2,
-        8 * 8,
+        4 * 8,
     )
     assert (
         rollout["bytes_per_device"]["kv_cache"]
-        == 64 * 96 * config.num_hidden_layers * (512 + 64) * 4
+        == 32 * 96 * config.num_hidden_layers * (512 + 64) * 4
     )
+    shared = plan_json(capsys, "grpo/arith_tiny", "rollout.processes_per_pool=2", "--devices", "2")[
+        "rollout"
+    ]
+    assert shared["sequences_per_worker"] == 16 * 8  # one pool samples both processes' prompts
     assert rollout["fits"] and rollout["tensor_parallel_needed"] == 1
     assert plan["trainer"]["devices"] == 2 and plan["trainer"]["seq_len"] == 96
 

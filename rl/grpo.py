@@ -195,7 +195,7 @@ class GRPOTrainer:
     def step(self, step: int) -> dict[str, float]:
         started = time.monotonic()
         waited = self.pool.waited_seconds if self.pool is not None else 0.0
-        groups, metrics = None, {}
+        metrics: dict[str, float] = {}
         first = self.lookahead.take(step) if self.lookahead is not None else None
         groups = self.with_engines(lambda: self.collector.collect(step, self.policy_version, first))
         if self.share.leads:  # (a shared pool's followers: their share comes from its leader)

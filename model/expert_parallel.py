@@ -174,6 +174,20 @@ def expert_parallel_size(model: nn.Module) -> int:
     return layers[0].expert_parallel.groups.ep_size if layers else 1
 
 
+def everyone_done(model: nn.Module, done: bool) -> bool:
+    """Whether every rank of the model's expert-parallel group is `done` decoding (this rank's
+    flag). Each forward dispatches tokens to every rank of the group, so a decoding loop runs
+    until all are done, a finished rank feeding forwards whose output it ignores. Collective
+    for a sharded model; `done` itself otherwise."""
+    layers = sharded_layers(model)
+    if not layers:
+        return done
+    group = layers[0].expert_parallel.groups.ep
+    flag = torch.tensor([0 if done else 1], device=collective_device(group))
+    dist.all_reduce(flag, group=group)  # the ranks still decoding
+    return int(flag) == 0
+
+
 def shard_experts(
     model: nn.Module, groups: ExpertParallelGroups, broadcast: bool = True
 ) -> nn.Module:

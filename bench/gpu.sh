@@ -19,9 +19,9 @@ mkdir -p "$out"
 # The import namespace `moetune` maps onto the top-level folders (pyproject's package-dir).
 site=$(mktemp -d)
 mkdir "$site/moetune"
-for sub in kernels model finetune rl rewards recipes; do ln -s "$PWD/$sub" "$site/moetune/$sub"; done
+for sub in kernels model finetune rl rewards recipes config data training; do ln -s "$PWD/$sub" "$site/moetune/$sub"; done
 export PYTHONPATH="$site"
-wanted=" ${*:-fp8_gemm moe_layer train_step lora} "  # bash bench/gpu.sh [STEP ...]
+wanted=" ${*:-fp8_gemm moe_layer train_step lora vllm_lora} "  # bash bench/gpu.sh [STEP ...]
 step() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
@@ -34,4 +34,5 @@ step fp8_gemm 120 python3 bench/fp8_gemm.py
 step moe_layer 90 python3 bench/moe_layer.py --gpu --profile
 step train_step 120 python3 bench/train_step.py --gpu --profile
 step lora 150 python3 bench/lora.py --gpu --fp8 --profile
+step vllm_lora 300 python3 bench/vllm_lora_gpu.py  # needs vLLM: prints why it skips without
 cat "$out"/*.txt

@@ -255,6 +255,11 @@ class RolloutSection:
     # the groups; the others train only (moetune.rl.pool_share). 1: a pool per process. For
     # expert parallelism over many GPUs with engines on machines of their own.
     processes_per_pool: int = 1
+    # With `lora:`, how the adapter reaches the engines after each step. adapter: the adapter
+    # tensors alone, applied by the engine (native; vLLM with enable_lora, on GPUs, without an
+    # `attention` adapter: vLLM's MLA ignores kv_b_proj's LoRA); merged: every weight the
+    # adapter changes, merged into the base; auto: adapter where the engines can, else merged.
+    lora_sync: Literal["auto", "merged", "adapter"] = "auto"
 
     def __post_init__(self):
         if self.processes_per_pool < 1:

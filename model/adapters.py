@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 from moetune.model.checkpoint import to_disk_name
 from moetune.model.expert_parallel import expert_adapter, own_expert_adapter, sharded_layers
 from moetune.model.gathering import gathered, whole
-from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, apply_lora
+from moetune.model.lora import ExpertLora, LoraLinear, LoraSpec, adapted_expert_ids, apply_lora
 from moetune.model.moe import MoE
 
 PREFIX = "base_model.model."
 EXPERT_PROJECTIONS = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+STACKED_ADAPTER = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.lora\.(gate|up|down)_([AB])")
 
 
 def adapter_tensors(model, own: bool = False) -> dict[str, torch.Tensor]:
@@ -177,8 +178,15 @@ def save_adapter(
     writes."""
     with gathered(model, adapter_modules(model)):
         tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_tensors(model).items()}
-    if not write:
-        return
+    if write:
+        write_adapter(tensors, spec, path, base_path)
+
+
+def write_adapter(
+    tensors: dict[str, torch.Tensor], spec: LoraSpec, path, base_path: str | None = None
+) -> None:
+    """Write an adapter folder from PEFT key -> tensor (CPU, contiguous); the weights file is
+    replaced atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     partial = path / ".adapter_model.safetensors.partial"
@@ -188,6 +196,26 @@ def save_adapter(
     config = peft_config(spec, base_path, modules)
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (path / "moetune_adapter.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+
+
+def peft_tensors(
+    tensors: dict[str, torch.Tensor], spec: LoraSpec, num_experts: int
+) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor for adapter tensors under their checkpoint-layout names (as
+    `moetune.rl.engine_weights.adapter_stream` yields them): a routed-expert adapter's stacked
+    A/B rows become per-expert keys, for the experts `spec` adapts of `num_experts`."""
+    peft = {}
+    for name, tensor in tensors.items():
+        match = STACKED_ADAPTER.fullmatch(name)
+        if match is None:
+            peft[PREFIX + name] = tensor
+            continue
+        owner, short, half = match.groups()
+        proj = dict(EXPERT_PROJECTIONS)[short]
+        experts = adapted_expert_ids(spec, int(owner.split(".")[2]), num_experts)
+        for row, expert in enumerate(experts):
+            peft[f"{PREFIX}{owner}.{expert}.{proj}.lora_{half}.weight"] = tensor[row]
+    return peft
 
 
 def read_spec(path) -> LoraSpec:

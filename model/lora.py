@@ -201,11 +201,11 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
             if "routed_experts" in spec.components:
                 shard = mlp.expert_parallel
                 total = shard.total if shard is not None else mlp.experts.num_experts
-                chosen = (spec.experts or {}).get(index, range(total))
+                chosen = adapted_expert_ids(spec, index, total)
                 if len(chosen):
                     mlp.experts.lora = ExpertLora(
                         mlp.experts,
-                        list(chosen),
+                        chosen,
                         spec.rank_of("routed_experts"),
                         spec.scaling("routed_experts"),
                         total,
@@ -215,6 +215,12 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
     if sharded_layers(model):
         hide_from_ddp(model)  # the new expert adapters are the rank's own too
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapted_expert_ids(spec: LoraSpec, layer: int, total: int) -> list[int]:
+    """The routed experts of checkpoint layer `layer` (of `total`) that `spec` adapts, in the
+    order of their rows in the stacked adapter."""
+    return list((spec.experts or {}).get(layer, range(total)))
 
 
 def wrap_linears(parent: nn.Module, names, spec: LoraSpec, component: str) -> None:

@@ -68,8 +68,8 @@ class RolloutSizing:
     tensor_parallel_needed: int | None  # the smallest that fits; None: none does
     sync_bytes: int  # what one step's weight sync sends to each engine
     lora: bool
-    adapter_only: bool  # the sync sends the LoRA adapter alone (native engines apply it)
-    merged_sync_bytes: int  # the same sync as merged weights (what vLLM engines get)
+    adapter_only: bool  # the sync sends the LoRA adapter alone (the engines apply it)
+    merged_sync_bytes: int  # the same sync as merged weights
 
     @property
     def fits(self) -> bool:
@@ -160,7 +160,7 @@ def plan_recipe(recipe) -> RecipePlan:
             from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
 
             (to_frozen_fp8 if section.fp8 == "frozen" else to_fp8_training)(model)
-        attach_lora(model, recipe.lora)
+        spec = attach_lora(model, recipe.lora)
     if recipe.recipe == "sft":
         batch, seq_len = training.per_device_train_batch_size, recipe.data.max_length
         checkpointing, reference = training.gradient_checkpointing, False
@@ -202,7 +202,7 @@ def plan_recipe(recipe) -> RecipePlan:
         from moetune.rl.grpo import freeze_untrained
 
         freeze_untrained(model, recipe.algorithm)  # what the syncs send follows
-        rollout = size_rollout(recipe, model)
+        rollout = size_rollout(recipe, model, spec)
     return RecipePlan(
         recipe=recipe.recipe,
         model=section.path or section.config,
@@ -219,13 +219,13 @@ def plan_recipe(recipe) -> RecipePlan:
     )
 
 
-def size_rollout(recipe, model) -> RolloutSizing:
+def size_rollout(recipe, model, spec) -> RolloutSizing:
     """GRPO's engines: vLLM samples every prompt of its pool's processes at once (split over
     the workers); the native engine one prompt's group at a time, on one device. On devices
     of their own (`plan.rollout_own_devices`) vLLM takes 0.9 of each, else half of the
-    trainer's. Each step's weight sync:
-    the trainable LoRA tensors to native engines, else every tensor a step changes (LoRA
-    merged) in the engines' dtype."""
+    trainer's. Each step's weight sync: the trainable LoRA tensors to engines that apply the
+    adapter themselves (`adapter_only_sync`), else every tensor a step changes (LoRA merged)
+    in the engines' dtype."""
     from moetune.rl.engine_weights import sync_bytes
     from moetune.rl.rollout import GPU_MEMORY_UTILIZATION
     from moetune.rl.rollout_server import SERVED_GPU_MEMORY_UTILIZATION
@@ -255,7 +255,7 @@ def size_rollout(recipe, model) -> RolloutSizing:
         needed = memory.tensor_parallel_needed(usable, model.config.num_attention_heads)
     else:
         needed = 1 if memory.total <= usable else None
-    adapter_only = recipe.lora is not None and not vllm
+    adapter_only = adapter_only_sync(recipe.rollout, spec, model.config)
     mtp, dtype = rollout.speculative_tokens > 0, getattr(torch, rollout.dtype)
     merged = sync_bytes(model, adapter=False, mtp=mtp, dtype=dtype)
     return RolloutSizing(
@@ -273,6 +273,24 @@ def size_rollout(recipe, model) -> RolloutSizing:
         adapter_only=adapter_only,
         merged_sync_bytes=merged,
     )
+
+
+def adapter_only_sync(rollout, spec, config) -> bool:
+    """Whether the engines of a run on GPUs get the LoRA adapter (LoraSpec `spec`; None: no
+    LoRA) alone, per rollout.lora_sync (moetune.rl.vllm_lora)."""
+    from moetune.rl import vllm_lora
+
+    if spec is None:
+        return False
+    refusal = None
+    if rollout.backend == "vllm":
+        refusal = vllm_lora.refusal(
+            spec, config, cuda=True, speculative_tokens=rollout.speculative_tokens
+        )
+    try:
+        return vllm_lora.adapter_sync(rollout.lora_sync, [refusal])
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
 
 
 def count(n: int) -> str:
@@ -338,7 +356,7 @@ def sync_line(sizing: RolloutSizing) -> str:
             f"{megabytes}, the LoRA adapter alone (merged weights would be "
             f"{sizing.merged_sync_bytes / 1e6:,.1f} MB, {ratio:,.0f}x)"
         )
-    merged = " with the LoRA adapter merged (vLLM engines)" if sizing.lora else ""
+    merged = " with the LoRA adapter merged" if sizing.lora else ""
     return f"{megabytes} of the weights a step changes{merged}"
 
 

@@ -11,8 +11,8 @@
      moves too); the expert load of the update's forwards is logged per layer (CV). The MTP
      modules, which the policy loss never reaches, are frozen.
   4. `pool.sync` streams the tensors the step changed (LoRA merged) to the workers, one
-     block gathered at a time; native engines, which apply the adapters themselves, get
-     the LoRA tensors alone.
+     block gathered at a time; engines that apply the adapters themselves (native; vLLM
+     per `rollout.lora_sync`, moetune.rl.vllm_lora) get the LoRA tensors alone.
   5. inspection (rl.inspection): router agreement logged beside the expert load, and the
      step's samples appended to rollouts.jsonl (`moetune rollouts show` reads them).
 With `rollout.max_staleness` k > 0 the engines sample the first rounds of the next k steps
@@ -40,6 +40,7 @@ from moetune.data.prompt_template import warn_on_mismatch
 from moetune.model.expert_parallel import expert_parallel_size
 from moetune.model.moe import MoE
 from moetune.model.speculative import check_speculative_tokens
+from moetune.rl import vllm_lora
 from moetune.rl.async_collector import Lookahead
 from moetune.rl.checkpoint import Checkpointer, latest_checkpoint
 from moetune.rl.collector import Collector
@@ -54,7 +55,13 @@ from moetune.rl.rollout import EnginesNeedWeights, RolloutPool
 from moetune.rl.rollout_remote import parse_address
 from moetune.training.expert_load import ExpertLoadHistory
 from moetune.training.metrics_file import MetricsFile
-from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
+from moetune.training.model_loading import (
+    attach_lora,
+    load_model,
+    load_tokenizer,
+    lora_spec,
+    resolve_config,
+)
 from moetune.training.reporting import Reporters
 
 log = logging.getLogger(__name__)
@@ -186,7 +193,7 @@ class GRPOTrainer:
         # A restarted engine is streamed the current weights on the spot where this rank holds
         # them whole; sharded (ZeRO-3, FSDP2, expert parallel) every rank streams them together
         # (`with_engines`). Every rank streams the same kind: the adapters alone if the engines
-        # apply them (native), else merged weights.
+        # apply them (native; vLLM per rollout.lora_sync), else merged weights.
         if pool is not None and self.engine.holds_full_weights:
             pool.weight_source = lambda: self.weight_stream(everything=True)
         self.tokenizer = pool.tokenizer if pool is not None else tokenizer.backend_tokenizer
@@ -409,6 +416,28 @@ def rollout_source(recipe: GRPORecipe, model, tokenizer, output: Path, write: bo
     return folder
 
 
+def check_lora_sync(recipe: GRPORecipe) -> None:
+    """RecipeError, before any work, where `rollout.lora_sync: adapter` asks local vLLM engines
+    for an adapter they cannot apply (moetune.rl.vllm_lora.refusal)."""
+    rollout = recipe.rollout
+    if not (
+        recipe.lora is not None
+        and rollout.lora_sync == "adapter"
+        and rollout.backend == "vllm"
+        and not rollout.remote
+    ):
+        return
+    config = resolve_config(recipe.model)
+    spec = lora_spec(recipe.lora, config.num_hidden_layers + config.num_nextn_predict_layers)
+    cuda = torch.cuda.is_available()
+    try:
+        vllm_lora.adapter_sync(
+            "adapter", [vllm_lora.refusal(spec, config, cuda, rollout.speculative_tokens)]
+        )
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
+
+
 def run_grpo(recipe: GRPORecipe) -> dict:
     """Train per the recipe; returns {"output_dir", "steps", "final_reward"}. Under a
     multi-process launcher every rank trains on its share of the prompts with its own
@@ -426,6 +455,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             "algorithm.routing_replay: vLLM on CPU cannot return routed experts; "
             "set rollout.backend: native (or run on a GPU)"
         )
+    check_lora_sync(recipe)
     parallel = DataParallel.from_environment()
     share = PoolShare.of(parallel, rollout.processes_per_pool)
     remote = remote_engines(rollout.remote, share)
@@ -462,6 +492,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             return_routed_experts=recipe.algorithm.routing_replay,
             remote=remote,
             adapter=spec,
+            lora_sync=rollout.lora_sync,
             sync_bucket_mb=rollout.sync_bucket_mb,
             speculative_tokens=rollout.speculative_tokens,
             partial_rollouts=rollout.partial_rollouts,

@@ -12,9 +12,10 @@ tensors a step can change (LoRA merged: moetune.rl.engine_weights) to every work
 buckets of at most `sync_bucket_mb`, each over the worker's own torch.distributed group with
 the pool (moetune.rl.weight_group: gloo over loopback for local workers); the pool keeps no
 copy. `probe_mismatch_kl` then checks that the workers' logprobs on a fixed probe match the
-trainer's. A pool given the trainer's LoRA spec (`adapter=`) whose engines are all native has
-them attach the same adapters: `pool.sync(adapter_stream(model, trained_only=True))` then
-sends the adapters alone, never the frozen base.
+trainer's. A pool given the trainer's LoRA spec (`adapter=`) whose engines can all apply it
+themselves (native engines; vLLM where moetune.rl.vllm_lora allows, per `lora_sync`) has them
+attach the same adapters: `pool.sync(adapter_stream(model, trained_only=True))` then sends
+the adapters alone, never the frozen base.
 
 A worker that dies, or does not answer within `timeout_s`, is killed and restarted, and its
 request is sent again (at most `max_retries` times; then a RuntimeError names the worker and
@@ -47,8 +48,9 @@ from typing import Self
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from moetune.model.config import load_config
 from moetune.model.lora import LoraSpec
-from moetune.rl import weight_group
+from moetune.rl import vllm_lora, weight_group
 from moetune.rl.algorithms import mismatch_kl
 from moetune.rl.rollout_remote import RemoteWorker, authkey_from_environment
 from moetune.rl.rollout_worker import (
@@ -165,9 +167,12 @@ class RolloutPool:
     starting workers here (backend, workers, tensor_parallel_size, dtype and the vLLM options
     are then the servers'); `authkey`: their key, by default $MOETUNE_ROLLOUT_KEY.
 
-    adapter: the trainer's LoRA spec. Native engines (local, or remote ones that all report
-    the native backend) attach these adapters, and `self.adapter` keeps it: sync them
-    `adapter_stream(model)`. vLLM engines keep merged weights (`self.adapter` None).
+    adapter: the trainer's LoRA spec; lora_sync ("auto", "merged", "adapter"; see
+    moetune.rl.vllm_lora.adapter_sync) says whether the engines apply it themselves: native
+    ones can, vLLM ones where `vllm_lora.refusal` has no objection (local vLLM engines then
+    start with LoRA enabled; remote ones must be served with --max-lora-rank). Then the engines
+    attach these adapters and `self.adapter` keeps it: sync them `adapter_stream(model)`.
+    Otherwise the engines keep merged weights (`self.adapter` None).
 
     sync_bucket_mb: the most a sync sends at once (one bucket per worker at a time).
     `weight_source`: None, or a function streaming every current weight (as `sync` takes
@@ -200,6 +205,7 @@ class RolloutPool:
         remote: list[str] | None = None,
         authkey: bytes | None = None,
         adapter: LoraSpec | None = None,
+        lora_sync: str = "auto",
         sync_bucket_mb: float = 512,
         speculative_tokens: int = 0,
         partial_rollouts: bool = False,
@@ -243,7 +249,11 @@ class RolloutPool:
         self.restarts, self.synced_bytes = 0, 0
         self.version, self.partial_rollouts, self.waited_seconds = 0, partial_rollouts, 0.0
         self._busy: list[tuple[int, float, float]] = []  # (worker, start, end) of generations
-        self.adapter = adapter if backend == "native" else None  # remote: once connected
+        self.adapter = None  # remote engines: once connected
+        if adapter is not None and not remote:
+            self.adapter = self._served_adapter(
+                adapter, lora_sync, backend, model_dir, speculative_tokens
+            )
         self._synced = False  # the engines hold weights other than model_dir's
         self._stale: set[int] = set()  # restarted engines still on model_dir's weights
         self._store = weight_group.open_store(timeout_s)
@@ -268,6 +278,7 @@ class RolloutPool:
                         visible_devices(i, workers, tensor_parallel_size),
                         return_routed_experts,
                         self.adapter,
+                        vllm_lora.max_rank(self.adapter) if self.adapter else 0,
                         speculative_tokens,
                     ),
                     timeout_s,
@@ -280,7 +291,9 @@ class RolloutPool:
             if remote:
                 for worker in self._workers:
                     self._connect(worker)
-                if adapter and all(w.info["backend"] == "native" for w in self._workers):
+                if adapter is not None and vllm_lora.adapter_sync(
+                    lora_sync, [remote_refusal(w.info, adapter, model_dir) for w in self._workers]
+                ):
                     self.adapter = adapter
                     for worker in self._workers:
                         self._ask(worker, ("attach_adapter", adapter), "attaching the adapters")
@@ -292,6 +305,19 @@ class RolloutPool:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _served_adapter(
+        adapter: LoraSpec, lora_sync: str, backend: str, model_dir, speculative_tokens: int
+    ) -> LoraSpec | None:
+        """The spec local engines apply themselves (None: they get merged weights)."""
+        refusal = None
+        if backend == "vllm":
+            config = load_config(model_dir)
+            refusal = vllm_lora.refusal(
+                adapter, config, torch.cuda.is_available(), speculative_tokens
+            )
+        return adapter if vllm_lora.adapter_sync(lora_sync, [refusal]) else None
 
     @property
     def stale(self) -> bool:
@@ -673,6 +699,14 @@ class RolloutPool:
                     f"sequence {i}: {len(seq)} tokens + {new_tokens} new must be in "
                     f"[1, max_model_len={self.max_model_len}]"
                 )
+
+
+def remote_refusal(info: dict, adapter: LoraSpec, model_dir) -> str | None:
+    """Why a remote engine (its connect `info`) cannot apply `adapter` itself; None if it can."""
+    if info["backend"] == "native":
+        return None
+    rank, tokens = info.get("max_lora_rank", 0), info.get("speculative_tokens", 0)
+    return vllm_lora.refusal(adapter, load_config(model_dir), info["cuda"], tokens, rank)
 
 
 def probe_mismatch_kl(

@@ -122,6 +122,7 @@ def run(args) -> int:
         return_routed_experts=args.return_routed_experts,
         speculative_tokens=args.speculative_tokens,
         enable_expert_parallel=args.enable_expert_parallel,
+        max_lora_rank=args.max_lora_rank if args.backend == "vllm" else 0,
     )
     engine = build_engine(spec)
     info = {
@@ -130,6 +131,8 @@ def run(args) -> int:
         "max_model_len": args.max_model_len,
         "tensor_parallel_size": args.tensor_parallel_size,
         "cuda": torch.cuda.is_available(),
+        "max_lora_rank": spec.max_lora_rank,  # vLLM: the LoRA ranks it can apply (0: none)
+        "speculative_tokens": args.speculative_tokens,
         "seconds": time.perf_counter() - start,
     }
     with socket.create_server((args.host, args.port)) as listener:
@@ -178,6 +181,16 @@ def add_subcommand(subparsers) -> None:
         help=(
             "vLLM shards the routed experts over the tensor-parallel GPUs instead of splitting "
             "each expert (its enable_expert_parallel; GPUs, not tested on CPU)"
+        ),
+    )
+    serve.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=0,
+        help=(
+            "vLLM applies the trainers' LoRA adapter itself, up to this rank (one of vLLM's "
+            "max_lora_rank values: 8, 16, 32, ...), so a sync sends the adapter alone; see "
+            "rollout.lora_sync (default 0: LoRA off, merged weights)"
         ),
     )
     serve.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")

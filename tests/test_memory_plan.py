@@ -376,29 +376,34 @@ def test_moetune_plan_grpo_sizes_the_rollout_engines(capsys):
 
 
 @pytest.mark.parametrize(
-    "lora,backend",
-    [(False, "vllm"), (True, "vllm"), (True, "native")],
-    ids=["full", "lora-merged", "lora-adapter"],
+    "lora,backend,adapter_only",
+    [
+        (None, "vllm", False),
+        ("[attention, routed_experts]", "vllm", False),  # vLLM's MLA ignores kv_b_proj's LoRA
+        ("[shared_experts, routed_experts]", "vllm", True),  # vLLM on GPUs applies them
+        ("[attention, routed_experts]", "native", True),
+    ],
+    ids=["full", "lora-merged", "lora-vllm-adapter", "lora-native-adapter"],
 )
-def test_moetune_plan_reports_the_bytes_a_sync_sends(capsys, lora, backend):
+def test_moetune_plan_reports_the_bytes_a_sync_sends(capsys, lora, backend, adapter_only):
     """The plan's sync bytes (shapes on the meta device) are what a real step's sync streams
     to each engine: the trained weights (LoRA merged, float32 engines) or the adapter alone."""
     overrides = ["model.path=null", "model.config=tiny_arith", "model.tokenizer=char"]
     overrides += [f"rollout.backend={backend}"]
     if lora:
-        overrides += ["lora.rank=8", "lora.components=[attention, routed_experts]"]
+        overrides += ["lora.rank=8", f"lora.components={lora}"]
     plan = plan_json(capsys, "grpo/arith_tiny", *overrides)["rollout"]
     recipe = load_recipe(resolve("grpo/arith_tiny"), overrides)
     model = load_model(recipe.model)
     attach_lora(model, recipe.lora)
     freeze_untrained(model, recipe.algorithm)  # as the GRPO trainer does
-    stream = adapter_stream if backend == "native" and lora else weight_stream
+    stream = adapter_stream if adapter_only else weight_stream
     sent = sum(t.numel() * t.element_size() for _, t in stream(model, trained_only=True))
     assert plan["sync_bytes_per_step"] == sent and plan["sync_adapter_only"] == (
         stream is adapter_stream
     )
     if lora:
-        assert plan["merged_sync_bytes_per_step"] > (sent if backend == "native" else 0)
+        assert plan["merged_sync_bytes_per_step"] > (sent if adapter_only else 0)
 
 
 def test_moetune_plan_errors_exit_2(capsys):

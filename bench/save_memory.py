@@ -73,7 +73,9 @@ class SaveMemory(TrainerCallback):
                     "peak_mb": self.peak / 2**20,
                     "model_mb": full * 4 / 2**20,
                 }
-            ),
+            )
+            + "\n",  # one write: the two ranks share the launcher's stdout
+            end="",
             flush=True,
         )
 

@@ -34,8 +34,9 @@ from moetune.model.checkpoint import load_weights
 from moetune.model.expert_parallel import clip_grad_norm_, expert_parallel_size
 from moetune.model.lora import LoraSpec
 from moetune.model.moe import MoE
+from moetune.model.sharded_build import fill_shards
 from moetune.training.expert_load import ExpertLoadHistory
-from moetune.training.launcher import check_launch, engage_fsdp
+from moetune.training.launcher import check_launch, engage_fsdp, fsdp_launch
 from moetune.training.metrics_file import MetricsFile
 from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
 
@@ -97,6 +98,21 @@ class MoESFTTrainer(SFTTrainer):
         if write and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        prepared = super()._prepare_for_training(
+            max_steps, train_dataloader, resume_from_checkpoint
+        )
+        self.fill_rank_shares()
+        return prepared
+
+    def fill_rank_shares(self) -> None:
+        """A model built shard by shard for FSDP2 (`rank_shares`: this rank's chunks) gets its
+        values once accelerate has sharded it, before they are first read or written."""
+        model = self.accelerator.unwrap_model(self.model)
+        shares = model.__dict__.pop("rank_shares", None)
+        if shares is not None:
+            fill_shards(model, shares)
+
     def _clip_grad_norm(self, model):
         if expert_parallel_size(model) == 1:
             return super()._clip_grad_norm(model)
@@ -126,6 +142,7 @@ class MoESFTTrainer(SFTTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled:  # the checkpoint's sharded (DCP) weights
+            self.fill_rank_shares()  # (then overwritten: DCP needs allocated shards)
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.accelerator.unwrap_model(model or self.model)
         if self.lora_spec is not None:  # expert parallel: each rank reads its own experts'
@@ -248,10 +265,13 @@ def run_sft(
             "length to count epochs in; set the number of steps"
         )
     tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model)
+    # No rank builds the whole model under ZeRO-3 or FSDP2, save FSDP2 with LoRA: FSDP2's
+    # sharded build leaves the base on the meta device, where adapters cannot be drawn.
+    model = load_model(recipe.model, sharded=recipe.lora is None or not fsdp_launch())
     spec = attach_lora(model, recipe.lora, recipe.training.seed)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    sizes = {p: getattr(p, "ds_numel", p.numel()) for p in model.parameters()}  # ZeRO-3: whole
+    trainable = sum(size for p, size in sizes.items() if p.requires_grad)
+    total = sum(sizes.values())
     train, evaluation = load_sft_datasets(recipe.data, recipe.training.seed)
     train, evaluation = (apply_template(d, recipe) for d in (train, evaluation))
     resume = resume_checkpoint(recipe)

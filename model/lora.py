@@ -118,7 +118,8 @@ class ExpertLora(nn.Module):
         parallelism the layer's total, before the adapter is cut to the rank's share)."""
         super().__init__()
         num_experts = num_experts or experts.num_experts
-        hidden, inter = experts.down_proj.shape[1], experts.intermediate_size
+        down_shape = getattr(experts.down_proj, "ds_shape", experts.down_proj.shape)  # ZeRO-3
+        hidden, inter = down_shape[1], experts.intermediate_size
         dtype = compute_dtype(experts)
         if rank * dtype.itemsize % 16:
             raise ValueError(

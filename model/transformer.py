@@ -21,6 +21,7 @@ from moetune.model.kv_cache import LatentCache
 from moetune.model.layers import GatedMLP, RMSNorm
 from moetune.model.moe import MoE
 from moetune.model.rope import RotaryEmbedding
+from moetune.model.sharded_build import whole_for_init
 
 
 class DecoderLayer(nn.Module):
@@ -89,6 +90,10 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        with whole_for_init(module):  # a sharded build (ZeRO-3, FSDP2): this module alone
+            self._draw_weights(module)
+
+    def _draw_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.normal_(0.0, std)

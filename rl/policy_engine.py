@@ -48,7 +48,7 @@ from moetune.model.expert_parallel import (
     local_expert_parameters,
 )
 from moetune.rl.data_parallel import DataParallel
-from moetune.training.launcher import deepspeed_launch, fsdp_launch
+from moetune.training.launcher import deepspeed_launch, fsdp_launch, zero_config
 
 
 def new_adamw(model: torch.nn.Module, training: GRPOTrainingSection) -> torch.optim.AdamW:
@@ -287,21 +287,6 @@ class FSDP2Engine:
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
         )
-
-
-def zero_config() -> dict:
-    """The `zero_optimization` section of the launcher's DeepSpeed config (accelerate's
-    plugin reads its config file or environment), its "auto" values left to DeepSpeed."""
-    from accelerate.utils import DeepSpeedPlugin
-
-    def concrete(section: dict) -> dict:
-        return {
-            key: concrete(value) if isinstance(value, dict) else value
-            for key, value in section.items()
-            if value != "auto"
-        }
-
-    return concrete(DeepSpeedPlugin().deepspeed_config["zero_optimization"])
 
 
 def policy_engine(model: torch.nn.Module, training: GRPOTrainingSection, parallel: DataParallel):

@@ -71,3 +71,35 @@ def engage_fsdp(accelerator) -> bool:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     assert AcceleratorState._shared_state["distributed_type"] == DistributedType.FSDP
     return True
+
+
+def zero_config() -> dict:
+    """The `zero_optimization` section of the launcher's DeepSpeed config (accelerate's
+    plugin reads its config file or environment), its "auto" values left to DeepSpeed."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    def concrete(section: dict) -> dict:
+        return {
+            key: concrete(value) if isinstance(value, dict) else value
+            for key, value in section.items()
+            if value != "auto"
+        }
+
+    return concrete(DeepSpeedPlugin().deepspeed_config["zero_optimization"])
+
+
+def zero3_init_config() -> dict | None:
+    """Under a DeepSpeed ZeRO-3 launch whose config keeps `zero3_init_flag` on (accelerate's
+    default for stage 3), the DeepSpeed config to build the model under `deepspeed.zero.Init`
+    with; else None."""
+    if not deepspeed_launch():
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    if not DeepSpeedPlugin().zero3_init_flag:
+        return None
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero_config(),
+    }

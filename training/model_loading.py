@@ -22,6 +22,8 @@ from moetune.model.expert_parallel import (
     shard_experts,
 )
 from moetune.model.lora import LoraSpec, apply_lora
+from moetune.model.sharded_build import ChunkedBuild, zero3_build
+from moetune.training.launcher import fsdp_launch, zero3_init_config
 
 SHIPPED_CONFIGS = Path(str(files("moetune.model") / "configs"))
 
@@ -65,11 +67,14 @@ def shipped_config(name: str) -> str:
     )
 
 
-def load_model(section: ModelSection, device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
+def load_model(
+    section: ModelSection, device: str | torch.device = "cpu", sharded: bool = False
+) -> DeepseekV3ForCausalLM:
     """Load the checkpoint, or initialise fresh weights from the config (seeded). With
     `model.expert_parallel` N > 1 the routed experts are sharded over groups of N ranks: a
     checkpoint's are read by each rank for its own share alone; fresh ones are global rank
-    0's, cut up."""
+    0's, cut up. `sharded` (for a trainer that shards the model it is given): see
+    `build_fresh`."""
     config = resolve_config(section)
     dtype = getattr(torch, section.dtype)
     groups = expert_parallel_groups_of(section.expert_parallel, config)
@@ -86,12 +91,47 @@ def load_model(section: ModelSection, device: str | torch.device = "cpu") -> Dee
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(section.seed)
-        model = DeepseekV3ForCausalLM(config).to(device=device, dtype=dtype)
+        model = build_fresh(config, dtype, device, sharded and not section.fp8)
     if section.fp8:
         from moetune.model.fp8 import to_fp8_training, to_frozen_fp8
 
         (to_frozen_fp8 if section.fp8 == "frozen" else to_fp8_training)(model)
     return shard_experts(model, groups) if groups is not None else model
+
+
+def build_fresh(
+    config: DeepseekV3Config, dtype: torch.dtype, device: str | torch.device, sharded: bool
+) -> DeepseekV3ForCausalLM:
+    """A model of fresh weights (drawn from the current RNG state). `sharded`, under a launch
+    whose engine shards parameters no rank ever holds the whole model, and the weights are
+    the unsharded build's all the same (moetune.model.sharded_build):
+      - DeepSpeed ZeRO-3 with `zero3_init_flag` on: built under `deepspeed.zero.Init`
+        (parameters are created in `dtype`: a bf16 build draws in bf16, not in float32);
+      - FSDP2: parameters on the meta device, this rank's dim-0 chunks in `model.rank_shares`
+        for `fill_shards` once `fully_shard` has run."""
+    zero3 = zero3_init_config() if sharded else None
+    if zero3 is not None:
+        start_process_group()
+        with zero3_build(zero3, dtype):
+            return DeepseekV3ForCausalLM(config)
+    if sharded and fsdp_launch():
+        start_process_group()
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if world > 1 else 0
+        with ChunkedBuild(rank, world) as build:
+            model = DeepseekV3ForCausalLM(config)
+        model.rank_shares = build.shares(model, dtype)
+        return model.to(dtype)  # (meta parameters: their dtype alone)
+    return DeepseekV3ForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def start_process_group() -> None:
+    """Under torchrun / accelerate launch, start the process group as the trainer would (nccl
+    on GPUs, else gloo) if it is not yet."""
+    if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()
 
 
 def check_expert_parallel(size: int, config: DeepseekV3Config) -> None:
@@ -122,10 +162,7 @@ def expert_parallel_groups_of(size: int, config: DeepseekV3Config) -> ExpertPara
     if size == 1:
         return None
     check_expert_parallel(size, config)
-    if not torch.distributed.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState()  # init_process_group as the trainer would (nccl on GPUs, else gloo)
+    start_process_group()
     try:
         return expert_parallel_groups(size)
     except (RuntimeError, ValueError) as error:

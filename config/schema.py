@@ -518,11 +518,10 @@ class EvalRecipe:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
-        if self.model.expert_parallel != 1:
+        if self.model.expert_parallel != 1 and self.eval.backend == "vllm":
             raise ValueError(
-                f"model.expert_parallel: {self.model.expert_parallel}: `moetune eval` runs "
-                "in one process; evaluate an expert-parallel run's saved model with 1 "
-                "(its checkpoints hold every expert)"
+                f"model.expert_parallel: {self.model.expert_parallel} with eval.backend: vllm: "
+                "the vLLM engine holds its experts itself; shard them with the native backend"
             )
 
 

@@ -5,6 +5,8 @@ problems, scored with the training rewards (moetune.rl.evaluation).
         [--backend vllm]
     moetune eval --model RUN_DIR --reward math_accuracy  # the run's own held-out split, greedy
     moetune eval RECIPE.yaml [key.sub=value ...]        # recipe: eval (moetune.config.schema)
+    accelerate launch --num_processes 8 -m moetune.recipes eval --model DIR ... \
+        --expert-parallel 8                             # each process holds 1/8 of the experts
 
 Without --data, the problems are the held-out split of the run that trained --model, read
 from the `recipe.yaml` it left in its output folder (the model's folder or its parent): the
@@ -18,6 +20,7 @@ Writes `eval.json` (summary) and `samples.jsonl` (one row per problem) to --outp
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from moetune.config.build import RecipeError
@@ -31,7 +34,11 @@ def run(args) -> int:
         if isinstance(error, RecipeError):
             raise
         raise RecipeError(str(error)) from None
-    return run_recipe(recipe)
+    from moetune.recipes.run import leave_process_group
+
+    result = run_recipe(recipe)
+    leave_process_group()  # of a launch (--expert-parallel)
+    return result
 
 
 def build_recipe(args) -> EvalRecipe:
@@ -87,6 +94,8 @@ def build_recipe(args) -> EvalRecipe:
             rewards=rewards_of(args.reward),
             eval=EvalSection(**flags),
         )
+    if args.expert_parallel is not None:
+        recipe = replace(recipe, model=replace(recipe.model, expert_parallel=args.expert_parallel))
     return recipe
 
 
@@ -106,11 +115,12 @@ def rewards_of(names: str) -> list[RewardSpec]:
 
 def run_recipe(recipe) -> int:
     """Run an EvalRecipe: sample, score, report, write eval.json and samples.jsonl."""
-    from moetune.rl.evaluation import evaluate_recipe, format_summary
+    from moetune.rl.evaluation import evaluate_recipe, format_summary, is_main_process
 
     report = evaluate_recipe(recipe)
-    print(format_summary(report))
-    print(f"wrote {Path(recipe.eval.output_dir) / 'eval.json'} and samples.jsonl")
+    if is_main_process():
+        print(format_summary(report))
+        print(f"wrote {Path(recipe.eval.output_dir) / 'eval.json'} and samples.jsonl")
     return 0
 
 
@@ -183,6 +193,13 @@ def add_subcommand(subparsers) -> None:
         help="weighted reward at which a sample counts as passing (default 1.0)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--expert-parallel",
+        type=int,
+        metavar="N",
+        help="shard the routed experts over groups of N processes (native backend, under "
+        "accelerate launch or torchrun); the problems are shared out over every process",
+    )
     parser.add_argument(
         "--output", default="eval_out", help="folder for eval.json and samples.jsonl"
     )

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -22,6 +23,9 @@ from moetune.data.problems import load_problems
 from moetune.data.prompt_template import warn_on_mismatch
 from moetune.rewards import RewardSpec, score
 from moetune.rl.pass_at_k import pass_at_k
+
+if TYPE_CHECKING:
+    from moetune.model.expert_parallel import ExpertParallelGroups
 
 EVAL_KEY = "eval.speculative_tokens (--speculative-tokens)"
 
@@ -37,6 +41,21 @@ class EvalReport:
     mean_reward: float
     mean_length: float  # characters per completion
     rows: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def of_rows(cls, rows: list[dict], k: int) -> EvalReport:
+        """The report of per-problem rows (as `evaluate` makes them) of k samples each."""
+        count = max(len(rows), 1)
+        lengths = [len(c) for r in rows for c in r["completions"]]
+        return cls(
+            k=k,
+            problems=len(rows),
+            pass_at_1=sum(r["pass@1"] for r in rows) / count,
+            pass_at_k=sum(r[f"pass@{k}"] for r in rows) / count,
+            mean_reward=sum(sum(r["rewards"]) for r in rows) / max(len(lengths), 1),
+            mean_length=sum(lengths) / max(len(lengths), 1),
+            rows=rows,
+        )
 
     def summary(self) -> dict:
         return {
@@ -57,11 +76,13 @@ def evaluate(
     pass_threshold: float = 1.0,
     batch_size: int = 16,
     show: Callable[[str], str] = str,
+    progress: bool = True,
 ) -> EvalReport:
     """Score n samples of every problem; pass@k uses k = n. `show` turns a problem's prompt
     into the text the model sees (the recipe's template); rewards get the plain prompt."""
     rows = []
-    for start in tqdm(range(0, len(problems), batch_size), desc="eval", unit="batch"):
+    batches = range(0, len(problems), batch_size)
+    for start in tqdm(batches, desc="eval", unit="batch", disable=not progress):
         batch = problems[start : start + batch_size]
         samples = sampler([show(p["prompt"]) for p in batch], n)
         prompts = [p["prompt"] for p, group in zip(batch, samples) for _ in group]
@@ -84,17 +105,30 @@ def evaluate(
                     f"pass@{n}": pass_at_k(n, correct, n),
                 }
             )
-    count = max(len(rows), 1)
-    lengths = [len(c) for r in rows for c in r["completions"]]
-    return EvalReport(
-        k=n,
-        problems=len(rows),
-        pass_at_1=sum(r["pass@1"] for r in rows) / count,
-        pass_at_k=sum(r[f"pass@{n}"] for r in rows) / count,
-        mean_reward=sum(sum(r["rewards"]) for r in rows) / max(len(lengths), 1),
-        mean_length=sum(lengths) / max(len(lengths), 1),
-        rows=rows,
-    )
+    return EvalReport.of_rows(rows, n)
+
+
+def evaluate_share(
+    problems: list[dict],
+    sampler: Sampler,
+    rewards: list[RewardSpec],
+    n: int,
+    pass_threshold: float = 1.0,
+    show: Callable[[str], str] = str,
+) -> EvalReport:
+    """`evaluate` over the ranks of a launch (expert parallelism): of W ranks, rank r samples
+    and scores problems r, r + W, ...; a share is padded with repeats of the first problem to
+    ceil(N / W), so that every rank runs as many batches (each forward is collective), and the
+    repeats are dropped. Every rank returns the report of all N problems, rows in order."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = problems[rank::world]
+    padded = share + problems[:1] * (-(-len(problems) // world) - len(share))
+    report = evaluate(padded, sampler, rewards, n, pass_threshold, show=show, progress=rank == 0)
+    shares: list[list[dict]] = [[] for _ in range(world)]
+    dist.all_gather_object(shares, report.rows[: len(share)])
+    return EvalReport.of_rows([shares[i % world][i // world] for i in range(len(problems))], n)
 
 
 def pool_sampler(pool, sampling) -> Sampler:
@@ -116,9 +150,12 @@ def native_sampler(
     seed: int,
     dtype: str = "float32",
     speculative_tokens: int = 0,
+    expert_parallel: ExpertParallelGroups | None = None,
 ) -> Sampler:
     """Sample with moetune's own generate; the tokenizer is the model folder's tokenizer.json.
-    speculative_tokens: MTP drafts per round (speculative decoding; the same distribution)."""
+    speculative_tokens: MTP drafts per round (speculative decoding; the same distribution).
+    expert_parallel: this rank holds its share of the routed experts, and samples with seed
+    `seed` + its global rank (a launch's ranks draw apart)."""
     import torch
     from tokenizers import Tokenizer
 
@@ -128,7 +165,9 @@ def native_sampler(
     if not tokenizer_file.exists():
         raise FileNotFoundError(f"--model {model_dir}: no tokenizer.json to encode prompts with")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    model = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = DeepseekV3ForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), expert_parallel=expert_parallel
+    )
     if adapter:
         from moetune.model.adapters import load_adapter
 
@@ -138,7 +177,8 @@ def native_sampler(
     check_speculative_tokens(speculative_tokens, model.config, model_dir, EVAL_KEY)
     eos = model.config.eos_token_id
     stop = eos if isinstance(eos, list) else [eos]
-    generator = torch.Generator().manual_seed(seed)
+    rank = torch.distributed.get_rank() if expert_parallel is not None else 0
+    generator = torch.Generator().manual_seed(seed + rank)
 
     def sample(prompts: list[str], n: int) -> list[list[str]]:
         ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts for _ in range(n)]
@@ -237,7 +277,10 @@ def format_summary(report: EvalReport) -> str:
 
 
 def evaluate_recipe(recipe) -> EvalReport:
-    """Sample and score an EvalRecipe's problems; write eval.json and samples.jsonl."""
+    """Sample and score an EvalRecipe's problems; write eval.json and samples.jsonl. With
+    `model.expert_parallel` N (native backend, under accelerate launch / torchrun), every rank
+    holds its share of the routed experts and samples its share of the problems
+    (`evaluate_share`); rank 0 writes."""
     from moetune.config.build import RecipeError
     from moetune.data.arithmetic import arithmetic_spec
 
@@ -266,6 +309,11 @@ def evaluate_recipe(recipe) -> EvalReport:
                 raise
             raise RecipeError(str(error)) from None
     else:
+        from moetune.model import load_config
+        from moetune.training.model_loading import expert_parallel_groups_of
+
+        size = recipe.model.expert_parallel
+        groups = expert_parallel_groups_of(size, load_config(recipe.model.path))
         try:
             sampler = native_sampler(
                 recipe.model.path,
@@ -276,11 +324,22 @@ def evaluate_recipe(recipe) -> EvalReport:
                 data.seed,
                 recipe.model.dtype,
                 settings.speculative_tokens,
+                groups,
             )
         except (FileNotFoundError, ValueError) as error:  # no tokenizer.json; no MTP module
             raise RecipeError(str(error)) from None
-        report = evaluate(
-            problems, sampler, recipe.rewards, settings.n, settings.pass_threshold, show=show
-        )
-    write_report(report, Path(settings.output_dir))
+        scoring = (recipe.rewards, settings.n, settings.pass_threshold)
+        if groups is None:
+            report = evaluate(problems, sampler, *scoring, show=show)
+        else:
+            report = evaluate_share(problems, sampler, *scoring, show=show)
+    if is_main_process():
+        write_report(report, Path(settings.output_dir))
     return report
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (or no launch): the one that writes and prints."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -29,6 +29,7 @@ from moetune.config.build import RecipeError
 from moetune.config.schema import ModelSection
 from moetune.model import DeepseekV3ForCausalLM, expert_parallel
 from moetune.model.adapters import load_adapter_weights, save_adapter
+from moetune.model.char_tokenizer import char_tokenizer
 from moetune.model.expert_parallel import (
     ExpertParallelGroups,
     clip_grad_norm_,
@@ -40,8 +41,11 @@ from moetune.model.expert_parallel import (
 from moetune.model.fp8 import to_frozen_fp8
 from moetune.model.lora import LoraSpec, apply_lora
 from moetune.model.moe import MoE
-from moetune.recipes.cli import main
+from moetune.recipes.cli import build_parser, main
+from moetune.recipes.evaluate import build_recipe
+from moetune.recipes.evaluate import run as run_eval
 from moetune.recipes.loader import load_recipe
+from moetune.rl.evaluation import evaluate_recipe
 from moetune.training.model_loading import load_model
 
 WORLD = 2
@@ -305,6 +309,53 @@ def check_load_model(rank: int, groups: ExpertParallelGroups, folder: str) -> No
     assert loaded.model.layers[1].mlp.expert_parallel.first == 8 * rank
 
 
+def check_generate(rank: int, groups: ExpertParallelGroups) -> None:
+    """Greedy decoding on the shards equals the full model's, plain and speculative, with the
+    ranks' prompts apart and rank 0 stopping early: its forwards go on, in step, until rank 1
+    is done too."""
+    torch.manual_seed(0)
+    full = DeepseekV3ForCausalLM(v3_config()).eval()
+    randomize(full)
+    sharded = shard_experts(copy.deepcopy(full), groups)
+    prompts = [[3, 9, 4], [5]] if rank else [[3, 9]]
+    first = full.generate(prompts, max_new_tokens=3).sequences
+    stop = [] if rank else [first[0][1]]  # rank 0 stops at its 2nd token
+    for k in (0, 1, 2):
+        options = dict(max_new_tokens=10, stop_token_ids=stop, speculative_tokens=k)
+        expected = full.generate(prompts, **options)
+        got = sharded.generate(prompts, **options)
+        assert got.sequences == expected.sequences, (k, got.sequences, expected.sequences)
+        for row, expected_row in zip(got.logprobs, expected.logprobs):
+            torch.testing.assert_close(torch.tensor(row), torch.tensor(expected_row), **TOL)
+    assert [len(s) for s in got.sequences] == ([10, 10] if rank else [2])
+
+
+def check_eval(rank: int, groups: ExpertParallelGroups, folder: str) -> None:
+    """`moetune eval` with model.expert_parallel 2 (the problems shared out over the ranks,
+    one padded share) reports what one process reports: greedy, plain and speculative."""
+    model_dir = f"{folder}/eval_model"
+    if rank == 0:
+        torch.manual_seed(0)
+        model = DeepseekV3ForCausalLM(v3_config(vocab_size=128, eos_token_id=1))
+        randomize(model)
+        model.save_pretrained(model_dir)
+        char_tokenizer().save(f"{model_dir}/tokenizer.json")
+    dist.barrier()
+    for k in (0, 1):
+        args = ["eval", "--model", model_dir, "--data", "builtin:arithmetic", "--reward"]
+        args += ["math_accuracy", "--limit", "5", "--max-new-tokens", "6", "--temperature"]
+        args += ["0", "--n", "1", "--speculative-tokens", str(k), "--expert-parallel"]
+        reports = []
+        for size in (1, 2):  # 1: the reference, every expert on each rank
+            output = f"{folder}/eval_ep{size}_k{k}_rank{rank}"
+            recipe = build_recipe(build_parser().parse_args([*args, str(size), "--output", output]))
+            assert recipe.model.expert_parallel == size
+            reports.append(evaluate_recipe(recipe))
+        assert reports[1].rows == reports[0].rows, k
+        assert reports[1].summary() == reports[0].summary() and reports[0].problems == 5
+        assert Path(f"{folder}/eval_ep2_k{k}_rank{rank}/eval.json").exists() == (rank == 0)
+
+
 CHECKS = {
     "moe_layer": check_moe_layer,
     "causal_lm": check_causal_lm,
@@ -313,6 +364,8 @@ CHECKS = {
     "fp8_frozen": check_fp8_frozen,
     "data_parallel": check_data_parallel,
     "load_model": check_load_model,
+    "generate": check_generate,
+    "eval": check_eval,
 }
 
 
@@ -329,7 +382,7 @@ def worker(rank: int, folder: str) -> None:
     results = {}
     for name, check in CHECKS.items():
         try:
-            if name in ("lora", "full_experts", "load_model"):
+            if name in ("lora", "full_experts", "load_model", "eval"):
                 check(rank, groups, folder)
             else:
                 check(rank, groups)
@@ -394,14 +447,18 @@ def test_expert_parallel_is_a_training_recipe_key():
         assert loaded.model.expert_parallel == 2
 
 
-def test_eval_refuses_expert_parallel(tmp_path):
+def test_eval_shards_experts_with_the_native_backend_only(tmp_path):
     recipe = tmp_path / "eval.yaml"
     recipe.write_text(
         "recipe: eval\nmodel: {path: m}\ndata: {source: 'builtin:arithmetic'}\n"
         "rewards: [{name: math_accuracy}]\n"
     )
-    with pytest.raises(RecipeError, match="model.expert_parallel: 2: `moetune eval` runs in one"):
-        load_recipe(recipe, ["model.expert_parallel=2"])
+    assert load_recipe(recipe, ["model.expert_parallel=2"]).model.expert_parallel == 2
+    with pytest.raises(RecipeError, match="model.expert_parallel: 2 with eval.backend: vllm"):
+        load_recipe(recipe, ["model.expert_parallel=2", "eval.backend=vllm"])
+    flags = ["eval", "--model", "m", "--data", "builtin:arithmetic", "--reward", "math_accuracy"]
+    with pytest.raises(RecipeError, match="model.expert_parallel: 4 with eval.backend: vllm"):
+        run_eval(build_parser().parse_args([*flags, "--backend", "vllm", "--expert-parallel", "4"]))
 
 
 @pytest.mark.parametrize(

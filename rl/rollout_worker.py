@@ -294,7 +294,7 @@ class VllmEngine:
         from moetune.rl import vllm_fp8, vllm_lora
 
         cpu = not torch.cuda.is_available()
-        loading = vllm_fp8.engine_arguments(spec.model_dir)
+        loading = vllm_fp8.engine_arguments(spec.model_dir, spec.dtype)
         on_cpu = vllm_cpu_arguments(spec.dtype) if cpu else {}
         speculative = vllm_speculative_config(
             spec.speculative_tokens, on_cpu.get("attention_backend")

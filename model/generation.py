@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moetune.model.expert_parallel import everyone_done
+from moetune.model.expert_parallel import everyone_done, expert_parallel_groups_of_model
 from moetune.model.kv_cache import LatentCache
 from moetune.model.routing_replay import recording_routes
 from moetune.model.speculative import SpeculativeDecoder, check_speculative_tokens
@@ -131,6 +131,7 @@ def generate(
     was_training = model.training
     model.eval()
     step_input = tokens
+    lockstep = expert_parallel_groups_of_model(model)  # ranks that decode in step (or None)
     with recording_routes(model) if record_routes else nullcontext() as recorded:
         for step in range(max_new_tokens):
             if step and between_steps is not None:
@@ -153,7 +154,7 @@ def generate(
                 if token in stop:
                     out.finish_reasons[i] = "stop"
                     done[i] = True
-            if everyone_done(model, bool(done.all())):
+            if everyone_done(lockstep, bool(done.all())):
                 break
             mask[:, cache.length] = 1
             step_input = next_ids[:, None]

@@ -30,7 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
-from moetune.model.expert_parallel import everyone_done
+from moetune.model.expert_parallel import everyone_done, expert_parallel_groups_of_model
 from moetune.model.kv_cache import LatentCache
 from moetune.model.routing_replay import recording_routes
 from moetune.model.transformer import build_attention_mask
@@ -136,6 +136,7 @@ class SpeculativeDecoder:
 
         self.cache = cache(config.num_hidden_layers)
         self.mtp_caches = [cache(1, module.block.self_attn.layer_idx) for module in self.modules]
+        self.lockstep = expert_parallel_groups_of_model(model)  # ranks decoding in step
         self.squeezes = 0  # times the caches were compacted
         self.proposed = 0  # drafts proposed to rows still generating
         self.accepted = 0  # of those, kept
@@ -257,7 +258,7 @@ class SpeculativeDecoder:
                 if record_routes:
                     chunks_keep.append(self.mask[:, start : start + n].bool().cpu())
                 self.emit(out, done, emitted.cpu(), logps.cpu(), (a + 1).cpu())
-                if everyone_done(model, bool(done.all())):
+                if everyone_done(self.lockstep, bool(done.all())):
                     break
                 drafts, q = self.draft(hidden, fed, last, new, start)
                 start += n

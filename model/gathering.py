@@ -26,12 +26,12 @@ from moetune.model.moe import MoE
 
 def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
     """The whole shape of every state_dict tensor, read without gathering anything."""
-    shapes = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        shapes[name] = torch.Size(
-            getattr(tensor, "ds_shape", tensor.shape)
-        )  # ZeRO-3, DTensor, plain
-    for prefix, moe in ((n, m) for n, m in model.named_modules() if m in sharded_layers(model)):
+    shapes = {  # ZeRO-3 partitions keep the whole shape in ds_shape; DTensors in their shape
+        name: torch.Size(getattr(tensor, "ds_shape", tensor.shape))
+        for name, tensor in model.state_dict(keep_vars=True).items()
+    }
+    sharded = set(sharded_layers(model))
+    for prefix, moe in ((n, m) for n, m in model.named_modules() if m in sharded):
         for name, tensor in stacked_tensors(moe.experts):
             shapes[f"{prefix}.experts.{name}"] = torch.Size(
                 (moe.expert_parallel.total, *tensor.shape[1:])

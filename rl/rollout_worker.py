@@ -312,7 +312,12 @@ class VllmEngine:
             logprobs_mode="processed_logprobs",
             **on_cpu,
             **({"enable_return_routed_experts": True} if spec.return_routed_experts else {}),
-            **({"speculative_config": speculative} if speculative else {}),
+            # speculative: the stats hold the drafts' counters (`drafts`)
+            **(
+                {"speculative_config": speculative, "disable_log_stats": False}
+                if speculative
+                else {}
+            ),
             **({"enable_expert_parallel": True} if spec.enable_expert_parallel else {}),
             **vllm_lora.engine_arguments(spec.max_lora_rank),
             **loading,
@@ -327,6 +332,7 @@ class VllmEngine:
             n for n in self.files if not (self.dequantize_to and n.endswith("_scale_inv"))
         ]
         self.synced: dict[str, torch.Tensor] = {}  # every tensor received so far
+        self.drafts_counted = (0, 0)  # vLLM's draft counters at the last `drafts()`
         self.lora_rank, self.speculative_tokens = spec.max_lora_rank, spec.speculative_tokens
         self.adapter: vllm_lora.ServedAdapter | None = None
         if spec.adapter is not None:
@@ -430,7 +436,17 @@ class VllmEngine:
         return self.adapter.request
 
     def drafts(self) -> tuple[int, int]:
-        return 0, 0  # vLLM's own spec-decode metrics are not read back
+        """Draft tokens proposed and accepted since the last call: vLLM's own counters."""
+        if not self.speculative:
+            return 0, 0
+        totals = {"vllm:spec_decode_num_draft_tokens": 0, "vllm:spec_decode_num_accepted_tokens": 0}
+        for metric in self.llm.get_metrics():
+            if metric.name in totals:
+                totals[metric.name] += metric.value
+        now = tuple(int(value) for value in totals.values())
+        counts = (now[0] - self.drafts_counted[0], now[1] - self.drafts_counted[1])
+        self.drafts_counted = now
+        return counts
 
     def update(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.adapter is not None:  # it applies the adapter itself: it is sent nothing else

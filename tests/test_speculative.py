@@ -287,7 +287,8 @@ def test_grpo_and_eval_refuse_speculation_without_mtp_before_any_engine(tmp_path
 def test_engines_speculate_and_take_mtp_syncs(tmp_path):
     """Native and vLLM (method mtp) pools with k = 1: greedy tokens equal the trainer's plain
     greedy; a sync of changed MTP tensors reaches both drafters and leaves the tokens alone;
-    the native engine reports its acceptance rate."""
+    both report their acceptance rate on a sampled request (vLLM: its own spec-decode
+    counters), each by its own acceptance rule."""
     pytest.importorskip("vllm", reason="vLLM is part of the cpu extra that `make test` installs")
     from tiny_configs import save_biased_tiny_arith
 
@@ -305,13 +306,21 @@ def test_engines_speculate_and_take_mtp_syncs(tmp_path):
         trainer.model.mtp[0].eh_proj.weight.mul_(1.5)
     changed = dict(weight_stream(trainer, trained_only=True, mtp=True))
     assert set(changed) == {f"model.layers.{trainer.config.num_hidden_layers}.eh_proj.weight"}
+    rates = {}
     for backend in ("native", "vllm"):
         with RolloutPool(checkpoint, backend=backend, speculative_tokens=1, timeout_s=120) as pool:
             got = [group[0].completion_ids for group in pool.generate(prompts, 1, greedy)]
             assert got == expected, backend
-            if backend == "native":
-                # since the last call: this request's drafts, then none
-                assert 0 <= pool.acceptance_rate() <= 1 and pool.acceptance_rate() is None
+            pool.acceptance_rate()
+            pool.generate(prompts, 8, SamplingSpec(temperature=1.0, max_new_tokens=16, seed=0))
+            # since the last call: this request's drafts, then none
+            rates[backend] = pool.acceptance_rate()
+            assert 0 <= rates[backend] <= 1 and pool.acceptance_rate() is None, backend
             pool.sync(changed)
             got = [group[0].completion_ids for group in pool.generate(prompts, 1, greedy)]
             assert got == expected, backend
+    # Random weights: p and q near uniform over 128 tokens. The native rule keeps a draft with
+    # probability min(1, p/q): sum min(p, q), near 1. vLLM drafts greedily (the MTP head's
+    # argmax, no q) and keeps a draft d with probability p(d): near 1/128.
+    print(f"acceptance at T = 1: {rates}")
+    assert rates["native"] > 0.5 and rates["vllm"] < 0.1

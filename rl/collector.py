@@ -21,7 +21,13 @@ from moetune.data.prompt_template import few_shot_examples, render
 from moetune.rewards import TrainerState, score
 from moetune.rl import algorithms
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
-from moetune.rl.rollout import Generation, Rollout, RolloutPool, SamplingSpec
+from moetune.rl.rollout import (
+    EnginesNeedWeights,
+    Generation,
+    Rollout,
+    RolloutPool,
+    SamplingSpec,
+)
 
 
 @dataclass(eq=False)
@@ -213,7 +219,17 @@ class Collector:
         """The groups of `step` (rewards see step - 1 completed steps). first: its first
         round, sampled ahead; its groups with a sample more than rollout.max_staleness
         versions older than `policy_version` (the trainer's weights) are dropped, and their
-        prompts sampled again in the next round."""
+        prompts sampled again in the next round. An engine restarted meanwhile
+        (EnginesNeedWeights: the trainer resyncs it and calls again) puts the prompts taken
+        back, so the call again takes the same prompts and seeds: the step loses nothing."""
+        position = self.stream.state()
+        try:
+            return self._collect(step, policy_version, first)
+        except EnginesNeedWeights:
+            self.stream.restore(position)
+            raise
+
+    def _collect(self, step: int, policy_version: int | None, first: Prefetched | None) -> Groups:
         algorithm = self.recipe.algorithm
         wanted, n = self.local_prompts, algorithm.group_size
         kept_problems, kept_rollouts, kept_rewards = [], [], []

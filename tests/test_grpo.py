@@ -18,6 +18,7 @@ from moetune.recipes.run import resolve
 from moetune.rewards import RewardError
 from moetune.rl.algorithms import group_advantages
 from moetune.rl.grpo import GRPOTrainer, rollout_source
+from moetune.rl.prompt_stream import PromptStream
 from moetune.rl.rollout import RolloutPool
 from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
 
@@ -298,9 +299,16 @@ def test_lora_grpo_trains_only_adapters_against_the_adapter_free_reference(tmp_p
         # the spot, as under ZeRO-3 / FSDP2 (no weight source): the trainer streams them
         # (every rank together) and collects again.
         pool.weight_source = None
+        stream = trainer.collector.stream
+        uninterrupted = PromptStream(stream.problems, stream.seed)
+        uninterrupted.restore(stream.state())
+        uninterrupted.take(trainer.collector.local_prompts)
         os.kill(pool.pids[0], signal.SIGKILL)
         second = trainer.step(2)
         assert pool.restarts == 1 and not pool.stale
+        # the prompts taken before the engine was found dead were put back: step 2 drew
+        # exactly the prompts the uninterrupted run draws (the stream advanced once)
+        assert stream.state() == uninterrupted.state()
     assert first["kl"] == pytest.approx(0.0, abs=1e-9)  # LoRA B starts at zero: policy == base
     assert second["kl"] > 0
     # the native engines apply the adapters themselves: each sync sends those alone, and

@@ -11,11 +11,18 @@ would grow by about that size.
     python bench/save_memory.py                     # zero3 and fsdp2 at 8 and 32 layers, wide
     python bench/save_memory.py --width tiny        # the recipe's own width
     python bench/save_memory.py --engines zero3 --layers 8 16
+    python bench/save_memory.py --width tiny --trim  # freed heap returned to the OS first
+
+`--trim`: when training ends, each rank first returns the memory glibc's heap keeps freed
+(`malloc_trim(0)`: the step's activations and gathered layers) to the OS, so that the RSS
+at train end is what the rank holds (its shards, optimizer state, the runtime) and the
+peak is that plus the save.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -50,6 +57,8 @@ class SaveMemory(TrainerCallback):
 
         import psutil
 
+        if os.environ.get("SAVE_MEMORY_TRIM") == "1":
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         process = psutil.Process()
         self.start = self.peak = process.memory_info().rss
 
@@ -89,12 +98,14 @@ def child(overrides: list[str]) -> None:
     leave_process_group()  # as `moetune run` does: gloo's threads can abort an exiting process
 
 
-def measure(engine: str, layers: int, wide: bool, folder: Path) -> list[dict]:
+def measure(engine: str, layers: int, wide: bool, folder: Path, trim: bool) -> list[dict]:
     config = json.loads((ROOT / "model/configs/tiny_arith.json").read_text())
     config |= (WIDER if wide else {}) | {"num_hidden_layers": layers}
     config_file = folder / f"config_{layers}.json"
     config_file.write_text(json.dumps(config))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SAVE_MEMORY_TRIM=str(int(trim))
+    )
     env.pop("ACCELERATE_USE_CPU", None)  # it would turn every config into plain DDP
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
@@ -141,6 +152,9 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["zero3", "fsdp2"])
     parser.add_argument("--layers", nargs="+", type=int, default=[8, 32])
     parser.add_argument("--width", choices=("tiny", "wide"), default="wide")
+    parser.add_argument(
+        "--trim", action="store_true", help="return freed heap to the OS when training ends"
+    )
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -150,7 +164,7 @@ def main() -> None:
             growth, peak = {}, {}
             for layers in args.layers:
                 started = time.perf_counter()
-                rows = measure(engine, layers, args.width == "wide", Path(folder))
+                rows = measure(engine, layers, args.width == "wide", Path(folder), args.trim)
                 growth[layers] = max(row["peak_mb"] - row["before_mb"] for row in rows)
                 peak[layers] = max(row["peak_mb"] for row in rows)
                 for row in rows:

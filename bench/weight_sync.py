@@ -4,7 +4,8 @@
    processes, DeepSpeed ZeRO-3 over gloo) and depth, a GRPO trainer on a mid-size model
    (hidden 512, 16 experts of 256, 8 heads) with one native rollout engine per process
    syncs every weight to its engine, then saves. A thread samples the trainer's RSS every
-   2 ms; the peak above the RSS before each phase is printed for
+   2 ms; the peak above the RSS before each phase is printed for (and, of the sync, the RSS
+   before it and its peak: a phase whose peak stays under its start prints about 0)
      - stream: this design (moetune.rl.engine_weights.weight_stream: one block gathered at
        a time, buckets of `--bucket-mb`, no copy kept by the pool);
      - copy: the previous design, a CPU copy of every weight gathered at once and kept by
@@ -59,6 +60,7 @@ class PeakRSS:
         self.thread.join()
         self.peak = max(self.peak, self.process.memory_info().rss)
         self.extra_mb = (self.peak - self.start) / 2**20
+        self.start_mb, self.peak_mb = self.start / 2**20, self.peak / 2**20
 
 
 def child(config_file: str, output: str, bucket_mb: float) -> None:
@@ -108,6 +110,8 @@ def child(config_file: str, output: str, bucket_mb: float) -> None:
             {
                 "rank": parallel.rank,
                 "model_mb": full * 4 / 2**20,
+                "rss_before_sync_mb": stream.start_mb,
+                "stream_peak_rss_mb": stream.peak_mb,
                 "stream_extra_rss_mb": stream.extra_mb,
                 "copy_extra_rss_mb": copy.extra_mb,
                 "save_extra_rss_mb": save.extra_mb,
@@ -151,7 +155,14 @@ def measure(engine: str, layers: int, bucket_mb: float, folder: Path) -> dict:
         for line in done.stdout.splitlines()
         if line.startswith("weight sync: ")
     ]
-    keys = ("stream_extra_rss_mb", "copy_extra_rss_mb", "save_extra_rss_mb", "sync_s")
+    keys = (
+        "rss_before_sync_mb",
+        "stream_peak_rss_mb",
+        "stream_extra_rss_mb",
+        "copy_extra_rss_mb",
+        "save_extra_rss_mb",
+        "sync_s",
+    )
     worst = {key: max(row[key] for row in rows) for key in keys}
     return (
         {"layers": layers, "engine": engine, "model_mb": rows[0]["model_mb"]}

@@ -10,6 +10,8 @@ rank makes the same calls in the same order. Plain tensors pass through unchange
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -45,12 +47,10 @@ def gathered(model: nn.Module, modules: list[nn.Module], experts: bool = True):
     children's) are whole on every rank: ZeRO-3 parameters gathered, expert-parallel MoE
     layers' experts gathered (read DTensors with `whole`). `experts=False`: of those MoE
     layers, the routed-expert adapters alone (read-only: the layers must not compute)."""
+    own = [p for m in modules for p in m.parameters(recurse=False)]
     with ExitStack() as stack:
         partitioned = [
-            p
-            for m in modules
-            for p in m.parameters(recurse=False)
-            if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"
+            p for p in own if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"
         ]
         if partitioned:  # (persistent or already gathered ones are whole)
             import deepspeed
@@ -61,6 +61,27 @@ def gathered(model: nn.Module, modules: list[nn.Module], experts: bool = True):
             whole_layers = full_experts(model, moe_layers) if experts else None
             stack.enter_context(whole_layers or full_expert_adapters(moe_layers))
         yield
+    sharded = partitioned or moe_layers or any(hasattr(p, "full_tensor") for p in own)
+    if sharded and next(model.parameters()).device.type == "cpu":
+        return_freed_host_memory()
+
+
+def return_freed_host_memory() -> None:
+    """Give the pages that glibc's heap holds free back to the OS (`malloc_trim(0)`; a no-op
+    where the C library has none). Each gathered block of CPU shards allocates and frees a
+    layer's worth; the heap keeps such frees fragmented, and without this a walk over the
+    model (a weight sync, a save) grows the RSS with the model's depth."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

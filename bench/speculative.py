@@ -14,7 +14,13 @@ JSON line per configuration:
     {"backend": "native", "k": 1, "acceptance": 0.9, "tokens_per_s": ..., "speedup": ...}
 
     python bench/speculative.py [--model DIR | --sft-steps 300 --keep DIR] [--batch 1 16] \
-        [--repeats 5]
+        [--repeats 5] [--backends native vllm]
+
+`--backends vllm` measures vLLM's own MTP speculation (speculative_config method `mtp`) the
+same way, through a rollout pool per k (one vLLM engine process each, so the k values cannot
+alternate within a repeat: medians over repeats), acceptance read from vLLM's spec-decode
+counters. vLLM drafts greedily and keeps a draft d with probability p(d), so at T > 0 its
+acceptance is p(d), not the native rule's min(1, p/q).
 
 `--grpo-steps N` measures how acceptance holds up under RL instead: grpo/arith_tiny.yaml runs N
 steps from the SFT checkpoint (default: `make demo`'s SFT, whose sign slips GRPO corrects;
@@ -153,6 +159,65 @@ def measure(model, prompts, k, temperature, max_new_tokens, stop):
     return tokens, seconds, out.draft_tokens, out.accepted_draft_tokens, out.sequences
 
 
+def vllm_runs(folder: Path, all_prompts, k: int, args, stop) -> dict:
+    """vLLM with k MTP tokens (0: plain), one engine for every (temperature, batch): per
+    configuration the tokens/s of each repeat, the drafts' acceptance and the completions
+    (after an untimed warm-up)."""
+    from moetune.rl.rollout import RolloutPool, SamplingSpec
+
+    def run(pool, prompts, temperature: float, seed: int) -> list[list[int]]:
+        spec = SamplingSpec(
+            temperature=temperature,
+            max_new_tokens=args.max_new_tokens,
+            stop_token_ids=stop,
+            seed=seed,
+        )
+        return [group[0].completion_ids for group in pool.generate(prompts, 1, spec)]
+
+    runs = {}
+    with RolloutPool(folder, backend="vllm", speculative_tokens=k, timeout_s=600) as pool:
+        for temperature in args.temperature:
+            for batch in args.batch:
+                prompts = all_prompts[:batch]
+                run(pool, prompts, temperature, 0)
+                pool.acceptance_rate()  # (counted from here)
+                rates = []
+                for repeat in range(args.repeats):
+                    start = time.perf_counter()
+                    sequences = run(pool, prompts, temperature, repeat)
+                    rates.append(sum(map(len, sequences)) / (time.perf_counter() - start))
+                runs[temperature, batch] = (rates, pool.acceptance_rate(), sequences)
+    return runs
+
+
+def vllm_table(folder: Path, all_prompts, args, stop) -> None:
+    """One JSON line per (temperature, batch, k) for vLLM; greedy: the share of rows whose
+    tokens equal k = 0's."""
+    runs = {k: vllm_runs(folder, all_prompts, k, args, stop) for k in args.ks}
+    for temperature in args.temperature:
+        for batch in args.batch:
+            plain_rates, _, plain = runs[args.ks[0]][temperature, batch]
+            for k in args.ks:
+                rates, acceptance, sequences = runs[k][temperature, batch]
+                rate = statistics.median(rates)
+                same = sum(a == b for a, b in zip(sequences, plain)) / len(plain)
+                print(
+                    json.dumps(
+                        {
+                            "backend": "vllm",
+                            "k": k,
+                            "acceptance": round(acceptance, 4) if k and acceptance else None,
+                            "tokens_per_s": round(rate, 1),
+                            "speedup": round(rate / statistics.median(plain_rates), 3),
+                            "batch": batch,
+                            "temperature": temperature,
+                        }
+                        | ({"rows_equal_to_k0": same} if temperature == 0 else {})
+                    ),
+                    flush=True,
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint folder with MTP weights (default: SFT one)")
@@ -164,6 +229,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--grpo-steps", type=int, help="acceptance before/after N GRPO steps")
+    parser.add_argument("--backends", nargs="+", choices=("native", "vllm"), default=["native"])
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.grpo_steps:  # from the demo's SFT (sign slips), which GRPO visibly moves
@@ -188,6 +254,10 @@ def main() -> None:
         eos = model.config.eos_token_id
         stop = eos if isinstance(eos, list) else [eos]
         all_prompts = prompts_of(folder, max(args.batch))
+        if "vllm" in args.backends:
+            vllm_table(folder, all_prompts, args, stop)
+    if "native" not in args.backends:
+        return
     for temperature in args.temperature:
         for batch in args.batch:
             prompts = all_prompts[:batch]

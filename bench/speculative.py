@@ -19,8 +19,8 @@ JSON line per configuration:
 `--backends vllm` measures vLLM's own MTP speculation (speculative_config method `mtp`) the
 same way, through a rollout pool per k (one vLLM engine process each, so the k values cannot
 alternate within a repeat: medians over repeats), acceptance read from vLLM's spec-decode
-counters. vLLM drafts greedily and keeps a draft d with probability p(d), so at T > 0 its
-acceptance is p(d), not the native rule's min(1, p/q).
+counters. vLLM on CPU samples wrongly with speculation at T > 0, so there a speculating
+engine refuses sampled requests: the vLLM rows at T > 0 are then skipped (a GPU runs them).
 
 `--grpo-steps N` measures how acceptance holds up under RL instead: grpo/arith_tiny.yaml runs N
 steps from the SFT checkpoint (default: `make demo`'s SFT, whose sign slips GRPO corrects;
@@ -159,7 +159,7 @@ def measure(model, prompts, k, temperature, max_new_tokens, stop):
     return tokens, seconds, out.draft_tokens, out.accepted_draft_tokens, out.sequences
 
 
-def vllm_runs(folder: Path, all_prompts, k: int, args, stop) -> dict:
+def vllm_runs(folder: Path, all_prompts, k: int, temperatures, args, stop) -> dict:
     """vLLM with k MTP tokens (0: plain), one engine for every (temperature, batch): per
     configuration the tokens/s of each repeat, the drafts' acceptance and the completions
     (after an untimed warm-up)."""
@@ -176,7 +176,7 @@ def vllm_runs(folder: Path, all_prompts, k: int, args, stop) -> dict:
 
     runs = {}
     with RolloutPool(folder, backend="vllm", speculative_tokens=k, timeout_s=600) as pool:
-        for temperature in args.temperature:
+        for temperature in temperatures:
             for batch in args.batch:
                 prompts = all_prompts[:batch]
                 run(pool, prompts, temperature, 0)
@@ -193,8 +193,11 @@ def vllm_runs(folder: Path, all_prompts, k: int, args, stop) -> dict:
 def vllm_table(folder: Path, all_prompts, args, stop) -> None:
     """One JSON line per (temperature, batch, k) for vLLM; greedy: the share of rows whose
     tokens equal k = 0's."""
-    runs = {k: vllm_runs(folder, all_prompts, k, args, stop) for k in args.ks}
-    for temperature in args.temperature:
+    temperatures = [t for t in args.temperature if t == 0 or torch.cuda.is_available()]
+    if temperatures != args.temperature:
+        print("vLLM on CPU: sampled requests (T > 0) are refused with speculation; skipped")
+    runs = {k: vllm_runs(folder, all_prompts, k, temperatures, args, stop) for k in args.ks}
+    for temperature in temperatures:
         for batch in args.batch:
             plain_rates, _, plain = runs[args.ks[0]][temperature, batch]
             for k in args.ks:

@@ -53,6 +53,7 @@ from moetune.rl.pool_share import PoolShare
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
 from moetune.rl.rollout import EnginesNeedWeights, RolloutPool
 from moetune.rl.rollout_remote import parse_address
+from moetune.rl.rollout_worker import vllm_speculative_tokens
 from moetune.training.expert_load import ExpertLoadHistory
 from moetune.training.metrics_file import MetricsFile
 from moetune.training.model_loading import (
@@ -494,7 +495,13 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             adapter=spec,
             lora_sync=rollout.lora_sync,
             sync_bucket_mb=rollout.sync_bucket_mb,
-            speculative_tokens=rollout.speculative_tokens,
+            speculative_tokens=(
+                vllm_speculative_tokens(
+                    rollout.speculative_tokens, rollout.temperature, "rollout.speculative_tokens"
+                )
+                if rollout.backend == "vllm" and not remote
+                else rollout.speculative_tokens
+            ),
             partial_rollouts=rollout.partial_rollouts,
         )
     with pool or contextlib.nullcontext():

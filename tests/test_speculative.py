@@ -287,8 +287,9 @@ def test_grpo_and_eval_refuse_speculation_without_mtp_before_any_engine(tmp_path
 def test_engines_speculate_and_take_mtp_syncs(tmp_path):
     """Native and vLLM (method mtp) pools with k = 1: greedy tokens equal the trainer's plain
     greedy; a sync of changed MTP tensors reaches both drafters and leaves the tokens alone;
-    both report their acceptance rate on a sampled request (vLLM: its own spec-decode
-    counters), each by its own acceptance rule."""
+    both report their acceptance rate (vLLM: its own spec-decode counters). A sampled request
+    gets the native engine's exact rule; vLLM on CPU, whose speculative sampling is wrong at
+    T > 0, refuses it."""
     pytest.importorskip("vllm", reason="vLLM is part of the cpu extra that `make test` installs")
     from tiny_configs import save_biased_tiny_arith
 
@@ -300,6 +301,7 @@ def test_engines_speculate_and_take_mtp_syncs(tmp_path):
     prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
     expected = trainer.generate(prompts, max_new_tokens=8).sequences
     greedy = SamplingSpec(temperature=0.0, max_new_tokens=8)
+    sampled = SamplingSpec(temperature=1.0, max_new_tokens=16, seed=0)
     trainer.requires_grad_(False)
     trainer.model.mtp[0].eh_proj.weight.requires_grad_(True)  # the MTP loss trains it
     with torch.no_grad():
@@ -311,16 +313,36 @@ def test_engines_speculate_and_take_mtp_syncs(tmp_path):
         with RolloutPool(checkpoint, backend=backend, speculative_tokens=1, timeout_s=120) as pool:
             got = [group[0].completion_ids for group in pool.generate(prompts, 1, greedy)]
             assert got == expected, backend
-            pool.acceptance_rate()
-            pool.generate(prompts, 8, SamplingSpec(temperature=1.0, max_new_tokens=16, seed=0))
             # since the last call: this request's drafts, then none
-            rates[backend] = pool.acceptance_rate()
-            assert 0 <= rates[backend] <= 1 and pool.acceptance_rate() is None, backend
+            greedy_rate = pool.acceptance_rate()
+            assert 0 <= greedy_rate <= 1 and pool.acceptance_rate() is None, backend
+            if backend == "vllm" and not torch.cuda.is_available():
+                with pytest.raises(RuntimeError, match="vLLM on CPU samples wrongly"):
+                    pool.generate(prompts, 8, sampled)
+            else:
+                pool.generate(prompts, 8, sampled)
+                rates[backend] = pool.acceptance_rate()
             pool.sync(changed)
             got = [group[0].completion_ids for group in pool.generate(prompts, 1, greedy)]
             assert got == expected, backend
-    # Random weights: p and q near uniform over 128 tokens. The native rule keeps a draft with
-    # probability min(1, p/q): sum min(p, q), near 1. vLLM drafts greedily (the MTP head's
-    # argmax, no q) and keeps a draft d with probability p(d): near 1/128.
+    # Random weights: p and q near uniform over 128 tokens. The rule keeps a draft with
+    # probability min(1, p/q): sum min(p, q), near 1.
     print(f"acceptance at T = 1: {rates}")
-    assert rates["native"] > 0.5 and rates["vllm"] < 0.1
+    assert rates["native"] > 0.5
+
+
+def test_vllm_on_cpu_speculates_for_greedy_requests_only(caplog):
+    """GRPO and eval start local vLLM engines without speculation where they sample (T > 0)
+    on CPU, saying so in one log line that names the recipe key; greedy keeps it."""
+    from moetune.rl.rollout_worker import vllm_speculative_tokens
+
+    on_gpu = torch.cuda.is_available()
+    with caplog.at_level("WARNING"):
+        assert vllm_speculative_tokens(2, 0.0, "rollout.speculative_tokens") == 2
+        assert not caplog.records
+        assert vllm_speculative_tokens(2, 0.7, "rollout.speculative_tokens") == (2 if on_gpu else 0)
+        assert vllm_speculative_tokens(0, 0.7, "rollout.speculative_tokens") == 0
+    if not on_gpu:
+        [record] = caplog.records
+        assert "rollout.speculative_tokens=2" in record.message
+        assert "samples wrongly" in record.message and "runs without it" in record.message

@@ -22,7 +22,6 @@ peak is that plus the save.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -58,7 +57,9 @@ class SaveMemory(TrainerCallback):
         import psutil
 
         if os.environ.get("SAVE_MEMORY_TRIM") == "1":
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            from moetune.model.gathering import return_freed_host_memory
+
+            return_freed_host_memory()
         process = psutil.Process()
         self.start = self.peak = process.memory_info().rss
 

@@ -209,7 +209,9 @@ def vllm_table(folder: Path, all_prompts, args, stop) -> None:
                         {
                             "backend": "vllm",
                             "k": k,
-                            "acceptance": round(acceptance, 4) if k and acceptance else None,
+                            "acceptance": round(acceptance, 4)
+                            if k and acceptance is not None
+                            else None,
                             "tokens_per_s": round(rate, 1),
                             "speedup": round(rate / statistics.median(plain_rates), 3),
                             "batch": batch,

@@ -62,7 +62,8 @@ def gathered(model: nn.Module, modules: list[nn.Module], experts: bool = True):
             stack.enter_context(whole_layers or full_expert_adapters(moe_layers))
         yield
     sharded = partitioned or moe_layers or any(hasattr(p, "full_tensor") for p in own)
-    if sharded and next(model.parameters()).device.type == "cpu":
+    block = own or [p for m in moe_layers for p in m.parameters()]
+    if sharded and any(p.device.type == "cpu" for p in block):
         return_freed_host_memory()
 
 
@@ -79,9 +80,11 @@ def return_freed_host_memory() -> None:
 @functools.cache
 def _malloc_trim():
     try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl; Windows: TypeError)
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

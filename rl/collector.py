@@ -221,12 +221,14 @@ class Collector:
         versions older than `policy_version` (the trainer's weights) are dropped, and their
         prompts sampled again in the next round. An engine restarted meanwhile
         (EnginesNeedWeights: the trainer resyncs it and calls again) puts the prompts taken
-        back, so the call again takes the same prompts and seeds: the step loses nothing."""
+        back, so the call again samples and scores the same prompts with the same seeds (its
+        rounds from the first): no prompt is skipped or drawn twice."""
         position = self.stream.state()
         try:
             return self._collect(step, policy_version, first)
         except EnginesNeedWeights:
-            self.stream.restore(position)
+            if self.stream.state() != position:  # (a streamed set replays up to there)
+                self.stream.restore(position)
             raise
 
     def _collect(self, step: int, policy_version: int | None, first: Prefetched | None) -> Groups:

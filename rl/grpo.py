@@ -456,6 +456,10 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             "algorithm.routing_replay: vLLM on CPU cannot return routed experts; "
             "set rollout.backend: native (or run on a GPU)"
         )
+    if rollout.backend == "vllm" and not rollout.remote:  # engines, MTP syncs, metric follow
+        rollout.speculative_tokens = vllm_speculative_tokens(
+            rollout.speculative_tokens, rollout.temperature, "rollout.speculative_tokens"
+        )
     check_lora_sync(recipe)
     parallel = DataParallel.from_environment()
     share = PoolShare.of(parallel, rollout.processes_per_pool)
@@ -495,13 +499,7 @@ def run_grpo(recipe: GRPORecipe) -> dict:
             adapter=spec,
             lora_sync=rollout.lora_sync,
             sync_bucket_mb=rollout.sync_bucket_mb,
-            speculative_tokens=(
-                vllm_speculative_tokens(
-                    rollout.speculative_tokens, rollout.temperature, "rollout.speculative_tokens"
-                )
-                if rollout.backend == "vllm" and not remote
-                else rollout.speculative_tokens
-            ),
+            speculative_tokens=rollout.speculative_tokens,
             partial_rollouts=rollout.partial_rollouts,
         )
     with pool or contextlib.nullcontext():

@@ -21,7 +21,7 @@ site=$(mktemp -d)
 mkdir "$site/moetune"
 for sub in kernels model finetune rl rewards recipes config data training; do ln -s "$PWD/$sub" "$site/moetune/$sub"; done
 export PYTHONPATH="$site"
-wanted=" ${*:-fp8_gemm moe_layer train_step lora vllm_lora} "  # bash bench/gpu.sh [STEP ...]
+wanted=" ${*:-fp8_gemm moe_layer train_step lora vllm_lora speculative} "  # bash bench/gpu.sh [STEP ...]
 step() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
@@ -35,4 +35,10 @@ step moe_layer 90 python3 bench/moe_layer.py --gpu --profile
 step train_step 120 python3 bench/train_step.py --gpu --profile
 step lora 150 python3 bench/lora.py --gpu --fp8 --profile
 step vllm_lora 300 python3 bench/vllm_lora_gpu.py  # needs vLLM: prints why it skips without
+# The native engine's MTP speculation (k = 0, 1, 2) on the demo's SFT model, which the GPU image
+# cannot train (no trl): make it here first and carry it in (run's carry=["gpu_assets"]):
+#   python bench/speculative.py --sft-steps 500 --keep gpu_assets/spec --repeats 1 --batch 1
+#   rm -r gpu_assets/spec/checkpoint-*   # (carry takes 64 MiB; the model is 13 MB)
+step speculative 240 bash -c '[[ -d gpu_assets/spec ]] || { echo "skipped: no gpu_assets/spec"; exit 0; }
+  python3 bench/speculative.py --model gpu_assets/spec --device cuda --repeats 5'
 cat "$out"/*.txt

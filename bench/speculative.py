@@ -14,7 +14,7 @@ JSON line per configuration:
     {"backend": "native", "k": 1, "acceptance": 0.9, "tokens_per_s": ..., "speedup": ...}
 
     python bench/speculative.py [--model DIR | --sft-steps 300 --keep DIR] [--batch 1 16] \
-        [--repeats 5] [--backends native vllm]
+        [--repeats 5] [--backends native vllm] [--device cuda]
 
 `--backends vllm` measures vLLM's own MTP speculation (speculative_config method `mtp`) the
 same way, through a rollout pool per k (one vLLM engine process each, so the k values cannot
@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+PROMPTS_FILE = "bench_prompts.json"  # the held-out prompts' token ids, beside the SFT model
+
 
 def sft_checkpoint(folder: Path, steps: int, sign_slip: float = 0.0) -> Path:
     """The demo's SFT recipe, `steps` optimizer steps, saved to folder; `sign_slip`: the
@@ -63,11 +65,16 @@ def sft_checkpoint(folder: Path, steps: int, sign_slip: float = 0.0) -> Path:
         ],
     )
     execute(recipe)
+    (folder / PROMPTS_FILE).write_text(json.dumps(prompts_of(folder, 64)))
     return folder
 
 
 def prompts_of(model_dir: Path, count: int) -> list[list[int]]:
-    """The GRPO recipe's first `count` held-out problems, rendered and tokenized."""
+    """The GRPO recipe's first `count` held-out problems, rendered and tokenized (read from
+    the checkpoint's PROMPTS_FILE where the bench wrote one: a GPU image without `datasets`)."""
+    cached = model_dir / PROMPTS_FILE
+    if cached.exists() and len(ids := json.loads(cached.read_text())) >= count:
+        return ids[:count]
     from tokenizers import Tokenizer
 
     from moetune.data.arithmetic import arithmetic_spec
@@ -151,7 +158,7 @@ def measure(model, prompts, k, temperature, max_new_tokens, stop):
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         stop_token_ids=stop,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(model.device).manual_seed(0),
         speculative_tokens=k,
     )
     seconds = time.perf_counter() - start
@@ -235,6 +242,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--grpo-steps", type=int, help="acceptance before/after N GRPO steps")
     parser.add_argument("--backends", nargs="+", choices=("native", "vllm"), default=["native"])
+    parser.add_argument("--device", default="cpu", help="the native engine's (cuda: a GPU)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.grpo_steps:  # from the demo's SFT (sign slips), which GRPO visibly moves
@@ -255,7 +263,7 @@ def main() -> None:
             if args.model
             else sft_checkpoint(Path(args.keep or scratch), args.sft_steps)
         )
-        model = DeepseekV3ForCausalLM.from_pretrained(folder).eval()
+        model = DeepseekV3ForCausalLM.from_pretrained(folder).eval().to(args.device)
         eos = model.config.eos_token_id
         stop = eos if isinstance(eos, list) else [eos]
         all_prompts = prompts_of(folder, max(args.batch))

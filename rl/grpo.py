@@ -198,7 +198,7 @@ class GRPOTrainer:
         if pool is not None and self.engine.holds_full_weights:
             pool.weight_source = lambda: self.weight_stream(everything=True)
         self.tokenizer = pool.tokenizer if pool is not None else tokenizer.backend_tokenizer
-        self.adapter_sync = bool(parallel.max(float(pool is not None and pool.adapter is not None)))
+        self.adapter_sync = adapter_sync_everywhere(parallel, pool)
 
     def step(self, step: int) -> dict[str, float]:
         started = time.monotonic()
@@ -437,6 +437,22 @@ def check_lora_sync(recipe: GRPORecipe) -> None:
         )
     except ValueError as error:
         raise RecipeError(str(error)) from None
+
+
+def adapter_sync_everywhere(parallel: DataParallel, pool: RolloutPool | None) -> bool:
+    """Whether every process streams the LoRA adapters alone (its pool's engines apply them)
+    rather than merged weights; the same answer on every rank (a shared pool's followers,
+    `pool` None, follow). RecipeError on every rank where the pools disagree: each process
+    streams one kind to its engines, in step with the others."""
+    alone = parallel.max(float(pool is not None and pool.adapter is not None))
+    merged = parallel.max(float(pool is not None and pool.adapter is None))
+    if alone and merged:
+        raise RecipeError(
+            "rollout.remote: some processes' engines apply the LoRA adapter themselves and "
+            "others take merged weights (native and vLLM engines mixed, or vLLM engines that "
+            "cannot apply it); serve one backend, or set rollout.lora_sync: merged"
+        )
+    return bool(alone)
 
 
 def run_grpo(recipe: GRPORecipe) -> dict:

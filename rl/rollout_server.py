@@ -118,7 +118,7 @@ def run(args) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.backend == "vllm" and args.speculative_tokens and not torch.cuda.is_available():
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "--speculative-tokens %d: %s; this server answers greedy requests only",
             args.speculative_tokens,
             CPU_SAMPLED_SPECULATION,

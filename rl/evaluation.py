@@ -205,7 +205,6 @@ def evaluate_with_pool(recipe, problems: list[dict], show: Callable[[str], str])
     from moetune.model import load_config
     from moetune.model.speculative import check_speculative_tokens
     from moetune.rl.rollout import RolloutPool, SamplingSpec
-    from moetune.rl.rollout_worker import vllm_speculative_tokens
     from moetune.training.merge import merge
 
     settings = recipe.eval
@@ -230,9 +229,7 @@ def evaluate_with_pool(recipe, problems: list[dict], show: Callable[[str], str])
             dtype=recipe.model.dtype,
             max_model_len=min(config.max_position_embeddings, 4096),
             seed=recipe.data.seed,
-            speculative_tokens=vllm_speculative_tokens(
-                settings.speculative_tokens, settings.temperature, EVAL_KEY
-            ),
+            speculative_tokens=settings.speculative_tokens,
         ) as pool:
             return evaluate(
                 problems,

@@ -53,7 +53,6 @@ from moetune.rl.pool_share import PoolShare
 from moetune.rl.prompt_stream import PromptStream, StreamedPrompts
 from moetune.rl.rollout import EnginesNeedWeights, RolloutPool
 from moetune.rl.rollout_remote import parse_address
-from moetune.rl.rollout_worker import vllm_speculative_tokens
 from moetune.training.expert_load import ExpertLoadHistory
 from moetune.training.metrics_file import MetricsFile
 from moetune.training.model_loading import (
@@ -471,10 +470,6 @@ def run_grpo(recipe: GRPORecipe) -> dict:
         raise RecipeError(
             "algorithm.routing_replay: vLLM on CPU cannot return routed experts; "
             "set rollout.backend: native (or run on a GPU)"
-        )
-    if rollout.backend == "vllm" and not rollout.remote:  # engines, MTP syncs, metric follow
-        rollout.speculative_tokens = vllm_speculative_tokens(
-            rollout.speculative_tokens, rollout.temperature, "rollout.speculative_tokens"
         )
     check_lora_sync(recipe)
     parallel = DataParallel.from_environment()

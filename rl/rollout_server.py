@@ -26,7 +26,6 @@ import torch
 
 from moetune.rl.rollout_remote import KEY_VARIABLE, TCPConnection, authenticated
 from moetune.rl.rollout_worker import (
-    CPU_SAMPLED_SPECULATION,
     EngineSpec,
     Requests,
     answer,
@@ -117,12 +116,6 @@ def run(args) -> int:
         print(f"moetune rollout serve: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.backend == "vllm" and args.speculative_tokens and not torch.cuda.is_available():
-        logger.warning(
-            "--speculative-tokens %d: %s; this server answers greedy requests only",
-            args.speculative_tokens,
-            CPU_SAMPLED_SPECULATION,
-        )
     start = time.perf_counter()
     spec = EngineSpec(
         args.model,

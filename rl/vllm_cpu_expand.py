@@ -28,10 +28,10 @@ def expand_per_token(output, values, cu_num_tokens, replace_from, replace_to, _m
 
 
 def expands_right(expand) -> bool:
-    """Whether `expand` copies float values to their tokens (two requests and a greedy one,
-    whose sentinel temperature -1 becomes 1)."""
+    """Whether `expand` copies float values to their tokens, as the rejection sampler calls it
+    for temperatures: two sampled requests and a greedy one (temperature 0, which becomes 1)."""
     output = torch.full((5,), -7.0)
-    expand(output, torch.tensor([0.7, 1.0, -1.0]), torch.tensor([2, 4, 5]), -1, 1)
+    expand(output, torch.tensor([0.7, 1.0, 0.0]), torch.tensor([2, 4, 5]), 0, 1)
     return torch.equal(output, torch.tensor([0.7, 0.7, 1.0, 1.0, 1.0]))
 
 

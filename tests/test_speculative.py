@@ -352,8 +352,8 @@ def test_vllm_cpu_expand_repair_writes_what_the_triton_kernel_writes():
     counts = torch.tensor([3, 0, 1, 4, 2])  # a request without drafts among them
     cu = counts.cumsum(0)
     inputs = {
-        "temperature": (torch.rand(5, generator=generator) + 0.1, -1, 1),
-        "greedy sentinel": (torch.tensor([0.7, -1.0, -1.0, 1.3, -1.0]), -1, 1),
+        "temperature": (torch.rand(5, generator=generator) + 0.1, 0, 1),
+        "greedy requests": (torch.tensor([0.7, 0.0, 0.0, 1.3, 0.0]), 0, 1),
         "top_k": (torch.randint(1, 50, (5,), generator=generator, dtype=torch.int32), 0, 0),
         "top_p": (torch.rand(5, generator=generator), 0, 0),
     }

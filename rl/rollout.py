@@ -161,7 +161,7 @@ class RolloutPool:
     return_routed_experts: Rollouts carry the experts each token was routed to (for routing
     replay; the native engine always reports them, vLLM only on GPU).
     speculative_tokens: tokens the engines draft per round with the checkpoint's MTP modules
-    (native: moetune.model.speculative; vLLM: `deepseek_mtp` where supported); 0 = off.
+    (native: moetune.model.speculative; vLLM: its method `mtp`); 0 = off.
 
     remote: addresses ("host:port") of `moetune rollout serve` engines to use instead of
     starting workers here (backend, workers, tensor_parallel_size, dtype and the vLLM options

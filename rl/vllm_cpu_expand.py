@@ -43,9 +43,17 @@ def repair() -> None:
     if torch.cuda.is_available():
         return
     try:
-        import vllm._C  # noqa: F401  (the C++ kernels the shims call)
+        import vllm._custom_ops  # noqa: F401  (loads this CPU's build of the C++ kernels)
         from vllm.utils import cpu_triton_utils as shims
     except ImportError:  # a vLLM without CPU shims
         return
-    if hasattr(shims, SHIM) and not expands_right(getattr(shims, SHIM)):
+    if hasattr(shims, SHIM) and not runs_right(getattr(shims, SHIM)):
         setattr(shims, SHIM, expand_per_token)
+
+
+def runs_right(expand) -> bool:
+    """`expands_right`, and False where `expand` cannot run here at all."""
+    try:
+        return expands_right(expand)
+    except (AttributeError, RuntimeError):  # its C++ kernel missing from this build
+        return False

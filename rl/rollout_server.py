@@ -25,13 +25,7 @@ from pathlib import Path
 import torch
 
 from moetune.rl.rollout_remote import KEY_VARIABLE, TCPConnection, authenticated
-from moetune.rl.rollout_worker import (
-    EngineSpec,
-    Requests,
-    answer,
-    build_engine,
-    respond,
-)
+from moetune.rl.rollout_worker import EngineSpec, Requests, answer, build_engine, respond
 
 logger = logging.getLogger(__name__)
 

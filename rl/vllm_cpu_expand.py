@@ -29,9 +29,13 @@ def expand_per_token(output, values, cu_num_tokens, replace_from, replace_to, _m
 
 def expands_right(expand) -> bool:
     """Whether `expand` copies float values to their tokens, as the rejection sampler calls it
-    for temperatures: two sampled requests and a greedy one (temperature 0, which becomes 1)."""
+    for temperatures: two sampled requests and a greedy one (temperature 0, which becomes 1).
+    False where it cannot run here at all."""
     output = torch.full((5,), -7.0)
-    expand(output, torch.tensor([0.7, 1.0, 0.0]), torch.tensor([2, 4, 5]), 0, 1)
+    try:
+        expand(output, torch.tensor([0.7, 1.0, 0.0]), torch.tensor([2, 4, 5]), 0, 1)
+    except (AttributeError, RuntimeError):  # its C++ kernel missing from this build
+        return False
     return torch.equal(output, torch.tensor([0.7, 0.7, 1.0, 1.0, 1.0]))
 
 
@@ -47,13 +51,5 @@ def repair() -> None:
         from vllm.utils import cpu_triton_utils as shims
     except ImportError:  # a vLLM without CPU shims
         return
-    if hasattr(shims, SHIM) and not runs_right(getattr(shims, SHIM)):
+    if hasattr(shims, SHIM) and not expands_right(getattr(shims, SHIM)):
         setattr(shims, SHIM, expand_per_token)
-
-
-def runs_right(expand) -> bool:
-    """`expands_right`, and False where `expand` cannot run here at all."""
-    try:
-        return expands_right(expand)
-    except (AttributeError, RuntimeError):  # its C++ kernel missing from this build
-        return False
